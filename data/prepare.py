@@ -1,0 +1,253 @@
+"""Builds the multi-domain data set: token streams split by document, written once for training to memory-map.
+
+    python data/prepare.py                                 # the default set into data/default (seconds)
+    python data/prepare.py --only python,arith --max_tokens=100000
+    python data/prepare.py --domain recipes='my/recipes/*.txt' --domain chat=alpaca.jsonl
+
+The built-in domains come from text present wherever Python and torch are installed, so no network:
+- python:  the standard library's top-level *.py files, one document per file.
+- cpp:     the C++ headers shipped inside torch (include/**/*.h), one document per file.
+- prose:   the English help topics of Python's docs (pydoc_data.topics), one document per topic.
+- arith:   generated problems "12+34=46" / "5-17=-12", one per line, 16 lines per document. Its
+           answers are exact, so evaluate.py scores it by greedy decoding (see arith_problems).
+- unicode: "U+00E9 é LATIN SMALL LETTER E WITH ACUTE" for every printable named code point, 32 per
+           document. It is held back: trained on only later, when a domain is added to the mixture.
+A user domain (--domain NAME=PATH_OR_GLOB) takes every file matched: a .jsonl file gives one document
+per record ({"text"}, or Alpaca's {"instruction", "input", "output"}), any other file is one document.
+
+Documents are shuffled with a seeded RNG and ~10% of them go to val, so no document is in both splits
+(a split by token window would put halves of one file in both). A split is its documents' tokens, EOT
+after each, capped at --max_tokens (val at a tenth) at a document's end; documents are cut at 20000 chars.
+
+Layout: OUT/<domain>/{train,val}.bin (raw np.uint16 token ids) and OUT/meta.json (tokenizer, vocab_size,
+eot, per-domain token and document counts, held-back domains, seed), written last.
+
+Read next: train_base.py.
+"""
+import argparse
+import glob
+import json
+import os
+import random
+import re
+import sys
+import sysconfig
+import time
+import unicodedata
+
+import numpy as np
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+from tokenizer import TokenizerError, encode, get_tokenizer  # noqa: E402  (needs the repo root on the path)
+
+SOURCES = {  # built-in domain -> where its text comes from
+    "python": "Python standard library source (top-level *.py), one file per document",
+    "cpp": "C++ headers shipped with torch (include/**/*.h), one file per document",
+    "prose": "English help topics of the Python docs (pydoc_data.topics), one topic per document",
+    "arith": "generated 2-digit addition and subtraction, 16 problems per document",
+    "unicode": "generated Unicode code point names (unicodedata), 32 code points per document",
+}
+HELD_BACK = ["unicode"]
+MAX_DOC_CHARS = 20000  # longer documents are cut, so one big file cannot dominate a domain
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def read_text(path):
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
+def is_test_pair(a, b):
+    """One (a, b) pair in ten is reserved for evaluation and never appears in training data."""
+    return (7 * a + 3 * b) % 10 == 0
+
+
+def arith_problems(n, seed, test=False):
+    """n problems as (prompt, answer) pairs, e.g. ("12+34=", "46"), ("5-17=", "-12"); a, b in 0..99.
+
+    test=False draws only training pairs, test=True only the reserved ones, so exact match measures
+    arithmetic, not recall of problems seen in training.
+    """
+    rng = random.Random(seed)
+    problems = []
+    while len(problems) < n:
+        a, b, op = rng.randint(0, 99), rng.randint(0, 99), rng.choice("+-")
+        if is_test_pair(a, b) == test:
+            problems.append((f"{a}{op}{b}=", str(a + b if op == "+" else a - b)))
+    return problems
+
+
+def arith_documents(n_docs, seed):
+    lines = [f"{prompt}{answer}\n" for prompt, answer in arith_problems(16 * n_docs, seed)]
+    return ["".join(lines[i:i + 16]) for i in range(0, len(lines), 16)]
+
+
+def unicode_documents():
+    lines = []
+    for code in range(0x110000):
+        ch = chr(code)
+        name = unicodedata.name(ch, None)
+        # isprintable() is False for control, format, surrogate, unassigned; names that only repeat the
+        # code point ("CJK UNIFIED IDEOGRAPH-4E00") are skipped, they are most of Unicode and say nothing
+        if name and ch.isprintable() and not name.endswith(f"{code:04X}"):
+            lines.append(f"U+{code:04X} {ch} {name}\n")
+    return ["".join(lines[i:i + 32]) for i in range(0, len(lines), 32)]
+
+
+def builtin_documents(name, max_tokens, seed):
+    """The documents (strings) of a built-in domain."""
+    if name == "python":
+        paths = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
+    elif name == "cpp":
+        import torch  # only this domain needs it, and importing it takes seconds
+        include = os.path.join(os.path.dirname(torch.__file__), "include")
+        paths = sorted(glob.glob(os.path.join(include, "**", "*.h"), recursive=True))
+    elif name == "prose":
+        from pydoc_data.topics import topics
+        return [topics[key] for key in sorted(topics)]
+    elif name == "arith":
+        return arith_documents(max_tokens // 50 + 2, seed)  # 100-140 tokens each: enough to fill both caps
+    else:
+        return unicode_documents()
+    return [text for text in map(read_text, paths) if text.strip()]  # skip empty files
+
+
+def nonempty(text, where):
+    if not text.strip():
+        fail(f"{where}: empty text")
+    return text
+
+
+def record_text(record, where):
+    """A .jsonl record -> its document: the "text" field, or an Alpaca record in one fixed template."""
+    if isinstance(record, dict) and isinstance(record.get("text"), str):
+        return nonempty(record["text"], where)
+    if isinstance(record, dict) and all(isinstance(record.get(k), str) for k in ("instruction", "output")):
+        given = f"### Input:\n{record['input']}\n\n" if record.get("input") else ""  # no Input section when empty
+        return f"### Instruction:\n{record['instruction']}\n\n{given}### Response:\n{record['output']}\n"
+    fail(f'{where}: a record needs a "text" field, or "instruction" and "output" (and optionally "input")')
+
+
+def user_documents(name, pattern):
+    """The documents of a --domain NAME=PATH_OR_GLOB: one per .jsonl record, one per other file."""
+    paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    if not paths:
+        fail(f"--domain {name}={pattern}: matches no files")
+    docs = []
+    for path in paths:
+        if not path.endswith(".jsonl"):
+            docs.append(nonempty(read_text(path), path))
+            continue
+        for i, line in enumerate(read_text(path).splitlines(), start=1):
+            if not line.strip():
+                continue  # blank lines between records are allowed
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                fail(f"{path}:{i}: not valid JSON")
+            docs.append(record_text(record, f"{path}:{i}"))
+    return docs
+
+
+def split_documents(docs, enc, max_tokens, rng):
+    """Shuffles docs, sends ~10% to val, and encodes each split until its cap.
+    -> {"train": (tokens uint16 (N,), n_docs), "val": (...)}"""
+    docs = list(docs)
+    rng.shuffle(docs)
+    n_val = min(max(1, len(docs) // 10), len(docs) - 1)  # at least one document on each side
+    out = {}
+    for split, part, cap in (("val", docs[:n_val], max(1, max_tokens // 10)), ("train", docs[n_val:], max_tokens)):
+        chunks, n_tokens = [], 0
+        for doc in part:
+            if n_tokens >= cap:
+                break
+            chunks.append(encode(enc, doc[:MAX_DOC_CHARS]) + [enc.eot_token])  # EOT ends every document
+            n_tokens += len(chunks[-1])
+        out[split] = (np.array([t for c in chunks for t in c], dtype=np.uint16), len(chunks))
+    return out
+
+
+def write_atomic(path, data):
+    """Writes bytes so that a reader sees the old file or the new one, never half of one."""
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
+
+
+def read_domains(only, domain_specs, max_tokens, seed):
+    """Reads every selected domain before anything is written, so bad input leaves old data untouched.
+    -> {name: (documents, source, task)}, the built-in domains first."""
+    names = list(SOURCES) if only is None else [n.strip() for n in only.split(",") if n.strip()]
+    for name in names:
+        if name not in SOURCES:
+            fail(f"--only: unknown domain {name!r}; built-in domains: {', '.join(SOURCES)}")
+    specs = []
+    for spec in domain_specs:
+        name, _, pattern = spec.partition("=")
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or not pattern:
+            fail(f"--domain {spec!r}: expected NAME=PATH_OR_GLOB, NAME of letters, digits, _ and -")
+        specs.append((name, pattern))
+    if not names and not specs:
+        fail("no domains to build: --only selected none and no --domain was given")
+    domains = {}
+    for name in names:
+        task = "arith" if name == "arith" else None  # a task domain is also scored by exact match
+        domains[name] = (builtin_documents(name, max_tokens, seed), SOURCES[name], task)
+    for name, pattern in specs:
+        domains[name] = (user_documents(name, pattern), f"user files {pattern}", None)  # replaces a same-named built-in
+    for name, (docs, _, _) in domains.items():
+        if len(docs) < 2:
+            fail(f"domain {name!r} has {len(docs)} document(s); a train/val split needs at least 2")
+    return domains
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Builds the multi-domain token data set (see the docstring).")
+    p.add_argument("--out", default=None, help="output folder (default: data/default under the repo root)")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--max_tokens", type=int, default=600000, help="train tokens per domain (val: a tenth)")
+    p.add_argument("--tokenizer", default="bytes", help="'bytes', 'gpt2' or a folder with GPT-2's files")
+    p.add_argument("--domain", action="append", default=[], metavar="NAME=PATH_OR_GLOB",
+                   help="add a domain from .txt files or a .jsonl file (repeatable)")
+    p.add_argument("--only", default=None, help=f"comma-separated built-in domains: {','.join(SOURCES)}")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t0 = time.time()
+    out = args.out or os.path.join(REPO_ROOT, "data", "default")
+    if args.max_tokens < 1:
+        fail(f"--max_tokens must be positive, got {args.max_tokens}")
+    try:
+        enc = get_tokenizer(args.tokenizer)
+    except TokenizerError as e:
+        fail(str(e))
+    if enc.n_vocab > 2 ** 16:
+        fail(f"tokenizer {args.tokenizer!r} has {enc.n_vocab} tokens; the .bin files hold uint16 ids (at most 65536)")
+
+    domains = read_domains(args.only, args.domain, args.max_tokens, args.seed)
+    meta = {"tokenizer": args.tokenizer, "vocab_size": enc.n_vocab, "eot": enc.eot_token, "domains": {},
+            "held_back": [n for n in HELD_BACK if n in domains], "seed": args.seed}
+    for name, (docs, source, task) in domains.items():
+        rng = random.Random(f"{args.seed}:{name}")  # a str seed is stable across runs, independent per domain
+        splits = split_documents(docs, enc, args.max_tokens, rng)
+        os.makedirs(os.path.join(out, name), exist_ok=True)
+        for split, (tokens, _) in splits.items():
+            write_atomic(os.path.join(out, name, f"{split}.bin"), tokens.tobytes())
+        (train, n_train), (val, n_val) = splits["train"], splits["val"]
+        meta["domains"][name] = {"train_tokens": len(train), "val_tokens": len(val), "train_docs": n_train,
+                                 "val_docs": n_val, "source": source, "task": task}
+        print(f"{name:>8}: docs {n_train}/{n_val}, tokens {len(train):,}/{len(val):,} (train/val)")
+    write_atomic(os.path.join(out, "meta.json"), json.dumps(meta, indent=2).encode())
+    print(f"wrote {out} in {time.time() - t0:.1f}s")
+    return meta
+
+
+if __name__ == "__main__":
+    main()

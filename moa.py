@@ -1,0 +1,382 @@
+"""Mixture-of-LoRAs: LoRA experts beside the frozen GPT's linear maps, and the routers that pick one.
+
+Read top to bottom:
+1. `LoRALinear`: a frozen nn.Linear with K LoRA experts beside it. Expert k adds
+   (x @ A_k^T @ B_k^T) * alpha / r. A starts small and random, B at zero, so a new expert changes
+   nothing. Which expert a sample uses is the layer's `route`: None (no expert), an int (every sample
+   the same expert), a (B,) tensor of expert ids (each sample its own expert: a mixed-domain batch),
+   or (B, T, K) weights (a per-token mixture, for the MoE-LoRA ablation).
+2. `add_experts`: freezes a GPT and puts LoRALinear on the chosen projections of every block.
+   Stage 1 (train_lora.py) uses it with K = 1.
+3. Expert files: one expert as .safetensors with JSON metadata, including a fingerprint of the base.
+4. `MoA`: the GPT with K experts and one linear router per block. The router of block i reads the
+   block's input, mean-pooled over real tokens, and predicts the domain (L_cls); training routes each
+   sample by its gold domain label; inference routes by the routers (modes below), per sequence, once
+   at prefill: the decision is kept in the KV cache for the rest of the generation.
+5. Bundles: all experts + routers + domain names in one .safetensors file; adding and removing domains.
+
+Read next: train_lora.py (stage 1), then train_router.py (stage 2).
+"""
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import GPT, GPTConfig
+from trainer import UserError, load_safetensors, save_safetensors
+
+TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # every linear map of a block
+MODES = ("label", "layer", "last", "vote", "oracle", "token")
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus K low-rank experts; `route` says which expert each sample uses."""
+
+    def __init__(self, base: nn.Linear, n_experts=1, rank=8, alpha=16.0, dropout=0.0):
+        super().__init__()
+        self.base, self.rank, self.scale = base, rank, alpha / rank
+        self.lora_dropout = nn.Dropout(dropout)
+        # One parameter pair per expert, so an expert can be frozen, added or removed on its own.
+        self.lora_A = nn.ParameterList()  # each (r, in)
+        self.lora_B = nn.ParameterList()  # each (out, r)
+        for _ in range(n_experts):
+            self.add_expert()
+        self.route = None
+        self.merged = None  # the expert whose update is currently added into base.weight
+        self.reference_loop = False  # True: the slow, obvious loop over experts (tests compare against it)
+
+    def add_expert(self):
+        A = torch.empty(self.rank, self.base.in_features, device=self.base.weight.device)
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # as nn.Linear initialises its weight
+        self.lora_A.append(nn.Parameter(A))
+        self.lora_B.append(nn.Parameter(torch.zeros(self.base.out_features, self.rank, device=A.device)))
+
+    def delta_weight(self, k):
+        """Expert k's update of the weight, (out, in): always the product B @ A, never A and B apart."""
+        return (self.lora_B[k] @ self.lora_A[k]) * self.scale
+
+    @torch.no_grad()
+    def merge(self, k=0):
+        assert self.merged is None, "unmerge first"
+        self.base.weight += self.delta_weight(k).to(self.base.weight.dtype)
+        self.merged = k
+
+    @torch.no_grad()
+    def unmerge(self):
+        assert self.merged is not None, "nothing is merged"
+        self.base.weight -= self.delta_weight(self.merged).to(self.base.weight.dtype)
+        self.merged = None
+
+    def forward(self, x):  # x (B, T, in)
+        y = self.base(x)  # (B, T, out)
+        route = self.route
+        if route is None:
+            return y
+        if self.merged is not None:
+            assert isinstance(route, int) and route == self.merged, "a merged layer serves only its merged expert"
+            return y
+        h = self.lora_dropout(x)
+        if isinstance(route, int):  # the whole batch uses one expert: two plain matmuls
+            return y + (h @ self.lora_A[route].t() @ self.lora_B[route].t()) * self.scale
+        A, B = torch.stack(list(self.lora_A)), torch.stack(list(self.lora_B))  # (K, r, in), (K, out, r)
+        if route.dtype.is_floating_point:  # (B, T, K) per-token weights: every expert, then mix
+            z = torch.einsum("bti,kri->btkr", h, A)  # (B, T, K, r)
+            return y + torch.einsum("btkr,kor,btk->bto", z, B, route.to(z.dtype)) * self.scale
+        if self.reference_loop:
+            return y + self.reference_delta(h, route)
+        # (B,) expert ids: gather each sample's A and B, apply them with batched matmuls (Punica's BGMV)
+        z = torch.bmm(h, A[route].transpose(1, 2))  # (B, T, in) @ (B, in, r) -> (B, T, r)
+        return y + torch.bmm(z, B[route].transpose(1, 2)) * self.scale  # (B, T, r) @ (B, r, out) -> (B, T, out)
+
+    def reference_delta(self, h, route):
+        """The obvious way: for each expert present, run its samples through it. Slow, clearly right."""
+        out = torch.zeros(*h.shape[:-1], self.base.out_features, dtype=h.dtype, device=h.device)
+        for k in route.unique().tolist():
+            rows = route == k
+            out[rows] = h[rows] @ self.lora_A[k].t() @ self.lora_B[k].t() * self.scale
+        return out
+
+
+def add_experts(model: GPT, n_experts=1, rank=8, alpha=16.0, dropout=0.0, targets=TARGETS):
+    """Freezes `model` and puts a LoRALinear with n_experts experts on each target of every block.
+
+    The fused q, k, v map (attn.c_attn, C -> 3C) gets one LoRA, as in PEFT on GPT-2: its rank is
+    shared by q, k and v, so r = 8 there costs 8 * (C + 3C) parameters.
+    """
+    targets = tuple(targets)
+    for t in targets:
+        if t not in TARGETS:
+            raise UserError(f"unknown LoRA target {t!r}; choose from {', '.join(TARGETS)}")
+    if rank < 1:
+        raise UserError(f"rank must be at least 1, got {rank}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for block in model.transformer.h:
+        for t in targets:
+            parent_name, name = t.split(".")
+            parent = getattr(block, parent_name)
+            setattr(parent, name, LoRALinear(getattr(parent, name), n_experts, rank, alpha, dropout))
+    return model
+
+
+def lora_layers(model):
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def set_route(module, route):
+    for layer in lora_layers(module):
+        layer.route = route
+
+
+def count_params(model):
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
+
+
+def base_fingerprint(model):
+    """Identifies a base model: its config and a SHA-256 of its frozen weights (names without LoRA wrappers)."""
+    assert all(layer.merged is None for layer in lora_layers(model)), "unmerge before fingerprinting"
+    gpt = model.gpt if isinstance(model, MoA) else model
+    digest = hashlib.sha256()
+    for name, t in sorted(gpt.state_dict().items()):
+        if "lora_" in name:
+            continue
+        digest.update(name.replace(".base.", ".").encode())
+        digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return {"config": asdict(gpt.config), "sha256": digest.hexdigest()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Expert files: the tensors of one expert, named by the layer they sit beside, + JSON metadata.
+
+def expert_tensors(model, k):
+    """Expert k of every LoRALinear -> {"transformer.h.0.attn.c_attn.lora_A": (r, in), ...}."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            name = name.removeprefix("gpt.")
+            out[f"{name}.lora_A"], out[f"{name}.lora_B"] = m.lora_A[k].detach(), m.lora_B[k].detach()
+    return out
+
+
+def save_expert(path, model, k, domain, tokenizer, alpha, fingerprint, extra=None):
+    """Writes expert k as one .safetensors file; its metadata (JSON) names the domain and the base."""
+    layer = lora_layers(model)[0]
+    meta = {"kind": "expert", "domain": domain, "rank": layer.rank, "alpha": alpha, "targets": expert_targets(model),
+            "tokenizer": tokenizer, "base": fingerprint, **(extra or {})}
+    save_safetensors(path, expert_tensors(model, k), {"nanomoa": json.dumps(meta)})
+
+
+def read_meta(path, kind):
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found")
+    tensors, meta = load_safetensors(path)
+    if "nanomoa" not in meta:
+        raise UserError(f"{path} has no nanoMoA metadata: not an expert or bundle written by nanoMoA")
+    meta = json.loads(meta["nanomoa"])
+    if meta.get("kind") != kind:
+        raise UserError(f"{path} is a {meta.get('kind')}, not a {kind}")
+    return tensors, meta
+
+
+def check_base(path, meta, fingerprint, tokenizer):
+    if meta["tokenizer"] != tokenizer:
+        raise UserError(f"{path} was trained with tokenizer {meta['tokenizer']!r}, this base uses {tokenizer!r}")
+    if meta["base"] != fingerprint:
+        raise UserError(f"{path} was trained on another base model (fingerprint {meta['base']['sha256'][:12]} "
+                        f"!= {fingerprint['sha256'][:12]}); use the base it was trained on")
+
+
+def load_expert(path, model, k, fingerprint, tokenizer):
+    """Copies the expert file at `path` into expert slot k of `model`; returns its metadata."""
+    tensors, meta = read_meta(path, "expert")
+    check_base(path, meta, fingerprint, tokenizer)
+    ours = expert_tensors(model, k)
+    if set(tensors) != set(ours):
+        raise UserError(f"{path} has experts on {meta['targets']}, the model on {expert_targets(model)}")
+    with torch.no_grad():
+        for name, t in tensors.items():
+            if t.shape != ours[name].shape:
+                raise UserError(f"{path}: {name} is {tuple(t.shape)}, the model wants {tuple(ours[name].shape)} (rank?)")
+            ours[name].copy_(t)
+    return meta
+
+
+def expert_targets(model):
+    names = [n.removeprefix("gpt.") for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    return sorted({n.split(".", 3)[3] for n in names}, key=TARGETS.index)  # "transformer.h.0.attn.c_attn" -> "attn.c_attn"
+
+
+# ----------------------------------------------------------------------------------------------
+# MoA: experts side by side, routers, routing modes.
+
+def pool(x, pad_mask, how):
+    """x (B, T, C) -> (B, C): the mean over real tokens, or the last token (prompts are left-padded)."""
+    if how == "last":
+        return x[:, -1]
+    if pad_mask is None:
+        return x.mean(dim=1)
+    m = pad_mask.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def vote(routes, probs):
+    """routes (L, B) expert ids, probs (L, B, K) -> the majority expert per sample (B,); ties go to the
+    expert with more total probability."""
+    K = probs.size(-1)
+    counts = F.one_hot(routes, K).sum(0).float()  # (B, K)
+    return (counts + probs.mean(0) / 2).argmax(-1)  # probability (< 1) only breaks ties
+
+
+class MoA(nn.Module):
+    """A frozen GPT with one LoRA expert per domain beside its linear maps and one router per block.
+
+    Routing modes (`mode`, per forward call):
+      label  - training: each sample uses its gold domain's expert; routers learn to predict it (L_cls)
+      oracle - inference with the domain label given (the same routing as label)
+      layer  - each block's router picks its own top-1 expert for the whole sequence
+      last   - the last block's router decides, once, from the prompt; that expert then serves every block
+      vote   - a majority vote of all routers decides, once, from the prompt
+      token  - MoE-LoRA ablation: each token mixes its top_k experts with the router's softmax weights
+    With a KV cache, the prompt (prefill) runs with each block routed by its own router, since block
+    i's input only exists once blocks < i have run; the decision is then kept for every new token,
+    so there is no second pass. `self.routing` tells what the last prefill (or full forward) chose.
+    """
+
+    def __init__(self, gpt: GPT, domains, rank=8, alpha=16.0, dropout=0.0, targets=TARGETS, pooling="mean",
+                 eta=1.0, top_k=1):
+        super().__init__()
+        if pooling not in ("mean", "last"):
+            raise UserError(f"pooling must be mean or last, got {pooling!r}")
+        self.gpt = add_experts(gpt, len(domains), rank, alpha, dropout, targets)
+        self.domains, self.alpha, self.pooling, self.eta, self.top_k = list(domains), alpha, pooling, eta, top_k
+        C, K = gpt.config.n_embd, len(domains)
+        self.routers = nn.ModuleList([nn.Linear(C, K) for _ in range(gpt.config.n_layer)])
+        for r in self.routers:
+            nn.init.zeros_(r.weight)  # start undecided: uniform over experts
+            nn.init.zeros_(r.bias)
+        self.blocks = [lora_layers(block) for block in gpt.transformer.h]  # each block's LoRALinear layers
+        self.routing = {}
+
+    @property
+    def config(self) -> GPTConfig:
+        return self.gpt.config
+
+    generate = GPT.generate  # the same decoding loop: it only calls self(idx, pad_mask=, cache=)
+
+    def forward(self, idx, targets=None, pad_mask=None, cache=None, domain=None, mode="label"):
+        """Returns (logits, loss); loss = L_LM + eta * L_cls when targets and domain labels are given."""
+        if mode not in MODES:
+            raise UserError(f"unknown routing mode {mode!r}; choose from {', '.join(MODES)}")
+        if mode in ("label", "oracle") and domain is None:
+            raise UserError(f"mode {mode} needs the domain labels")
+        decoding = cache is not None and cache.route is not None
+        router_logits, routes = [], []
+
+        def before_block(i, x, pad_mask, cache):
+            if mode == "token":  # per token: top-k of the router's softmax, renormalised
+                probs = F.softmax(self.routers[i](x).float(), dim=-1)  # (B, T, K)
+                top, ids = probs.topk(self.top_k, dim=-1)
+                route = torch.zeros_like(probs).scatter(-1, ids, top / top.sum(-1, keepdim=True))
+            elif decoding:
+                route = cache.route[i]  # (B,) decided at prefill
+            else:
+                logits = self.routers[i](pool(x, pad_mask, self.pooling))  # (B, K)
+                router_logits.append(logits)
+                route = domain if mode in ("label", "oracle") else logits.argmax(-1)
+                routes.append(route)
+            for layer in self.blocks[i]:
+                layer.route = route
+
+        logits, lm_loss = self.gpt(idx, targets, pad_mask, cache, before_block)
+        set_route(self, None)
+        if decoding or mode == "token":
+            return logits, lm_loss
+        router_logits, routes = torch.stack(router_logits), torch.stack(routes)  # (L, B, K), (L, B)
+        probs = F.softmax(router_logits.float(), dim=-1)
+        decision = {"last": routes[-1], "vote": vote(routes, probs)}.get(mode, routes[-1])  # (B,)
+        if cache is not None:
+            fixed = mode in ("last", "vote")
+            cache.route = decision.expand_as(routes) if fixed else routes  # (L, B): kept for every new token
+        self.routing = {"logits": router_logits.detach(), "routes": routes.detach(), "decision": decision.detach(),
+                        "confidence": probs[-1].gather(1, decision[:, None]).squeeze(1).detach()}
+        loss = lm_loss
+        if domain is not None:
+            cls_loss = F.cross_entropy(router_logits.float().flatten(0, 1), domain.repeat(len(self.routers)))
+            self.routing["cls_loss"] = cls_loss.detach()
+            if targets is not None:
+                loss = lm_loss + self.eta * cls_loss
+        return logits, loss
+
+    # ------------------------------------------------------------------------------------------
+    # Changing the set of domains. Old experts and old router rows are never touched.
+
+    def add_domain(self, name):
+        """One more expert (fresh: B = 0) beside every linear map, and one more output row per router."""
+        if name in self.domains:
+            raise UserError(f"domain {name!r} is already in the bundle ({', '.join(self.domains)})")
+        for layer in lora_layers(self):
+            layer.add_expert()
+        for i, r in enumerate(self.routers):
+            grown = nn.Linear(r.in_features, r.out_features + 1, device=r.weight.device)
+            with torch.no_grad():
+                grown.weight.zero_()
+                grown.weight[:-1] = r.weight
+                grown.bias[:-1] = r.bias
+                grown.bias[-1] = r.bias.mean()  # the new domain starts as likely as an average old one
+            self.routers[i] = grown
+        self.domains.append(name)
+
+    def remove_domain(self, name):
+        """Drops a domain's expert and its row of every router."""
+        if name not in self.domains:
+            raise UserError(f"domain {name!r} is not in the bundle ({', '.join(self.domains)})")
+        if len(self.domains) == 1:
+            raise UserError("cannot remove the only domain of a bundle")
+        k = self.domains.index(name)
+        for layer in lora_layers(self):
+            del layer.lora_A[k], layer.lora_B[k]
+        keep = [i for i in range(len(self.domains)) if i != k]
+        for i, r in enumerate(self.routers):
+            smaller = nn.Linear(r.in_features, len(keep), device=r.weight.device)
+            with torch.no_grad():
+                smaller.weight.copy_(r.weight[keep])
+                smaller.bias.copy_(r.bias[keep])
+            self.routers[i] = smaller
+        self.domains.pop(k)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bundles: every expert, every router and the domain names in one file.
+
+def save_bundle(path, moa: MoA, tokenizer, fingerprint, extra=None):
+    layer = lora_layers(moa)[0]
+    meta = {"kind": "bundle", "domains": moa.domains, "rank": layer.rank, "alpha": moa.alpha,
+            "targets": expert_targets(moa), "pooling": moa.pooling, "tokenizer": tokenizer, "base": fingerprint,
+            **(extra or {})}
+    tensors = {name: p.detach() for name, p in moa.named_parameters() if "lora_" in name or name.startswith("routers.")}
+    save_safetensors(path, tensors, {"nanomoa": json.dumps(meta)})
+
+
+def load_bundle(path, gpt: GPT, tokenizer, fingerprint=None):
+    """A MoA built on `gpt` from the bundle at `path`; errors if the bundle belongs to another base."""
+    tensors, meta = read_meta(path, "bundle")
+    check_base(path, meta, fingerprint or base_fingerprint(gpt), tokenizer)
+    moa = MoA(gpt, meta["domains"], meta["rank"], meta["alpha"], targets=meta["targets"], pooling=meta["pooling"])
+    expected = {name for name, _ in moa.named_parameters() if "lora_" in name or name.startswith("routers.")}
+    if set(tensors) != expected:
+        raise UserError(f"{path} does not hold {len(meta['domains'])} experts and routers for this model: "
+                        f"its tensors don't match (e.g. {sorted(set(tensors) ^ expected)[0]})")
+    try:
+        moa.load_state_dict(tensors, strict=False)
+    except RuntimeError as e:
+        raise UserError(f"{path} does not fit this model: {str(e).splitlines()[-1].strip()}") from None
+    for p in moa.parameters():
+        p.requires_grad_(False)
+    return moa, meta

@@ -1,0 +1,92 @@
+"""Pretrains the base GPT on the mixed domains, from scratch or on from GPT-2 weights.
+
+    python train_base.py                                  # the default: ~3 minutes on 2 CPU cores
+    python train_base.py --max_iters=2000 --n_layer=6     # any field of BaseConfig as --key=value
+    python train_base.py --init_from=resume               # continue an interrupted run
+    torchrun --nproc_per_node=2 train_base.py             # DistributedDataParallel
+
+This base is then frozen: every later stage trains only LoRA experts and routers beside it.
+The loop itself lives in trainer.py; this file only builds the model and says how to evaluate it.
+
+Read next: moa.py (LoRA experts), then train_lora.py.
+"""
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+
+from evaluate import domain_losses, per_sample_loss
+from model import GPT, GPTConfig
+from trainer import DomainData, TrainConfig, UserError, load_checkpoint, parse_config, run, train
+
+
+@dataclass
+class BaseConfig(TrainConfig):
+    out_dir: str = "out/base"
+    init_from: str = "scratch"  # scratch | resume | gpt2 | gpt2-medium | ... | a GPT-2 folder
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True
+
+
+def build_model(cfg, vocab_size):
+    """A fresh GPT, GPT-2 weights, or (for resume) the architecture saved in the checkpoint."""
+    if cfg.init_from == "scratch":
+        return GPT(GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer,
+                             n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias))
+    if cfg.init_from == "resume":
+        meta = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))["meta"]
+        return GPT(GPTConfig(**meta["model"]))
+    try:
+        model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if cfg.block_size > model.config.block_size:
+        raise UserError(f"block_size {cfg.block_size} > {model.config.block_size}, the longest context of {cfg.init_from}")
+    return model
+
+
+def main(argv=None):
+    cfg = parse_config(BaseConfig, argv or [])
+    data = DomainData(cfg.data_dir, cfg.domains, cfg.block_size)
+    model = build_model(cfg, data.vocab_size)
+    if model.config.vocab_size < data.vocab_size:
+        raise UserError(f"the data's tokenizer ({data.tokenizer}, {data.vocab_size} tokens) does not fit the model's "
+                        f"{model.config.vocab_size}; for GPT-2 weights run `python data/prepare.py --tokenizer=gpt2`")
+    print(f"base GPT: {model.num_params() / 1e6:.2f}M parameters, domains: {', '.join(data.domains)}")
+
+    def evaluate(m):
+        device = next(m.parameters()).device
+        return domain_losses(lambda x, y, d: per_sample_loss(m(x)[0], y), data, cfg.eval_iters * cfg.batch_size,
+                             cfg.batch_size, device)
+
+    meta = {"kind": "base", "model": asdict(model.config), "tokenizer": data.tokenizer, "domains": data.domains,
+            "init_from": cfg.init_from}
+    losses = train(cfg, model, data, evaluate, meta=meta)
+    print(f"saved {os.path.join(cfg.out_dir, 'ckpt.pt')}")
+    return model, losses
+
+
+def load_base(path):
+    """The frozen base for later stages: a train_base.py checkpoint (ckpt.pt or its folder), or GPT-2
+    weights (a hub name or a local folder). Returns (model, tokenizer name)."""
+    if path.endswith(".pt") or os.path.isfile(os.path.join(path, "ckpt.pt")):
+        ckpt_path = path if path.endswith(".pt") else os.path.join(path, "ckpt.pt")
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt["meta"].get("kind") != "base":
+            raise UserError(f"{ckpt_path} is not a base checkpoint (kind: {ckpt['meta'].get('kind')})")
+        model = GPT(GPTConfig(**ckpt["meta"]["model"]))
+        missing = model.load_state_dict(ckpt["model"], strict=False).missing_keys
+        if missing != ["lm_head.weight"]:  # lm_head is tied to wte, saved once
+            raise UserError(f"{ckpt_path} does not match its own config: missing {missing[:3]}")
+        return model, ckpt["meta"]["tokenizer"]
+    try:
+        return GPT.from_pretrained(path), path if os.path.isdir(path) else "gpt2"
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,75 @@
+"""Stage 1 of MoA: trains one domain's LoRA expert beside the frozen base.
+
+    python train_lora.py --domain=python                # writes out/experts/python.safetensors
+    python train_lora.py --domain=all                   # baseline: one LoRA on all domains, balanced
+    python train_lora.py --domain=all --rank=32 --name=all_r32   # ... with as many parameters as 4 experts
+    python train_lora.py --domain=arith --base=gpt2     # on GPT-2 weights (data prepared with --tokenizer=gpt2)
+
+Only the expert's A and B matrices train; the base's weights stay bit-identical. The run's
+checkpoint and log go to out/experts/<name>/, the expert itself to out/experts/<name>.safetensors.
+
+Read next: train_router.py (stage 2).
+"""
+import os
+from dataclasses import dataclass, replace
+
+from evaluate import domain_losses, per_sample_loss
+from moa import add_experts, base_fingerprint, count_params, save_expert, set_route
+from train_base import load_base
+from trainer import DomainData, TrainConfig, UserError, parse_config, run, train
+
+
+@dataclass
+class LoRAConfig(TrainConfig):
+    out_dir: str = "out/experts"
+    base: str = "out/base"  # a train_base.py output folder / ckpt.pt, or GPT-2 weights (gpt2, or a folder)
+    domain: str = ""  # the domain this expert learns, or "all" for one LoRA on the mixed data
+    name: str = ""  # file name of the expert; default: the domain
+    rank: int = 8
+    alpha: float = 16.0
+    lora_dropout: float = 0.0
+    targets: str = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"
+    max_iters: int = 300
+    eval_interval: int = 100
+    learning_rate: float = 1e-2
+    min_lr: float = 1e-3
+    warmup_iters: int = 20
+    weight_decay: float = 0.0
+
+
+def main(argv=None):
+    cfg = parse_config(LoRAConfig, argv or [])
+    if not cfg.domain:
+        raise UserError("say which domain the expert learns: --domain=NAME (or --domain=all)")
+    name = cfg.name or cfg.domain
+    train_data = DomainData(cfg.data_dir, "all" if cfg.domain == "all" else cfg.domain, cfg.block_size)
+    eval_data = DomainData(cfg.data_dir, cfg.domains, cfg.block_size)  # the expert is measured on every domain
+    if cfg.domain != "all" and cfg.domain not in eval_data.domains:  # e.g. the held-back domain
+        eval_data = DomainData(cfg.data_dir, ",".join(eval_data.domains + [cfg.domain]), cfg.block_size)
+    model, tokenizer = load_base(cfg.base)
+    if tokenizer != train_data.tokenizer:
+        raise UserError(f"the base uses tokenizer {tokenizer!r} but {cfg.data_dir} was prepared with "
+                        f"{train_data.tokenizer!r}; prepare the data with --tokenizer={tokenizer}")
+    fingerprint = base_fingerprint(model)
+    add_experts(model, 1, cfg.rank, cfg.alpha, cfg.lora_dropout, cfg.targets.split(","))
+    set_route(model, 0)  # every sample uses the one expert
+    trainable, total = count_params(model)
+    print(f"expert {name!r} on {', '.join(train_data.domains)}: {trainable:,} trainable of {total:,} parameters "
+          f"({100 * trainable / (total - trainable):.2f}% of the base)")
+
+    def evaluate(m):
+        device = next(m.parameters()).device
+        return domain_losses(lambda x, y, d: per_sample_loss(m(x)[0], y), eval_data,
+                             cfg.eval_iters * cfg.batch_size, cfg.batch_size, device)
+
+    run_cfg = replace(cfg, out_dir=os.path.join(cfg.out_dir, name))
+    losses = train(run_cfg, model, train_data, evaluate, meta={"kind": "lora", "domain": cfg.domain})
+    path = os.path.join(cfg.out_dir, f"{name}.safetensors")
+    save_expert(path, model.cpu(), 0, cfg.domain, tokenizer, cfg.alpha, fingerprint,
+                {"trained_on": train_data.domains, "steps": cfg.max_iters})
+    print(f"saved {path} ({os.path.getsize(path) / 1e3:.0f} kB)")
+    return model, losses
+
+
+if __name__ == "__main__":
+    run(main)
