@@ -9,9 +9,11 @@ Read next: train_base.py.
 """
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from moa import vote
 from tokenizer import encode
 
 
@@ -40,9 +42,12 @@ def domain_losses(forward, data, n_windows, batch_size, device="cpu"):
     return out
 
 
-def perplexities(losses):
-    """{"val/x": loss} -> {"ppl/x": exp(loss)}."""
-    return {k.replace("val", "ppl", 1): math.exp(v) for k, v in losses.items()}
+def unigram_entropy(data, name):
+    """Entropy (nats per token) of a domain's training tokens taken one at a time: the loss of a model
+    that knows token frequencies and nothing else, the bar a trained model must clear."""
+    counts = np.bincount(data.splits[name, "train"], minlength=data.vocab_size).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
 
 
 def left_pad(rows, pad_id):
@@ -60,7 +65,7 @@ def left_pad(rows, pad_id):
 def exact_match(generate, enc, problems, shots, batch_size=32, device="cpu"):
     """Share of problems whose greedy answer, up to the first newline, equals the reference answer.
 
-    problems: [(prompt, answer)], e.g. ("12+34=", "46"). `shots` (solved examples, one per line)
+    problems: [(prompt, answer)], e.g. ("12+4=", "16"). `shots` (solved examples, one per line)
     come before each prompt, so the model sees it in the context it was trained on.
     """
     context = "".join(f"{p}{a}\n" for p, a in shots)
@@ -77,3 +82,38 @@ def exact_match(generate, enc, problems, shots, batch_size=32, device="cpu"):
                 tokens = tokens[:tokens.index(newline)]
             correct += enc.decode(tokens) == answer
     return correct / len(problems)
+
+
+@torch.no_grad()
+def routed_losses(moa, data, n_windows, batch_size, mode, device="cpu"):
+    """A MoA's per-domain validation loss in routing mode `mode`, and its routers' accuracy: how often
+    the last router, the vote of all routers, and each layer's router predict the window's domain.
+
+    data.domains must be in the bundle's order (build DomainData with ",".join(moa.domains)).
+    """
+    assert data.domains == moa.domains[:len(data.domains)], "data domains must follow the bundle's order"
+    last, voted, layers = {}, {}, []
+    K = len(moa.domains)
+    confusion = torch.zeros(len(data.domains), K, dtype=torch.long)  # rows: true domain, columns: last router
+
+    def forward(x, y, d):
+        logits, _ = moa(x, domain=d, mode=mode)
+        if mode != "token":
+            predicted = moa.routing["predicted"]  # (L, B)
+            probs = F.softmax(moa.routing["logits"].float(), dim=-1)
+            name = data.domains[int(d[0])]
+            last[name] = last.get(name, 0) + (predicted[-1] == d).sum().item()
+            voted[name] = voted.get(name, 0) + (vote(predicted, probs) == d).sum().item()
+            layers.append((predicted == d).float().sum(1))  # (L,)
+            confusion[int(d[0])] += torch.bincount(predicted[-1].cpu(), minlength=K)
+        return per_sample_loss(logits, y)
+
+    out = domain_losses(forward, data, n_windows, batch_size, device)
+    if last:
+        for name in data.domains:
+            out[f"route_acc/{name}"] = last[name] / n_windows
+        out["route_acc_mean"] = sum(last.values()) / (n_windows * len(data.domains))
+        out["route_acc_vote"] = sum(voted.values()) / (n_windows * len(data.domains))
+        out["route_acc_layers"] = (torch.stack(layers).sum(0) / (n_windows * len(data.domains))).tolist()
+        out["route_confusion"] = confusion.tolist()
+    return out

@@ -300,12 +300,13 @@ class MoA(nn.Module):
             return logits, lm_loss
         router_logits, routes = torch.stack(router_logits), torch.stack(routes)  # (L, B, K), (L, B)
         probs = F.softmax(router_logits.float(), dim=-1)
-        decision = {"last": routes[-1], "vote": vote(routes, probs)}.get(mode, routes[-1])  # (B,)
+        predicted = router_logits.argmax(-1)  # (L, B): each router's own choice, whatever routed this pass
+        decision = {"last": predicted[-1], "vote": vote(predicted, probs)}.get(mode, routes[-1])  # (B,)
         if cache is not None:
             fixed = mode in ("last", "vote")
             cache.route = decision.expand_as(routes) if fixed else routes  # (L, B): kept for every new token
-        self.routing = {"logits": router_logits.detach(), "routes": routes.detach(), "decision": decision.detach(),
-                        "confidence": probs[-1].gather(1, decision[:, None]).squeeze(1).detach()}
+        self.routing = {"logits": router_logits.detach(), "predicted": predicted, "routes": routes,
+                        "decision": decision, "confidence": probs[-1].gather(1, predicted[-1:].t()).squeeze(1)}
         loss = lm_loss
         if domain is not None:
             cls_loss = F.cross_entropy(router_logits.float().flatten(0, 1), domain.repeat(len(self.routers)))
@@ -368,7 +369,8 @@ def load_bundle(path, gpt: GPT, tokenizer, fingerprint=None):
     """A MoA built on `gpt` from the bundle at `path`; errors if the bundle belongs to another base."""
     tensors, meta = read_meta(path, "bundle")
     check_base(path, meta, fingerprint or base_fingerprint(gpt), tokenizer)
-    moa = MoA(gpt, meta["domains"], meta["rank"], meta["alpha"], targets=meta["targets"], pooling=meta["pooling"])
+    moa = MoA(gpt, meta["domains"], meta["rank"], meta["alpha"], targets=meta["targets"], pooling=meta["pooling"],
+              top_k=meta.get("top_k", 1))
     expected = {name for name, _ in moa.named_parameters() if "lora_" in name or name.startswith("routers.")}
     if set(tensors) != expected:
         raise UserError(f"{path} does not hold {len(meta['domains'])} experts and routers for this model: "

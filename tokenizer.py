@@ -9,6 +9,7 @@
 
 Read next: model.py.
 """
+import hashlib
 import os
 
 import tiktoken
@@ -36,7 +37,17 @@ def gpt2_from_folder(folder: str) -> tiktoken.Encoding:
         if not os.path.isfile(f):
             raise TokenizerError(f"{f} not found: a GPT-2 tokenizer folder needs vocab.json and merges.txt")
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks  # reads local paths without network
-    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=merges, encoder_json_file=vocab)
+    # tiktoken caches files by path; passing the contents' hashes makes it re-read edited files
+    sha256 = {}
+    for f in (vocab, merges):
+        with open(f, "rb") as fh:
+            sha256[f] = hashlib.sha256(fh.read()).hexdigest()
+    try:
+        ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=merges, encoder_json_file=vocab,
+                                                vocab_bpe_hash=sha256[merges], encoder_json_hash=sha256[vocab])
+    except (AssertionError, KeyError, ValueError) as e:  # tiktoken asserts that the two files agree
+        raise TokenizerError(f"{folder}: vocab.json and merges.txt are not a valid GPT-2 BPE pair "
+                             f"({type(e).__name__})") from None
     return tiktoken.Encoding("gpt2-local", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                              special_tokens={EOT: len(ranks)})
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from evaluate import domain_losses, per_sample_loss
+from evaluate import domain_losses, per_sample_loss, unigram_entropy
 from model import GPT, GPTConfig
 from trainer import DomainData, TrainConfig, UserError, load_checkpoint, parse_config, run, train
 
@@ -51,6 +51,7 @@ def build_model(cfg, vocab_size):
 def main(argv=None):
     cfg = parse_config(BaseConfig, argv or [])
     data = DomainData(cfg.data_dir, cfg.domains, cfg.block_size)
+    torch.manual_seed(cfg.seed)  # the initial weights are part of the run: same seed, same model, on every process
     model = build_model(cfg, data.vocab_size)
     if model.config.vocab_size < data.vocab_size:
         raise UserError(f"the data's tokenizer ({data.tokenizer}, {data.vocab_size} tokens) does not fit the model's "
@@ -65,6 +66,9 @@ def main(argv=None):
     meta = {"kind": "base", "model": asdict(model.config), "tokenizer": data.tokenizer, "domains": data.domains,
             "init_from": cfg.init_from}
     losses = train(cfg, model, data, evaluate, meta=meta)
+    final = evaluate(model.eval())
+    for name in data.domains:
+        print(f"{name:>8}: val loss {final[f'val/{name}']:.3f} nats/token, unigram entropy {unigram_entropy(data, name):.3f}")
     print(f"saved {os.path.join(cfg.out_dir, 'ckpt.pt')}")
     return model, losses
 

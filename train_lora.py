@@ -4,6 +4,7 @@
     python train_lora.py --domain=all                   # baseline: one LoRA on all domains, balanced
     python train_lora.py --domain=all --rank=32 --name=all_r32   # ... with as many parameters as 4 experts
     python train_lora.py --domain=arith --base=gpt2     # on GPT-2 weights (data prepared with --tokenizer=gpt2)
+    python train_lora.py --domain=unicode --init_expert=out/experts/all.safetensors --name=all+unicode
 
 Only the expert's A and B matrices train; the base's weights stay bit-identical. The run's
 checkpoint and log go to out/experts/<name>/, the expert itself to out/experts/<name>.safetensors.
@@ -13,8 +14,10 @@ Read next: train_router.py (stage 2).
 import os
 from dataclasses import dataclass, replace
 
+import torch
+
 from evaluate import domain_losses, per_sample_loss
-from moa import add_experts, base_fingerprint, count_params, save_expert, set_route
+from moa import add_experts, base_fingerprint, count_params, load_expert, read_meta, save_expert, set_route
 from train_base import load_base
 from trainer import DomainData, TrainConfig, UserError, parse_config, run, train
 
@@ -25,6 +28,7 @@ class LoRAConfig(TrainConfig):
     base: str = "out/base"  # a train_base.py output folder / ckpt.pt, or GPT-2 weights (gpt2, or a folder)
     domain: str = ""  # the domain this expert learns, or "all" for one LoRA on the mixed data
     name: str = ""  # file name of the expert; default: the domain
+    init_expert: str = ""  # start from this expert file (its rank, alpha, targets) instead of a fresh one
     rank: int = 8
     alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -47,11 +51,17 @@ def main(argv=None):
     if cfg.domain != "all" and cfg.domain not in eval_data.domains:  # e.g. the held-back domain
         eval_data = DomainData(cfg.data_dir, ",".join(eval_data.domains + [cfg.domain]), cfg.block_size)
     model, tokenizer = load_base(cfg.base)
+    torch.manual_seed(cfg.seed)  # the expert's initial A is part of the run
     if tokenizer != train_data.tokenizer:
         raise UserError(f"the base uses tokenizer {tokenizer!r} but {cfg.data_dir} was prepared with "
                         f"{train_data.tokenizer!r}; prepare the data with --tokenizer={tokenizer}")
     fingerprint = base_fingerprint(model)
+    if cfg.init_expert:
+        meta = read_meta(cfg.init_expert, "expert")[1]
+        cfg = replace(cfg, rank=meta["rank"], alpha=meta["alpha"], targets=",".join(meta["targets"]))
     add_experts(model, 1, cfg.rank, cfg.alpha, cfg.lora_dropout, cfg.targets.split(","))
+    if cfg.init_expert:
+        load_expert(cfg.init_expert, model, 0, fingerprint, tokenizer)
     set_route(model, 0)  # every sample uses the one expert
     trainable, total = count_params(model)
     print(f"expert {name!r} on {', '.join(train_data.domains)}: {trainable:,} trainable of {total:,} parameters "

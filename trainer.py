@@ -95,24 +95,25 @@ def parse_config(cls, argv):
             value = parse_value(value, kinds[key], key)
         elif kinds[key] is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if not isinstance(value, kinds[key]):
+        if not isinstance(value, kinds[key]) or (isinstance(value, bool) and kinds[key] is not bool):
             raise UserError(f"{key}={value!r} in {source}: expected {kinds[key].__name__}")
         setattr(cfg, key, value)
 
-    for arg in argv:
-        if arg.startswith("--"):
-            key, eq, value = arg[2:].partition("=")
-            if not eq:
-                raise UserError(f"{arg}: write --{key}=VALUE")
-            assign(key, value, "the command line")
-        else:
-            try:
-                with open(arg) as f:
-                    overrides = json.load(f)
-            except (OSError, json.JSONDecodeError) as e:
-                raise UserError(f"cannot read config file {arg}: {e}") from None
-            for key, value in overrides.items():
-                assign(key, value, arg)
+    for arg in [a for a in argv if not a.startswith("--")]:  # files first, so flags always win
+        try:
+            with open(arg) as f:
+                overrides = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"cannot read config file {arg}: {e}") from None
+        if not isinstance(overrides, dict):
+            raise UserError(f"config file {arg} must hold a JSON object of key: value")
+        for key, value in overrides.items():
+            assign(key, value, arg)
+    for arg in [a for a in argv if a.startswith("--")]:
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            raise UserError(f"{arg}: write --{key}=VALUE")
+        assign(key, value, "the command line")
     return cfg
 
 
@@ -172,7 +173,9 @@ def load_safetensors(path):
     tensors = {}
     for name, info in header.items():
         start, end = info["data_offsets"]
-        flat = torch.frombuffer(bytearray(data[start:end]), dtype=torch.uint8)
+        flat = torch.empty(0, dtype=torch.uint8)  # an empty tensor: frombuffer rejects zero bytes
+        if end > start:
+            flat = torch.frombuffer(bytearray(data[start:end]), dtype=torch.uint8)
         tensors[name] = flat.view(ST_DTYPES[info["dtype"]]).reshape(info["shape"])
     return tensors, metadata
 
@@ -373,8 +376,8 @@ def train(cfg, model, data, evaluate, loss_fn=default_loss, meta=None):
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             checkpoint(metrics)
-            if bar is not None:
-                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+            line = f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+            bar.write(line) if bar is not None else print(line)
         if last_step:
             break
         lr = learning_rate(step, cfg)

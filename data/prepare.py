@@ -8,7 +8,7 @@ The built-in domains come from text present wherever Python and torch are instal
 - python:  the standard library's top-level *.py files, one document per file.
 - cpp:     the C++ headers shipped inside torch (include/**/*.h), one document per file.
 - prose:   the English help topics of Python's docs (pydoc_data.topics), one document per topic.
-- arith:   generated problems "12+34=46" / "5-17=-12", one per line, 16 lines per document. Its
+- arith:   generated problems "12+4=16" / "5-7=-2", one per line, 16 lines per document. Its
            answers are exact, so evaluate.py scores it by greedy decoding (see arith_problems).
 - unicode: "U+00E9 é LATIN SMALL LETTER E WITH ACUTE" for every printable named code point, 32 per
            document. It is held back: trained on only later, when a domain is added to the mixture.
@@ -68,7 +68,8 @@ def is_test_pair(a, b):
 
 
 def arith_problems(n, seed, test=False):
-    """n problems as (prompt, answer) pairs, e.g. ("12+34=", "46"), ("5-17=", "-12"); a, b in 0..99.
+    """n problems as (prompt, answer) pairs, e.g. ("12+4=", "16"), ("5-7=", "-2"); a in 0..99, b in 0..9
+    (two digits and one: small enough for a tiny byte-level model to learn in minutes).
 
     test=False draws only training pairs, test=True only the reserved ones, so exact match measures
     arithmetic, not recall of problems seen in training.
@@ -76,7 +77,7 @@ def arith_problems(n, seed, test=False):
     rng = random.Random(seed)
     problems = []
     while len(problems) < n:
-        a, b, op = rng.randint(0, 99), rng.randint(0, 99), rng.choice("+-")
+        a, b, op = rng.randint(0, 99), rng.randint(0, 9), rng.choice("+-")
         if is_test_pair(a, b) == test:
             problems.append((f"{a}{op}{b}=", str(a + b if op == "+" else a - b)))
     return problems

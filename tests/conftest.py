@@ -1,0 +1,38 @@
+"""Shared fixtures: a tiny prepared data set and a tiny trained base, each built once per test session.
+
+Both take a few seconds on a CPU, so every test file can train and evaluate real models. The models
+are tiny, so one thread is fastest; with more, a busy machine makes each matmul wait for a core.
+"""
+import os
+import sys
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # also for the subprocesses the tests start
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+torch.set_num_threads(1)
+
+TINY_BASE_ARGS = ["--n_layer=2", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=8",
+                  "--eval_iters=1", "--progress=False", "--device=cpu"]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A data folder with every built-in domain (python, cpp, prose, arith, held-back unicode), ~20k tokens each."""
+    from data.prepare import main as prepare
+    out = str(tmp_path_factory.mktemp("data"))
+    prepare(["--out", out, "--max_tokens", "20000"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_data, tmp_path_factory):
+    """Path of the ckpt.pt of a 2-layer base trained for 30 steps on tiny_data."""
+    import train_base
+    out = str(tmp_path_factory.mktemp("base"))
+    train_base.main(TINY_BASE_ARGS + ["--max_iters=30", "--eval_interval=15", f"--data_dir={tiny_data}",
+                                      f"--out_dir={out}"])
+    return os.path.join(out, "ckpt.pt")

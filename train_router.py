@@ -1,0 +1,155 @@
+"""Stage 2 of MoA: the K stage-1 experts side by side, a router before every block, trained together
+on evenly sampled data of all domains with L = L_LM + eta * L_cls. Also adds and removes domains.
+
+    python train_router.py                                   # MoA: experts + routers trained jointly
+    python train_router.py --train_experts=False --name=moa_routers   # routers only, experts frozen
+    python train_router.py --routing=token --eta=0 --name=moe_lora    # ablation: token-level MoE-LoRA
+    python train_router.py --routing=token --eta=0 --expert_init=random --name=moe_lora_naive
+    python train_router.py --add_domain=unicode --bundle=out/moa/moa.safetensors   # K -> K+1 domains
+    python train_router.py --remove_domain=unicode --bundle=out/moa/moa+unicode.safetensors
+
+Every run writes one bundle, out/moa/<name>.safetensors (experts, routers, domain names, the base's
+fingerprint), and its checkpoint and log in out/moa/<name>/.
+
+Adding a domain (the paper claims it works, but gives no procedure; this is nanoMoA's): the new
+domain's expert is trained first with stage 1 on the same frozen base (train_lora.py); every router
+gets one more output row (old rows kept); then the routers train on balanced replay of all K+1
+domains while the old experts stay frozen, so the old domains can only change through routing.
+
+Read next: sample.py, then results.py.
+"""
+import os
+from dataclasses import dataclass, replace
+
+import torch
+
+from evaluate import routed_losses
+from moa import MoA, base_fingerprint, count_params, load_bundle, load_expert, lora_layers, read_meta, save_bundle
+from train_base import load_base
+from trainer import DomainData, TrainConfig, UserError, parse_config, run, train
+
+
+@dataclass
+class RouterConfig(TrainConfig):
+    out_dir: str = "out/moa"
+    base: str = "out/base"
+    experts: str = "out/experts"  # folder of stage-1 experts, <domain>.safetensors
+    name: str = ""  # the bundle's file name; default moa, or <bundle>+<domain> / <bundle>-<domain>
+    eta: float = 1.0  # weight of the routers' domain-label loss L_cls
+    train_experts: bool = True  # the paper: experts and routers trained jointly; False: routers only
+    route_by: str = "label"  # in training, each sample's expert is its gold label's, or the routers' choice
+    routing: str = "sequence"  # sequence (MoA) | token (MoE-LoRA ablation: top_k experts per token)
+    top_k: int = 2  # experts per token with routing=token (top-1 would give the router no gradient)
+    pooling: str = "mean"  # how a router reads its block's input: mean over real tokens | last token
+    expert_init: str = "stage1"  # stage1 experts, or random ones ("MoE-LoRA naive")
+    rank: int = 8  # rank and alpha of random experts (stage-1 experts bring their own)
+    alpha: float = 16.0
+    lora_dropout: float = 0.0
+    bundle: str = ""  # an existing bundle to add a domain to or remove one from
+    add_domain: str = ""
+    remove_domain: str = ""
+    train_new_expert: bool = False  # when adding a domain: also fine-tune the new expert
+    max_iters: int = 300
+    eval_interval: int = 100
+    learning_rate: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_iters: int = 20
+    weight_decay: float = 0.0
+
+
+def check_choices(cfg):
+    for key, allowed in (("route_by", ("label", "router")), ("routing", ("sequence", "token")),
+                         ("expert_init", ("stage1", "random"))):
+        if getattr(cfg, key) not in allowed:
+            raise UserError(f"--{key}={getattr(cfg, key)}: choose one of {', '.join(allowed)}")
+    if (cfg.add_domain or cfg.remove_domain) and not cfg.bundle:
+        raise UserError("--add_domain / --remove_domain need --bundle=PATH of the bundle to change")
+
+
+def expert_path(cfg, domain):
+    path = os.path.join(cfg.experts, f"{domain}.safetensors")
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found: train the expert first, `python train_lora.py --domain={domain}`")
+    return path
+
+
+def build(cfg, base, tokenizer, fingerprint, data_domains):
+    """The MoA to train: fresh from stage-1 (or random) experts, or an existing bundle plus one domain."""
+    if cfg.add_domain:
+        moa, _ = load_bundle(cfg.bundle, base, tokenizer, fingerprint)  # everything frozen
+        moa.add_domain(cfg.add_domain)
+        load_expert(expert_path(cfg, cfg.add_domain), moa, len(moa.domains) - 1, fingerprint, tokenizer)
+        for layer in lora_layers(moa):
+            for p in [layer.lora_A[-1], layer.lora_B[-1]]:
+                p.requires_grad_(cfg.train_new_expert)
+        for p in moa.routers.parameters():
+            p.requires_grad_(True)
+        return moa
+    rank, alpha = cfg.rank, cfg.alpha
+    if cfg.expert_init == "stage1":  # the experts' files say their rank and alpha
+        meta = read_meta(expert_path(cfg, data_domains[0]), "expert")[1]
+        rank, alpha, targets = meta["rank"], meta["alpha"], meta["targets"]
+    else:
+        targets = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    moa = MoA(base, data_domains, rank, alpha, cfg.lora_dropout, targets, cfg.pooling, cfg.eta, cfg.top_k)
+    if cfg.expert_init == "stage1":
+        for k, domain in enumerate(data_domains):
+            load_expert(expert_path(cfg, domain), moa, k, fingerprint, tokenizer)
+    for layer in lora_layers(moa):
+        for p in [*layer.lora_A, *layer.lora_B]:
+            p.requires_grad_(cfg.train_experts)
+    return moa
+
+
+def main(argv=None):
+    cfg = parse_config(RouterConfig, argv or [])
+    check_choices(cfg)
+    base, tokenizer = load_base(cfg.base)
+    fingerprint = base_fingerprint(base)
+    stem = os.path.splitext(os.path.basename(cfg.bundle))[0]
+    name = cfg.name or (f"{stem}+{cfg.add_domain}" if cfg.add_domain else
+                        f"{stem}-{cfg.remove_domain}" if cfg.remove_domain else "moa")
+    path = os.path.join(cfg.out_dir, f"{name}.safetensors")
+    if cfg.bundle and os.path.abspath(path) == os.path.abspath(cfg.bundle):
+        raise UserError(f"the new bundle would overwrite its input {cfg.bundle}; pick another --name")
+
+    if cfg.remove_domain:  # nothing to train: drop the expert and the routers' row
+        moa, _ = load_bundle(cfg.bundle, base, tokenizer, fingerprint)
+        moa.remove_domain(cfg.remove_domain)
+        save_bundle(path, moa, tokenizer, fingerprint)
+        print(f"saved {path}: domains {', '.join(moa.domains)}")
+        return moa, []
+
+    domains = DomainData(cfg.data_dir, cfg.domains, cfg.block_size).domains
+    if cfg.add_domain:
+        domains = read_meta(cfg.bundle, "bundle")[1]["domains"] + [cfg.add_domain]
+    torch.manual_seed(cfg.seed)  # new experts and routers start the same for the same seed
+    moa = build(cfg, base, tokenizer, fingerprint, domains)
+    data = DomainData(cfg.data_dir, ",".join(moa.domains), cfg.block_size)  # labels follow the bundle's order
+    if data.tokenizer != tokenizer:
+        raise UserError(f"{cfg.data_dir} was prepared with tokenizer {data.tokenizer!r}, the base uses {tokenizer!r}")
+    moa.eta, moa.top_k = cfg.eta, cfg.top_k
+    trainable, total = count_params(moa)
+    print(f"MoA over {', '.join(moa.domains)}: {trainable:,} trainable of {total:,} parameters")
+
+    train_mode = "token" if cfg.routing == "token" else "label" if cfg.route_by == "label" else "layer"
+    eval_mode = "token" if cfg.routing == "token" else "layer"
+
+    def loss_fn(m, x, y, d):
+        return m(x, y, domain=d, mode=train_mode)[1]
+
+    def evaluate(m):
+        device = next(m.parameters()).device
+        return routed_losses(m, data, cfg.eval_iters * cfg.batch_size, cfg.batch_size, eval_mode, device)
+
+    meta = {"kind": "moa", "domains": moa.domains}
+    losses = train(replace(cfg, out_dir=os.path.join(cfg.out_dir, name)), moa, data, evaluate, loss_fn, meta)
+    save_bundle(path, moa.cpu(), tokenizer, fingerprint,
+                {"routing": cfg.routing, "top_k": cfg.top_k, "eta": cfg.eta, "train_experts": cfg.train_experts,
+                 "expert_init": cfg.expert_init, "steps": cfg.max_iters})
+    print(f"saved {path}")
+    return moa, losses
+
+
+if __name__ == "__main__":
+    run(main)
