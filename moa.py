@@ -341,8 +341,9 @@ class MoA(nn.Module):
         if len(self.domains) == 1:
             raise UserError("cannot remove the only domain of a bundle")
         k = self.domains.index(name)
-        for layer in lora_layers(self):
-            del layer.lora_A[k], layer.lora_B[k]
+        for layer in lora_layers(self):  # nn.ParameterList has no `del`: rebuild it without expert k
+            layer.lora_A = nn.ParameterList([p for i, p in enumerate(layer.lora_A) if i != k])
+            layer.lora_B = nn.ParameterList([p for i, p in enumerate(layer.lora_B) if i != k])
         keep = [i for i in range(len(self.domains)) if i != k]
         for i, r in enumerate(self.routers):
             smaller = nn.Linear(r.in_features, len(keep), device=r.weight.device)

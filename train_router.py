@@ -57,11 +57,16 @@ class RouterConfig(TrainConfig):
     weight_decay: float = 0.0
 
 
+SETTINGS = ("routing", "top_k", "eta", "train_experts", "expert_init", "max_iters")  # kept in a bundle
+
+
 def check_choices(cfg):
     for key, allowed in (("route_by", ("label", "router")), ("routing", ("sequence", "token")),
                          ("expert_init", ("stage1", "random"))):
         if getattr(cfg, key) not in allowed:
             raise UserError(f"--{key}={getattr(cfg, key)}: choose one of {', '.join(allowed)}")
+    if cfg.add_domain and cfg.routing != "sequence":
+        raise UserError("--add_domain works on MoA bundles: leave --routing=sequence")
     if (cfg.add_domain or cfg.remove_domain) and not cfg.bundle:
         raise UserError("--add_domain / --remove_domain need --bundle=PATH of the bundle to change")
 
@@ -76,7 +81,9 @@ def expert_path(cfg, domain):
 def build(cfg, base, tokenizer, fingerprint, data_domains):
     """The MoA to train: fresh from stage-1 (or random) experts, or an existing bundle plus one domain."""
     if cfg.add_domain:
-        moa, _ = load_bundle(cfg.bundle, base, tokenizer, fingerprint)  # everything frozen
+        moa, meta = load_bundle(cfg.bundle, base, tokenizer, fingerprint)  # everything frozen
+        if meta.get("routing", "sequence") != "sequence":
+            raise UserError(f"{cfg.bundle} routes per token (MoE-LoRA): adding a domain needs a MoA bundle")
         moa.add_domain(cfg.add_domain)
         load_expert(expert_path(cfg, cfg.add_domain), moa, len(moa.domains) - 1, fingerprint, tokenizer)
         for layer in lora_layers(moa):
@@ -114,9 +121,9 @@ def main(argv=None):
         raise UserError(f"the new bundle would overwrite its input {cfg.bundle}; pick another --name")
 
     if cfg.remove_domain:  # nothing to train: drop the expert and the routers' row
-        moa, _ = load_bundle(cfg.bundle, base, tokenizer, fingerprint)
+        moa, meta = load_bundle(cfg.bundle, base, tokenizer, fingerprint)
         moa.remove_domain(cfg.remove_domain)
-        save_bundle(path, moa, tokenizer, fingerprint)
+        save_bundle(path, moa, tokenizer, fingerprint, {k: meta[k] for k in SETTINGS if k in meta})
         print(f"saved {path}: domains {', '.join(moa.domains)}")
         return moa, []
 
@@ -144,9 +151,7 @@ def main(argv=None):
 
     meta = {"kind": "moa", "domains": moa.domains}
     losses = train(replace(cfg, out_dir=os.path.join(cfg.out_dir, name)), moa, data, evaluate, loss_fn, meta)
-    save_bundle(path, moa.cpu(), tokenizer, fingerprint,
-                {"routing": cfg.routing, "top_k": cfg.top_k, "eta": cfg.eta, "train_experts": cfg.train_experts,
-                 "expert_init": cfg.expert_init, "steps": cfg.max_iters})
+    save_bundle(path, moa.cpu(), tokenizer, fingerprint, {k: getattr(cfg, k) for k in SETTINGS})
     print(f"saved {path}")
     return moa, losses
 

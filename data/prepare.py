@@ -63,8 +63,9 @@ def read_text(path):
 
 
 def is_test_pair(a, b):
-    """One (a, b) pair in ten is reserved for evaluation and never appears in training data."""
-    return (7 * a + 3 * b) % 10 == 0
+    """One (a, b) pair in ten is reserved for evaluation and never appears in training data. The rule
+    reads a's tens digit, so every units-digit sum (a % 10, b) is still seen in training."""
+    return (a // 10 + b) % 10 == 0
 
 
 def arith_problems(n, seed, test=False):

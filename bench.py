@@ -1,0 +1,306 @@
+"""Benchmarks nanoMoA on this machine: base training (tokens/s, MFU), LoRA against full fine-tuning,
+a mixed-domain batch through MoA, KV-cache generation, and the memory of each stage.
+
+    python bench.py                    # ~4 minutes on 2 CPU cores; prints a table, writes out/bench/bench.json
+    python bench.py --quick=True       # smoke run, under a minute (fewer repeats, smaller mid-size batch)
+    python bench.py --device=cuda --dtype=bfloat16
+    python bench.py --compile=True     # also times torch.compile on the base training step
+
+The machine may be shared with other jobs, so every figure is a ratio of things measured side by side
+in the same run: interleaved (a, b, a, b, ...), each the median of --repeats timed calls after one
+warm-up call. Inputs are random token ids: the time of a step does not depend on the data. Memory is
+measured per stage in a fresh subprocess (`--stage=NAME`), which reports its own peak resident memory.
+
+Read next: README.md (the figures, and the machine they were measured on).
+"""
+import json
+import operator
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+
+from model import GPT, GPTConfig
+from moa import MoA, add_experts, expert_tensors, lora_layers, set_route
+from train_base import BaseConfig
+from trainer import TrainConfig, UserError, make_optimizer, parse_config, run
+
+
+@dataclass
+class BenchConfig:
+    out_dir: str = "out/bench"
+    device: str = "cpu"  # cpu | cuda
+    dtype: str = "float32"  # float32 | bfloat16: the matmul peak and the base training step (autocast)
+    compile: bool = False  # also time the base training step under torch.compile
+    repeats: int = 5  # timed calls per figure (after one warm-up call); the median is kept
+    quick: bool = False  # smoke run: 2 repeats, mid-size batch 4, 64 new tokens
+    threads: int = 0  # torch threads; 0 keeps torch's default (one per core)
+    stage: str = ""  # internal: run one stage's step in this process and print its peak memory
+
+
+DEFAULT = {k: getattr(BaseConfig, k) for k in ("n_layer", "n_head", "n_embd", "block_size")}  # train_base.py's
+MID = dict(n_layer=6, n_head=6, n_embd=384, block_size=256)
+VOCAB, BATCH = 257, BaseConfig.batch_size
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt, "==": operator.eq}
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timeit(fns, repeats, device):
+    """Median seconds of each fn, called interleaved so that a burst of load from other jobs hits all alike."""
+    for fn in fns:
+        fn()  # warm-up: allocations, autotuning, compilation
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
+
+
+def gpt(shape, device, **overrides):
+    torch.manual_seed(0)  # every model of a shape starts from the same weights
+    return GPT(GPTConfig(vocab_size=VOCAB, **{**shape, **overrides})).to(device)
+
+
+def tokens(batch, T, device):
+    """Random token ids x and their next-token targets y, each (batch, T)."""
+    ids = torch.randint(VOCAB, (batch, T + 1), generator=torch.Generator().manual_seed(0)).to(device)
+    return ids[:, :-1], ids[:, 1:]
+
+
+def autocast(device, dtype):
+    return nullcontext() if dtype == "float32" else torch.autocast(device.split(":")[0], dtype=DTYPES[dtype])
+
+
+def train_step(model, x, y, ctx=nullcontext(), forward=lambda m, x, y: m(x, y)[1]):
+    """One AdamW step (as trainer.py builds it) of model's trainable parameters on (x, y), as a function."""
+    opt = make_optimizer(model, TrainConfig(), str(x.device))
+
+    def step():
+        with ctx:
+            loss = forward(model, x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def lora(shape, device):
+    """The model of train_lora.py: a frozen GPT with one rank-8 expert on all four linear maps of every block."""
+    model = add_experts(gpt(shape, device), 1, rank=8, alpha=16.0)
+    set_route(model, 0)
+    return model
+
+
+def mixed_moa(device, n_experts=4, batch=32):
+    """A MoA with n_experts nonzero experts and a batch in which sample i uses expert i % n_experts."""
+    moa = MoA(gpt(DEFAULT, device), [f"domain{k}" for k in range(n_experts)], rank=8)
+    for layer in lora_layers(moa):
+        for B in layer.lora_B:
+            torch.nn.init.normal_(B, std=0.02)  # trained experts are not zero
+    x, y = tokens(batch, DEFAULT["block_size"], device)
+    return moa, x, y, torch.arange(batch, device=device) % n_experts  # labels (batch,)
+
+
+def model_flops(model, T):
+    """Training FLOPs per token (nanoGPT's estimate_mfu, from PaLM's appendix B): 6 N for the matmuls
+    of forward (2 N) and backward (4 N), N = parameters less the position embedding (the tied token
+    embedding counts once, as the output head), plus 12 L T C for attention's QK^T and AV."""
+    c = model.config
+    n = model.num_params() - model.transformer.wpe.weight.numel()
+    return 6 * n + 12 * c.n_layer * T * c.n_embd
+
+
+def row(rows, metric, value, unit="x", op=None, bound=None):
+    ok = None if op is None else bool(OPS[op](value, bound))
+    rows.append({"metric": metric, "value": value, "unit": unit, "target": "" if op is None else f"{op} {bound:g}",
+                 "pass": ok})
+
+
+def bench_base(cfg, rows):
+    """Base training at the default config against this machine's peak: a big square matmul, same dtype."""
+    n, B, T = 2048, BATCH, DEFAULT["block_size"]
+    a, b = (torch.randn(n, n, device=cfg.device, dtype=DTYPES[cfg.dtype]) for _ in range(2))
+    model = gpt(DEFAULT, cfg.device)
+    fns = [lambda: a @ b, train_step(model, *tokens(B, T, cfg.device), autocast(cfg.device, cfg.dtype))]
+    if cfg.compile:
+        fns.append(train_step(torch.compile(model), *tokens(B, T, cfg.device), autocast(cfg.device, cfg.dtype)))
+    t_mm, t_step, *t_compiled = timeit(fns, cfg.repeats, cfg.device)
+    peak = 2 * n ** 3 / t_mm
+    row(rows, f"matmul peak {n}^3 ({cfg.dtype})", peak / 1e9, "GFLOP/s")
+    row(rows, "base training step", B * T / t_step, "tokens/s")
+    row(rows, "base training MFU", model_flops(model, T) * B * T / t_step / peak, "", ">=", 0.40)
+    if cfg.compile:
+        row(rows, "torch.compile / eager, base training step", t_compiled[0] / t_step, "x", "<", 1.0)
+
+
+def bench_autocast(cfg, rows, steps):
+    """float32 against bfloat16 autocast: the same init and fixed batch, `steps` + 1 steps each."""
+    x, y = tokens(BATCH, DEFAULT["block_size"], cfg.device)
+    models = {dtype: gpt(DEFAULT, cfg.device) for dtype in DTYPES}
+    t32, t16 = timeit([train_step(m, x, y, autocast(cfg.device, d)) for d, m in models.items()], steps, cfg.device)
+    with torch.no_grad():
+        l32, l16 = (m(x, y)[1].item() for m in models.values())  # both evaluated in float32
+    row(rows, "bfloat16 autocast / float32, base training step", t16 / t32, "x", "<", 1.0)
+    row(rows, f"bfloat16 / float32 loss after {steps + 1} steps - 1", abs(l16 / l32 - 1), "", "<=", 0.01)
+
+
+def bench_lora(cfg, rows, shape, batch, bound):
+    """A LoRA step against a full fine-tuning step of the same model on the same batch."""
+    x, y = tokens(batch, shape["block_size"], cfg.device)
+    t_full, t_lora = timeit([train_step(gpt(shape, cfg.device), x, y), train_step(lora(shape, cfg.device), x, y)],
+                            cfg.repeats, cfg.device)
+    name = "/".join(str(shape[k]) for k in ("n_layer", "n_embd", "block_size"))
+    row(rows, f"LoRA / full fine-tuning step, L/C/T {name}, B {batch}", t_lora / t_full, "x", "<=", bound)
+
+
+@torch.no_grad()
+def bench_moa(cfg, rows):
+    """Inference on a mixed batch (32 samples, 4 experts, each sample its own) against three other ways."""
+    moa, x, _, labels = mixed_moa(cfg.device)
+    base = gpt(DEFAULT, cfg.device)
+    moa.eval(), base.eval()
+
+    def use_loop(flag):
+        for layer in lora_layers(moa):
+            layer.reference_loop = flag
+
+    def mixed(reference_loop=False):
+        use_loop(reference_loop)
+        return moa(x, domain=labels, mode="oracle")[0]  # (B, T, vocab)
+
+    def one_at_a_time():
+        use_loop(False)
+        return [moa(x[i:i + 1], domain=labels[i:i + 1], mode="oracle") for i in range(len(x))]
+
+    torch.testing.assert_close(mixed(), mixed(reference_loop=True))  # the fast path computes the same thing
+    t_base, t_mixed, t_loop, t_single = timeit([lambda: base(x), mixed, lambda: mixed(True), one_at_a_time],
+                                               cfg.repeats, cfg.device)
+    use_loop(False)
+    row(rows, "MoA mixed batch / base model (B 32, 4 experts)", t_mixed / t_base, "x", "<=", 1.15)
+    row(rows, "loop over experts / MoA mixed batch", t_loop / t_mixed, "x", ">", 1.0)
+    row(rows, "one sample at a time / MoA mixed batch", t_single / t_mixed, "x", ">", 1.0)
+
+
+@torch.no_grad()
+def bench_generate(cfg, rows, new_tokens, prompt_len=32):
+    """Greedy decoding of one sequence with the KV cache against recomputing the whole context each step."""
+    model = gpt(DEFAULT, cfg.device, block_size=prompt_len + new_tokens).eval()  # room for every new token
+    prompt = tokens(1, prompt_len, cfg.device)[0]
+
+    def generate(use_cache):
+        return model.generate(prompt, new_tokens, temperature=0, use_cache=use_cache)
+
+    assert torch.equal(generate(True), generate(False)), "the KV cache changed the greedy tokens"
+    t_cache, t_full = timeit([lambda: generate(True), lambda: generate(False)], cfg.repeats, cfg.device)
+    row(rows, f"recompute / KV cache, {new_tokens} new tokens (same tokens)", t_full / t_cache, "x", ">=", 5.0)
+
+
+STAGES = {  # device -> the step whose peak memory is measured (None: importing torch and nanoMoA only)
+    "import": lambda device: None,
+    "base training": lambda device: train_step(gpt(DEFAULT, device), *tokens(BATCH, DEFAULT["block_size"], device)),
+    "LoRA training": lambda device: train_step(lora(DEFAULT, device), *tokens(BATCH, DEFAULT["block_size"], device)),
+    "MoA training (B 32, 4 experts)": lambda device: moa_training_step(device),
+    "generation, KV cache": lambda device: lambda: gpt(DEFAULT, device).eval().generate(
+        tokens(1, 32, device)[0], 96, temperature=0),
+}
+
+
+def moa_training_step(device):
+    moa, x, y, labels = mixed_moa(device)
+    return train_step(moa, x, y, forward=lambda m, x, y: m(x, y, domain=labels, mode="label")[1])
+
+
+def bench_memory(cfg, rows):
+    """Peak resident memory of each stage, each in a fresh process; bytes of one expert against the base."""
+    for stage in STAGES:
+        args = [sys.executable, os.path.abspath(__file__), f"--stage={stage}", f"--device={cfg.device}",
+                f"--threads={cfg.threads}"]
+        done = subprocess.run(args, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"stage {stage!r} failed:\n{done.stderr}")
+        row(rows, f"peak memory: {stage}", json.loads(done.stdout.splitlines()[-1])["peak_mb"], "MB")
+    model = lora(DEFAULT, cfg.device)
+    expert = sum(t.numel() * t.element_size() for t in expert_tensors(model, 0).values())
+    base = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    row(rows, "bytes of one expert (rank 8) / bytes of the base", expert / base, "x")
+
+
+def run_stage(cfg):
+    step = STAGES[cfg.stage](cfg.device)
+    for _ in range(2 if step else 0):
+        step()
+    with open("/proc/self/status") as f:  # VmHWM, the peak RSS of this process image (ru_maxrss survives exec)
+        peak_mb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024  # kB -> MB
+    if cfg.device.startswith("cuda"):
+        peak_mb = torch.cuda.max_memory_allocated() / 2 ** 20  # on a GPU, the GPU's memory is what runs out
+    print(json.dumps({"peak_mb": peak_mb}))
+
+
+def machine(cfg):
+    cpu = platform.processor()
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    gpu = torch.cuda.get_device_name() if cfg.device.startswith("cuda") else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
+            "torch": torch.__version__, "python": platform.python_version(), "load_average": os.getloadavg()}
+
+
+def main(argv=None):
+    cfg = parse_config(BenchConfig, argv or [])
+    if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):
+        raise UserError(f"--device={cfg.device}: use cpu or cuda")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device=cuda but no CUDA GPU is available; use --device=cpu")
+    if cfg.dtype not in DTYPES:
+        raise UserError(f"--dtype={cfg.dtype}: use one of {', '.join(DTYPES)}")
+    if cfg.stage not in ("", *STAGES):
+        raise UserError(f"--stage={cfg.stage}: use one of {', '.join(STAGES)}")
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    if cfg.stage:
+        return run_stage(cfg)
+    if cfg.quick:
+        cfg.repeats = min(cfg.repeats, 2)
+    rows, t0 = [], time.time()
+    bench_base(cfg, rows)
+    bench_autocast(cfg, rows, steps=2 if cfg.quick else 9)
+    bench_lora(cfg, rows, DEFAULT, BATCH, 1.0)
+    bench_lora(cfg, rows, MID, 4 if cfg.quick else BATCH, 0.85)
+    bench_moa(cfg, rows)
+    bench_generate(cfg, rows, new_tokens=64 if cfg.quick else 256)
+    bench_memory(cfg, rows)
+
+    info = machine(cfg)
+    print(f"{info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads, {info['gpu'] or 'no GPU'}, "
+          f"torch {info['torch']}, load average {info['load_average'][0]:.2f}, {time.time() - t0:.0f} s")
+    print(f"{'metric':<58} {'value':>14} {'target':>8}  ok")
+    for r in rows:
+        value = f"{r['value']:.3g} {r['unit']}".strip()
+        print(f"{r['metric']:<58} {value:>14} {r['target']:>8}  {'-' if r['pass'] is None else 'yes' if r['pass'] else 'NO'}")
+    path = os.path.join(cfg.out_dir, "bench.json")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"machine": info, "config": asdict(cfg), "seconds": round(time.time() - t0, 1), "rows": rows}, f,
+                  indent=1)
+    print(f"wrote {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    run(main)

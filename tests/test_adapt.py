@@ -1,0 +1,161 @@
+"""Adding and removing domains of a trained bundle (train_router.py --add_domain / --remove_domain).
+
+One module fixture trains stage-1 arith, prose and unicode experts and a bundle over arith and prose
+(the two domains a tiny router tells apart, see test_moa.py), then adds the held-back unicode domain.
+"""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train_lora
+import train_router
+from evaluate import left_pad, routed_losses
+from model import GPT, GPTConfig
+from moa import MoA, load_bundle, lora_layers
+from train_base import load_base
+from trainer import DomainData, UserError, load_safetensors
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMON = ["--batch_size=8", "--block_size=32", "--eval_iters=1", "--progress=False", "--device=cpu", "--seed=1"]
+ROUTER = ["--learning_rate=0.1", "--min_lr=0.01", "--warmup_iters=5", "--max_iters=60", "--eval_interval=60"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is faster than two threads fighting over a busy CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def adapted(tiny_data, tiny_base, tmp_path_factory):
+    """Paths: the bundle over arith, prose ("bundle"), it + unicode ("added"), the experts folder and the common flags."""
+    out = tmp_path_factory.mktemp("adapt")
+    flags = COMMON + [f"--data_dir={tiny_data}", f"--base={tiny_base}", f"--experts={out / 'experts'}",
+                      f"--out_dir={out}"]
+    for domain in ("arith", "prose", "unicode"):
+        train_lora.main(COMMON + [f"--data_dir={tiny_data}", f"--base={tiny_base}", f"--out_dir={out / 'experts'}",
+                                  f"--domain={domain}", "--max_iters=20", "--eval_interval=20", "--warmup_iters=2"])
+    train_router.main(flags + ROUTER + ["--domains=arith,prose", "--train_experts=False"])
+    bundle = str(out / "moa.safetensors")
+    train_router.main(flags + ROUTER + ["--add_domain=unicode", f"--bundle={bundle}"])
+    return {"bundle": bundle, "added": str(out / "moa+unicode.safetensors"), "experts": str(out / "experts"),
+            "flags": flags, "out": out}
+
+
+def expert_tensors_of(path):
+    """{name: tensor} of every expert tensor in a bundle file."""
+    return {name: t for name, t in load_safetensors(path)[0].items() if "lora_" in name}
+
+
+def logits(bundle, tiny_base, mode, domain=None):
+    """A bundle's logits on two left-padded prompts (arith, prose) in routing mode `mode`."""
+    base, tokenizer = load_base(tiny_base)
+    moa, _ = load_bundle(bundle, base, tokenizer)
+    rows = [list(b"12+34=46\n5-7=-2\n31+8="), list(b"The statement is used to")]
+    idx, mask = left_pad(rows, 256)
+    with torch.no_grad():
+        return moa.eval()(idx, pad_mask=mask, domain=domain, mode=mode)[0]
+
+
+def test_remove_domain_drops_one_expert_and_router_row():
+    """MoA.remove_domain of the middle of 3 domains keeps the other experts and router rows, in order (regression:
+    it used `del` on an nn.ParameterList, which has none)."""
+    torch.manual_seed(0)
+    moa = MoA(GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16)), ["a", "b", "c"], rank=4)
+    for p in moa.parameters():
+        torch.nn.init.normal_(p)
+    before = [(list(layer.lora_A), list(layer.lora_B)) for layer in lora_layers(moa)]
+    routers = [(r.weight.clone(), r.bias.clone()) for r in moa.routers]
+    moa.remove_domain("b")
+    assert moa.domains == ["a", "c"]
+    for layer, (A, B) in zip(lora_layers(moa), before):
+        assert len(layer.lora_A) == len(layer.lora_B) == 2
+        assert torch.equal(layer.lora_A[0], A[0]) and torch.equal(layer.lora_A[1], A[2])
+        assert torch.equal(layer.lora_B[0], B[0]) and torch.equal(layer.lora_B[1], B[2])
+    for r, (w, b) in zip(moa.routers, routers):
+        assert torch.equal(r.weight, w[[0, 2]]) and torch.equal(r.bias, b[[0, 2]])
+
+
+def test_adding_a_domain_keeps_old_experts_bit_identical(adapted):
+    """After --add_domain, the old experts' tensors equal the original bundle's bit for bit, and the new one is the stage-1 expert."""
+    old, new = expert_tensors_of(adapted["bundle"]), expert_tensors_of(adapted["added"])
+    assert len(new) == len(old) * 3 // 2
+    for name, t in old.items():
+        assert torch.equal(new[name], t), name
+    unicode_expert = load_safetensors(os.path.join(adapted["experts"], "unicode.safetensors"))[0]
+    for name, t in unicode_expert.items():  # "transformer.h.0.attn.c_attn.lora_A" -> slot 2 of the bundle
+        assert torch.equal(new[f"gpt.{name}.2"], t), name
+
+
+def test_old_domains_still_routed_after_adding(adapted, tiny_data, tiny_base):
+    """After adding unicode, the routers still send >90% of held-out arith and prose windows to their own expert."""
+    base, tokenizer = load_base(tiny_base)
+    moa, _ = load_bundle(adapted["added"], base, tokenizer)
+    assert moa.domains == ["arith", "prose", "unicode"]
+    result = routed_losses(moa.eval(), DomainData(tiny_data, ",".join(moa.domains), 32), 64, 32, "layer")
+    assert result["route_acc/arith"] > 0.9 and result["route_acc/prose"] > 0.9, result
+
+
+def test_add_then_remove_without_training_restores_the_bundle(adapted, tiny_base):
+    """Adding unicode with 0 training steps and removing it again gives the original bundle: equal tensors, equal logits."""
+    flags = adapted["flags"]
+    train_router.main(flags + ["--max_iters=0", "--add_domain=unicode", f"--bundle={adapted['bundle']}",
+                               "--name=zero"])
+    train_router.main(flags + ["--remove_domain=unicode", f"--bundle={adapted['out'] / 'zero.safetensors'}",
+                               "--name=back"])
+    original, back = load_safetensors(adapted["bundle"])[0], load_safetensors(str(adapted["out"] / "back.safetensors"))[0]
+    assert set(back) == set(original)
+    for name, t in original.items():
+        assert torch.equal(back[name], t), name
+    torch.testing.assert_close(logits(str(adapted["out"] / "back.safetensors"), tiny_base, "layer"),
+                               logits(adapted["bundle"], tiny_base, "layer"), rtol=0, atol=0)
+
+
+def test_add_trained_then_remove_keeps_old_experts(adapted, tiny_base):
+    """Removing the added domain from the trained bundle gives the original experts: equal tensors and equal oracle logits."""
+    moa, _ = train_router.main(adapted["flags"] + ["--remove_domain=unicode", f"--bundle={adapted['added']}"])
+    assert moa.domains == ["arith", "prose"]
+    removed = str(adapted["out"] / "moa+unicode-unicode.safetensors")
+    old = expert_tensors_of(adapted["bundle"])
+    assert expert_tensors_of(removed).keys() == old.keys()
+    for name, t in expert_tensors_of(removed).items():
+        assert torch.equal(t, old[name]), name
+    labels = torch.tensor([0, 1])
+    torch.testing.assert_close(logits(removed, tiny_base, "oracle", labels),
+                               logits(adapted["bundle"], tiny_base, "oracle", labels), rtol=0, atol=0)
+
+
+def test_adding_an_existing_domain_is_an_error(adapted):
+    """--add_domain with a name the bundle already has is a UserError that lists the bundle's domains."""
+    with pytest.raises(UserError, match="'arith' is already in the bundle"):
+        train_router.main(adapted["flags"] + ["--add_domain=arith", f"--bundle={adapted['bundle']}", "--name=again"])
+
+
+def test_adding_a_domain_without_expert_or_data_is_an_error(adapted, tmp_path):
+    """--add_domain of a domain without an expert file says to train it with train_lora.py; with an expert but no data it names the prepared domains."""
+    with pytest.raises(UserError, match=r"train the expert first, `python train_lora.py --domain=klingon`"):
+        train_router.main(adapted["flags"] + ["--add_domain=klingon", f"--bundle={adapted['bundle']}"])
+    experts = tmp_path / "experts"
+    shutil.copytree(adapted["experts"], experts)
+    shutil.copy(experts / "unicode.safetensors", experts / "klingon.safetensors")
+    with pytest.raises(UserError, match="unknown domain 'klingon'; prepared domains"):
+        train_router.main(adapted["flags"] + ["--add_domain=klingon", f"--bundle={adapted['bundle']}",
+                                              f"--experts={experts}"])
+
+
+def test_add_domain_without_bundle_cli_error(tiny_data, tiny_base, tmp_path):
+    """train_router.py --add_domain without --bundle exits 1 with one stderr line starting "error:" and no traceback."""
+    proc = subprocess.run([sys.executable, "train_router.py", "--add_domain=unicode", f"--data_dir={tiny_data}",
+                           f"--base={tiny_base}", f"--out_dir={tmp_path}"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--bundle" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr

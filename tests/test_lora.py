@@ -1,0 +1,204 @@
+"""Stage 1: LoRA experts beside a frozen GPT (moa.LoRALinear, add_experts, expert files, train_lora.py).
+
+Unit tests use a small random GPT; the rest train one real arith expert on the session's tiny base.
+"""
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+import sample
+import train_lora
+from model import GPT, GPTConfig
+from moa import (LoRALinear, add_experts, base_fingerprint, count_params, expert_tensors, load_expert, lora_layers,
+                 save_expert, set_route)
+from train_base import load_base
+from trainer import UserError
+
+LORA_ITERS = 60  # arith's drop is the largest for seeds 1..3 (checked); other domains' losses rise
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is faster than two threads fighting over a busy CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_gpt(seed=0, **overrides):
+    torch.manual_seed(seed)
+    config = dict(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16)
+    return GPT(GPTConfig(**{**config, **overrides})).eval()
+
+
+def randomize_B(model, seed=1, std=0.1):
+    """Gives every expert a non-zero B, so the experts actually change the output."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model):
+            for B in layer.lora_B:
+                B.normal_(0.0, std)
+
+
+def tokens(seed=0, B=3, T=12, vocab=50):
+    return torch.randint(vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def arith_run(tiny_data, tiny_base, tmp_path_factory):
+    """A stage-1 arith expert trained by train_lora.main: (model, out_dir)."""
+    out = str(tmp_path_factory.mktemp("experts"))
+    model, _ = train_lora.main([f"--data_dir={tiny_data}", f"--base={tiny_base}", f"--out_dir={out}",
+                                "--domain=arith", f"--max_iters={LORA_ITERS}", f"--eval_interval={LORA_ITERS}",
+                                "--batch_size=8", "--block_size=32", "--eval_iters=1", "--progress=False",
+                                "--device=cpu", "--seed=1"])
+    return model.eval(), out
+
+
+def test_fresh_expert_changes_nothing():
+    """A fresh LoRALinear / add_experts leaves every output of the GPT exactly unchanged, in every route form."""
+    gpt = tiny_gpt()
+    idx = tokens()
+    expected, _ = gpt(idx)
+    model = add_experts(copy.deepcopy(gpt), n_experts=3, rank=4)
+    for route in (None, 0, 2, torch.tensor([0, 1, 2]), torch.full((3, 12, 3), 1 / 3)):
+        set_route(model, route)
+        torch.testing.assert_close(model(idx)[0], expected, rtol=0, atol=0)
+    layer = LoRALinear(torch.nn.Linear(16, 24), n_experts=2, rank=4)
+    layer.route = 1
+    x = torch.randn(2, 5, 16)
+    torch.testing.assert_close(layer(x), layer.base(x), rtol=0, atol=0)
+
+
+def test_merged_equals_unmerged():
+    """With a non-zero B, merging expert k into the weight gives the unmerged output (1e-5); unmerging restores the weight (1e-6)."""
+    gpt = add_experts(tiny_gpt(), n_experts=2, rank=4)
+    randomize_B(gpt)
+    idx = tokens()
+    set_route(gpt, 1)
+    unmerged, _ = gpt(idx)
+    assert (unmerged - tiny_gpt()(idx)[0]).abs().max() > 1e-3  # the expert does something
+    weights = [layer.base.weight.clone() for layer in lora_layers(gpt)]
+    for layer in lora_layers(gpt):
+        layer.merge(1)
+    torch.testing.assert_close(gpt(idx)[0], unmerged, rtol=0, atol=1e-5)
+    for layer, w in zip(lora_layers(gpt), weights):
+        layer.unmerge()
+        torch.testing.assert_close(layer.base.weight, w, rtol=0, atol=1e-6)
+
+
+def test_eval_never_merges():
+    """model.eval() and an eval forward leave every expert unmerged and the base weights untouched."""
+    gpt = add_experts(tiny_gpt(), n_experts=1, rank=4)
+    randomize_B(gpt)
+    weights = [layer.base.weight.clone() for layer in lora_layers(gpt)]
+    set_route(gpt.eval(), 0)
+    with torch.no_grad():
+        gpt(tokens())
+    assert all(layer.merged is None for layer in lora_layers(gpt))
+    for layer, w in zip(lora_layers(gpt), weights):
+        assert torch.equal(layer.base.weight, w)
+
+
+def test_only_lora_params_train():
+    """After add_experts, count_params counts as trainable exactly the A and B matrices: r * (in + out) per map and expert."""
+    gpt = tiny_gpt()
+    total_before = gpt.num_params()
+    add_experts(gpt, n_experts=2, rank=4)
+    C, L = 16, 2
+    per_block = 4 * ((C + 3 * C) + (C + C) + (C + 4 * C) + (4 * C + C))  # c_attn, attn c_proj, c_fc, mlp c_proj
+    trainable, total = count_params(gpt)
+    assert trainable == 2 * L * per_block
+    assert total == total_before + trainable
+    assert all(("lora_" in name) == p.requires_grad for name, p in gpt.named_parameters())
+
+
+def test_train_lora_keeps_base_bit_identical(arith_run, tiny_base):
+    """After train_lora.main, every base weight equals the base checkpoint's bit for bit and only the lora tensors changed."""
+    model, _ = arith_run
+    base, _ = load_base(tiny_base)
+    ours = {name.replace(".base.", "."): t for name, t in model.state_dict().items() if "lora_" not in name}
+    reference = base.state_dict()
+    assert set(ours) == set(reference)
+    for name, t in reference.items():
+        assert torch.equal(ours[name], t), name
+    for layer in lora_layers(model):
+        assert layer.lora_B[0].abs().max() > 0  # B started at zero: it trained
+
+
+def test_expert_file_round_trip(arith_run, tiny_base, tmp_path):
+    """save_expert then load_expert onto a fresh copy of the base gives equal tensors and the same logits."""
+    model, out = arith_run
+    base, tokenizer = load_base(tiny_base)
+    fingerprint = base_fingerprint(base)
+    path = str(tmp_path / "arith.safetensors")
+    save_expert(path, model, 0, "arith", tokenizer, 16.0, fingerprint)
+    for file in (path, os.path.join(out, "arith.safetensors")):  # ours, and the one train_lora wrote
+        fresh = add_experts(load_base(tiny_base)[0], 1, rank=8).eval()
+        meta = load_expert(file, fresh, 0, fingerprint, tokenizer)
+        assert meta["domain"] == "arith" and meta["rank"] == 8
+        for name, t in expert_tensors(model, 0).items():
+            assert torch.equal(expert_tensors(fresh, 0)[name], t), name
+        set_route(fresh, 0)
+        idx = tokens(vocab=257, T=32)
+        with torch.no_grad():
+            torch.testing.assert_close(fresh(idx)[0], model(idx)[0], rtol=0, atol=0)
+
+
+def test_expert_refuses_another_base(arith_run, tiny_base):
+    """Loading an expert onto a base with other weights, or another config, is a UserError naming another base."""
+    _, out = arith_run
+    path = os.path.join(out, "arith.safetensors")
+    other_weights, tokenizer = load_base(tiny_base)
+    with torch.no_grad():
+        other_weights.transformer.h[0].mlp.c_fc.weight[0, 0] += 1e-3
+    other_config = GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=2, n_head=2, n_embd=16))
+    for other in (other_weights, other_config):
+        fingerprint = base_fingerprint(other)
+        add_experts(other, 1, rank=8)
+        with pytest.raises(UserError, match="another base"):
+            load_expert(path, other, 0, fingerprint, tokenizer)
+
+
+def test_expert_refuses_another_tokenizer(arith_run, tiny_base):
+    """Loading an expert trained with the byte tokenizer onto a base that says gpt2 is a UserError naming both."""
+    _, out = arith_run
+    base, _ = load_base(tiny_base)
+    fingerprint = base_fingerprint(base)
+    add_experts(base, 1, rank=8)
+    with pytest.raises(UserError, match="tokenizer 'bytes'.*'gpt2'"):
+        load_expert(os.path.join(out, "arith.safetensors"), base, 0, fingerprint, "gpt2")
+
+
+def test_expert_lowers_its_own_domain_most(arith_run):
+    """From the first to the last eval of the run, the arith expert lowers val/arith's loss more than any other domain's."""
+    _, out = arith_run
+    with open(os.path.join(out, "arith", "log.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    first, last = records[0], records[-1]
+    assert first["step"] == 0 and last["step"] == LORA_ITERS
+    drops = {k: first[k] - last[k] for k in first if k.startswith("val/")}
+    assert set(drops) == {"val/python", "val/cpp", "val/prose", "val/arith"}
+    assert drops["val/arith"] > 0
+    assert max(drops, key=drops.get) == "val/arith", drops
+
+
+def test_train_lora_needs_a_domain(tiny_data, tiny_base, tmp_path):
+    """train_lora without --domain is a UserError that says how to name one."""
+    with pytest.raises(UserError, match="--domain=NAME"):
+        train_lora.main([f"--data_dir={tiny_data}", f"--base={tiny_base}", f"--out_dir={tmp_path}"])
+
+
+def test_sample_with_adapter_prints_text(arith_run, tiny_base, capsys):
+    """sample.py --adapter loads the expert and prints each sample under its header, continuing the prompt."""
+    _, out = arith_run
+    result = sample.main([f"--base={tiny_base}", f"--adapter={os.path.join(out, 'arith.safetensors')}",
+                          "--prompt=12+34=", "--max_new_tokens=8", "--num_samples=2"])
+    text = capsys.readouterr().out
+    assert result.shape == (2, 6 + 8)
+    assert text.count("--- prompt 1, sample") == 2
+    assert text.count("12+34=") == 2
