@@ -10,6 +10,7 @@ Read next: bench.py.
 """
 import os
 import time
+from dataclasses import dataclass
 
 import data.prepare
 import results
@@ -17,7 +18,7 @@ import sample
 import train_base
 import train_lora
 import train_router
-from trainer import UserError, run
+from trainer import parse_config, run
 
 PROMPTS = "def parse(self, text):||#include <vector>\\nnamespace at {||The with statement is used to||57+8="
 
@@ -34,14 +35,16 @@ def step(title, output, script, args):
     print(f"[{title}] done in {time.time() - t0:.0f}s", flush=True)
 
 
+@dataclass
+class DemoConfig:
+    quick: bool = False  # a two-minute first look, into out/quick
+    data_dir: str = "data/default"
+
+
 def main(argv=None):
-    argv = list(argv or [])
-    quick = "--quick" in argv
-    unknown = [a for a in argv if a != "--quick"]
-    if unknown:
-        raise UserError(f"unknown argument {unknown[0]}: demo.py takes only --quick")
+    cfg = parse_config(DemoConfig, argv or [])
+    quick, data_dir = cfg.quick, cfg.data_dir
     out = "out/quick" if quick else "out"
-    data_dir = "data/default"
     iters = ({"base": 200, "lora": 60, "router": 60} if quick else {"base": 1200, "lora": 300, "router": 300})
     common = [f"--data_dir={data_dir}", "--progress=True"]
     base, experts, bundles = f"{out}/base", f"{out}/experts", f"{out}/moa"
@@ -49,7 +52,7 @@ def main(argv=None):
     router = common + [f"--base={base}", f"--experts={experts}", f"--out_dir={bundles}", f"--max_iters={iters['router']}"]
     t0 = time.time()
 
-    step("data", f"{data_dir}/meta.json", data.prepare, [])
+    step("data", f"{data_dir}/meta.json", data.prepare, [] if data_dir == "data/default" else ["--out", data_dir])
     domains = ["python", "cpp", "prose", "arith"]  # the default data's domains; unicode is held back
     step("base", f"{base}/ckpt.pt", train_base, common + [f"--out_dir={base}", f"--max_iters={iters['base']}"])
     for d in domains:

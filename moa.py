@@ -81,8 +81,12 @@ class LoRALinear(nn.Module):
             assert isinstance(route, int) and route == self.merged, "a merged layer serves only its merged expert"
             return y
         h = self.lora_dropout(x)
+        # The update is added into y in place, inside the second matmul, with the scale applied there:
+        # no extra passes over the (B, T, out) output (y is the frozen base's fresh output; nothing saved it).
         if isinstance(route, int):  # the whole batch uses one expert: two plain matmuls
-            return y + (h @ self.lora_A[route].t() @ self.lora_B[route].t()) * self.scale
+            z = h @ self.lora_A[route].t()  # (B, T, r)
+            y2d, z2d = y.view(-1, y.size(-1)), z.view(-1, self.rank)  # (B*T, out), (B*T, r)
+            return y2d.addmm_(z2d, self.lora_B[route].t(), alpha=self.scale).view_as(y)
         A, B = torch.stack(list(self.lora_A)), torch.stack(list(self.lora_B))  # (K, r, in), (K, out, r)
         if route.dtype.is_floating_point:  # (B, T, K) per-token weights: every expert, then mix
             z = torch.einsum("bti,kri->btkr", h, A)  # (B, T, K, r)
@@ -91,7 +95,7 @@ class LoRALinear(nn.Module):
             return y + self.reference_delta(h, route)
         # (B,) expert ids: gather each sample's A and B, apply them with batched matmuls (Punica's BGMV)
         z = torch.bmm(h, A[route].transpose(1, 2))  # (B, T, in) @ (B, in, r) -> (B, T, r)
-        return y + torch.bmm(z, B[route].transpose(1, 2)) * self.scale  # (B, T, r) @ (B, r, out) -> (B, T, out)
+        return y.baddbmm_(z, B[route].transpose(1, 2), alpha=self.scale)  # y += (B, T, r) @ (B, r, out) * scale
 
     def reference_delta(self, h, route):
         """The obvious way: for each expert present, run its samples through it. Slow, clearly right."""

@@ -103,17 +103,107 @@ def measure(model, kwargs, data, enc, cfg):
     return row
 
 
-def markdown(rows, domains):
-    cols = [f"val/{d}" for d in domains]
-    head = "| variant | " + " | ".join(domains) + " | mean loss | mean ppl | router acc | arith EM | params |"
-    lines = [head, "|" + "---|" * (len(domains) + 6)]
+def markdown(rows, domains, extra=()):
+    """A markdown table: one row per variant, a loss column per domain, then summary columns.
+
+    extra: (header, function of a row -> str) pairs for further columns; a missing value prints "-".
+    """
+    lines = ["| variant | " + " | ".join(domains) + "".join(f" | {h}" for h, _ in extra) + " |",
+             "|" + "---|" * (len(domains) + len(extra) + 1)]
     for name, r in rows.items():
-        acc = f"{100 * r['route_acc_mean']:.1f}%" if "route_acc_mean" in r else "-"
-        em = f"{100 * r['arith_exact_match']:.1f}%" if "arith_exact_match" in r else "-"
-        ppl = sum(math.exp(r[c]) for c in cols) / len(cols)
-        lines.append(f"| {name} | " + " | ".join(f"{r[c]:.4f}" for c in cols) +
-                     f" | {r['val_mean']:.4f} | {ppl:.3f} | {acc} | {em} | {r['params']:,} |")
+        cells = [f"{r[f'val/{d}']:.4f}" if f"val/{d}" in r else "-" for d in domains]
+        lines.append(f"| {name} | " + " | ".join(cells) + "".join(f" | {f(r)}" for _, f in extra) + " |")
     return "\n".join(lines)
+
+
+def percent(key):
+    return lambda r: f"{100 * r[key]:.1f}%" if key in r else "-"
+
+
+MAIN_COLUMNS = [("mean loss", lambda r: f"{r['val_mean']:.4f}"),
+                ("mean ppl", lambda r: f"{sum(math.exp(v) for k, v in r.items() if k.startswith('val/')) / sum(k.startswith('val/') for k in r):.3f}"),
+                ("router acc", percent("route_acc_mean")), ("arith EM", percent("arith_exact_match")),
+                ("params", lambda r: f"{r['params']:,}")]
+
+
+def train_time(run_dir):
+    """Seconds a run trained, from the last line of its log.jsonl."""
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return json.loads(f.readlines()[-1])["time_s"]
+
+
+def adaptation(cfg, enc, old, new="unicode"):
+    """Sequential domain adaptation: the old domains before and after adding `new`, against the two
+    obvious alternatives (keep training the mixed-data LoRA; retrain the whole MoA on K+1 domains)."""
+    ex, mo = os.path.join(cfg.out, "experts"), os.path.join(cfg.out, "moa")
+    runs = [("MoA before (K domains)", "bundle", f"{mo}/moa.safetensors", f"{mo}/moa"),
+            (f"MoA + {new} (added, old experts frozen)", "bundle", f"{mo}/moa+{new}.safetensors", f"{mo}/moa+{new}"),
+            (f"{new} expert alone (stage 1)", "lora", f"{ex}/{new}.safetensors", f"{ex}/{new}"),
+            ("mixed-data LoRA before", "lora", f"{ex}/all.safetensors", f"{ex}/all"),
+            (f"mixed-data LoRA, trained on {new}", "lora", f"{ex}/all+{new}.safetensors", f"{ex}/all+{new}"),
+            (f"MoA retrained on K+1 domains", "bundle", f"{mo}/moa5.safetensors", f"{mo}/moa5")]
+    data = DomainData(cfg.data_dir, ",".join(old + [new]), cfg.block_size)
+    rows = {}
+    for name, kind, path, run_dir in runs:
+        built = build_variant(kind, path, cfg, data.domains)
+        if built is None:
+            return None
+        model, kwargs, _ = built
+        row = measure(model, kwargs, data, enc, cfg)
+        row["old_mean"] = sum(row[f"val/{d}"] for d in old) / len(old)
+        if "route_acc_mean" in row:
+            row["old_route_acc"] = sum(row[f"route_acc/{d}"] for d in old) / len(old)
+        row["train_s"] = train_time(run_dir)
+        rows[name] = row
+    columns = [("old-domain mean", lambda r: f"{r['old_mean']:.4f}"), ("old routing acc", percent("old_route_acc")),
+               (f"{new} routing acc", percent(f"route_acc/{new}")), ("arith EM", percent("arith_exact_match")),
+               ("training time", lambda r: f"{r['train_s']:.0f}s")]
+    return rows, markdown(rows, data.domains, columns)
+
+
+def pictures(cfg, rows):
+    """Loss curves of every run, the MoA routers' confusion matrix and per-layer accuracy, as PNGs."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no pictures: `pip install matplotlib` for them")
+        return
+    folder = os.path.join(cfg.out, "results")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, stage in zip(axes, ("base", "experts", "moa")):
+        root = os.path.join(cfg.out, stage)
+        run_dirs = [root] if stage == "base" else sorted(os.path.join(root, d) for d in os.listdir(root))
+        for run_dir in run_dirs:
+            log = os.path.join(run_dir, "log.jsonl")
+            if os.path.isfile(log):
+                with open(log) as f:
+                    points = [json.loads(line) for line in f]
+                ax.plot([p["step"] for p in points], [p["val_mean"] for p in points], marker="o",
+                        label=os.path.basename(run_dir))
+        ax.set(title=f"{stage}: mean validation loss", xlabel="step", ylabel="loss (nats/token)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "loss_curves.png"), dpi=100)
+    moa = rows.get("MoA (joint)")
+    if moa and "route_confusion" in moa:
+        domains = [k.split("/", 1)[1] for k in moa if k.startswith("val/")]
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+        a1.imshow(moa["route_confusion"], cmap="Blues")
+        for i, row in enumerate(moa["route_confusion"]):
+            for j, n in enumerate(row):
+                a1.text(j, i, n, ha="center", va="center")
+        a1.set(title="MoA: last router's choice (validation windows)", xticks=range(len(domains)),
+               yticks=range(len(domains)), xticklabels=domains, yticklabels=domains, xlabel="routed to", ylabel="domain")
+        for name in ("MoA (joint)", "MoA, routers only"):
+            if name in rows and "route_acc_layers" in rows[name]:
+                a2.plot(range(len(rows[name]["route_acc_layers"])), rows[name]["route_acc_layers"], marker="o", label=name)
+        a2.set(title="routing accuracy per layer", xlabel="layer (router before block i)", ylabel="accuracy")
+        a2.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(folder, "routing.png"), dpi=100)
+    print(f"pictures in {folder}")
 
 
 def main(argv=None):
@@ -132,13 +222,20 @@ def main(argv=None):
         print(f"{name}: mean val loss {rows[name]['val_mean']:.4f}")
     if not rows:
         raise UserError(f"nothing to measure in {cfg.out}: run `python demo.py` first")
-    table = markdown(rows, data.domains)
+    table = markdown(rows, data.domains, MAIN_COLUMNS)
+    results = {"variants": rows}
+    adapted = adaptation(cfg, enc, data.domains)
+    if adapted is not None:
+        results["adaptation"], adapt_table = adapted
+        table += "\n\nAdding a domain (unicode):\n\n" + adapt_table
     os.makedirs(os.path.join(cfg.out, "results"), exist_ok=True)
     with open(os.path.join(cfg.out, "results", "results.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+        json.dump(results, f, indent=1)
     with open(os.path.join(cfg.out, "results", "results.md"), "w") as f:
         f.write(table + "\n")
     print(table)
+    if cfg.plots:
+        pictures(cfg, rows)
     return rows
 
 

@@ -84,7 +84,7 @@ def parse_value(text, kind, key):
 
 
 def parse_config(cls, argv):
-    """Builds cls() from argv: JSON config files (in order), then --key=value overrides."""
+    """Builds cls() from argv: JSON config files (in order), then --key=value overrides (--flag for True)."""
     cfg = cls()
     kinds = {f.name: f.type for f in fields(cls)}
 
@@ -111,7 +111,9 @@ def parse_config(cls, argv):
             assign(key, value, arg)
     for arg in [a for a in argv if a.startswith("--")]:
         key, eq, value = arg[2:].partition("=")
-        if not eq:
+        if not eq and kinds.get(key) is bool:
+            value = "true"  # a bare --flag switches a bool on
+        elif not eq:
             raise UserError(f"{arg}: write --{key}=VALUE")
         assign(key, value, "the command line")
     return cfg
