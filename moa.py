@@ -58,7 +58,9 @@ class LoRALinear(nn.Module):
 
     def delta_weight(self, k):
         """Expert k's update of the weight, (out, in): always the product B @ A, never A and B apart."""
+        # BEGIN ASSIGNMENT 1: return expert k's update (B_k @ A_k) * alpha / r, shape (out, in)
         return (self.lora_B[k] @ self.lora_A[k]) * self.scale
+        # END ASSIGNMENT 1
 
     @torch.no_grad()
     def merge(self, k=0):
@@ -84,9 +86,11 @@ class LoRALinear(nn.Module):
         # The update is added into y in place, inside the second matmul, with the scale applied there:
         # no extra passes over the (B, T, out) output (y is the frozen base's fresh output; nothing saved it).
         if isinstance(route, int):  # the whole batch uses one expert: two plain matmuls
+            # BEGIN ASSIGNMENT 1: return y + (h @ A_k^T @ B_k^T) * alpha / r for k = route, shape (B, T, out)
             z = h @ self.lora_A[route].t()  # (B, T, r)
             y2d, z2d = y.view(-1, y.size(-1)), z.view(-1, self.rank)  # (B*T, out), (B*T, r)
             return y2d.addmm_(z2d, self.lora_B[route].t(), alpha=self.scale).view_as(y)
+            # END ASSIGNMENT 1
         A, B = torch.stack(list(self.lora_A)), torch.stack(list(self.lora_B))  # (K, r, in), (K, out, r)
         if route.dtype.is_floating_point:  # (B, T, K) per-token weights: every expert, then mix
             z = torch.einsum("bti,kri->btkr", h, A)  # (B, T, K, r)
@@ -94,8 +98,10 @@ class LoRALinear(nn.Module):
         if self.reference_loop:
             return y + self.reference_delta(h, route)
         # (B,) expert ids: gather each sample's A and B, apply them with batched matmuls (Punica's BGMV)
+        # BEGIN ASSIGNMENT 2: sample b uses expert route[b]: gather A[route], B[route] and apply them with torch.bmm
         z = torch.bmm(h, A[route].transpose(1, 2))  # (B, T, in) @ (B, in, r) -> (B, T, r)
         return y.baddbmm_(z, B[route].transpose(1, 2), alpha=self.scale)  # y += (B, T, r) @ (B, r, out) * scale
+        # END ASSIGNMENT 2
 
     def reference_delta(self, h, route):
         """The obvious way: for each expert present, run its samples through it. Slow, clearly right."""
@@ -222,20 +228,24 @@ def expert_targets(model):
 
 def pool(x, pad_mask, how):
     """x (B, T, C) -> (B, C): the mean over real tokens, or the last token (prompts are left-padded)."""
+    # BEGIN ASSIGNMENT 3: (B, C): the last token if how == 'last', else the mean over tokens where pad_mask is True
     if how == "last":
         return x[:, -1]
     if pad_mask is None:
         return x.mean(dim=1)
     m = pad_mask.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
     return (x * m).sum(1) / m.sum(1).clamp(min=1)
+    # END ASSIGNMENT 3
 
 
 def vote(routes, probs):
     """routes (L, B) expert ids, probs (L, B, K) -> the majority expert per sample (B,); ties go to the
     expert with more total probability."""
+    # BEGIN ASSIGNMENT 3: the expert most routers chose, per sample; a tie goes to the higher mean probability
     K = probs.size(-1)
     counts = F.one_hot(routes, K).sum(0).float()  # (B, K)
     return (counts + probs.mean(0) / 2).argmax(-1)  # probability (< 1) only breaks ties
+    # END ASSIGNMENT 3
 
 
 class MoA(nn.Module):
@@ -289,12 +299,16 @@ class MoA(nn.Module):
                 top, ids = probs.topk(self.top_k, dim=-1)
                 route = torch.zeros_like(probs).scatter(-1, ids, top / top.sum(-1, keepdim=True))
             elif decoding:
+                # BEGIN ASSIGNMENT 4: while decoding, block i uses the route that prefill stored for it
                 route = cache.route[i]  # (B,) decided at prefill
+                # END ASSIGNMENT 4
             else:
+                # BEGIN ASSIGNMENT 3: router i's logits on the pooled block input; route by label or by top-1
                 logits = self.routers[i](pool(x, pad_mask, self.pooling))  # (B, K)
                 router_logits.append(logits)
                 route = domain if mode in ("label", "oracle") else logits.argmax(-1)
                 routes.append(route)
+                # END ASSIGNMENT 3
             for layer in self.blocks[i]:
                 layer.route = route
 
@@ -307,16 +321,20 @@ class MoA(nn.Module):
         predicted = router_logits.argmax(-1)  # (L, B): each router's own choice, whatever routed this pass
         decision = {"last": predicted[-1], "vote": vote(predicted, probs)}.get(mode, routes[-1])  # (B,)
         if cache is not None:
+            # BEGIN ASSIGNMENT 4: cache.route (L, B): last/vote: the decision in every layer; else each layer's own
             fixed = mode in ("last", "vote")
             cache.route = decision.expand_as(routes) if fixed else routes  # (L, B): kept for every new token
+            # END ASSIGNMENT 4
         self.routing = {"logits": router_logits.detach(), "predicted": predicted, "routes": routes,
                         "decision": decision, "confidence": probs[-1].gather(1, predicted[-1:].t()).squeeze(1)}
         loss = lm_loss
         if domain is not None:
+            # BEGIN ASSIGNMENT 3: L_cls = mean over layers of the routers' CE vs the label; add eta * L_cls
             cls_loss = F.cross_entropy(router_logits.float().flatten(0, 1), domain.repeat(len(self.routers)))
             self.routing["cls_loss"] = cls_loss.detach()
             if targets is not None:
                 loss = lm_loss + self.eta * cls_loss
+            # END ASSIGNMENT 3
         return logits, loss
 
     # ------------------------------------------------------------------------------------------
@@ -326,6 +344,7 @@ class MoA(nn.Module):
         """One more expert (fresh: B = 0) beside every linear map, and one more output row per router."""
         if name in self.domains:
             raise UserError(f"domain {name!r} is already in the bundle ({', '.join(self.domains)})")
+        # BEGIN ASSIGNMENT 5: one more expert per LoRALinear; one more router row (weight 0, bias the old biases' mean)
         for layer in lora_layers(self):
             layer.add_expert()
         for i, r in enumerate(self.routers):
@@ -337,6 +356,7 @@ class MoA(nn.Module):
                 grown.bias[-1] = r.bias.mean()  # the new domain starts as likely as an average old one
             self.routers[i] = grown
         self.domains.append(name)
+        # END ASSIGNMENT 5
 
     def remove_domain(self, name):
         """Drops a domain's expert and its row of every router."""
@@ -344,6 +364,7 @@ class MoA(nn.Module):
             raise UserError(f"domain {name!r} is not in the bundle ({', '.join(self.domains)})")
         if len(self.domains) == 1:
             raise UserError("cannot remove the only domain of a bundle")
+        # BEGIN ASSIGNMENT 5: drop expert k of every LoRALinear and row k of every router; keep the others in order
         k = self.domains.index(name)
         for layer in lora_layers(self):  # nn.ParameterList has no `del`: rebuild it without expert k
             layer.lora_A = nn.ParameterList([p for i, p in enumerate(layer.lora_A) if i != k])
@@ -356,6 +377,7 @@ class MoA(nn.Module):
                 smaller.bias.copy_(r.bias[keep])
             self.routers[i] = smaller
         self.domains.pop(k)
+        # END ASSIGNMENT 5
 
 
 # ----------------------------------------------------------------------------------------------

@@ -84,6 +84,7 @@ def build(cfg, base, tokenizer, fingerprint, data_domains):
         moa, meta = load_bundle(cfg.bundle, base, tokenizer, fingerprint)  # everything frozen
         if meta.get("routing", "sequence") != "sequence":
             raise UserError(f"{cfg.bundle} routes per token (MoE-LoRA): adding a domain needs a MoA bundle")
+        # BEGIN ASSIGNMENT 5: add the domain, load its expert into the new slot; routers (and maybe it) train
         moa.add_domain(cfg.add_domain)
         load_expert(expert_path(cfg, cfg.add_domain), moa, len(moa.domains) - 1, fingerprint, tokenizer)
         for layer in lora_layers(moa):
@@ -92,6 +93,7 @@ def build(cfg, base, tokenizer, fingerprint, data_domains):
         for p in moa.routers.parameters():
             p.requires_grad_(True)
         return moa
+        # END ASSIGNMENT 5
     rank, alpha = cfg.rank, cfg.alpha
     if cfg.expert_init == "stage1":  # the experts' files say their rank and alpha
         meta = read_meta(expert_path(cfg, data_domains[0]), "expert")[1]

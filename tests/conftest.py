@@ -2,6 +2,7 @@
 
 Both take a few seconds on a CPU, so every test file can train and evaluate real models. The models
 are tiny, so one thread is fastest; with more, a busy machine makes each matmul wait for a core.
+Also registers the markers assignment1..5, which select the tests that grade each course assignment.
 """
 import os
 import sys
@@ -14,6 +15,19 @@ import torch  # noqa: E402
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 torch.set_num_threads(1)
+
+# The course (assignments/README.md): `python -m pytest -q tests -m assignmentN` grades assignment N.
+ASSIGNMENTS = {1: "the LoRA layer: one expert's forward and its merge",
+               2: "a mixed batch: each sample through its own expert",
+               3: "the routers and their domain-label loss L_cls",
+               4: "routing at inference: the decision made at prefill, kept while decoding",
+               5: "adding and removing a domain"}
+
+
+def pytest_configure(config):
+    for n, what in ASSIGNMENTS.items():
+        config.addinivalue_line("markers", f"assignment{n}: grades assignment {n}, {what}")
+
 
 TINY_BASE_ARGS = ["--n_layer=2", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=8",
                   "--eval_iters=1", "--progress=False", "--device=cpu"]

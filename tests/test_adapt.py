@@ -64,6 +64,42 @@ def logits(bundle, tiny_base, mode, domain=None):
         return moa.eval()(idx, pad_mask=mask, domain=domain, mode=mode)[0]
 
 
+@pytest.mark.assignment5
+def test_add_domain_grows_every_expert_and_router():
+    """MoA.add_domain keeps every old expert and router row bit-identical and adds an expert with B = 0 (so label 2
+    gives the base's logits) and a router row with zero weights and the old biases' mean (1e-6)."""
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16)).eval()
+    idx = torch.randint(50, (3, 10))
+    base_logits, _ = gpt(idx)
+    moa = MoA(gpt, ["a", "b"], rank=4)
+    for p in moa.parameters():
+        if p.requires_grad:  # experts and routers
+            torch.nn.init.normal_(p)
+    before = [(list(layer.lora_A), list(layer.lora_B)) for layer in lora_layers(moa)]
+    routers = [(r.weight.clone(), r.bias.clone()) for r in moa.routers]
+    old_labels = torch.tensor([1, 0, 1])
+    with torch.no_grad():
+        old_logits, _ = moa(idx, domain=old_labels, mode="oracle")
+    moa.add_domain("c")
+    assert moa.domains == ["a", "b", "c"]
+    for layer, (A, B) in zip(lora_layers(moa), before):
+        assert len(layer.lora_A) == len(layer.lora_B) == 3
+        for k in (0, 1):
+            assert torch.equal(layer.lora_A[k], A[k]) and torch.equal(layer.lora_B[k], B[k])
+        assert layer.lora_A[2].shape == A[0].shape and layer.lora_A[2].abs().max() > 0
+        assert layer.lora_B[2].shape == B[0].shape and not layer.lora_B[2].any()
+    x = torch.randn(5, 16)
+    for r, (w, b) in zip(moa.routers, routers):
+        assert torch.equal(r.weight[:2], w) and torch.equal(r.bias[:2], b)
+        torch.testing.assert_close(r(x)[:, 2], b.mean().expand(5), rtol=0, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(moa(idx, domain=old_labels, mode="oracle")[0], old_logits, rtol=0, atol=1e-6)
+        torch.testing.assert_close(moa(idx, domain=torch.full((3,), 2), mode="oracle")[0], base_logits,
+                                   rtol=0, atol=1e-6)
+
+
+@pytest.mark.assignment5
 def test_remove_domain_drops_one_expert_and_router_row():
     """MoA.remove_domain of the middle of 3 domains keeps the other experts and router rows, in order (regression:
     it used `del` on an nn.ParameterList, which has none)."""
@@ -83,6 +119,7 @@ def test_remove_domain_drops_one_expert_and_router_row():
         assert torch.equal(r.weight, w[[0, 2]]) and torch.equal(r.bias, b[[0, 2]])
 
 
+@pytest.mark.assignment5
 def test_adding_a_domain_keeps_old_experts_bit_identical(adapted):
     """After --add_domain, the old experts' tensors equal the original bundle's bit for bit, and the new one is the stage-1 expert."""
     old, new = expert_tensors_of(adapted["bundle"]), expert_tensors_of(adapted["added"])
@@ -94,6 +131,7 @@ def test_adding_a_domain_keeps_old_experts_bit_identical(adapted):
         assert torch.equal(new[f"gpt.{name}.2"], t), name
 
 
+@pytest.mark.assignment5
 def test_old_domains_still_routed_after_adding(adapted, tiny_data, tiny_base):
     """After adding unicode, the routers still send >90% of held-out arith and prose windows to their own expert."""
     base, tokenizer = load_base(tiny_base)
@@ -103,6 +141,7 @@ def test_old_domains_still_routed_after_adding(adapted, tiny_data, tiny_base):
     assert result["route_acc/arith"] > 0.9 and result["route_acc/prose"] > 0.9, result
 
 
+@pytest.mark.assignment5
 def test_add_then_remove_without_training_restores_the_bundle(adapted, tiny_base):
     """Adding unicode with 0 training steps and removing it again gives the original bundle: equal tensors, equal logits."""
     flags = adapted["flags"]
@@ -118,6 +157,7 @@ def test_add_then_remove_without_training_restores_the_bundle(adapted, tiny_base
                                logits(adapted["bundle"], tiny_base, "layer"), rtol=0, atol=0)
 
 
+@pytest.mark.assignment5
 def test_add_trained_then_remove_keeps_old_experts(adapted, tiny_base):
     """Removing the added domain from the trained bundle gives the original experts: equal tensors and equal oracle logits."""
     moa, _ = train_router.main(adapted["flags"] + ["--remove_domain=unicode", f"--bundle={adapted['added']}"])

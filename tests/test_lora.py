@@ -59,6 +59,30 @@ def arith_run(tiny_data, tiny_base, tmp_path_factory):
     return model.eval(), out
 
 
+@pytest.mark.assignment1
+def test_expert_adds_its_low_rank_update():
+    """LoRALinear with route k returns x W^T + b + (x A_k^T B_k^T) * alpha / r (1e-5), delta_weight(k) is
+    B_k A_k * alpha / r (1e-6), and a backward pass reaches expert k's A and B only."""
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(16, 24), n_experts=3, rank=4, alpha=6.0)
+    for B in layer.lora_B:
+        torch.nn.init.normal_(B)
+    x = torch.randn(2, 5, 16)
+    W, b = layer.base.weight, layer.base.bias
+    for k in range(3):
+        A_k, B_k = layer.lora_A[k], layer.lora_B[k]
+        layer.route = k
+        expected = x @ W.t() + b + (x @ A_k.t() @ B_k.t()) * (6.0 / 4)
+        torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(layer.delta_weight(k), B_k @ A_k * (6.0 / 4), rtol=0, atol=1e-6)
+    layer.route = 1
+    layer(x).square().sum().backward()
+    assert layer.lora_A[1].grad.abs().max() > 0 and layer.lora_B[1].grad.abs().max() > 0
+    for k in (0, 2):
+        assert layer.lora_A[k].grad is None and layer.lora_B[k].grad is None
+
+
+@pytest.mark.assignment2
 def test_fresh_expert_changes_nothing():
     """A fresh LoRALinear / add_experts leaves every output of the GPT exactly unchanged, in every route form."""
     gpt = tiny_gpt()
@@ -74,6 +98,7 @@ def test_fresh_expert_changes_nothing():
     torch.testing.assert_close(layer(x), layer.base(x), rtol=0, atol=0)
 
 
+@pytest.mark.assignment1
 def test_merged_equals_unmerged():
     """With a non-zero B, merging expert k into the weight gives the unmerged output (1e-5); unmerging restores the weight (1e-6)."""
     gpt = add_experts(tiny_gpt(), n_experts=2, rank=4)
@@ -91,6 +116,7 @@ def test_merged_equals_unmerged():
         torch.testing.assert_close(layer.base.weight, w, rtol=0, atol=1e-6)
 
 
+@pytest.mark.assignment1
 def test_eval_never_merges():
     """model.eval() and an eval forward leave every expert unmerged and the base weights untouched."""
     gpt = add_experts(tiny_gpt(), n_experts=1, rank=4)
@@ -117,6 +143,7 @@ def test_only_lora_params_train():
     assert all(("lora_" in name) == p.requires_grad for name, p in gpt.named_parameters())
 
 
+@pytest.mark.assignment1
 def test_train_lora_keeps_base_bit_identical(arith_run, tiny_base):
     """After train_lora.main, every base weight equals the base checkpoint's bit for bit and only the lora tensors changed."""
     model, _ = arith_run
@@ -174,6 +201,7 @@ def test_expert_refuses_another_tokenizer(arith_run, tiny_base):
         load_expert(os.path.join(out, "arith.safetensors"), base, 0, fingerprint, "gpt2")
 
 
+@pytest.mark.assignment1
 def test_expert_lowers_its_own_domain_most(arith_run):
     """From the first to the last eval of the run, the arith expert lowers val/arith's loss more than any other domain's."""
     _, out = arith_run

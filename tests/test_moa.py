@@ -18,7 +18,8 @@ import train_lora
 import train_router
 from evaluate import left_pad, routed_losses
 from model import GPT, GPTConfig, KVCache
-from moa import MODES, MoA, add_experts, base_fingerprint, load_bundle, load_expert, lora_layers, save_bundle, set_route
+from moa import (MODES, MoA, add_experts, base_fingerprint, load_bundle, load_expert, lora_layers, pool, save_bundle,
+                 set_route, vote)
 from train_base import load_base
 from trainer import DomainData, UserError, load_safetensors, save_safetensors
 
@@ -95,6 +96,7 @@ def prompts(moa):
     return idx, mask, torch.arange(len(rows))
 
 
+@pytest.mark.assignment2
 def test_gather_equals_reference_loop_and_single_expert_models():
     """A mixed batch through the batched gather path equals the reference loop and each sample alone
     through a single-expert model holding its expert (1e-5), with left padding."""
@@ -115,6 +117,7 @@ def test_gather_equals_reference_loop_and_single_expert_models():
     assert (gathered[0] - gathered[2]).abs().max() > 0 and (gathered[0] - base(idx[:1])[0][0]).abs().max() > 1e-3
 
 
+@pytest.mark.assignment2
 def test_one_hot_token_mixture_equals_per_sample_route():
     """A per-token (B, T, K) mixture that is one-hot on each sample's expert equals the per-sample (B,) route (1e-5)."""
     model = add_experts(tiny_gpt(), n_experts=3, rank=4)
@@ -128,6 +131,134 @@ def test_one_hot_token_mixture_equals_per_sample_route():
     torch.testing.assert_close(per_token, per_sample, rtol=0, atol=1e-5)
 
 
+@pytest.mark.assignment2
+def test_gather_gradients_equal_reference_loop():
+    """A mixed batch's gradients for every expert's A and B through the gather equal the reference loop's (1e-5)."""
+    model = add_experts(tiny_gpt(), n_experts=3, rank=4)
+    randomize_B(model)
+    idx, mask = padded_batch()
+    set_route(model, torch.tensor([2, 0, 2, 1]))
+    grads = []
+    for loop in (False, True):
+        for layer in lora_layers(model):
+            layer.reference_loop = loop
+        model.zero_grad(set_to_none=True)
+        logits, _ = model(idx, pad_mask=mask)
+        logits[mask].square().mean().backward()
+        grads.append([p.grad for layer in lora_layers(model) for p in [*layer.lora_A, *layer.lora_B]])
+    assert all(g is not None for g in grads[0])
+    for gathered, looped in zip(*grads):
+        torch.testing.assert_close(gathered, looped, rtol=0, atol=1e-5)
+
+
+def tiny_moa(domains=("a", "b", "c"), n_layer=2, seed=0):
+    """A MoA over a small random GPT whose experts and routers all do something."""
+    torch.manual_seed(seed)
+    gpt = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=n_layer, n_head=2, n_embd=16))
+    moa = MoA(gpt, list(domains), rank=4).eval()
+    randomize_B(moa)
+    for router in moa.routers:
+        torch.nn.init.normal_(router.weight, std=1.0)
+        torch.nn.init.normal_(router.bias, std=1.0)
+    return moa
+
+
+@pytest.mark.assignment3
+def test_pool_is_the_mean_over_real_tokens():
+    """pool(x, pad_mask, "mean") is each row's mean over its unpadded tokens, or over all without a mask (1e-6);
+    pool(x, pad_mask, "last") is the last token."""
+    x = torch.randn(4, 12, 16, generator=torch.Generator().manual_seed(0))
+    _, mask = padded_batch()
+    expected = torch.stack([x[b, mask[b]].mean(0) for b in range(4)])
+    torch.testing.assert_close(pool(x, mask, "mean"), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(pool(x, None, "mean"), x.mean(1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(pool(x, mask, "last"), x[:, -1], rtol=0, atol=0)
+
+
+@pytest.mark.assignment3
+def test_vote_is_the_majority_and_ties_go_to_probability():
+    """vote(routes, probs) picks the expert most layers chose, even against the mean probability; a tie goes to the
+    expert with the higher mean probability."""
+    routes = torch.tensor([[2, 0, 1], [2, 1, 1], [2, 1, 0], [0, 0, 0]])  # (L=4, B=3): majority 2, tie 0/1, tie 0/1
+    # sample 0: expert 0 has the highest probability, but 3 of 4 layers chose 2; the ties go to 1 and to 0
+    probs = torch.tensor([[0.8, 0.1, 0.1], [0.25, 0.5, 0.25], [0.5, 0.25, 0.25]]).expand(4, 3, 3)  # (L, B, K)
+    assert vote(routes, probs).tolist() == [2, 1, 0]
+    assert vote(routes[:1], probs[:1]).tolist() == [2, 0, 1]  # one layer: its choice
+
+
+@pytest.mark.assignment3
+def test_router_logits_and_cls_loss_by_hand():
+    """Router i's logits are its linear map of block i's input averaged over real tokens (1e-5); in label mode every
+    layer routes by the label; loss - L_LM is eta times the routers' cross-entropy averaged over layers (1e-6)."""
+    moa = tiny_moa()
+    idx, mask = padded_batch()
+    targets = torch.where(mask, idx, -1)
+    labels = torch.tensor([2, 0, 1, 2])
+    inputs = {}  # block index -> the block's input x (B, T, C), recorded by a forward pre-hook
+
+    def record(i):
+        return lambda module, args: inputs.update({i: args[0]})
+    hooks = [block.register_forward_pre_hook(record(i)) for i, block in enumerate(moa.gpt.transformer.h)]
+    with torch.no_grad():
+        moa.eta = 0.0
+        _, lm_loss = moa(idx, targets, pad_mask=mask, domain=labels, mode="label")
+        moa.eta = 0.7
+        _, loss = moa(idx, targets, pad_mask=mask, domain=labels, mode="label")
+    for h in hooks:
+        h.remove()
+    by_hand = []
+    for i, router in enumerate(moa.routers):
+        pooled = torch.stack([inputs[i][b, mask[b]].mean(0) for b in range(4)])  # (B, C)
+        by_hand.append(pooled @ router.weight.t() + router.bias)  # (B, K)
+        torch.testing.assert_close(moa.routing["logits"][i], by_hand[-1], rtol=0, atol=1e-5)
+    assert torch.equal(moa.routing["routes"], labels.expand(2, -1))
+    cls_loss = sum(F.cross_entropy(logits, labels) for logits in by_hand) / len(by_hand)
+    torch.testing.assert_close(loss - lm_loss, 0.7 * cls_loss, rtol=0, atol=1e-6)
+    assert (loss - lm_loss).item() > 0.1  # the routers are random: L_cls is far from zero
+
+
+@pytest.mark.assignment3
+def test_layer_mode_routes_each_layer_by_its_own_router():
+    """In layer mode each layer uses its own router's top-1 expert, and the logits equal those of the GPT with
+    each layer set to that route by hand (1e-6)."""
+    moa = tiny_moa()
+    idx, mask = padded_batch()
+    with torch.no_grad():
+        logits, _ = moa(idx, pad_mask=mask, mode="layer")
+        routes = moa.routing["logits"].argmax(-1)  # (L, B)
+        assert torch.equal(moa.routing["routes"], routes)
+        assert (routes[0] != routes[1]).any()  # the layers disagree somewhere, so each must use its own
+        for block, route in zip(moa.gpt.transformer.h, routes):
+            set_route(block, route)
+        by_hand, _ = moa.gpt(idx, pad_mask=mask)
+    torch.testing.assert_close(logits, by_hand, rtol=0, atol=1e-6)
+
+
+@pytest.mark.assignment4
+@pytest.mark.parametrize("mode, expected", [("layer", [1, 1, 2]), ("last", [2, 2, 2]), ("vote", [1, 1, 1])])
+def test_decoding_uses_the_routes_stored_at_prefill(mode, expected):
+    """Prefill stores in cache.route each layer's own choice (layer) or the one decision in every layer (last,
+    vote); each decoding step then equals the GPT routed by hand with cache.route, whatever the routers say now."""
+    moa = tiny_moa(n_layer=3)
+    with torch.no_grad():
+        for router, k in zip(moa.routers, [1, 1, 2]):  # constant routers: layers 0 and 1 pick expert 1, the last 2
+            router.weight.zero_()
+            router.bias.copy_(F.one_hot(torch.tensor(k), 3) * 10.0)
+        idx, mask = padded_batch()
+        cache = KVCache(3)
+        moa(idx, pad_mask=mask, cache=cache, mode=mode)
+        assert torch.equal(cache.route, torch.tensor(expected)[:, None].expand(3, 4))
+        for router in moa.routers:  # the routers now disagree with the stored decision: decoding must not ask them
+            router.bias.copy_(F.one_hot(torch.tensor(0), 3) * 10.0)
+        step, ones = torch.full((4, 1), 7), torch.ones(4, 1, dtype=torch.bool)
+        decoded, _ = moa(step, pad_mask=ones, cache=copy.deepcopy(cache), mode=mode)
+        for block, route in zip(moa.gpt.transformer.h, cache.route):
+            set_route(block, route)
+        by_hand, _ = moa.gpt(step, pad_mask=ones, cache=copy.deepcopy(cache))
+    torch.testing.assert_close(decoded, by_hand, rtol=0, atol=1e-6)
+
+
+@pytest.mark.assignment3
 def test_router_learns_separable_domains(trained, tiny_data):
     """Training the routers lowers the loss and the routers then pick the right expert for >95% of
     held-out arith and prose windows (64 each)."""
@@ -143,6 +274,7 @@ def test_router_learns_separable_domains(trained, tiny_data):
     assert min(result["route_acc_layers"]) > 0.95, result
 
 
+@pytest.mark.assignment3
 def test_every_mode_runs_and_oracle_gives_each_sample_its_expert(trained):
     """Every routing mode returns (B, T, vocab) logits, and oracle mode's logits equal each sample run alone on its label's expert."""
     moa = trained["moa"]
@@ -161,6 +293,7 @@ def test_every_mode_runs_and_oracle_gives_each_sample_its_expert(trained):
     assert torch.equal(moa.routing["routes"], labels.flip(0).expand(2, -1))
 
 
+@pytest.mark.assignment4
 @pytest.mark.parametrize("mode", ["last", "vote"])
 def test_last_and_vote_fix_one_decision_at_prefill(trained, mode):
     """With last/vote, prefill stores one decision for every layer in cache.route, and decoding uses it, not the routers."""
@@ -188,6 +321,7 @@ def test_last_and_vote_fix_one_decision_at_prefill(trained, mode):
         assert (other - kept).abs().max() > 1e-4  # ... cache.route is
 
 
+@pytest.mark.assignment4
 def test_layer_mode_keeps_each_layers_route(trained):
     """With mode layer, prefill stores each layer's own router choice in cache.route."""
     moa = trained["moa"]
@@ -199,6 +333,7 @@ def test_layer_mode_keeps_each_layers_route(trained):
 
 
 @pytest.mark.parametrize("mode", ["oracle", "layer"])
+@pytest.mark.assignment4
 def test_kv_cache_greedy_parity_with_bundle(trained, mode):
     """Greedy decoding of a trained bundle with the KV cache gives exactly the tokens of recomputing the context."""
     moa = trained["moa"]
