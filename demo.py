@@ -1,6 +1,6 @@
 """The whole of nanoMoA in one command: data, base, experts, routers, the results table, samples.
 
-    python demo.py            # everything, on 2 CPU cores in about 15 minutes, into out/
+    python demo.py            # everything, on 2 CPU cores in about 20 minutes, into out/
     python demo.py --quick    # a first look in about 2 minutes, into out/quick/ (numbers not meaningful)
 
 Each step calls the `main` of the script a user would run by hand (shown as it starts), and is
