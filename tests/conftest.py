@@ -29,6 +29,16 @@ def pytest_configure(config):
         config.addinivalue_line("markers", f"assignment{n}: grades assignment {n}, {what}")
 
 
+def assert_one_line_error(result, *words):
+    """A CLI run failed the way a user error must: exit 1, one stderr line "error: ...", no traceback."""
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
 TINY_BASE_ARGS = ["--n_layer=2", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=8",
                   "--eval_iters=1", "--progress=False", "--device=cpu"]
 

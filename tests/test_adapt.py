@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from conftest import assert_one_line_error
 import train_lora
 import train_router
 from evaluate import left_pad, routed_losses
@@ -22,15 +23,6 @@ from trainer import DomainData, UserError, load_safetensors
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ["--batch_size=8", "--block_size=32", "--eval_iters=1", "--progress=False", "--device=cpu", "--seed=1"]
 ROUTER = ["--learning_rate=0.1", "--min_lr=0.01", "--warmup_iters=5", "--max_iters=60", "--eval_interval=60"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster than two threads fighting over a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +187,4 @@ def test_add_domain_without_bundle_cli_error(tiny_data, tiny_base, tmp_path):
     proc = subprocess.run([sys.executable, "train_router.py", "--add_domain=unicode", f"--data_dir={tiny_data}",
                            f"--base={tiny_base}", f"--out_dir={tmp_path}"],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and "--bundle" in lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert_one_line_error(proc, "--bundle")

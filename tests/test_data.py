@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import assert_one_line_error
 from data.prepare import arith_problems, is_test_pair
 from data.prepare import main as prepare
 from tokenizer import EOT, TokenizerError, encode, get_tokenizer
@@ -153,15 +154,6 @@ def test_gpt2_tokenizer_offline(tmp_path, monkeypatch):
 def run_prepare(*args):
     return subprocess.run([sys.executable, os.path.join(REPO_ROOT, "data", "prepare.py"), *args],
                           capture_output=True, text=True, timeout=60)
-
-
-def assert_one_line_error(result, *words):
-    assert result.returncode == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
 
 
 def test_prepare_cli_missing_files(tmp_path):

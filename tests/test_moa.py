@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import assert_one_line_error
 import sample
 import train_lora
 import train_router
@@ -29,15 +30,6 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOMAINS = "arith,prose"
 COMMON = ["--batch_size=8", "--block_size=32", "--eval_iters=1", "--progress=False", "--device=cpu", "--seed=1"]
 ROUTER_ITERS = 60
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster than two threads fighting over a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_gpt(seed=0):
@@ -396,10 +388,7 @@ def test_unknown_domain_cli_error(tiny_data, tiny_base, tmp_path):
     proc = subprocess.run([sys.executable, "train_router.py", "--domains=nope", f"--data_dir={tiny_data}",
                            f"--base={tiny_base}", f"--out_dir={tmp_path}", f"--experts={tmp_path}"],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and "nope" in lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert_one_line_error(proc, "nope")
 
 
 def test_sample_with_bundle_names_each_prompts_domain(trained, tiny_base, capsys):

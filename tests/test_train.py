@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train_base
-from conftest import REPO_ROOT, TINY_BASE_ARGS
+from conftest import REPO_ROOT, TINY_BASE_ARGS, assert_one_line_error
 from trainer import TrainConfig, UserError, parse_config
 
 
@@ -124,13 +124,7 @@ def test_cli_errors_are_one_line(case, tiny_data, tmp_path):
     else:
         args += ["--domains=arith", "--block_size=3000"]  # arith's val split has ~2000 tokens
         words = ["arith", "fewer than one block"]
-    result = run_train_base(*args)
-    assert result.returncode == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
+    assert_one_line_error(run_train_base(*args), *words)
 
 
 def test_torchrun_two_processes_match_one(tiny_data, tmp_path):
