@@ -209,6 +209,8 @@ def pictures(cfg, rows):
 def main(argv=None):
     cfg = parse_config(ResultsConfig, argv or [])
     data = DomainData(cfg.data_dir, "all", cfg.block_size)
+    if not os.path.isfile(os.path.join(cfg.out, "base", "ckpt.pt")):
+        raise UserError(f"no base in {cfg.out}/base: run `python demo.py` first")
     _, tokenizer = load_base(os.path.join(cfg.out, "base"))
     enc = get_tokenizer(tokenizer)
     rows = {}

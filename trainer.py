@@ -111,7 +111,9 @@ def parse_config(cls, argv):
             assign(key, value, arg)
     for arg in [a for a in argv if a.startswith("--")]:
         key, eq, value = arg[2:].partition("=")
-        if not eq and kinds.get(key) is bool:
+        if key not in kinds:
+            raise UserError(f"unknown config key {key!r} on the command line; valid keys: {', '.join(kinds)}")
+        if not eq and kinds[key] is bool:
             value = "true"  # a bare --flag switches a bool on
         elif not eq:
             raise UserError(f"{arg}: write --{key}=VALUE")
