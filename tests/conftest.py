@@ -39,6 +39,16 @@ def assert_one_line_error(result, *words):
         assert word in lines[0], lines[0]
 
 
+def randomize_B(model, seed=1, std=0.1):
+    """Gives every expert a non-zero B, so the experts actually change the output."""
+    from moa import lora_layers
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model):
+            for B in layer.lora_B:
+                B.normal_(0.0, std)
+
+
 TINY_BASE_ARGS = ["--n_layer=2", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=8",
                   "--eval_iters=1", "--progress=False", "--device=cpu"]
 

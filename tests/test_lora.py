@@ -12,6 +12,7 @@ import torch
 import sample
 import train_lora
 from model import GPT, GPTConfig
+from conftest import randomize_B
 from moa import (LoRALinear, add_experts, base_fingerprint, count_params, expert_tensors, load_expert, lora_layers,
                  save_expert, set_route)
 from train_base import load_base
@@ -24,15 +25,6 @@ def tiny_gpt(seed=0, **overrides):
     torch.manual_seed(seed)
     config = dict(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16)
     return GPT(GPTConfig(**{**config, **overrides})).eval()
-
-
-def randomize_B(model, seed=1, std=0.1):
-    """Gives every expert a non-zero B, so the experts actually change the output."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for layer in lora_layers(model):
-            for B in layer.lora_B:
-                B.normal_(0.0, std)
 
 
 def tokens(seed=0, B=3, T=12, vocab=50):

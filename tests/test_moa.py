@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, randomize_B
 import sample
 import train_lora
 import train_router
@@ -35,14 +35,6 @@ ROUTER_ITERS = 60
 def tiny_gpt(seed=0):
     torch.manual_seed(seed)
     return GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16)).eval()
-
-
-def randomize_B(model, seed=1, std=0.1):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for layer in lora_layers(model):
-            for B in layer.lora_B:
-                B.normal_(0.0, std)
 
 
 def padded_batch(vocab=50):
