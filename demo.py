@@ -72,6 +72,9 @@ def main(argv=None):
         step("adding a domain: unicode expert", f"{experts}/unicode.safetensors", train_lora, lora + ["--domain=unicode"])
         step("adding a domain: MoA + unicode", f"{bundles}/moa+unicode.safetensors", train_router,
              router + ["--add_domain=unicode", f"--bundle={bundles}/moa.safetensors"])
+        step("adding a domain, every router row retrained", f"{bundles}/moa+unicode_allrows.safetensors", train_router,
+             router + ["--add_domain=unicode", f"--bundle={bundles}/moa.safetensors", "--train_old_rows=True",
+                       "--name=moa+unicode_allrows"])
         step("alternative: mixed LoRA trained on", f"{experts}/all+unicode.safetensors", train_lora,
              lora + ["--domain=unicode", f"--init_expert={experts}/all.safetensors", "--name=all+unicode"])
         step("alternative: MoA retrained on 5 domains", f"{bundles}/moa5.safetensors", train_router,

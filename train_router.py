@@ -13,8 +13,10 @@ fingerprint), and its checkpoint and log in out/moa/<name>/.
 
 Adding a domain (the paper claims it works, but gives no procedure; this is nanoMoA's): the new
 domain's expert is trained first with stage 1 on the same frozen base (train_lora.py); every router
-gets one more output row (old rows kept); then the routers train on balanced replay of all K+1
-domains while the old experts stay frozen, so the old domains can only change through routing.
+gets one more output row; then the new row trains on balanced replay of all K+1 domains while the
+old experts and the old rows stay frozen. An old domain's window can then only change where the new
+row's logit overtakes the old winner, which the replay teaches it not to do (--train_old_rows=True
+retrains every row instead: the old domains' routing then moves, see the results table).
 
 Read next: sample.py, then results.py.
 """
@@ -49,6 +51,7 @@ class RouterConfig(TrainConfig):
     add_domain: str = ""
     remove_domain: str = ""
     train_new_expert: bool = False  # when adding a domain: also fine-tune the new expert
+    train_old_rows: bool = False  # when adding a domain: also retrain the routers' old rows (old routing may move)
     max_iters: int = 300
     eval_interval: int = 100
     learning_rate: float = 3e-3
@@ -67,6 +70,8 @@ def check_choices(cfg):
             raise UserError(f"--{key}={getattr(cfg, key)}: choose one of {', '.join(allowed)}")
     if cfg.add_domain and cfg.routing != "sequence":
         raise UserError("--add_domain works on MoA bundles: leave --routing=sequence")
+    if cfg.add_domain and not cfg.train_old_rows and cfg.weight_decay:
+        raise UserError("--weight_decay would shrink the frozen old router rows; use 0, or --train_old_rows")
     if (cfg.add_domain or cfg.remove_domain) and not cfg.bundle:
         raise UserError("--add_domain / --remove_domain need --bundle=PATH of the bundle to change")
 
@@ -84,14 +89,17 @@ def build(cfg, base, tokenizer, fingerprint, data_domains):
         moa, meta = load_bundle(cfg.bundle, base, tokenizer, fingerprint)  # everything frozen
         if meta.get("routing", "sequence") != "sequence":
             raise UserError(f"{cfg.bundle} routes per token (MoE-LoRA): adding a domain needs a MoA bundle")
-        # BEGIN ASSIGNMENT 5: add the domain, load its expert into the new slot; routers (and maybe it) train
+        # BEGIN ASSIGNMENT 5: add the domain, load its expert into the new slot; the routers' new row (maybe all rows, maybe the expert) trains
         moa.add_domain(cfg.add_domain)
         load_expert(expert_path(cfg, cfg.add_domain), moa, len(moa.domains) - 1, fingerprint, tokenizer)
         for layer in lora_layers(moa):
             for p in [layer.lora_A[-1], layer.lora_B[-1]]:
                 p.requires_grad_(cfg.train_new_expert)
+        K = len(moa.domains) - 1  # rows 0..K-1 are the old domains'
         for p in moa.routers.parameters():
             p.requires_grad_(True)
+            if not cfg.train_old_rows:  # zero the old rows' gradient: AdamW without decay then leaves them as they are
+                p.register_hook(lambda g: torch.cat([torch.zeros_like(g[:K]), g[K:]]))
         return moa
         # END ASSIGNMENT 5
     rank, alpha = cfg.rank, cfg.alpha

@@ -124,6 +124,31 @@ def test_adding_a_domain_keeps_old_experts_bit_identical(adapted):
 
 
 @pytest.mark.assignment5
+def test_adding_a_domain_trains_only_the_new_router_row(adapted):
+    """After --add_domain the routers' old rows equal the original bundle's bit for bit while the new row has learned
+    (its weights are no longer zero); with --train_old_rows=True the old rows move too."""
+    old, new = load_safetensors(adapted["bundle"])[0], load_safetensors(adapted["added"])[0]
+    train_router.main(adapted["flags"] + ROUTER + ["--add_domain=unicode", f"--bundle={adapted['bundle']}",
+                                                   "--train_old_rows=True", "--name=allrows"])
+    allrows = load_safetensors(str(adapted["out"] / "allrows.safetensors"))[0]
+    names = [n for n in old if n.startswith("routers.")]
+    assert len(names) == 2 * 2  # weight and bias of 2 routers (tiny base: 2 layers)
+    for name in names:
+        assert new[name].shape[0] == old[name].shape[0] + 1
+        assert torch.equal(new[name][:2], old[name]), name
+        assert not torch.equal(allrows[name][:2], old[name]), name
+    for i in range(2):
+        assert new[f"routers.{i}.weight"][2].abs().max() > 1e-3
+
+
+def test_add_domain_with_weight_decay_on_frozen_rows_is_an_error(adapted):
+    """Weight decay would shrink the frozen old router rows, so --add_domain with --weight_decay > 0 is a UserError."""
+    with pytest.raises(UserError, match="--weight_decay would shrink the frozen old router rows"):
+        train_router.main(adapted["flags"] + ["--add_domain=unicode", f"--bundle={adapted['bundle']}",
+                                              "--weight_decay=0.1", "--name=decayed"])
+
+
+@pytest.mark.assignment5
 def test_old_domains_still_routed_after_adding(adapted, tiny_data, tiny_base):
     """After adding unicode, the routers still send >90% of held-out arith and prose windows to their own expert."""
     base, tokenizer = load_base(tiny_base)
@@ -162,6 +187,20 @@ def test_add_trained_then_remove_keeps_old_experts(adapted, tiny_base):
     labels = torch.tensor([0, 1])
     torch.testing.assert_close(logits(removed, tiny_base, "oracle", labels),
                                logits(adapted["bundle"], tiny_base, "oracle", labels), rtol=0, atol=0)
+
+
+def test_adding_twice_chains_k_to_k_plus_2(adapted, tiny_data, tiny_base):
+    """A second add (python onto arith, prose + unicode) keeps all three earlier experts and router rows bit-identical."""
+    out = adapted["out"]
+    train_lora.main(COMMON + [f"--data_dir={tiny_data}", f"--base={tiny_base}", f"--out_dir={out / 'experts'}",
+                              "--domain=python", "--max_iters=5", "--eval_interval=5", "--warmup_iters=2"])
+    moa, _ = train_router.main(adapted["flags"] + ROUTER + ["--max_iters=10", "--add_domain=python",
+                                                           f"--bundle={adapted['added']}"])
+    assert moa.domains == ["arith", "prose", "unicode", "python"]
+    before, after = load_safetensors(adapted["added"])[0], load_safetensors(str(out / "moa+unicode+python.safetensors"))[0]
+    for name, t in before.items():
+        kept = after[name][:3] if name.startswith("routers.") else after[name]  # expert tensors are per slot
+        assert torch.equal(kept, t), name
 
 
 def test_adding_an_existing_domain_is_an_error(adapted):
