@@ -75,14 +75,17 @@ class LoRALinear(nn.Module):
         self.merged = None
 
     def forward(self, x):  # x (B, T, in)
-        y = self.base(x)  # (B, T, out)
         route = self.route
-        if route is None:
-            return y
         if self.merged is not None:
             assert isinstance(route, int) and route == self.merged, "a merged layer serves only its merged expert"
-            return y
+        if route is None or self.merged is not None:
+            return self.base(x)
+        if isinstance(route, int) and torch.is_grad_enabled() and (self.lora_dropout.p == 0 or not self.training):
+            # training one expert (stage 1): the same sum, with the backward written out (LoRAFunction below)
+            return LoRAFunction.apply(x, self.base.weight, self.base.bias, self.lora_A[route], self.lora_B[route],
+                                      self.scale)
         h = self.lora_dropout(x)
+        y = self.base(x)  # (B, T, out)
         # The update is added into y in place, inside the second matmul, with the scale applied there:
         # no extra passes over the (B, T, out) output (y is the frozen base's fresh output; nothing saved it).
         if isinstance(route, int):  # the whole batch uses one expert: two plain matmuls
@@ -110,6 +113,44 @@ class LoRALinear(nn.Module):
             rows = route == k
             out[rows] = h[rows] @ self.lora_A[k].t() @ self.lora_B[k].t() * self.scale
         return out
+
+
+class LoRAFunction(torch.autograd.Function):
+    """y = x W^T + b + s (x A^T) B^T for one expert, with its backward written out by hand.
+
+    Left to autograd, the sum costs a LoRA step more than a full fine-tuning step: four thin matmuls
+    over every token, the in-place update of a view, and x's two gradients added up. Written out, with
+    the merged weight W' = W + s B A (out x in, cheap next to N tokens x in x out), it is:
+        forward   y = x W'^T + b                         z = x A^T  (N, r), kept for B's gradient
+        backward  dx = dy W'    dA = s (dy B)^T x    dB = s dy^T z
+    one full matmul per pass as in the base, with no weight gradient for the frozen W, and three thin ones.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, scale):
+        x2d = x.reshape(-1, x.size(-1))  # (N, in)
+        # BEGIN ASSIGNMENT 1: y (N, out) with the merged weight W + s B A; z = x A^T (N, r); save what backward needs
+        y = F.linear(x2d, torch.addmm(weight, B, A, alpha=scale), bias)
+        z = x2d @ A.t()
+        ctx.save_for_backward(x2d, z, weight, A, B)
+        ctx.scale = scale
+        # END ASSIGNMENT 1
+        return y.view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2d, z, weight, A, B = ctx.saved_tensors
+        g = grad_y.reshape(-1, grad_y.size(-1))  # (N, out)
+        s, need = ctx.scale, ctx.needs_input_grad
+        # BEGIN ASSIGNMENT 1: the gradients of x (as x's shape), W and b (only if they train), A and B
+        gB = F.linear(g, B.t().contiguous())  # g @ B, (N, r): thin matmuls are ~2x faster on CPU in this layout
+        dx = (g @ torch.addmm(weight, B, A, alpha=s)).view(*grad_y.shape[:-1], -1) if need[0] else None
+        dW = g.t() @ x2d if need[1] else None  # the base is frozen in nanoMoA: normally skipped
+        db = g.sum(0) if need[2] else None
+        dA = (gB.t() @ x2d) * s  # (r, in)
+        dB = (z.t() @ g).t() * s  # (out, r), as (r, out) for the same reason
+        # END ASSIGNMENT 1
+        return dx, dW, db, dA, dB, None
 
 
 def add_experts(model: GPT, n_experts=1, rank=8, alpha=16.0, dropout=0.0, targets=TARGETS):

@@ -36,18 +36,38 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, per layer, plus what decoding needs to go on."""
+    """Keys and values of the tokens seen so far, per layer, plus what decoding needs to go on.
+
+    Each layer's keys and values live in a buffer (B, n_head, capacity, head_dim) that doubles when full,
+    so a new token costs one small write, not a copy of everything seen (as torch.cat would).
+    """
 
     def __init__(self, n_layer):
-        self.k = [None] * n_layer  # each (B, n_head, T_seen, head_dim)
+        self.k = [None] * n_layer  # buffers, each (B, n_head, capacity, head_dim), filled up to seen[layer]
         self.v = [None] * n_layer
+        self.seen = [0] * n_layer
         self.key_mask = None  # (B, T_seen) bool, False at padding
         self.n_real = None  # (B,) real tokens seen per sample: the next token's position
         self.route = None  # moa.py keeps the routing decision made at prefill here
 
     @property
     def length(self):
-        return 0 if self.k[0] is None else self.k[0].size(2)
+        return self.seen[0]
+
+    def append(self, layer, k, v):
+        """Stores one layer's new keys and values (B, n_head, T, head_dim); returns all so far (views)."""
+        n, T = self.seen[layer], k.size(2)
+        if self.k[layer] is None or n + T > self.k[layer].size(2):
+            capacity = max(2 * n, n + T, 64)
+            for store, new in ((self.k, k), (self.v, v)):
+                buffer = new.new_empty(*new.shape[:2], capacity, new.size(3))
+                if n:
+                    buffer[:, :, :n] = store[layer][:, :, :n]
+                store[layer] = buffer
+        self.k[layer][:, :, n:n + T] = k
+        self.v[layer][:, :, n:n + T] = v
+        self.seen[layer] = n + T
+        return self.k[layer][:, :, :n + T], self.v[layer][:, :, :n + T]
 
 
 class CausalSelfAttention(nn.Module):
@@ -64,10 +84,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
         if cache is not None:
-            if cache.k[layer] is not None:
-                k = torch.cat([cache.k[layer], k], dim=2)  # (B, nh, T_seen + T, hd)
-                v = torch.cat([cache.v[layer], v], dim=2)
-            cache.k[layer], cache.v[layer] = k, v
+            k, v = cache.append(layer, k, v)  # (B, nh, T_seen + T, hd)
         dropout = self.dropout if self.training else 0.0
         if attn_mask is None:  # no padding: plain causal attention (a single new token sees everything)
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1)

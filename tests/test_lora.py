@@ -13,8 +13,8 @@ import sample
 import train_lora
 from model import GPT, GPTConfig
 from conftest import randomize_B
-from moa import (LoRALinear, add_experts, base_fingerprint, count_params, expert_tensors, load_expert, lora_layers,
-                 save_expert, set_route)
+from moa import (LoRAFunction, LoRALinear, add_experts, base_fingerprint, count_params, expert_tensors, load_expert,
+                 lora_layers, save_expert, set_route)
 from train_base import load_base
 from trainer import UserError
 
@@ -63,6 +63,30 @@ def test_expert_adds_its_low_rank_update():
     assert layer.lora_A[1].grad.abs().max() > 0 and layer.lora_B[1].grad.abs().max() > 0
     for k in (0, 2):
         assert layer.lora_A[k].grad is None and layer.lora_B[k].grad is None
+
+
+@pytest.mark.assignment1
+def test_lora_function_backward_equals_autograd():
+    """LoRAFunction (the training path) gives the output and the gradients autograd derives from x W^T + b + s x A^T B^T:
+    for x, A and B, and for W and b when the base trains (1e-10 in float64); a frozen base gets no gradient."""
+    torch.manual_seed(0)
+    x, W, b = torch.randn(2, 5, 6), torch.randn(7, 6), torch.randn(7)
+    A, B = torch.randn(3, 6), torch.randn(7, 3)
+    leaves = [t.double().requires_grad_() for t in (x, W, b, A, B)]
+    grad_out = torch.randn(2, 5, 7, dtype=torch.float64)
+    ours = LoRAFunction.apply(*leaves, 1.5)
+    ours_grads = torch.autograd.grad(ours, leaves, grad_out)
+    expected = leaves[0] @ leaves[1].t() + leaves[2] + (leaves[0] @ leaves[3].t() @ leaves[4].t()) * 1.5
+    expected_grads = torch.autograd.grad(expected, leaves, grad_out)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-10)
+    for name, g, e in zip("xWbAB", ours_grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-10, msg=f"gradient of {name}")
+    leaves[1].requires_grad_(False)
+    leaves[2].requires_grad_(False)
+    out = LoRAFunction.apply(*leaves, 1.5)
+    out.backward(grad_out)
+    assert leaves[1].grad is None and leaves[2].grad is None
+    torch.testing.assert_close(leaves[3].grad, expected_grads[3], rtol=0, atol=1e-10)
 
 
 @pytest.mark.assignment2
