@@ -54,8 +54,9 @@ class RouterConfig(TrainConfig):
     train_old_rows: bool = False  # when adding a domain: also retrain the routers' old rows (old routing may move)
     max_iters: int = 300
     eval_interval: int = 100
-    learning_rate: float = 3e-3
+    learning_rate: float = 3e-3  # the experts' peak learning rate
     min_lr: float = 3e-4
+    router_lr: float = 0.1  # the routers' peak learning rate (their schedule is the experts', scaled)
     warmup_iters: int = 20
     weight_decay: float = 0.0
 
@@ -70,6 +71,8 @@ def check_choices(cfg):
             raise UserError(f"--{key}={getattr(cfg, key)}: choose one of {', '.join(allowed)}")
     if cfg.add_domain and cfg.routing != "sequence":
         raise UserError("--add_domain works on MoA bundles: leave --routing=sequence")
+    if cfg.learning_rate <= 0 or cfg.router_lr <= 0:
+        raise UserError("--learning_rate and --router_lr must be positive")
     if cfg.add_domain and not cfg.train_old_rows and cfg.weight_decay:
         raise UserError("--weight_decay would shrink the frozen old router rows; use 0, or --train_old_rows")
     if (cfg.add_domain or cfg.remove_domain) and not cfg.bundle:
@@ -160,7 +163,8 @@ def main(argv=None):
         return routed_losses(m, data, cfg.eval_iters * cfg.batch_size, cfg.batch_size, eval_mode, device)
 
     meta = {"kind": "moa", "domains": moa.domains}
-    losses = train(replace(cfg, out_dir=os.path.join(cfg.out_dir, name)), moa, data, evaluate, loss_fn, meta)
+    losses = train(replace(cfg, out_dir=os.path.join(cfg.out_dir, name)), moa, data, evaluate, loss_fn, meta,
+                   lr_scales={"routers.": cfg.router_lr / cfg.learning_rate})
     save_bundle(path, moa.cpu(), tokenizer, fingerprint, {k: getattr(cfg, k) for k in SETTINGS})
     print(f"saved {path}")
     return moa, losses

@@ -285,13 +285,19 @@ def setup_device(cfg):
     return device, ctx, rank, world
 
 
-def make_optimizer(model, cfg, device):
-    """AdamW over the trainable parameters; matrices decay, biases and LayerNorm gains don't."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+def make_optimizer(model, cfg, device, lr_scales=None):
+    """AdamW over the trainable parameters; matrices decay, biases and LayerNorm gains don't.
+
+    lr_scales {name prefix: factor}: those parameters follow the schedule at factor x its rate.
+    """
+    groups = {}  # (lr scale, weight decay) -> parameters
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            scale = next((f for prefix, f in (lr_scales or {}).items() if name.startswith(prefix)), 1.0)
+            groups.setdefault((scale, cfg.weight_decay if p.dim() >= 2 else 0.0), []).append(p)
+    param_groups = [{"params": ps, "lr_scale": scale, "weight_decay": decay} for (scale, decay), ps in groups.items()]
     fused = device.startswith("cuda")
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    return torch.optim.AdamW(param_groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
 def learning_rate(step, cfg):
@@ -317,12 +323,13 @@ def default_loss(model, x, y, d):
     return model(x, y)[1]
 
 
-def train(cfg, model, data, evaluate, loss_fn=default_loss, meta=None):
+def train(cfg, model, data, evaluate, loss_fn=default_loss, meta=None, lr_scales=None):
     """Trains `model`'s trainable parameters for cfg.max_iters steps; returns the per-step losses.
 
     evaluate(model) -> {name: float} runs at every eval_interval and at the last step; each result is
     a line of out_dir/log.jsonl and the checkpoint out_dir/ckpt.pt is rewritten after it. `meta`
     (JSON-able) is stored in the checkpoint beside the config, e.g. the model's architecture.
+    lr_scales: see make_optimizer.
     """
     device, ctx, rank, world = setup_device(cfg)
     if cfg.grad_accum % world:
@@ -330,7 +337,7 @@ def train(cfg, model, data, evaluate, loss_fn=default_loss, meta=None):
     master = rank == 0
     torch.manual_seed(cfg.seed)
     model.to(device)
-    optimizer = make_optimizer(model, cfg, device)
+    optimizer = make_optimizer(model, cfg, device, lr_scales)
     batch_rng = torch.Generator().manual_seed(cfg.seed)  # the same batches on every process
     ckpt_path, log_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "log.jsonl")
     step = 0
@@ -386,7 +393,7 @@ def train(cfg, model, data, evaluate, loss_fn=default_loss, meta=None):
             break
         lr = learning_rate(step, cfg)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         total = 0.0
         for micro in range(cfg.grad_accum):
             x, y, d = data.batch(cfg.batch_size, batch_rng)

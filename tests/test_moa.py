@@ -328,6 +328,22 @@ def test_kv_cache_greedy_parity_with_bundle(trained, mode):
     assert torch.equal(with_cache, without)
 
 
+def test_routers_and_experts_learn_at_their_own_rates(trained, tiny_data, tiny_base, tmp_path):
+    """One joint step without warmup moves router weights (which start at 0) by at most --router_lr and expert weights
+    by at most --learning_rate, each reaching its bound to 2%: Adam's first step is lr * sign(gradient) per weight."""
+    moa, _ = train_router.main(COMMON + [
+        f"--data_dir={tiny_data}", f"--base={tiny_base}", f"--experts={trained['experts']}", f"--out_dir={tmp_path}",
+        f"--domains={DOMAINS}", "--max_iters=1", "--eval_interval=1", "--warmup_iters=0",
+        "--learning_rate=1e-3", "--router_lr=2e-2"])
+    router_step = max(p.abs().max().item() for p in moa.routers.parameters())
+    stage1 = load_safetensors(os.path.join(trained["experts"], "arith.safetensors"))[0]
+    expert_step = max((getattr(layer, part)[0].detach() - stage1[f"{name.removeprefix('gpt.')}.{part}"]).abs().max().item()
+                      for name, layer in moa.named_modules() if name.endswith(("c_attn", "c_proj", "c_fc"))
+                      for part in ("lora_A", "lora_B"))
+    assert 0.98 * 2e-2 <= router_step <= 2e-2 * 1.0001, router_step
+    assert 0.98 * 1e-3 <= expert_step <= 1e-3 * 1.0001, expert_step
+
+
 def test_bundle_round_trip(trained, tiny_base, tmp_path):
     """save_bundle then load_bundle onto a fresh base gives the same tensors and identical logits."""
     moa = trained["moa"]
