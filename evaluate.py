@@ -85,14 +85,15 @@ def exact_match(generate, enc, problems, shots, batch_size=32, device="cpu"):
 
 
 @torch.no_grad()
-def routed_losses(moa, data, n_windows, batch_size, mode, device="cpu"):
+def routed_losses(moa, data, n_windows, batch_size, mode, device="cpu", prompt_len=32):
     """A MoA's per-domain validation loss in routing mode `mode`, and its routers' accuracy: how often
-    the last router, the vote of all routers, and each layer's router predict the window's domain.
+    the last router, the vote of all routers, and each layer's router predict the window's domain,
+    and how often the last router does from only the first prompt_len tokens (a prompt).
 
     data.domains must be in the bundle's order (build DomainData with ",".join(moa.domains)).
     """
     assert data.domains == moa.domains[:len(data.domains)], "data domains must follow the bundle's order"
-    last, voted, layers = {}, {}, []
+    last, voted, prompt, layers = {}, {}, {}, []
     K = len(moa.domains)
     confusion = torch.zeros(len(data.domains), K, dtype=torch.long)  # rows: true domain, columns: last router
 
@@ -106,6 +107,8 @@ def routed_losses(moa, data, n_windows, batch_size, mode, device="cpu"):
             voted[name] = voted.get(name, 0) + (vote(predicted, probs) == d).sum().item()
             layers.append((predicted == d).float().sum(1))  # (L,)
             confusion[int(d[0])] += torch.bincount(predicted[-1].cpu(), minlength=K)
+            moa(x[:, :prompt_len], domain=d, mode=mode)  # causal: the window's first tokens as a prompt
+            prompt[name] = prompt.get(name, 0) + (moa.routing["predicted"][-1] == d).sum().item()
         return per_sample_loss(logits, y)
 
     out = domain_losses(forward, data, n_windows, batch_size, device)
@@ -114,6 +117,7 @@ def routed_losses(moa, data, n_windows, batch_size, mode, device="cpu"):
             out[f"route_acc/{name}"] = last[name] / n_windows
         out["route_acc_mean"] = sum(last.values()) / (n_windows * len(data.domains))
         out["route_acc_vote"] = sum(voted.values()) / (n_windows * len(data.domains))
+        out["route_acc_prompt"] = sum(prompt.values()) / (n_windows * len(data.domains))
         out["route_acc_layers"] = (torch.stack(layers).sum(0) / (n_windows * len(data.domains))).tolist()
         out["route_confusion"] = confusion.tolist()
     return out

@@ -267,14 +267,16 @@ def expert_targets(model):
 # ----------------------------------------------------------------------------------------------
 # MoA: experts side by side, routers, routing modes.
 
-def pool(x, pad_mask, how):
-    """x (B, T, C) -> (B, C): the mean over real tokens, or the last token (prompts are left-padded)."""
-    # BEGIN ASSIGNMENT 3: (B, C): the last token if how == 'last', else the mean over tokens where pad_mask is True
+def pool(x, mask, how):
+    """x (B, T, C) -> (B, C): the mean over the tokens where mask (B, T) is True (all if None), or the
+    last of them (prompts are left-padded, so that is the last token unless mask marks a prefix)."""
+    # BEGIN ASSIGNMENT 3: (B, C): the last True token if how == 'last', else the mean over tokens where mask is True
+    if mask is None:
+        return x[:, -1] if how == "last" else x.mean(dim=1)
     if how == "last":
-        return x[:, -1]
-    if pad_mask is None:
-        return x.mean(dim=1)
-    m = pad_mask.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
+        last = mask.long().cumsum(1).argmax(1)  # (B,): where the count of True tokens first peaks
+        return x[torch.arange(x.size(0), device=x.device), last]
+    m = mask.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
     return (x * m).sum(1) / m.sum(1).clamp(min=1)
     # END ASSIGNMENT 3
 
@@ -325,8 +327,14 @@ class MoA(nn.Module):
 
     generate = GPT.generate  # the same decoding loop: it only calls self(idx, pad_mask=, cache=)
 
-    def forward(self, idx, targets=None, pad_mask=None, cache=None, domain=None, mode="label"):
-        """Returns (logits, loss); loss = L_LM + eta * L_cls when targets and domain labels are given."""
+    def forward(self, idx, targets=None, pad_mask=None, cache=None, domain=None, mode="label", router_mask=None):
+        """Returns (logits, loss); loss = L_LM + eta * L_cls when targets and domain labels are given.
+
+        router_mask (B, T) bool: the tokens the routers read (default: pad_mask, every real token).
+        Training passes a random prefix of each window: with causal attention, the block inputs over
+        a window's first L tokens are exactly those of an L-token prompt, so the routers learn to
+        route prompts of every length at no extra cost.
+        """
         if mode not in MODES:
             raise UserError(f"unknown routing mode {mode!r}; choose from {', '.join(MODES)}")
         if mode in ("label", "oracle") and domain is None:
@@ -345,7 +353,7 @@ class MoA(nn.Module):
                 # END ASSIGNMENT 4
             else:
                 # BEGIN ASSIGNMENT 3: router i's logits on the pooled block input; route by label or by top-1
-                logits = self.routers[i](pool(x, pad_mask, self.pooling))  # (B, K)
+                logits = self.routers[i](pool(x, pad_mask if router_mask is None else router_mask, self.pooling))
                 router_logits.append(logits)
                 route = domain if mode in ("label", "oracle") else logits.argmax(-1)
                 routes.append(route)

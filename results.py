@@ -122,7 +122,8 @@ def percent(key):
 
 MAIN_COLUMNS = [("mean loss", lambda r: f"{r['val_mean']:.4f}"),
                 ("mean ppl", lambda r: f"{sum(math.exp(v) for k, v in r.items() if k.startswith('val/')) / sum(k.startswith('val/') for k in r):.3f}"),
-                ("router acc", percent("route_acc_mean")), ("arith EM", percent("arith_exact_match")),
+                ("router acc", percent("route_acc_mean")), ("32-byte prompts", percent("route_acc_prompt")),
+                ("arith EM", percent("arith_exact_match")),
                 ("params", lambda r: f"{r['params']:,}")]
 
 

@@ -43,6 +43,7 @@ class RouterConfig(TrainConfig):
     routing: str = "sequence"  # sequence (MoA) | token (MoE-LoRA ablation: top_k experts per token)
     top_k: int = 2  # experts per token with routing=token (top-1 would give the router no gradient)
     pooling: str = "mean"  # how a router reads its block's input: mean over real tokens | last token
+    router_min_len: int = 16  # routers read a random prefix (at least this long) of each window; 0: all of it
     expert_init: str = "stage1"  # stage1 experts, or random ones ("MoE-LoRA naive")
     rank: int = 8  # rank and alpha of random experts (stage-1 experts bring their own)
     alpha: float = 16.0
@@ -61,7 +62,7 @@ class RouterConfig(TrainConfig):
     weight_decay: float = 0.0
 
 
-SETTINGS = ("routing", "top_k", "eta", "train_experts", "expert_init", "max_iters")  # kept in a bundle
+SETTINGS = ("routing", "top_k", "eta", "train_experts", "expert_init", "max_iters", "router_min_len")  # kept in a bundle
 
 
 def check_choices(cfg):
@@ -71,6 +72,8 @@ def check_choices(cfg):
             raise UserError(f"--{key}={getattr(cfg, key)}: choose one of {', '.join(allowed)}")
     if cfg.add_domain and cfg.routing != "sequence":
         raise UserError("--add_domain works on MoA bundles: leave --routing=sequence")
+    if cfg.router_min_len < 0:
+        raise UserError(f"--router_min_len={cfg.router_min_len}: use 0 (whole windows) or a positive length")
     if cfg.learning_rate <= 0 or cfg.router_lr <= 0:
         raise UserError("--learning_rate and --router_lr must be positive")
     if cfg.add_domain and not cfg.train_old_rows and cfg.weight_decay:
@@ -156,7 +159,11 @@ def main(argv=None):
     eval_mode = "token" if cfg.routing == "token" else "layer"
 
     def loss_fn(m, x, y, d):
-        return m(x, y, domain=d, mode=train_mode)[1]
+        router_mask = None
+        if cfg.router_min_len:  # prompts at inference are short: the routers learn from prefixes of every length
+            lengths = torch.randint(min(cfg.router_min_len, x.size(1)), x.size(1) + 1, (x.size(0), 1), device=x.device)
+            router_mask = torch.arange(x.size(1), device=x.device) < lengths  # (B, T): True on each prefix
+        return m(x, y, domain=d, mode=train_mode, router_mask=router_mask)[1]
 
     def evaluate(m):
         device = next(m.parameters()).device

@@ -150,13 +150,32 @@ def tiny_moa(domains=("a", "b", "c"), n_layer=2, seed=0):
 @pytest.mark.assignment3
 def test_pool_is_the_mean_over_real_tokens():
     """pool(x, pad_mask, "mean") is each row's mean over its unpadded tokens, or over all without a mask (1e-6);
-    pool(x, pad_mask, "last") is the last token."""
+    pool(x, pad_mask, "last") is the last token, and with a prefix mask the prefix's last token."""
     x = torch.randn(4, 12, 16, generator=torch.Generator().manual_seed(0))
     _, mask = padded_batch()
     expected = torch.stack([x[b, mask[b]].mean(0) for b in range(4)])
     torch.testing.assert_close(pool(x, mask, "mean"), expected, rtol=0, atol=1e-6)
     torch.testing.assert_close(pool(x, None, "mean"), x.mean(1), rtol=0, atol=1e-6)
     torch.testing.assert_close(pool(x, mask, "last"), x[:, -1], rtol=0, atol=0)
+    prefix = torch.arange(12) < torch.tensor([[3], [12], [1], [7]])
+    torch.testing.assert_close(pool(x, prefix, "last"), x[torch.arange(4), torch.tensor([2, 11, 0, 6])], rtol=0, atol=0)
+    torch.testing.assert_close(pool(x, prefix, "mean")[0], x[0, :3].mean(0), rtol=0, atol=1e-6)
+
+
+def test_routers_reading_a_prefix_see_what_the_prompt_gives():
+    """With router_mask on each row's first L tokens, every router's logits equal those of the L-token prompt run alone
+    (1e-5): attention is causal, so training on prefixes teaches the routers short prompts for free."""
+    moa = tiny_moa(n_layer=3)
+    idx = torch.randint(50, (3, 12), generator=torch.Generator().manual_seed(1))
+    lengths = [4, 12, 9]
+    with torch.no_grad():
+        moa(idx, mode="layer", router_mask=torch.arange(12) < torch.tensor(lengths)[:, None])
+        masked = moa.routing["logits"]  # (L, B, K)
+        for b, n in enumerate(lengths):
+            moa(idx[b:b + 1, :n], mode="layer")
+            torch.testing.assert_close(masked[:, b], moa.routing["logits"][:, 0], rtol=0, atol=1e-5)
+        moa(idx, mode="layer")
+    assert (moa.routing["logits"][:, 0] - masked[:, 0]).abs().max() > 1e-3  # the whole row reads differently
 
 
 @pytest.mark.assignment3
