@@ -162,6 +162,7 @@ def test_pool_is_the_mean_over_real_tokens():
     torch.testing.assert_close(pool(x, prefix, "mean")[0], x[0, :3].mean(0), rtol=0, atol=1e-6)
 
 
+@pytest.mark.assignment3
 def test_routers_reading_a_prefix_see_what_the_prompt_gives():
     """With router_mask on each row's first L tokens, every router's logits equal those of the L-token prompt run alone
     (1e-5): attention is causal, so training on prefixes teaches the routers short prompts for free."""
