@@ -88,11 +88,12 @@ class LoRALinear(nn.Module):
         y = self.base(x)  # (B, T, out)
         # The update is added into y in place, inside the second matmul, with the scale applied there:
         # no extra passes over the (B, T, out) output (y is the frozen base's fresh output; nothing saved it).
+        # In-place ops escape autocast, hence B in y's dtype (bfloat16 under autocast, like z).
         if isinstance(route, int):  # the whole batch uses one expert: two plain matmuls
             # BEGIN ASSIGNMENT 1: return y + (h @ A_k^T @ B_k^T) * alpha / r for k = route, shape (B, T, out)
             z = h @ self.lora_A[route].t()  # (B, T, r)
             y2d, z2d = y.view(-1, y.size(-1)), z.view(-1, self.rank)  # (B*T, out), (B*T, r)
-            return y2d.addmm_(z2d, self.lora_B[route].t(), alpha=self.scale).view_as(y)
+            return y2d.addmm_(z2d, self.lora_B[route].t().to(y.dtype), alpha=self.scale).view_as(y)
             # END ASSIGNMENT 1
         A, B = torch.stack(list(self.lora_A)), torch.stack(list(self.lora_B))  # (K, r, in), (K, out, r)
         if route.dtype.is_floating_point:  # (B, T, K) per-token weights: every expert, then mix
@@ -103,7 +104,7 @@ class LoRALinear(nn.Module):
         # (B,) expert ids: gather each sample's A and B, apply them with batched matmuls (Punica's BGMV)
         # BEGIN ASSIGNMENT 2: sample b uses expert route[b]: gather A[route], B[route] and apply them with torch.bmm
         z = torch.bmm(h, A[route].transpose(1, 2))  # (B, T, in) @ (B, in, r) -> (B, T, r)
-        return y.baddbmm_(z, B[route].transpose(1, 2), alpha=self.scale)  # y += (B, T, r) @ (B, r, out) * scale
+        return y.baddbmm_(z, B[route].transpose(1, 2).to(y.dtype), alpha=self.scale)  # y += z @ B^T * scale
         # END ASSIGNMENT 2
 
     def reference_delta(self, h, route):
@@ -139,8 +140,9 @@ class LoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        x2d, z, weight, A, B = ctx.saved_tensors
         g = grad_y.reshape(-1, grad_y.size(-1))  # (N, out)
+        # under autocast the forward ran in bfloat16/float16 but the backward does not: use y's dtype here too
+        x2d, z, weight, A, B = (t.to(g.dtype) for t in ctx.saved_tensors)
         s, need = ctx.scale, ctx.needs_input_grad
         # BEGIN ASSIGNMENT 1: the gradients of x (as x's shape), W and b (only if they train), A and B
         gB = F.linear(g, B.t().contiguous())  # g @ B, (N, r): thin matmuls are ~2x faster on CPU in this layout

@@ -89,6 +89,24 @@ def test_lora_function_backward_equals_autograd():
     torch.testing.assert_close(leaves[3].grad, expected_grads[3], rtol=0, atol=1e-10)
 
 
+def test_lora_training_step_under_bfloat16_autocast():
+    """Under CPU bfloat16 autocast the LoRA layer's backward runs (regression: it mixed bfloat16 and float32) and its
+    A and B gradients are within 3% (relative norm) of float32's, in float32 like their parameters."""
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(32, 48), n_experts=1, rank=4)
+    torch.nn.init.normal_(layer.lora_B[0])
+    layer.route = 0
+    x = torch.randn(4, 10, 32)
+    grads = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            loss = layer(x).float().square().mean()
+        grads[dtype] = torch.autograd.grad(loss, [layer.lora_A[0], layer.lora_B[0]])
+    for g32, g16 in zip(grads[torch.float32], grads[torch.bfloat16]):
+        assert g16.dtype == torch.float32
+        assert (g16 - g32).norm() / g32.norm() < 0.03
+
+
 @pytest.mark.assignment2
 def test_fresh_expert_changes_nothing():
     """A fresh LoRALinear / add_experts leaves every output of the GPT exactly unchanged, in every route form."""
