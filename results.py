@@ -5,9 +5,9 @@
 A miniature of the paper's Tables 2, 3, 7 and 8 on the default data: per-domain validation loss and
 perplexity with their average, router accuracy (on whole windows, and on their first 32 bytes as
 prompts), exact-match accuracy on the arithmetic domain (greedy decoding, without a domain label for
-routed variants), and parameters added to the base, for: the base; each domain's own stage-1 expert (oracle); one LoRA on mixed data (rank r, and
-rank K*r: as many parameters as all K experts); MoE-LoRA and MoE-LoRA naive; MoA with routers only;
-MoA joint; each expert alone after joint training. Then the sequential domain adaptation table.
+routed variants), and parameters added to the base, for: the base; each domain's own stage-1
+expert (oracle); one LoRA on mixed data (rank r, and rank K*r: as many parameters as all K experts);
+MoE-LoRA and MoE-LoRA naive; MoA with routers only; MoA joint; each expert alone after joint training. Then the sequential domain adaptation table.
 A variant whose files are missing is skipped (demo.py trains them all).
 
 Read next: demo.py.
