@@ -7,8 +7,9 @@ perplexity with their average, router accuracy (on whole windows, and on their f
 prompts), exact-match accuracy on the arithmetic domain (greedy decoding, without a domain label for
 routed variants), and parameters added to the base, for: the base; each domain's own stage-1
 expert (oracle); one LoRA on mixed data (rank r, and rank K*r: as many parameters as all K experts);
-MoE-LoRA and MoE-LoRA naive; MoA with routers only; MoA joint; each expert alone after joint training. Then the sequential domain adaptation table.
-A variant whose files are missing is skipped (demo.py trains them all).
+MoE-LoRA and MoE-LoRA naive; MoA with routers only; MoA joint; each expert alone after joint training.
+Then the sequential domain adaptation table. A variant whose files are missing is skipped (demo.py
+trains them all).
 
 Read next: demo.py.
 """
