@@ -197,3 +197,12 @@ def test_prepare_user_domain_jsonl(tmp_path):
     train, val = documents(tmp_path / "out", "notes", "train", enc), documents(tmp_path / "out", "notes", "val", enc)
     assert not set(train) & set(val)
     assert "### Instruction:\nsay 3\n\n### Response:\n3\n" in train + val
+
+
+def test_routing_ceiling_tells_arith_from_prose(tiny_data):
+    """results.routing_ceiling (a logistic regression on token and token-pair counts) tells held-out arith from prose
+    windows right over 95% of the time, and lies in [0, 1] as a fraction."""
+    from results import ResultsConfig, routing_ceiling
+    from trainer import DomainData
+    accuracy = routing_ceiling(DomainData(tiny_data, "arith,prose", 32), ResultsConfig(windows=16), bins=256, steps=100)
+    assert 0.95 < accuracy <= 1.0
