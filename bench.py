@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from model import GPT, GPTConfig
-from moa import MoA, add_experts, expert_tensors, lora_layers, set_route
+from moa import LoRALinear, MoA, add_experts, expert_tensors, lora_layers, set_route
 from train_base import BaseConfig
 from trainer import TrainConfig, UserError, make_optimizer, parse_config, run
 
@@ -170,28 +170,31 @@ def bench_lora(cfg, rows, shape, batch, bound):
 
 @torch.no_grad()
 def bench_moa(cfg, rows):
-    """Inference on a mixed batch (32 samples, 4 experts, each sample its own) against three other ways."""
+    """Inference on a mixed batch (32 samples, 4 experts, each sample its own) against four other ways."""
     moa, x, _, labels = mixed_moa(cfg.device)
     base = gpt(DEFAULT, cfg.device)
     moa.eval(), base.eval()
 
-    def use_loop(flag):
+    def use(path):  # runs: sorted by domain, a merged-weight matmul per expert; gather: bmm; loop: per expert
         for layer in lora_layers(moa):
-            layer.reference_loop = flag
+            layer.reference_loop = path == "loop"
+            layer.min_run_rows = LoRALinear.min_run_rows if path == "runs" else float("inf")
 
-    def mixed(reference_loop=False):
-        use_loop(reference_loop)
+    def mixed(path="runs"):
+        use(path)
         return moa(x, domain=labels, mode="oracle")[0]  # (B, T, vocab)
 
     def one_at_a_time():
-        use_loop(False)
+        use("runs")
         return [moa(x[i:i + 1], domain=labels[i:i + 1], mode="oracle") for i in range(len(x))]
 
-    torch.testing.assert_close(mixed(), mixed(reference_loop=True))  # the fast path computes the same thing
-    t_base, t_mixed, t_loop, t_single = timeit([lambda: base(x), mixed, lambda: mixed(True), one_at_a_time],
-                                               cfg.repeats, cfg.device)
-    use_loop(False)
+    for path in ("gather", "loop"):  # the fast path computes the same thing
+        torch.testing.assert_close(mixed(), mixed(path))
+    t_base, t_mixed, t_gather, t_loop, t_single = timeit(
+        [lambda: base(x), mixed, lambda: mixed("gather"), lambda: mixed("loop"), one_at_a_time], cfg.repeats, cfg.device)
+    use("runs")
     row(rows, "MoA mixed batch / base model (B 32, 4 experts)", t_mixed / t_base, "x", "<=", 1.15)
+    row(rows, "  the same through the gather (bmm) / base model", t_gather / t_base, "x")
     row(rows, "loop over experts / MoA mixed batch", t_loop / t_mixed, "x", ">", 1.0)
     row(rows, "one sample at a time / MoA mixed batch", t_single / t_mixed, "x", ">", 1.0)
 

@@ -5,7 +5,9 @@ Read top to bottom:
    (x @ A_k^T @ B_k^T) * alpha / r. A starts small and random, B at zero, so a new expert changes
    nothing. Which expert a sample uses is the layer's `route`: None (no expert), an int (every sample
    the same expert), a (B,) tensor of expert ids (each sample its own expert: a mixed-domain batch),
-   or (B, T, K) weights (a per-token mixture, for the MoE-LoRA ablation).
+   or (B, T, K) weights (a per-token mixture, for the MoE-LoRA ablation). A mixed batch trains through
+   a gather of each sample's A and B (batched matmuls); at inference, samples that share an expert
+   and sit side by side run as one matmul with that expert's merged weight (`forward_runs`).
 2. `add_experts`: freezes a GPT and puts LoRALinear on the chosen projections of every block.
    Stage 1 (train_lora.py) uses it with K = 1.
 3. Expert files: one expert as .safetensors with JSON metadata, including a fingerprint of the base.
@@ -80,10 +82,16 @@ class LoRALinear(nn.Module):
             assert isinstance(route, int) and route == self.merged, "a merged layer serves only its merged expert"
         if route is None or self.merged is not None:
             return self.base(x)
-        if isinstance(route, int) and torch.is_grad_enabled() and (self.lora_dropout.p == 0 or not self.training):
+        no_dropout = self.lora_dropout.p == 0 or not self.training
+        if isinstance(route, int) and torch.is_grad_enabled() and no_dropout:
             # training one expert (stage 1): the same sum, with the backward written out (LoRAFunction below)
             return LoRAFunction.apply(x, self.base.weight, self.base.bias, self.lora_A[route], self.lora_B[route],
                                       self.scale)
+        if torch.is_tensor(route) and route.dim() == 1 and no_dropout and not torch.is_grad_enabled() \
+                and not torch.is_autocast_enabled(x.device.type) and not self.reference_loop:
+            y = self.forward_runs(x, route)  # inference on a mixed batch: a few full matmuls, if that pays
+            if y is not None:
+                return y
         h = self.lora_dropout(x)
         y = self.base(x)  # (B, T, out)
         # The update is added into y in place, inside the second matmul, with the scale applied there:
@@ -106,6 +114,33 @@ class LoRALinear(nn.Module):
         z = torch.bmm(h, A[route].transpose(1, 2))  # (B, T, in) @ (B, in, r) -> (B, T, r)
         return y.baddbmm_(z, B[route].transpose(1, 2).to(y.dtype), alpha=self.scale)  # y += z @ B^T * scale
         # END ASSIGNMENT 2
+
+    min_run_rows = 256  # forward_runs against the gather: even at about 256 rows per run on 2 CPU cores, ahead above
+
+    def forward_runs(self, x, route):
+        """Inference on (B,) expert ids as one full matmul per run of consecutive samples that share an
+        expert, with that expert's merged weight W + s B_k A_k, written straight into the run's rows of
+        the output (Punica's SGMV: segments of one adapter each). Merging costs K (out x in x r), nothing
+        next to the rows; the gather in `forward` costs thin matmuls and a second pass over the output.
+        None when the runs are too short to pay (decoding: one row per sample)."""
+        experts, counts = torch.unique_consecutive(route, return_counts=True)
+        T = x.size(1)
+        if x.size(0) * T < self.min_run_rows * len(experts):
+            return None
+        W, bias = self.base.weight, self.base.bias
+        merged = {k: torch.addmm(W, self.lora_B[k], self.lora_A[k], alpha=self.scale).t()  # (in, out)
+                  for k in set(experts.tolist())}
+        x2d = x.reshape(-1, x.size(-1))
+        y = x.new_empty(x2d.size(0), W.size(0))  # (B*T, out)
+        start = 0
+        for k, n in zip(experts.tolist(), counts.tolist()):
+            rows = slice(start * T, (start + n) * T)  # samples start .. start+n-1, contiguous in memory
+            if bias is None:
+                torch.mm(x2d[rows], merged[k], out=y[rows])
+            else:
+                torch.addmm(bias, x2d[rows], merged[k], out=y[rows])
+            start += n
+        return y.view(*x.shape[:-1], -1)
 
     def reference_delta(self, h, route):
         """The obvious way: for each expert present, run its samples through it. Slow, clearly right."""
@@ -298,7 +333,8 @@ class MoA(nn.Module):
 
     Routing modes (`mode`, per forward call):
       label  - training: each sample uses its gold domain's expert; routers learn to predict it (L_cls)
-      oracle - inference with the domain label given (the same routing as label)
+      oracle - inference with the domain label given (the same routing as label; the batch runs sorted by
+               domain inside, a full matmul per expert, and comes back in the caller's order)
       layer  - each block's router picks its own top-1 expert for the whole sequence
       last   - the last block's router decides, once, from the prompt; that expert then serves every block
       vote   - a majority vote of all routers decides, once, from the prompt
@@ -342,7 +378,13 @@ class MoA(nn.Module):
         if mode in ("label", "oracle") and domain is None:
             raise UserError(f"mode {mode} needs the domain labels")
         decoding = cache is not None and cache.route is not None
-        router_logits, routes = [], []
+        router_logits, routes, route_by, order = [], [], domain, None
+        if mode == "oracle" and cache is None and not torch.is_grad_enabled() and bool((domain[1:] < domain[:-1]).any()):
+            # inference with known domains: sort the batch by domain, so that each expert's samples are one
+            # run of rows (LoRALinear.forward_runs: a full matmul per expert); outputs go back in order below
+            route_by, order = domain.sort(stable=True)
+            idx, targets, pad_mask, router_mask = (None if t is None else t[order]
+                                                   for t in (idx, targets, pad_mask, router_mask))
 
         def before_block(i, x, pad_mask, cache):
             if mode == "token":  # per token: top-k of the router's softmax, renormalised
@@ -357,7 +399,7 @@ class MoA(nn.Module):
                 # BEGIN ASSIGNMENT 3: router i's logits on the pooled block input; route by label or by top-1
                 logits = self.routers[i](pool(x, pad_mask if router_mask is None else router_mask, self.pooling))
                 router_logits.append(logits)
-                route = domain if mode in ("label", "oracle") else logits.argmax(-1)
+                route = route_by if mode in ("label", "oracle") else logits.argmax(-1)
                 routes.append(route)
                 # END ASSIGNMENT 3
             for layer in self.blocks[i]:
@@ -368,6 +410,9 @@ class MoA(nn.Module):
         if decoding or mode == "token":
             return logits, lm_loss
         router_logits, routes = torch.stack(router_logits), torch.stack(routes)  # (L, B, K), (L, B)
+        if order is not None:  # back to the caller's order
+            inverse = order.argsort()
+            logits, router_logits, routes = logits[inverse], router_logits[:, inverse], routes[:, inverse]
         probs = F.softmax(router_logits.float(), dim=-1)
         predicted = router_logits.argmax(-1)  # (L, B): each router's own choice, whatever routed this pass
         decision = {"last": predicted[-1], "vote": vote(predicted, probs)}.get(mode, routes[-1])  # (B,)

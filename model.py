@@ -47,7 +47,7 @@ class KVCache:
         self.v = [None] * n_layer
         self.seen = [0] * n_layer
         self.key_mask = None  # (B, T_seen) bool, False at padding
-        self.n_real = None  # (B,) real tokens seen per sample: the next token's position
+        self.n_real = None  # (B,) real tokens seen per sample, the next token's position (None: no padding yet)
         self.route = None  # moa.py keeps the routing decision made at prefill here
 
     @property
@@ -159,11 +159,11 @@ class GPT(nn.Module):
         assert past + T <= self.config.block_size, f"context {past + T} > block_size {self.config.block_size}"
         attn_mask = None
         if pad_mask is None and (cache is None or cache.key_mask is None):
-            pos = torch.arange(past, past + T, device=idx.device).expand(B, T)  # (B, T)
+            pos = torch.arange(past, past + T, device=idx.device)  # (T,): the same for every sample
         else:
             if pad_mask is None:
                 pad_mask = torch.ones(B, T, dtype=torch.bool, device=idx.device)
-            seen = 0 if cache is None or cache.n_real is None else cache.n_real[:, None]
+            seen = 0 if cache is None else past if cache.n_real is None else cache.n_real[:, None]
             pos = (seen + pad_mask.long().cumsum(1) - 1).clamp(min=0)  # padding doesn't advance position
             key_mask = pad_mask if cache is None or cache.key_mask is None else torch.cat([cache.key_mask, pad_mask], 1)
             causal = torch.ones(T, past + T, dtype=torch.bool, device=idx.device).tril(diagonal=past)
@@ -171,9 +171,7 @@ class GPT(nn.Module):
             # a padding query sees itself only, so its softmax row is never empty (its output is unused)
             attn_mask = ((causal & key_mask[:, None, :]) | self_only)[:, None]  # (B, 1, T, T_seen + T)
             if cache is not None:
-                cache.key_mask = key_mask
-        if cache is not None:
-            cache.n_real = pos[:, -1] + 1
+                cache.key_mask, cache.n_real = key_mask, pos[:, -1] + 1
 
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
@@ -186,7 +184,7 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    @torch.no_grad()
+    @torch.inference_mode()  # no_grad, and no view or version-counter tracking: less work in every small op
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, pad_mask=None,
                  use_cache=True, stop_token=None, generator=None, **forward_kwargs):
         """Continues idx (B, T) by max_new_tokens tokens; temperature 0 is greedy decoding.
@@ -194,7 +192,8 @@ class GPT(nn.Module):
         With use_cache the prompt runs once (prefill) and each step feeds one token. Without it every
         step recomputes the whole (cropped) context, as nanoGPT does; both give the same greedy tokens.
         Works for any module whose forward takes (idx, pad_mask=, cache=): moa.py reuses it as is.
-        stop_token ends a sample early: once emitted, that sample only repeats it.
+        stop_token ends a sample early: once emitted, that sample only repeats it. The result is an
+        inference tensor: read it as it is, or `.clone()` it to modify it or train on it.
         """
         config = self.config
         if use_cache:

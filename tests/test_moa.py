@@ -135,6 +135,50 @@ def test_gather_gradients_equal_reference_loop():
         torch.testing.assert_close(gathered, looped, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_inference_runs_equal_gather_and_oracle_keeps_the_callers_order(bias, monkeypatch):
+    """Inference on (B,) expert ids as one merged-weight matmul per run of samples (forward_runs) equals the
+    reference loop (1e-5), with and without biases, and is skipped where runs are short; oracle mode, which
+    sorts the batch by domain for it, equals the unsorted gather with gradients on, in the caller's order."""
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16, bias=bias))
+    moa = MoA(gpt, ["a", "b", "c"], rank=4).eval()
+    randomize_B(moa)
+    idx, mask = padded_batch()
+    route = torch.tensor([2, 2, 0, 1])  # runs: (2: samples 0, 1), (0: 2), (1: 3)
+    ran = []
+    forward_runs = type(lora_layers(moa)[0]).forward_runs
+    monkeypatch.setattr(type(lora_layers(moa)[0]), "forward_runs",
+                        lambda self, x, r: ran.append(forward_runs(self, x, r)) or ran[-1])
+    for layer in lora_layers(moa):
+        layer.min_run_rows = 16  # 4 samples of 12 tokens in 3 runs: 16 rows per run
+    with torch.no_grad():
+        set_route(moa.gpt, route)
+        runs, _ = moa.gpt(idx, pad_mask=mask)
+        assert len(ran) == 8 and all(y is not None for y in ran)  # 2 blocks x 4 maps, every one by runs
+        for layer in lora_layers(moa):
+            layer.reference_loop = True
+        looped, _ = moa.gpt(idx, pad_mask=mask)
+        torch.testing.assert_close(runs, looped, rtol=0, atol=1e-5)
+        for layer in lora_layers(moa):
+            layer.reference_loop, layer.min_run_rows = False, 17
+        ran.clear()
+        moa.gpt(idx, pad_mask=mask)
+        assert len(ran) == 8 and all(y is None for y in ran)  # runs too short: the gather ran
+        set_route(moa.gpt, None)
+        for layer in lora_layers(moa):
+            layer.min_run_rows = 16
+        labels = torch.tensor([1, 0, 2, 0])
+        ran.clear()
+        sorted_runs, _ = moa(idx, pad_mask=mask, domain=labels, mode="oracle")
+        assert len(ran) == 8 and all(y is not None for y in ran)
+        routes = moa.routing["routes"]
+    with torch.enable_grad():
+        gathered, _ = moa(idx, pad_mask=mask, domain=labels, mode="oracle")  # training path: no sort, no runs
+    torch.testing.assert_close(sorted_runs, gathered.detach(), rtol=0, atol=1e-5)
+    assert torch.equal(routes, labels.expand(2, -1)) and torch.equal(moa.routing["routes"], routes)
+
+
 def tiny_moa(domains=("a", "b", "c"), n_layer=2, seed=0):
     """A MoA over a small random GPT whose experts and routers all do something."""
     torch.manual_seed(seed)
