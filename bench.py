@@ -106,9 +106,9 @@ def lora(shape, device):
     return model
 
 
-def mixed_moa(device, n_experts=4, batch=32):
+def mixed_moa(device, n_experts=4, batch=32, **overrides):
     """A MoA with n_experts nonzero experts and a batch in which sample i uses expert i % n_experts."""
-    moa = MoA(gpt(DEFAULT, device), [f"domain{k}" for k in range(n_experts)], rank=8)
+    moa = MoA(gpt(DEFAULT, device, **overrides), [f"domain{k}" for k in range(n_experts)], rank=8)
     for layer in lora_layers(moa):
         for B in layer.lora_B:
             torch.nn.init.normal_(B, std=0.02)  # trained experts are not zero
@@ -208,9 +208,16 @@ def bench_generate(cfg, rows, new_tokens, prompt_len=32):
     def generate(use_cache):
         return model.generate(prompt, new_tokens, temperature=0, use_cache=use_cache)
 
+    moa = mixed_moa(cfg.device, block_size=prompt_len + new_tokens)[0].eval()  # what sample.py runs with a bundle
+
+    def generate_moa():
+        return moa.generate(prompt, new_tokens, temperature=0, mode="last")
+
     assert torch.equal(generate(True), generate(False)), "the KV cache changed the greedy tokens"
-    t_cache, t_full = timeit([lambda: generate(True), lambda: generate(False)], cfg.repeats, cfg.device)
+    t_cache, t_full, t_moa = timeit([lambda: generate(True), lambda: generate(False), generate_moa], cfg.repeats,
+                                    cfg.device)
     row(rows, f"recompute / KV cache, {new_tokens} new tokens (same tokens)", t_full / t_cache, "x", ">=", 5.0)
+    row(rows, "MoA (4 experts, mode last) / base model, KV cache", t_moa / t_cache, "x")
 
 
 STAGES = {  # device -> the step whose peak memory is measured (None: importing torch and nanoMoA only)

@@ -87,12 +87,12 @@ class LoRALinear(nn.Module):
             # training one expert (stage 1): the same sum, with the backward written out (LoRAFunction below)
             return LoRAFunction.apply(x, self.base.weight, self.base.bias, self.lora_A[route], self.lora_B[route],
                                       self.scale)
-        if torch.is_tensor(route) and route.dim() == 1 and no_dropout and not torch.is_grad_enabled() \
-                and not torch.is_autocast_enabled(x.device.type) and not self.reference_loop:
+        if torch.is_tensor(route) and route.dim() == 1 and x.size(0) * x.size(1) >= self.min_run_rows and no_dropout \
+                and not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type) and not self.reference_loop:
             y = self.forward_runs(x, route)  # inference on a mixed batch: a few full matmuls, if that pays
             if y is not None:
                 return y
-        h = self.lora_dropout(x)
+        h = x if no_dropout else self.lora_dropout(x)
         y = self.base(x)  # (B, T, out)
         # The update is added into y in place, inside the second matmul, with the scale applied there:
         # no extra passes over the (B, T, out) output (y is the frozen base's fresh output; nothing saved it).
@@ -378,6 +378,8 @@ class MoA(nn.Module):
         if mode in ("label", "oracle") and domain is None:
             raise UserError(f"mode {mode} needs the domain labels")
         decoding = cache is not None and cache.route is not None
+        # while decoding, per layer: the one expert all samples use (always, at batch 1), else None
+        one_expert = [k[0] if len(set(k)) == 1 else None for k in cache.route.tolist()] if decoding else None
         router_logits, routes, route_by, order = [], [], domain, None
         if mode == "oracle" and cache is None and not torch.is_grad_enabled() and bool((domain[1:] < domain[:-1]).any()):
             # inference with known domains: sort the batch by domain, so that each expert's samples are one
@@ -395,6 +397,8 @@ class MoA(nn.Module):
                 # BEGIN ASSIGNMENT 4: while decoding, block i uses the route that prefill stored for it
                 route = cache.route[i]  # (B,) decided at prefill
                 # END ASSIGNMENT 4
+                if one_expert[i] is not None:  # every sample uses one expert: the plain path, no gather
+                    route = one_expert[i]
             else:
                 # BEGIN ASSIGNMENT 3: router i's logits on the pooled block input; route by label or by top-1
                 logits = self.routers[i](pool(x, pad_mask if router_mask is None else router_mask, self.pooling))
@@ -406,7 +410,9 @@ class MoA(nn.Module):
                 layer.route = route
 
         logits, lm_loss = self.gpt(idx, targets, pad_mask, cache, before_block)
-        set_route(self, None)
+        for layers in self.blocks:  # (self.blocks, not set_route: walking every module costs a decoding step ~1/3)
+            for layer in layers:
+                layer.route = None
         if decoding or mode == "token":
             return logits, lm_loss
         router_logits, routes = torch.stack(router_logits), torch.stack(routes)  # (L, B, K), (L, B)

@@ -286,7 +286,8 @@ def test_layer_mode_routes_each_layer_by_its_own_router():
 @pytest.mark.parametrize("mode, expected", [("layer", [1, 1, 2]), ("last", [2, 2, 2]), ("vote", [1, 1, 1])])
 def test_decoding_uses_the_routes_stored_at_prefill(mode, expected):
     """Prefill stores in cache.route each layer's own choice (layer) or the one decision in every layer (last,
-    vote); each decoding step then equals the GPT routed by hand with cache.route, whatever the routers say now."""
+    vote); each decoding step (one expert per layer here: the plain path) equals the GPT routed by hand with
+    cache.route (the gather; 1e-6), whatever the routers say now."""
     moa = tiny_moa(n_layer=3)
     with torch.no_grad():
         for router, k in zip(moa.routers, [1, 1, 2]):  # constant routers: layers 0 and 1 pick expert 1, the last 2
