@@ -89,7 +89,8 @@ class LoRALinear(nn.Module):
                                       self.scale)
         if torch.is_tensor(route) and route.dim() == 1 and x.size(0) * x.size(1) >= self.min_run_rows and no_dropout \
                 and not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type) and not self.reference_loop:
-            y = self.forward_runs(x, route)  # inference on a mixed batch: a few full matmuls, if that pays
+            # inference on a mixed batch with rows enough for one run at least: a few full matmuls, if that pays
+            y = self.forward_runs(x, route)
             if y is not None:
                 return y
         h = x if no_dropout else self.lora_dropout(x)
@@ -123,17 +124,17 @@ class LoRALinear(nn.Module):
         the output (Punica's SGMV: segments of one adapter each). Merging costs K (out x in x r), nothing
         next to the rows; the gather in `forward` costs thin matmuls and a second pass over the output.
         None when the runs are too short to pay (decoding: one row per sample)."""
-        experts, counts = torch.unique_consecutive(route, return_counts=True)
+        experts, counts = (t.tolist() for t in torch.unique_consecutive(route, return_counts=True))
         T = x.size(1)
         if x.size(0) * T < self.min_run_rows * len(experts):
             return None
         W, bias = self.base.weight, self.base.bias
         merged = {k: torch.addmm(W, self.lora_B[k], self.lora_A[k], alpha=self.scale).t()  # (in, out)
-                  for k in set(experts.tolist())}
+                  for k in set(experts)}
         x2d = x.reshape(-1, x.size(-1))
         y = x.new_empty(x2d.size(0), W.size(0))  # (B*T, out)
         start = 0
-        for k, n in zip(experts.tolist(), counts.tolist()):
+        for k, n in zip(experts, counts):
             rows = slice(start * T, (start + n) * T)  # samples start .. start+n-1, contiguous in memory
             if bias is None:
                 torch.mm(x2d[rows], merged[k], out=y[rows])
