@@ -1,5 +1,7 @@
 """Benchmarks nanoMoA on this machine: base training (tokens/s, MFU), LoRA against full fine-tuning,
-a mixed-domain batch through MoA, KV-cache generation, and the memory of each stage.
+a mixed-domain batch through MoA, KV-cache generation, and the memory of each stage. Every figure that
+involves experts is measured twice, side by side: the plain method (moa.py) and the speed paths
+(fast.py, what the scripts run by default).
 
     python bench.py                    # ~4 minutes on 2 CPU cores; prints a table, writes out/bench/bench.json
     python bench.py --quick=True       # smoke run, under a minute (fewer repeats, smaller mid-size batch)
@@ -13,6 +15,7 @@ measured per stage in a fresh subprocess (`--stage=NAME`), which reports its own
 
 Read next: README.md (the figures, and the machine they were measured on).
 """
+import copy
 import json
 import operator
 import os
@@ -26,10 +29,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+import fast
+from config import UserError, parse_config, run
+from files import expert_tensors
 from model import GPT, GPTConfig
-from moa import LoRALinear, MoA, add_experts, expert_tensors, lora_layers, set_route
+from moa import MoA, add_experts, lora_layers, set_route
 from train_base import BaseConfig
-from trainer import TrainConfig, UserError, make_optimizer, parse_config, run
+from trainer import TrainConfig, make_optimizer
 
 
 @dataclass
@@ -99,11 +105,11 @@ def train_step(model, x, y, ctx=nullcontext(), forward=lambda m, x, y: m(x, y)[1
     return step
 
 
-def lora(shape, device):
+def lora(shape, device, speed=True):
     """The model of train_lora.py: a frozen GPT with one rank-8 expert on all four linear maps of every block."""
     model = add_experts(gpt(shape, device), 1, rank=8, alpha=16.0)
     set_route(model, 0)
-    return model
+    return fast.enable(model, speed)
 
 
 def mixed_moa(device, n_experts=4, batch=32, **overrides):
@@ -125,10 +131,11 @@ def model_flops(model, T):
     return 6 * n + 12 * c.n_layer * T * c.n_embd
 
 
-def row(rows, metric, value, unit="x", op=None, bound=None):
+def row(rows, metric, value, unit="x", op=None, bound=None, plain=None):
+    """One figure; `plain` is the same figure with the plain method when `value` is the speed paths'."""
     ok = None if op is None else bool(OPS[op](value, bound))
-    rows.append({"metric": metric, "value": value, "unit": unit, "target": "" if op is None else f"{op} {bound:g}",
-                 "pass": ok})
+    rows.append({"metric": metric, "value": value, "plain": plain, "unit": unit,
+                 "target": "" if op is None else f"{op} {bound:g}", "pass": ok})
 
 
 def bench_base(cfg, rows):
@@ -160,64 +167,78 @@ def bench_autocast(cfg, rows, steps):
 
 
 def bench_lora(cfg, rows, shape, batch, bound):
-    """A LoRA step against a full fine-tuning step of the same model on the same batch."""
+    """A LoRA step, plain and fast, against a full fine-tuning step of the same model on the same batch."""
     x, y = tokens(batch, shape["block_size"], cfg.device)
-    t_full, t_lora = timeit([train_step(gpt(shape, cfg.device), x, y), train_step(lora(shape, cfg.device), x, y)],
-                            cfg.repeats, cfg.device)
+    t_full, t_plain, t_fast = timeit([train_step(gpt(shape, cfg.device), x, y),
+                                      train_step(lora(shape, cfg.device, False), x, y),
+                                      train_step(lora(shape, cfg.device), x, y)], cfg.repeats, cfg.device)
     name = "/".join(str(shape[k]) for k in ("n_layer", "n_embd", "block_size"))
-    row(rows, f"LoRA / full fine-tuning step, L/C/T {name}, B {batch}", t_lora / t_full, "x", "<=", bound)
+    row(rows, f"LoRA / full fine-tuning step, L/C/T {name}, B {batch}", t_fast / t_full, "x", "<=", bound,
+        t_plain / t_full)
 
 
 @torch.no_grad()
 def bench_moa(cfg, rows):
-    """Inference on a mixed batch (32 samples, 4 experts, each sample its own) against four other ways."""
-    moa, x, _, labels = mixed_moa(cfg.device)
-    base = gpt(DEFAULT, cfg.device)
-    moa.eval(), base.eval()
+    """Inference on a mixed batch (32 samples, 4 experts, each sample its own, labels given), plain and fast,
+    against the base model and two obvious ways: a loop over experts, and one sample at a time."""
+    plain, x, _, labels = mixed_moa(cfg.device)
+    plain.eval()
+    quick = fast.enable(copy.deepcopy(plain))
+    base = gpt(DEFAULT, cfg.device).eval()
 
-    def use(path):  # runs: sorted by domain, a merged-weight matmul per expert; gather: bmm; loop: per expert
-        for layer in lora_layers(moa):
-            layer.reference_loop = path == "loop"
-            layer.min_run_rows = LoRALinear.min_run_rows if path == "runs" else float("inf")
+    def mixed(moa, runs=True):  # runs=False: the fast path without sorted runs (the in-place gather)
+        for layer in lora_layers(quick):
+            layer.min_run_rows = fast.FastLoRALinear.min_run_rows if runs else float("inf")
+        return moa(x, domain=labels, mode="label")[0]  # (B, T, vocab)
 
-    def mixed(path="runs"):
-        use(path)
-        return moa(x, domain=labels, mode="oracle")[0]  # (B, T, vocab)
+    def loop(moa):  # each expert's samples through the model with that one expert, as PEFT loops over adapters
+        out = torch.empty(*x.shape, VOCAB, device=cfg.device)
+        for k in labels.unique().tolist():
+            set_route(moa.gpt, k)
+            out[labels == k] = moa.gpt(x[labels == k])[0]
+        set_route(moa.gpt, None)
+        return out
 
-    def one_at_a_time():
-        use("runs")
-        return [moa(x[i:i + 1], domain=labels[i:i + 1], mode="oracle") for i in range(len(x))]
+    def one_at_a_time(moa):
+        return [moa(x[i:i + 1], domain=labels[i:i + 1], mode="label") for i in range(len(x))]
 
-    for path in ("gather", "loop"):  # the fast path computes the same thing
-        torch.testing.assert_close(mixed(), mixed(path))
-    t_base, t_mixed, t_gather, t_loop, t_single = timeit(
-        [lambda: base(x), mixed, lambda: mixed("gather"), lambda: mixed("loop"), one_at_a_time], cfg.repeats, cfg.device)
-    use("runs")
-    row(rows, "MoA mixed batch / base model (B 32, 4 experts)", t_mixed / t_base, "x", "<=", 1.15)
-    row(rows, "  the same through the gather (bmm) / base model", t_gather / t_base, "x")
-    row(rows, "loop over experts / MoA mixed batch", t_loop / t_mixed, "x", ">", 1.0)
-    row(rows, "one sample at a time / MoA mixed batch", t_single / t_mixed, "x", ">", 1.0)
+    for check in (mixed(quick), mixed(quick, runs=False), loop(plain), loop(quick)):  # the same numbers
+        torch.testing.assert_close(check, mixed(plain), rtol=1e-4, atol=1e-4)
+    times = timeit([lambda: base(x), lambda: mixed(plain), lambda: mixed(quick), lambda: mixed(quick, runs=False),
+                    lambda: loop(plain), lambda: loop(quick), lambda: one_at_a_time(plain),
+                    lambda: one_at_a_time(quick)], cfg.repeats, cfg.device)
+    t_base, t_plain, t_fast, t_gather, t_loop_plain, t_loop_fast, t_single_plain, t_single_fast = times
+    row(rows, "MoA mixed batch / base model (B 32, 4 experts)", t_fast / t_base, "x", "<=", 1.15, t_plain / t_base)
+    row(rows, "  the same without sorted runs (the gather) / base", t_gather / t_base, "x", plain=t_plain / t_base)
+    row(rows, "loop over experts / MoA mixed batch", t_loop_fast / t_fast, "x", ">", 1.0, t_loop_plain / t_plain)
+    row(rows, "one sample at a time / MoA mixed batch", t_single_fast / t_fast, "x", ">", 1.0,
+        t_single_plain / t_plain)
 
 
 @torch.no_grad()
 def bench_generate(cfg, rows, new_tokens, prompt_len=32):
-    """Greedy decoding of one sequence with the KV cache against recomputing the whole context each step."""
+    """Greedy decoding of one sequence with the KV cache against recomputing the whole context each step,
+    and MoA's (plain and fast) against the base model's."""
     model = gpt(DEFAULT, cfg.device, block_size=prompt_len + new_tokens).eval()  # room for every new token
     prompt = tokens(1, prompt_len, cfg.device)[0]
 
     def generate(use_cache):
         return model.generate(prompt, new_tokens, temperature=0, use_cache=use_cache)
 
-    moa = mixed_moa(cfg.device, block_size=prompt_len + new_tokens)[0].eval()  # what sample.py runs with a bundle
+    plain = mixed_moa(cfg.device, block_size=prompt_len + new_tokens)[0].eval()  # what sample.py runs with a bundle
+    quick = fast.enable(copy.deepcopy(plain))
 
-    def generate_moa():
+    def generate_moa(moa):
         return moa.generate(prompt, new_tokens, temperature=0, mode="last")
 
     assert torch.equal(generate(True), generate(False)), "the KV cache changed the greedy tokens"
-    t_cache, t_full, t_moa = timeit([lambda: generate(True), lambda: generate(False), generate_moa], cfg.repeats,
-                                    cfg.device)
+    assert torch.equal(generate_moa(plain), generate_moa(quick)), "the speed paths changed the greedy tokens"
+    t_cache, t_full, t_plain, t_fast = timeit([lambda: generate(True), lambda: generate(False),
+                                               lambda: generate_moa(plain), lambda: generate_moa(quick)],
+                                              cfg.repeats, cfg.device)
     row(rows, f"recompute / KV cache, {new_tokens} new tokens (same tokens)", t_full / t_cache, "x", ">=", 5.0)
-    row(rows, "MoA (4 experts, mode last) / base model, KV cache", t_moa / t_cache, "x")
+    row(rows, "MoA generation (4 experts, mode last) / base, KV cache", t_fast / t_cache, "x", "<=", 1.10,
+        t_plain / t_cache)
 
 
 STAGES = {  # device -> the step whose peak memory is measured (None: importing torch and nanoMoA only)
@@ -232,7 +253,7 @@ STAGES = {  # device -> the step whose peak memory is measured (None: importing 
 
 def moa_training_step(device):
     moa, x, y, labels = mixed_moa(device)
-    return train_step(moa, x, y, forward=lambda m, x, y: m(x, y, domain=labels, mode="label")[1])
+    return train_step(fast.enable(moa), x, y, forward=lambda m, x, y: m(x, y, domain=labels, mode="label")[1])
 
 
 def bench_memory(cfg, rows):
@@ -299,10 +320,12 @@ def main(argv=None):
     info = machine(cfg)
     print(f"{info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads, {info['gpu'] or 'no GPU'}, "
           f"torch {info['torch']}, load average {info['load_average'][0]:.2f}, {time.time() - t0:.0f} s")
-    print(f"{'metric':<58} {'value':>14} {'target':>8}  ok")
+    print(f"{'metric':<58} {'plain':>8} {'fast / value':>16} {'target':>8}  ok")
     for r in rows:
         value = f"{r['value']:.3g} {r['unit']}".strip()
-        print(f"{r['metric']:<58} {value:>14} {r['target']:>8}  {'-' if r['pass'] is None else 'yes' if r['pass'] else 'NO'}")
+        plain = "-" if r["plain"] is None else f"{r['plain']:.3g}"
+        ok = "-" if r["pass"] is None else "yes" if r["pass"] else "NO"
+        print(f"{r['metric']:<58} {plain:>8} {value:>16} {r['target']:>8}  {ok}")
     path = os.path.join(cfg.out_dir, "bench.json")
     os.makedirs(cfg.out_dir, exist_ok=True)
     with open(path, "w") as f:

@@ -18,7 +18,7 @@ import sample
 import train_base
 import train_lora
 import train_router
-from trainer import parse_config, run
+from config import parse_config, run
 
 PROMPTS = "def parse(self, text):||#include <vector>\\nnamespace at {||The with statement is used to||57+8="
 
@@ -66,9 +66,9 @@ def main(argv=None):
         step("MoA, routers only", f"{bundles}/moa_routers.safetensors", train_router,
              router + ["--train_experts=False", "--name=moa_routers"])
         step("ablation: MoE-LoRA", f"{bundles}/moe_lora.safetensors", train_router,
-             router + ["--routing=token", "--eta=0", "--name=moe_lora"])
+             router + ["--mode=token", "--eta=0", "--name=moe_lora"])
         step("ablation: MoE-LoRA naive", f"{bundles}/moe_lora_naive.safetensors", train_router,
-             router + ["--routing=token", "--eta=0", "--expert_init=random", "--name=moe_lora_naive"])
+             router + ["--mode=token", "--eta=0", "--expert_init=random", "--name=moe_lora_naive"])
         step("adding a domain: unicode expert", f"{experts}/unicode.safetensors", train_lora, lora + ["--domain=unicode"])
         step("adding a domain: MoA + unicode", f"{bundles}/moa+unicode.safetensors", train_router,
              router + ["--add_domain=unicode", f"--bundle={bundles}/moa.safetensors"])

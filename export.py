@@ -19,16 +19,15 @@ Read next: tests/test_export.py.
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from moa import TARGETS, add_experts, base_fingerprint, expert_tensors, load_bundle, load_expert, lora_layers, \
-    read_meta, save_expert
-from train_base import load_base
-from trainer import UserError, load_safetensors, parse_config, run, save_safetensors
+from config import UserError, parse_config, run
+from files import (add_expert_file, atomic_write, expert_tensors, fingerprint, load_base, load_bundle,
+                   read_safetensors, save_expert, write_safetensors)
+from moa import TARGETS, add_experts, lora_layers
 
 CONV1D = tuple(f"{t}.weight" for t in TARGETS)  # stored (in, out) in GPT-2's checkpoints
 PEFT_PREFIX = "base_model.model."
@@ -55,12 +54,9 @@ class ExportConfig:
 # nanoMoA -> PEFT and Hugging Face
 
 def load_with_expert(cfg):
-    """The base, with --expert in expert slot 0 (load_expert checks that it was trained on this base)."""
+    """The base, with --expert as its one expert (checked to be trained on this base)."""
     model, tokenizer = load_base(cfg.base)
-    meta = read_meta(cfg.expert, "expert")[1]
-    add_experts(model, 1, meta["rank"], meta["alpha"], targets=meta["targets"])
-    load_expert(cfg.expert, model, 0, base_fingerprint(model), tokenizer)
-    return model, meta
+    return model, add_expert_file(model, cfg.expert, tokenizer)
 
 
 def write_peft(folder, tensors, meta, base):
@@ -73,7 +69,7 @@ def write_peft(folder, tensors, meta, base):
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    save_safetensors(os.path.join(folder, "adapter_model.safetensors"),
+    write_safetensors(os.path.join(folder, "adapter_model.safetensors"),
                      {f"{PEFT_PREFIX}{name}.weight": t for name, t in tensors.items()}, {"format": "pt"})
 
 
@@ -117,7 +113,7 @@ def export_hf(cfg, folder):
     state = hf_state(model)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(hf_config(model.config, state["transformer.wte.weight"].dtype), f, indent=2)
-    save_safetensors(os.path.join(folder, "model.safetensors"), state, {"format": "pt"})
+    write_safetensors(os.path.join(folder, "model.safetensors"), state, {"format": "pt"})
 
 
 def export_bundle(cfg, folder):
@@ -180,13 +176,13 @@ def import_peft(cfg):
             raise UserError(f"{config_path}: {key}={pc[key]!r} is not supported: a nanoMoA expert is plain LoRA "
                             "with one rank and alpha on every block")
     model, tokenizer = load_base(cfg.base)
-    fingerprint = base_fingerprint(model)
+    base = fingerprint(model)
     targets = peft_targets(pc.get("target_modules"), model, config_path)
     rank, alpha = pc.get("r", 8), float(pc.get("lora_alpha", 8))  # PEFT's defaults
     add_experts(model, 1, rank, alpha, targets=targets)
     ours = expert_tensors(model, 0)  # views of the new expert's parameters
     theirs = {n.removeprefix(PEFT_PREFIX).removesuffix(".weight"): t  # -> our names, as expert_tensors
-              for n, t in load_safetensors(weights_path)[0].items()}
+              for n, t in read_safetensors(weights_path)[0].items()}
     if set(theirs) != set(ours):
         raise UserError(f"{weights_path} does not hold LoRA A and B for exactly the layers its config names "
                         f"(e.g. {sorted(set(theirs) ^ set(ours))[0]})")
@@ -196,7 +192,7 @@ def import_peft(cfg):
                 raise UserError(f"{weights_path}: {name} is {tuple(t.shape)}, {cfg.base} with r={rank} wants "
                                 f"{tuple(ours[name].shape)}: another base, or another rank")
             ours[name].copy_(t)
-    save_expert(cfg.out, model, 0, cfg.domain, tokenizer, alpha, fingerprint, {"imported_from": cfg.peft})
+    save_expert(cfg.out, model, 0, cfg.domain, tokenizer, base, {"imported_from": cfg.peft})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,22 +200,6 @@ def import_peft(cfg):
 def check_free(path, force):
     if os.path.exists(path) and not force and not (os.path.isdir(path) and not os.listdir(path)):
         raise UserError(f"{path} already exists; pass --force to replace it")
-
-
-def write_folder(folder, force, write):
-    """write(tmp) fills a fresh folder tmp, which then replaces `folder`: a crash never leaves half an output."""
-    folder = os.path.normpath(folder)
-    check_free(folder, force)
-    tmp = folder + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        write(tmp)
-        if os.path.exists(folder):
-            shutil.rmtree(folder) if os.path.isdir(folder) else os.remove(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main(argv=None):
@@ -234,8 +214,9 @@ def main(argv=None):
         check_free(cfg.out, cfg.force)
         import_peft(cfg)
     else:
-        write_folder(cfg.out, cfg.force, lambda tmp: {"peft": export_peft, "hf": export_hf,
-                                                      "bundle": export_bundle}[command](cfg, tmp))
+        check_free(cfg.out, cfg.force)
+        export = {"peft": export_peft, "hf": export_hf, "bundle": export_bundle}[command]
+        atomic_write(cfg.out, lambda tmp: export(cfg, tmp), folder=True)  # a crash never leaves half a folder
     print(f"wrote {cfg.out}")
     return cfg.out
 

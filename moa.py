@@ -5,35 +5,37 @@ Read top to bottom:
    (x @ A_k^T @ B_k^T) * alpha / r. A starts small and random, B at zero, so a new expert changes
    nothing. Which expert a sample uses is the layer's `route`: None (no expert), an int (every sample
    the same expert), a (B,) tensor of expert ids (each sample its own expert: a mixed-domain batch),
-   or (B, T, K) weights (a per-token mixture, for the MoE-LoRA ablation). A mixed batch trains through
-   a gather of each sample's A and B (batched matmuls); at inference, samples that share an expert
-   and sit side by side run as one matmul with that expert's merged weight (`forward_runs`).
-2. `add_experts`: freezes a GPT and puts LoRALinear on the chosen projections of every block.
+   or (B, T, K) weights (a per-token mixture, for the MoE-LoRA ablation).
+2. `add_experts`: freezes a GPT and puts LoRALinear on the chosen linear maps of every block.
    Stage 1 (train_lora.py) uses it with K = 1.
-3. Expert files: one expert as .safetensors with JSON metadata, including a fingerprint of the base.
-4. `MoA`: the GPT with K experts and one linear router per block. The router of block i reads the
-   block's input, mean-pooled over real tokens, and predicts the domain (L_cls); training routes each
-   sample by its gold domain label; inference routes by the routers (modes below), per sequence, once
-   at prefill: the decision is kept in the KV cache for the rest of the generation.
-5. Bundles: all experts + routers + domain names in one .safetensors file; adding and removing domains.
+3. `MoA`: the GPT with K experts and one linear router per block. The router of block i reads the
+   block's input, pooled over the prompt's tokens, and predicts the domain (its loss is L_cls).
+   Training routes each sample by its domain label; inference by the routers (the routing modes),
+   one expert per sequence, decided at prefill and kept in the KV cache for the whole generation.
+4. `add_domain` / `remove_domain`: one expert and one router row more, or less.
+
+This file is the method written the plain way. fast.py computes the same things faster (a
+hand-written backward, merged weights, sorted batches); one setting switches it on (`--fast`, on by
+default in every script) and tests/test_fast.py checks that both give the same numbers. Expert and
+bundle files are in files.py.
 
 Read next: train_lora.py (stage 1), then train_router.py (stage 2).
 """
-import hashlib
-import json
+
 import math
-import os
-from dataclasses import asdict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from config import UserError
 from model import GPT, GPTConfig
-from trainer import UserError, load_safetensors, save_safetensors
 
 TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # every linear map of a block
-MODES = ("label", "layer", "last", "vote", "oracle", "token")
+# Routing modes, MoA.forward(mode=...): label (the domain label picks the expert: training, or inference with
+# the label given), layer (each block's router picks), last / vote (the last router, or a vote of all,
+# decides once from the prompt), token (the MoE-LoRA ablation: a per-token mixture). See MoA.forward.
+MODES = ("label", "layer", "last", "vote", "token")
 
 
 class LoRALinear(nn.Module):
@@ -41,16 +43,15 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, n_experts=1, rank=8, alpha=16.0, dropout=0.0):
         super().__init__()
-        self.base, self.rank, self.scale = base, rank, alpha / rank
+        self.base, self.rank, self.alpha, self.scale = base, rank, alpha, alpha / rank
         self.lora_dropout = nn.Dropout(dropout)
         # One parameter pair per expert, so an expert can be frozen, added or removed on its own.
         self.lora_A = nn.ParameterList()  # each (r, in)
         self.lora_B = nn.ParameterList()  # each (out, r)
         for _ in range(n_experts):
             self.add_expert()
-        self.route = None
-        self.merged = None  # the expert whose update is currently added into base.weight
-        self.reference_loop = False  # True: the slow, obvious loop over experts (tests compare against it)
+        self.route = None  # None | int | (B,) expert ids | (B, T, K) weights: set by the caller per forward
+        self.merged = None  # the expert whose update is currently added into base.weight (see merge)
 
     def add_expert(self):
         A = torch.empty(self.rank, self.base.in_features, device=self.base.weight.device)
@@ -66,6 +67,7 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self, k=0):
+        """Adds expert k into the frozen weight (to export a merged model); forward is then the base's."""
         assert self.merged is None, "unmerge first"
         self.base.weight += self.delta_weight(k).to(self.base.weight.dtype)
         self.merged = k
@@ -78,117 +80,26 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):  # x (B, T, in)
         route = self.route
-        if self.merged is not None:
-            assert isinstance(route, int) and route == self.merged, "a merged layer serves only its merged expert"
-        if route is None or self.merged is not None:
-            return self.base(x)
-        no_dropout = self.lora_dropout.p == 0 or not self.training
-        if isinstance(route, int) and torch.is_grad_enabled() and no_dropout:
-            # training one expert (stage 1): the same sum, with the backward written out (LoRAFunction below)
-            return LoRAFunction.apply(x, self.base.weight, self.base.bias, self.lora_A[route], self.lora_B[route],
-                                      self.scale)
-        if torch.is_tensor(route) and route.dim() == 1 and x.size(0) * x.size(1) >= self.min_run_rows and no_dropout \
-                and not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type) and not self.reference_loop:
-            # inference on a mixed batch with rows enough for one run at least: a few full matmuls, if that pays
-            y = self.forward_runs(x, route)
-            if y is not None:
-                return y
-        h = x if no_dropout else self.lora_dropout(x)
         y = self.base(x)  # (B, T, out)
-        # The update is added into y in place, inside the second matmul, with the scale applied there:
-        # no extra passes over the (B, T, out) output (y is the frozen base's fresh output; nothing saved it).
-        # In-place ops escape autocast, hence B in y's dtype (bfloat16 under autocast, like z).
-        if isinstance(route, int):  # the whole batch uses one expert: two plain matmuls
+        if self.merged is not None:  # the expert is inside base.weight already
+            assert isinstance(route, int) and route == self.merged, "a merged layer serves only its merged expert"
+            return y
+        if route is None:  # no expert: the frozen base alone
+            return y
+        h = self.lora_dropout(x)
+        if isinstance(route, int):  # the whole batch uses expert `route`
             # BEGIN ASSIGNMENT 1: return y + (h @ A_k^T @ B_k^T) * alpha / r for k = route, shape (B, T, out)
-            z = h @ self.lora_A[route].t()  # (B, T, r)
-            y2d, z2d = y.view(-1, y.size(-1)), z.view(-1, self.rank)  # (B*T, out), (B*T, r)
-            return y2d.addmm_(z2d, self.lora_B[route].t().to(y.dtype), alpha=self.scale).view_as(y)
+            return y + (h @ self.lora_A[route].t() @ self.lora_B[route].t()) * self.scale
             # END ASSIGNMENT 1
         A, B = torch.stack(list(self.lora_A)), torch.stack(list(self.lora_B))  # (K, r, in), (K, out, r)
-        if route.dtype.is_floating_point:  # (B, T, K) per-token weights: every expert, then mix
-            z = torch.einsum("bti,kri->btkr", h, A)  # (B, T, K, r)
-            return y + torch.einsum("btkr,kor,btk->bto", z, B, route.to(z.dtype)) * self.scale
-        if self.reference_loop:
-            return y + self.reference_delta(h, route)
-        # (B,) expert ids: gather each sample's A and B, apply them with batched matmuls (Punica's BGMV)
-        # BEGIN ASSIGNMENT 2: sample b uses expert route[b]: gather A[route], B[route] and apply them with torch.bmm
-        z = torch.bmm(h, A[route].transpose(1, 2))  # (B, T, in) @ (B, in, r) -> (B, T, r)
-        return y.baddbmm_(z, B[route].transpose(1, 2).to(y.dtype), alpha=self.scale)  # y += z @ B^T * scale
-        # END ASSIGNMENT 2
-
-    min_run_rows = 256  # forward_runs against the gather: even at about 256 rows per run on 2 CPU cores, ahead above
-
-    def forward_runs(self, x, route):
-        """Inference on (B,) expert ids as one full matmul per run of consecutive samples that share an
-        expert, with that expert's merged weight W + s B_k A_k, written straight into the run's rows of
-        the output (Punica's SGMV: segments of one adapter each). Merging costs K (out x in x r), nothing
-        next to the rows; the gather in `forward` costs thin matmuls and a second pass over the output.
-        None when the runs are too short to pay (decoding: one row per sample)."""
-        experts, counts = (t.tolist() for t in torch.unique_consecutive(route, return_counts=True))
-        T = x.size(1)
-        if x.size(0) * T < self.min_run_rows * len(experts):
-            return None
-        W, bias = self.base.weight, self.base.bias
-        merged = {k: torch.addmm(W, self.lora_B[k], self.lora_A[k], alpha=self.scale).t()  # (in, out)
-                  for k in set(experts)}
-        x2d = x.reshape(-1, x.size(-1))
-        y = x.new_empty(x2d.size(0), W.size(0))  # (B*T, out)
-        start = 0
-        for k, n in zip(experts, counts):
-            rows = slice(start * T, (start + n) * T)  # samples start .. start+n-1, contiguous in memory
-            if bias is None:
-                torch.mm(x2d[rows], merged[k], out=y[rows])
-            else:
-                torch.addmm(bias, x2d[rows], merged[k], out=y[rows])
-            start += n
-        return y.view(*x.shape[:-1], -1)
-
-    def reference_delta(self, h, route):
-        """The obvious way: for each expert present, run its samples through it. Slow, clearly right."""
-        out = torch.zeros(*h.shape[:-1], self.base.out_features, dtype=h.dtype, device=h.device)
-        for k in route.unique().tolist():
-            rows = route == k
-            out[rows] = h[rows] @ self.lora_A[k].t() @ self.lora_B[k].t() * self.scale
-        return out
-
-
-class LoRAFunction(torch.autograd.Function):
-    """y = x W^T + b + s (x A^T) B^T for one expert, with its backward written out by hand.
-
-    Left to autograd, the sum costs a LoRA step more than a full fine-tuning step: four thin matmuls
-    over every token, the in-place update of a view, and x's two gradients added up. Written out, with
-    the merged weight W' = W + s B A (out x in, cheap next to N tokens x in x out), it is:
-        forward   y = x W'^T + b                         z = x A^T  (N, r), kept for B's gradient
-        backward  dx = dy W'    dA = s (dy B)^T x    dB = s dy^T z
-    one full matmul per pass as in the base, with no weight gradient for the frozen W, and three thin ones.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, A, B, scale):
-        x2d = x.reshape(-1, x.size(-1))  # (N, in)
-        # BEGIN ASSIGNMENT 1: y (N, out) with the merged weight W + s B A; z = x A^T (N, r); save what backward needs
-        y = F.linear(x2d, torch.addmm(weight, B, A, alpha=scale), bias)
-        z = x2d @ A.t()
-        ctx.save_for_backward(x2d, z, weight, A, B)
-        ctx.scale = scale
-        # END ASSIGNMENT 1
-        return y.view(*x.shape[:-1], -1)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        g = grad_y.reshape(-1, grad_y.size(-1))  # (N, out)
-        # under autocast the forward ran in bfloat16/float16 but the backward does not: use y's dtype here too
-        x2d, z, weight, A, B = (t.to(g.dtype) for t in ctx.saved_tensors)
-        s, need = ctx.scale, ctx.needs_input_grad
-        # BEGIN ASSIGNMENT 1: the gradients of x (as x's shape), W and b (only if they train), A and B
-        gB = F.linear(g, B.t().contiguous())  # g @ B, (N, r): the CPU BLAS runs thin matmuls faster in this layout
-        dx = (g @ torch.addmm(weight, B, A, alpha=s)).view(*grad_y.shape[:-1], -1) if need[0] else None
-        dW = g.t() @ x2d if need[1] else None  # the base is frozen in nanoMoA: normally skipped
-        db = g.sum(0) if need[2] else None
-        dA = (gB.t() @ x2d) * s  # (r, in)
-        dB = (z.t() @ g).t() * s  # (out, r), as (r, out) for the same reason
-        # END ASSIGNMENT 1
-        return dx, dW, db, dA, dB, None
+        if route.dim() == 1:  # (B,) expert ids: gather each sample's A and B, batched matmuls (Punica's BGMV)
+            # BEGIN ASSIGNMENT 2: sample b uses expert route[b]: gather A[route], B[route] and apply them with torch.bmm
+            z = torch.bmm(h, A[route].transpose(1, 2))  # (B, T, in) @ (B, in, r) -> (B, T, r)
+            return y + torch.bmm(z, B[route].transpose(1, 2)) * self.scale  # (B, T, r) @ (B, r, out)
+            # END ASSIGNMENT 2
+        # (B, T, K) per-token weights: every expert on every token, mixed by the weights
+        z = torch.einsum("bti,kri->btkr", h, A)  # (B, T, K, r)
+        return y + torch.einsum("btkr,kor,btk->bto", z, B, route.to(z.dtype)) * self.scale
 
 
 def add_experts(model: GPT, n_experts=1, rank=8, alpha=16.0, dropout=0.0, targets=TARGETS):
@@ -228,82 +139,9 @@ def count_params(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad), total
 
 
-def base_fingerprint(model):
-    """Identifies a base model: its config and a SHA-256 of its frozen weights (names without LoRA wrappers)."""
-    assert all(layer.merged is None for layer in lora_layers(model)), "unmerge before fingerprinting"
-    gpt = model.gpt if isinstance(model, MoA) else model
-    digest = hashlib.sha256()
-    for name, t in sorted(gpt.state_dict().items()):
-        if "lora_" in name:
-            continue
-        digest.update(name.replace(".base.", ".").encode())
-        digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return {"config": asdict(gpt.config), "sha256": digest.hexdigest()}
-
-
-# ----------------------------------------------------------------------------------------------
-# Expert files: the tensors of one expert, named by the layer they sit beside, + JSON metadata.
-
-def expert_tensors(model, k):
-    """Expert k of every LoRALinear -> {"transformer.h.0.attn.c_attn.lora_A": (r, in), ...}."""
-    out = {}
-    for name, m in model.named_modules():
-        if isinstance(m, LoRALinear):
-            name = name.removeprefix("gpt.")
-            out[f"{name}.lora_A"], out[f"{name}.lora_B"] = m.lora_A[k].detach(), m.lora_B[k].detach()
-    return out
-
-
-def save_expert(path, model, k, domain, tokenizer, alpha, fingerprint, extra=None):
-    """Writes expert k as one .safetensors file; its metadata (JSON) names the domain and the base."""
-    layer = lora_layers(model)[0]
-    meta = {"kind": "expert", "domain": domain, "rank": layer.rank, "alpha": alpha, "targets": expert_targets(model),
-            "tokenizer": tokenizer, "base": fingerprint, **(extra or {})}
-    save_safetensors(path, expert_tensors(model, k), {"nanomoa": json.dumps(meta)})
-
-
-def read_meta(path, kind):
-    if not os.path.isfile(path):
-        raise UserError(f"{path} not found")
-    tensors, meta = load_safetensors(path)
-    if "nanomoa" not in meta:
-        raise UserError(f"{path} has no nanoMoA metadata: not an expert or bundle written by nanoMoA")
-    meta = json.loads(meta["nanomoa"])
-    if meta.get("kind") != kind:
-        raise UserError(f"{path} is a {meta.get('kind')}, not a {kind}")
-    return tensors, meta
-
-
-def check_base(path, meta, fingerprint, tokenizer):
-    if meta["tokenizer"] != tokenizer:
-        raise UserError(f"{path} was trained with tokenizer {meta['tokenizer']!r}, this base uses {tokenizer!r}")
-    if meta["base"] != fingerprint:
-        raise UserError(f"{path} was trained on another base model (fingerprint {meta['base']['sha256'][:12]} "
-                        f"!= {fingerprint['sha256'][:12]}); use the base it was trained on")
-
-
-def load_expert(path, model, k, fingerprint, tokenizer):
-    """Copies the expert file at `path` into expert slot k of `model`; returns its metadata."""
-    tensors, meta = read_meta(path, "expert")
-    check_base(path, meta, fingerprint, tokenizer)
-    ours = expert_tensors(model, k)
-    if set(tensors) != set(ours):
-        raise UserError(f"{path} has experts on {meta['targets']}, the model on {expert_targets(model)}")
-    with torch.no_grad():
-        for name, t in tensors.items():
-            if t.shape != ours[name].shape:
-                raise UserError(f"{path}: {name} is {tuple(t.shape)}, the model wants {tuple(ours[name].shape)} (rank?)")
-            ours[name].copy_(t)
-    return meta
-
-
-def expert_targets(model):
-    names = [n.removeprefix("gpt.") for n, m in model.named_modules() if isinstance(m, LoRALinear)]
-    return sorted({n.split(".", 3)[3] for n in names}, key=TARGETS.index)  # "transformer.h.0.attn.c_attn" -> "attn.c_attn"
-
-
 # ----------------------------------------------------------------------------------------------
 # MoA: experts side by side, routers, routing modes.
+
 
 def pool(x, mask, how):
     """x (B, T, C) -> (B, C): the mean over the tokens where mask (B, T) is True (all if None), or the
@@ -333,9 +171,8 @@ class MoA(nn.Module):
     """A frozen GPT with one LoRA expert per domain beside its linear maps and one router per block.
 
     Routing modes (`mode`, per forward call):
-      label  - training: each sample uses its gold domain's expert; routers learn to predict it (L_cls)
-      oracle - inference with the domain label given (the same routing as label; the batch runs sorted by
-               domain inside, a full matmul per expert, and comes back in the caller's order)
+      label  - each sample uses its domain label's expert (training; or inference with the label given),
+               while the routers learn to predict the label (L_cls)
       layer  - each block's router picks its own top-1 expert for the whole sequence
       last   - the last block's router decides, once, from the prompt; that expert then serves every block
       vote   - a majority vote of all routers decides, once, from the prompt
@@ -351,9 +188,9 @@ class MoA(nn.Module):
         if pooling not in ("mean", "last"):
             raise UserError(f"pooling must be mean or last, got {pooling!r}")
         self.gpt = add_experts(gpt, len(domains), rank, alpha, dropout, targets)
-        self.domains, self.alpha, self.pooling, self.eta, self.top_k = list(domains), alpha, pooling, eta, top_k
-        C, K = gpt.config.n_embd, len(domains)
-        self.routers = nn.ModuleList([nn.Linear(C, K) for _ in range(gpt.config.n_layer)])
+        self.domains, self.pooling, self.eta, self.top_k = list(domains), pooling, eta, top_k
+        C, K, device = gpt.config.n_embd, len(domains), gpt.lm_head.weight.device
+        self.routers = nn.ModuleList([nn.Linear(C, K, device=device) for _ in range(gpt.config.n_layer)])
         for r in self.routers:
             nn.init.zeros_(r.weight)  # start undecided: uniform over experts
             nn.init.zeros_(r.bias)
@@ -369,76 +206,87 @@ class MoA(nn.Module):
     def forward(self, idx, targets=None, pad_mask=None, cache=None, domain=None, mode="label", router_mask=None):
         """Returns (logits, loss); loss = L_LM + eta * L_cls when targets and domain labels are given.
 
-        router_mask (B, T) bool: the tokens the routers read (default: pad_mask, every real token).
-        Training passes a random prefix of each window: with causal attention, the block inputs over
-        a window's first L tokens are exactly those of an L-token prompt, so the routers learn to
-        route prompts of every length at no extra cost.
+        domain (B,): each sample's domain label (needed in label mode). router_mask (B, T) bool: the
+        tokens the routers read (default: pad_mask, every real token); training passes each record's
+        prompt, which is all that exists when a request arrives.
         """
         if mode not in MODES:
             raise UserError(f"unknown routing mode {mode!r}; choose from {', '.join(MODES)}")
-        if mode in ("label", "oracle") and domain is None:
-            raise UserError(f"mode {mode} needs the domain labels")
-        decoding = cache is not None and cache.route is not None
-        # while decoding, per layer: the one expert all samples use (always, at batch 1), else None
-        one_expert = [k[0] if len(set(k)) == 1 else None for k in cache.route.tolist()] if decoding else None
-        router_logits, routes, route_by, order = [], [], domain, None
-        if mode == "oracle" and cache is None and not torch.is_grad_enabled() and bool((domain[1:] < domain[:-1]).any()):
-            # inference with known domains: sort the batch by domain, so that each expert's samples are one
-            # run of rows (LoRALinear.forward_runs: a full matmul per expert); outputs go back in order below
-            route_by, order = domain.sort(stable=True)
-            idx, targets, pad_mask, router_mask = (None if t is None else t[order]
-                                                   for t in (idx, targets, pad_mask, router_mask))
-
-        def before_block(i, x, pad_mask, cache):
-            if mode == "token":  # per token: top-k of the router's softmax, renormalised
-                probs = F.softmax(self.routers[i](x).float(), dim=-1)  # (B, T, K)
-                top, ids = probs.topk(self.top_k, dim=-1)
-                route = torch.zeros_like(probs).scatter(-1, ids, top / top.sum(-1, keepdim=True))
-            elif decoding:
-                # BEGIN ASSIGNMENT 4: while decoding, block i uses the route that prefill stored for it
-                route = cache.route[i]  # (B,) decided at prefill
-                # END ASSIGNMENT 4
-                if one_expert[i] is not None:  # every sample uses one expert: the plain path, no gather
-                    route = one_expert[i]
+        if mode == "label" and domain is None:
+            raise UserError("routing mode label needs the domain labels")
+        if cache is not None and cache.route is not None:  # decoding: the route was decided at prefill
+            return self.decode(idx, pad_mask, cache)
+        x, attn_mask = self.gpt.embed(idx, pad_mask, cache)  # (B, T, C)
+        mask = pad_mask if router_mask is None else router_mask
+        router_logits, routes = [], []  # per block: (B, K), (B,)
+        for i in range(len(self.blocks)):
+            if mode == "token":
+                route = self.token_mixture(i, x)  # (B, T, K)
             else:
-                # BEGIN ASSIGNMENT 3: router i's logits on the pooled block input; route by label or by top-1
-                logits = self.routers[i](pool(x, pad_mask if router_mask is None else router_mask, self.pooling))
+                logits, route = self.route_block(i, x, mask, domain, mode)
                 router_logits.append(logits)
-                route = route_by if mode in ("label", "oracle") else logits.argmax(-1)
                 routes.append(route)
-                # END ASSIGNMENT 3
-            for layer in self.blocks[i]:
-                layer.route = route
-
-        logits, lm_loss = self.gpt(idx, targets, pad_mask, cache, before_block)
-        for layers in self.blocks:  # not set_route(self, None): walking every module is slow next to a decoding step
-            for layer in layers:
-                layer.route = None
-        if decoding or mode == "token":
+            x = self.run_block(i, x, route, attn_mask, cache)
+        logits, lm_loss = self.gpt.head(x, targets)
+        if mode == "token":
             return logits, lm_loss
         router_logits, routes = torch.stack(router_logits), torch.stack(routes)  # (L, B, K), (L, B)
-        if order is not None:  # back to the caller's order
-            inverse = order.argsort()
-            logits, router_logits, routes = logits[inverse], router_logits[:, inverse], routes[:, inverse]
-        probs = F.softmax(router_logits.float(), dim=-1)
-        predicted = router_logits.argmax(-1)  # (L, B): each router's own choice, whatever routed this pass
-        decision = {"last": predicted[-1], "vote": vote(predicted, probs)}.get(mode, routes[-1])  # (B,)
+        self.routing = self.summary(router_logits, routes, mode)
         if cache is not None:
             # BEGIN ASSIGNMENT 4: cache.route (L, B): last/vote: the decision in every layer; else each layer's own
             fixed = mode in ("last", "vote")
-            cache.route = decision.expand_as(routes) if fixed else routes  # (L, B): kept for every new token
+            cache.route = self.routing["decision"].expand_as(routes) if fixed else routes  # kept for every new token
             # END ASSIGNMENT 4
-        self.routing = {"logits": router_logits.detach(), "predicted": predicted, "routes": routes,
-                        "decision": decision, "confidence": probs[-1].gather(1, predicted[-1:].t()).squeeze(1)}
-        loss = lm_loss
-        if domain is not None:
-            # BEGIN ASSIGNMENT 3: L_cls = mean over layers of the routers' CE vs the label; add eta * L_cls
-            cls_loss = F.cross_entropy(router_logits.float().flatten(0, 1), domain.repeat(len(self.routers)))
-            self.routing["cls_loss"] = cls_loss.detach()
-            if targets is not None:
-                loss = lm_loss + self.eta * cls_loss
-            # END ASSIGNMENT 3
+        if domain is None:
+            return logits, lm_loss
+        # BEGIN ASSIGNMENT 3: L_cls = mean over layers of the routers' CE vs the label; add eta * L_cls
+        cls_loss = F.cross_entropy(router_logits.float().flatten(0, 1), domain.repeat(len(self.routers)))
+        self.routing["cls_loss"] = cls_loss.detach()
+        loss = lm_loss + self.eta * cls_loss if targets is not None else lm_loss
+        # END ASSIGNMENT 3
         return logits, loss
+
+    def route_block(self, i, x, mask, domain, mode):
+        """Router i on block i's input x (B, T, C), pooled over mask -> its logits (B, K) and the route
+        (B,): the domain label in label mode, else the router's own top-1."""
+        # BEGIN ASSIGNMENT 3: router i's logits on the pooled block input; the route: the label, or the top-1
+        logits = self.routers[i](pool(x, mask, self.pooling))
+        return logits, domain if mode == "label" else logits.argmax(-1)
+        # END ASSIGNMENT 3
+
+    def token_mixture(self, i, x):
+        """MoE-LoRA: each token's top_k experts by router i's softmax, renormalised -> (B, T, K) weights."""
+        probs = F.softmax(self.routers[i](x).float(), dim=-1)  # (B, T, K)
+        top, ids = probs.topk(self.top_k, dim=-1)
+        return torch.zeros_like(probs).scatter(-1, ids, top / top.sum(-1, keepdim=True))
+
+    def run_block(self, i, x, route, attn_mask, cache):
+        """Block i with its LoRA layers routed by `route`, for this call only."""
+        for layer in self.blocks[i]:
+            layer.route = route
+        x = self.gpt.transformer.h[i](x, attn_mask, cache, i)
+        for layer in self.blocks[i]:
+            layer.route = None
+        return x
+
+    def decode(self, idx, pad_mask, cache):
+        """One decoding step: block i uses the route that prefill kept in cache.route[i]; no router runs."""
+        x, attn_mask = self.gpt.embed(idx, pad_mask, cache)
+        for i in range(len(self.blocks)):
+            # BEGIN ASSIGNMENT 4: block i's route while decoding: the one prefill stored for it
+            route = cache.route[i]  # (B,)
+            # END ASSIGNMENT 4
+            x = self.run_block(i, x, route, attn_mask, cache)
+        return self.gpt.head(x)
+
+    def summary(self, router_logits, routes, mode):
+        """What the routers chose in this forward: each one's logits and top-1 (L, B), the routes used, the one
+        decision per sample that modes last and vote keep, and the last router's confidence in its choice."""
+        probs = F.softmax(router_logits.float(), dim=-1)  # (L, B, K)
+        predicted = router_logits.argmax(-1)  # (L, B): each router's own choice, whatever routed this pass
+        decision = {"last": predicted[-1], "vote": vote(predicted, probs)}.get(mode, routes[-1])  # (B,)
+        return {"logits": router_logits.detach(), "predicted": predicted, "routes": routes, "decision": decision,
+                "confidence": probs[-1].gather(1, predicted[-1:].t()).squeeze(1)}
 
     # ------------------------------------------------------------------------------------------
     # Changing the set of domains. Old experts and old router rows are never touched.
@@ -481,34 +329,3 @@ class MoA(nn.Module):
             self.routers[i] = smaller
         self.domains.pop(k)
         # END ASSIGNMENT 5
-
-
-# ----------------------------------------------------------------------------------------------
-# Bundles: every expert, every router and the domain names in one file.
-
-def save_bundle(path, moa: MoA, tokenizer, fingerprint, extra=None):
-    layer = lora_layers(moa)[0]
-    meta = {"kind": "bundle", "domains": moa.domains, "rank": layer.rank, "alpha": moa.alpha,
-            "targets": expert_targets(moa), "pooling": moa.pooling, "tokenizer": tokenizer, "base": fingerprint,
-            **(extra or {})}
-    tensors = {name: p.detach() for name, p in moa.named_parameters() if "lora_" in name or name.startswith("routers.")}
-    save_safetensors(path, tensors, {"nanomoa": json.dumps(meta)})
-
-
-def load_bundle(path, gpt: GPT, tokenizer, fingerprint=None):
-    """A MoA built on `gpt` from the bundle at `path`; errors if the bundle belongs to another base."""
-    tensors, meta = read_meta(path, "bundle")
-    check_base(path, meta, fingerprint or base_fingerprint(gpt), tokenizer)
-    moa = MoA(gpt, meta["domains"], meta["rank"], meta["alpha"], targets=meta["targets"], pooling=meta["pooling"],
-              top_k=meta.get("top_k", 1))
-    expected = {name for name, _ in moa.named_parameters() if "lora_" in name or name.startswith("routers.")}
-    if set(tensors) != expected:
-        raise UserError(f"{path} does not hold {len(meta['domains'])} experts and routers for this model: "
-                        f"its tensors don't match (e.g. {sorted(set(tensors) ^ expected)[0]})")
-    try:
-        moa.load_state_dict(tensors, strict=False)
-    except RuntimeError as e:
-        raise UserError(f"{path} does not fit this model: {str(e).splitlines()[-1].strip()}") from None
-    for p in moa.parameters():
-        p.requires_grad_(False)
-    return moa, meta

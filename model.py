@@ -8,11 +8,12 @@ names, the same as GPT-2's checkpoints, because moa.py puts LoRA experts beside 
 Two things beyond nanoGPT, both needed by MoA:
 - `pad_mask` (B, T): left-padded prompts of different lengths run in one batch; padding tokens are
   never attended to, and positions count real tokens only.
-- `before_block(i, x, pad_mask, cache)`: called with each block's input; moa.py's routers read it there.
+- `forward` is three steps that moa.py reuses with a router before each block: `embed` (tokens and
+  positions -> the first block's input, and the attention mask), the blocks, `head` (logits, loss).
 `generate` decodes with a KV cache (`KVCache`): greedy decoding gives exactly the tokens that
 recomputing the whole context gives.
 
-Read next: trainer.py (the shared training machinery), then train_base.py.
+Read next: moa.py (the method: LoRA experts and routers).
 """
 import json
 import math
@@ -48,7 +49,8 @@ class KVCache:
         self.seen = [0] * n_layer
         self.key_mask = None  # (B, T_seen) bool, False at padding
         self.n_real = None  # (B,) real tokens seen per sample, the next token's position (None: no padding yet)
-        self.route = None  # moa.py keeps the routing decision made at prefill here
+        self.route = None  # (L, B) moa.py: each block's expert per sample, decided at prefill
+        self.merged = None  # fast.py: per block, weights with the one expert of every sample merged in
 
     @property
     def length(self):
@@ -148,12 +150,20 @@ class GPT(nn.Module):
         """Parameters counted once (the tied head shares the embedding)."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, targets=None, pad_mask=None, cache=None, before_block=None):
+    def forward(self, idx, targets=None, pad_mask=None, cache=None):
         """idx (B, T) token ids -> logits (B, T, vocab), and the mean loss if targets (B, T) are given.
 
         targets == -1 are ignored. pad_mask (B, T) is False at left padding. With a cache, idx holds
         only the new tokens; keys and values of earlier ones come from the cache.
         """
+        x, attn_mask = self.embed(idx, pad_mask, cache)  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, attn_mask, cache, i)
+        return self.head(x, targets)
+
+    def embed(self, idx, pad_mask=None, cache=None):
+        """idx (B, T) -> the first block's input x (B, T, C), and the attention mask the blocks use
+        (None when plain causal attention will do: no padding anywhere)."""
         B, T = idx.size()
         past = 0 if cache is None else cache.length
         assert past + T <= self.config.block_size, f"context {past + T} > block_size {self.config.block_size}"
@@ -172,12 +182,10 @@ class GPT(nn.Module):
             attn_mask = ((causal & key_mask[:, None, :]) | self_only)[:, None]  # (B, 1, T, T_seen + T)
             if cache is not None:
                 cache.key_mask, cache.n_real = key_mask, pos[:, -1] + 1
+        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos)), attn_mask
 
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        for i, block in enumerate(self.transformer.h):
-            if before_block is not None:
-                before_block(i, x, pad_mask, cache)
-            x = block(x, attn_mask, cache, i)
+    def head(self, x, targets=None):
+        """The last block's output x (B, T, C) -> logits (B, T, vocab), and the mean loss over targets != -1."""
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
         loss = None
         if targets is not None:
@@ -228,6 +236,8 @@ class GPT(nn.Module):
             hf = json.load(f)
         config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
                            n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout, bias=True)
+        from files import read_hf_weights  # files.py imports this file: import it here, when needed
+
         state = read_hf_weights(folder)
         model = cls(config)
         ours = model.state_dict()
@@ -278,13 +288,3 @@ def download_gpt2(name):
         raise ValueError(f"cannot download {name} ({type(e).__name__}): with network, `pip install huggingface_hub`; "
                          f"offline, copy the hub folder (config.json + model.safetensors) here and pass its path") from None
 
-
-def read_hf_weights(folder):
-    """The tensors of a Hugging Face checkpoint folder, as a dict name -> tensor."""
-    from trainer import load_safetensors  # our own reader: no safetensors package needed
-    st, pt = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
-    if os.path.isfile(st):
-        return load_safetensors(st)[0]
-    if os.path.isfile(pt):
-        return torch.load(pt, map_location="cpu", weights_only=True)
-    raise ValueError(f"{folder} has neither model.safetensors nor pytorch_model.bin")

@@ -6,7 +6,7 @@ A miniature of the paper's Tables 2, 3, 7 and 8 on the default data: per-domain 
 perplexity with their average, router accuracy (on whole windows, and on their first 32 bytes as
 prompts), exact-match accuracy on the arithmetic domain (greedy decoding, without a domain label for
 routed variants), and parameters added to the base, for: the base; each domain's own stage-1
-expert (oracle); one LoRA on mixed data (rank r, and rank K*r: as many parameters as all K experts);
+expert (label given); one LoRA on mixed data (rank r, and rank K*r: as many parameters as all K experts);
 MoE-LoRA and MoE-LoRA naive; MoA with routers only; MoA joint; each expert alone after joint training.
 Then the sequential domain adaptation table. A variant whose files are missing is skipped (demo.py
 trains them all).
@@ -20,12 +20,14 @@ from dataclasses import dataclass
 
 import torch
 
+import fast
+from config import UserError, parse_config, run
 from data.prepare import arith_problems
 from evaluate import domain_losses, exact_match, per_sample_loss, routed_losses
-from moa import MoA, add_experts, base_fingerprint, load_bundle, load_expert, read_meta, set_route
+from files import add_expert_file, fingerprint, load_base, load_bundle, load_expert, read_meta
+from moa import MoA
 from tokenizer import get_tokenizer
-from train_base import load_base
-from trainer import DomainData, UserError, parse_config, run
+from trainer import DomainData
 
 
 @dataclass
@@ -37,48 +39,49 @@ class ResultsConfig:
     problems: int = 200  # held-out arithmetic problems for exact match
     shots: int = 3  # solved problems before each one
     plots: bool = True  # PNG pictures (needs matplotlib)
+    fast: bool = True  # fast.py's speed paths (False: the plain method of moa.py; the same numbers)
 
 
 def variants(out, domains):
     """(row name, kind, file) of every variant the table can hold, in the paper's order."""
     K = len(domains)
     return [("base", "base", None),
-            ("stage-1 experts (oracle)", "stage1", None),
+            ("stage-1 experts (label given)", "stage1", None),
             ("one LoRA, mixed data (rank r)", "lora", f"{out}/experts/all.safetensors"),
             (f"one LoRA, mixed data (rank {K}r)", "lora", f"{out}/experts/all_r{K}.safetensors"),
             ("MoE-LoRA (eta=0, token top-2)", "bundle", f"{out}/moa/moe_lora.safetensors"),
             ("MoE-LoRA naive (random experts)", "bundle", f"{out}/moa/moe_lora_naive.safetensors"),
             ("MoA, routers only", "bundle", f"{out}/moa/moa_routers.safetensors"),
             ("MoA (joint)", "bundle", f"{out}/moa/moa.safetensors"),
-            ("MoA (joint), each expert alone", "oracle", f"{out}/moa/moa.safetensors")]
+            ("MoA (joint), each expert alone", "label", f"{out}/moa/moa.safetensors")]
 
 
 def build_variant(kind, path, cfg, domains):
     """-> (model, forward kwargs for routing, parameters added to the base), or None if files are missing."""
-    base, tokenizer = load_base(os.path.join(cfg.out, "base"))
-    fingerprint = base_fingerprint(base)
+    gpt, tokenizer = load_base(os.path.join(cfg.out, "base"))
     if kind == "base":
-        return base, {}, 0
+        return gpt, {}, 0
     if kind == "stage1":
         paths = [os.path.join(cfg.out, "experts", f"{d}.safetensors") for d in domains]
         if not all(os.path.isfile(p) for p in paths):
             return None
         meta = read_meta(paths[0], "expert")[1]
-        moa = MoA(base, domains, meta["rank"], meta["alpha"], targets=meta["targets"])
+        base = fingerprint(gpt)
+        model = MoA(gpt, domains, meta["rank"], meta["alpha"], targets=meta["targets"])
         for k, p in enumerate(paths):
-            load_expert(p, moa, k, fingerprint, tokenizer)
-        return moa, {"mode": "oracle"}, sum(p.numel() for n, p in moa.named_parameters() if "lora_" in n)
-    if not os.path.isfile(path):
+            load_expert(p, model, k, base, tokenizer)
+        kwargs = {"mode": "label"}
+    elif not os.path.isfile(path):
         return None
-    if kind == "lora":
-        meta = read_meta(path, "expert")[1]
-        add_experts(base, 1, meta["rank"], meta["alpha"], 0.0, meta["targets"])
-        load_expert(path, base, 0, fingerprint, tokenizer)
-        set_route(base, 0)
-        return base, {}, sum(p.numel() for n, p in base.named_parameters() if "lora_" in n)
-    moa, meta = load_bundle(path, base, tokenizer, fingerprint)
-    mode = "oracle" if kind == "oracle" else "token" if meta.get("routing") == "token" else "layer"
-    return moa, {"mode": mode}, sum(p.numel() for n, p in moa.named_parameters() if "lora_" in n or n.startswith("routers."))
+    elif kind == "lora":
+        add_expert_file(gpt, path, tokenizer)
+        model, kwargs = gpt, {}
+    else:
+        model, meta = load_bundle(path, gpt, tokenizer)
+        kwargs = {"mode": "label" if kind == "label" else "token" if meta.get("mode") == "token" else "layer"}
+    routers = kind in ("bundle", "label")  # a bundle's routers count; stage-1 experts have none of their own
+    added = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n or (routers and n.startswith("routers.")))
+    return fast.enable(model, cfg.fast), kwargs, added
 
 
 def measure(model, kwargs, data, enc, cfg):
@@ -90,14 +93,14 @@ def measure(model, kwargs, data, enc, cfg):
         row = routed_losses(model, data, cfg.windows, 32, mode)
     else:
         row = domain_losses(lambda x, y, d: per_sample_loss(model(x)[0], y), data, cfg.windows, 32)
-    if mode == "oracle":  # routers did not choose here; report their accuracy under routing only
+    if mode == "label":  # routers did not choose here; report their accuracy under routing only
         row = {k: v for k, v in row.items() if not k.startswith("route_")}
     if "arith" in data.domains:
         gen_kwargs = {"mode": "last"} if mode == "layer" else kwargs  # routed: one decision from the prompt
         arith = data.domains.index("arith")
 
         def generate(idx, mask, n):
-            label = {"domain": torch.full((idx.size(0),), arith)} if mode == "oracle" else {}
+            label = {"domain": torch.full((idx.size(0),), arith)} if mode == "label" else {}
             return model.generate(idx, n, temperature=0, pad_mask=mask, **gen_kwargs, **label)
         row["arith_exact_match"] = exact_match(generate, enc, arith_problems(cfg.problems, 1, test=True),
                                                arith_problems(cfg.shots, 2))

@@ -1,7 +1,7 @@
 """Generates text from the base, the base + one expert, or a MoA bundle that routes each prompt.
 
     python sample.py --prompt="def main("                                  # the base alone
-    python sample.py --adapter=out/experts/python.safetensors --prompt="def main("
+    python sample.py --expert=out/experts/python.safetensors --prompt="def main("
     python sample.py --bundle=out/moa/moa.safetensors --prompt="def f(x):||#include <vector>||12+34="
     python sample.py --base=gpt2 --prompt=FILE:prompt.txt --max_new_tokens=100
 
@@ -17,20 +17,21 @@ from dataclasses import dataclass
 
 import torch
 
+import fast
+from config import UserError, parse_config, run
 from evaluate import left_pad
-from moa import MODES, add_experts, base_fingerprint, load_bundle, load_expert, read_meta, set_route
+from files import add_expert_file, load_base, load_bundle
+from moa import MODES
 from tokenizer import encode, get_tokenizer
-from train_base import load_base
-from trainer import UserError, parse_config, run
 
 
 @dataclass
 class SampleConfig:
     base: str = "out/base"
-    adapter: str = ""  # one expert (.safetensors from train_lora.py)
+    expert: str = ""  # one expert (.safetensors from train_lora.py)
     bundle: str = ""  # a MoA bundle (.safetensors from train_router.py)
-    mode: str = "last"  # routing with a bundle: layer | last | vote | token | oracle (needs --domain)
-    domain: str = ""  # the domain label for --mode=oracle
+    mode: str = "last"  # routing mode with a bundle: layer | last | vote | token | label (needs --domain)
+    domain: str = ""  # the domain label for --mode=label
     prompt: str = "\\n"
     num_samples: int = 1  # samples per prompt
     max_new_tokens: int = 100
@@ -39,6 +40,7 @@ class SampleConfig:
     top_p: float = 1.0  # 1.0: no nucleus filter
     seed: int = 1337
     device: str = "cpu"
+    fast: bool = True  # fast.py's speed paths (False: the plain method of moa.py)
 
 
 def read_prompts(text):
@@ -57,23 +59,17 @@ def read_prompts(text):
 def load_model(cfg):
     """The model to sample from, its tokenizer name, and the forward kwargs that select the routing."""
     model, tokenizer = load_base(cfg.base)
-    if cfg.adapter and cfg.bundle:
-        raise UserError("give --adapter or --bundle, not both")
-    if cfg.adapter:
-        meta = read_meta(cfg.adapter, "expert")[1]
-        fingerprint = base_fingerprint(model)
-        add_experts(model, 1, meta["rank"], meta["alpha"], 0.0, meta["targets"])
-        load_expert(cfg.adapter, model, 0, fingerprint, tokenizer)
-        set_route(model, 0)
-        return model, tokenizer, {}
+    if cfg.expert and cfg.bundle:
+        raise UserError("give --expert or --bundle, not both")
+    if cfg.expert:
+        add_expert_file(model, cfg.expert, tokenizer)
     if cfg.bundle:
-        moa, meta = load_bundle(cfg.bundle, model, tokenizer)
-        if cfg.mode not in MODES or cfg.mode == "label":
-            raise UserError(f"--mode={cfg.mode}: choose layer, last, vote, token or oracle")
-        if cfg.mode == "oracle" and cfg.domain not in moa.domains:
-            raise UserError(f"--mode=oracle needs --domain=NAME, one of {', '.join(moa.domains)}")
-        return moa, tokenizer, {"mode": cfg.mode}
-    return model, tokenizer, {}
+        model = load_bundle(cfg.bundle, model, tokenizer)[0]
+        if cfg.mode not in MODES:
+            raise UserError(f"--mode={cfg.mode}: choose one of {', '.join(MODES)}")
+        if cfg.mode == "label" and cfg.domain not in model.domains:
+            raise UserError(f"--mode=label needs --domain=NAME, one of {', '.join(model.domains)}")
+    return fast.enable(model, cfg.fast), tokenizer, {"mode": cfg.mode} if cfg.bundle else {}
 
 
 @torch.no_grad()
@@ -87,7 +83,7 @@ def main(argv=None):
     idx, mask = left_pad(rows, enc.eot_token)
     if idx.size(1) + cfg.max_new_tokens > model.config.block_size:
         raise UserError(f"prompt ({idx.size(1)} tokens) + max_new_tokens exceed the context of {model.config.block_size}")
-    if kwargs.get("mode") == "oracle":
+    if kwargs.get("mode") == "label":
         kwargs["domain"] = torch.full((len(rows),), model.domains.index(cfg.domain), device=cfg.device)
     out = model.generate(idx.to(cfg.device), cfg.max_new_tokens, cfg.temperature, cfg.top_k or None,
                          cfg.top_p if cfg.top_p < 1 else None, pad_mask=mask.to(cfg.device),

@@ -14,14 +14,12 @@ import os
 
 import tiktoken
 
+from config import UserError
+
 EOT = "<|endoftext|>"
 # GPT-2's pre-tokenizer regex. With the byte tokenizer there are no merges, so it only decides how
 # text is cut into pieces before encoding; any pattern would give the same ids.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-
-
-class TokenizerError(Exception):
-    """A tokenizer that cannot be loaded (offline, or missing files); the message says what to do."""
 
 
 def byte_tokenizer() -> tiktoken.Encoding:
@@ -35,7 +33,7 @@ def gpt2_from_folder(folder: str) -> tiktoken.Encoding:
     vocab, merges = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
     for f in (vocab, merges):
         if not os.path.isfile(f):
-            raise TokenizerError(f"{f} not found: a GPT-2 tokenizer folder needs vocab.json and merges.txt")
+            raise UserError(f"{f} not found: a GPT-2 tokenizer folder needs vocab.json and merges.txt")
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks  # reads local paths without network
     # tiktoken caches files by path; passing the contents' hashes makes it re-read edited files
     sha256 = {}
@@ -46,7 +44,7 @@ def gpt2_from_folder(folder: str) -> tiktoken.Encoding:
         ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=merges, encoder_json_file=vocab,
                                                 vocab_bpe_hash=sha256[merges], encoder_json_hash=sha256[vocab])
     except (AssertionError, KeyError, ValueError) as e:  # tiktoken asserts that the two files agree
-        raise TokenizerError(f"{folder}: vocab.json and merges.txt are not a valid GPT-2 BPE pair "
+        raise UserError(f"{folder}: vocab.json and merges.txt are not a valid GPT-2 BPE pair "
                              f"({type(e).__name__})") from None
     return tiktoken.Encoding("gpt2-local", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                              special_tokens={EOT: len(ranks)})
@@ -62,11 +60,11 @@ def get_tokenizer(name: str) -> tiktoken.Encoding:
         try:
             return tiktoken.get_encoding("gpt2")
         except Exception as e:  # tiktoken raises requests/OS errors of many kinds when offline
-            raise TokenizerError(
+            raise UserError(
                 f"cannot load the GPT-2 BPE ({type(e).__name__}): run once with network, or point "
                 f"TIKTOKEN_CACHE_DIR at a folder holding tiktoken's cached gpt2 files, or pass a "
                 f"folder with vocab.json + merges.txt") from None
-    raise TokenizerError(f"unknown tokenizer {name!r}: use 'bytes', 'gpt2' or a folder with vocab.json + merges.txt")
+    raise UserError(f"unknown tokenizer {name!r}: use 'bytes', 'gpt2' or a folder with vocab.json + merges.txt")
 
 
 def encode(enc: tiktoken.Encoding, text: str) -> list:

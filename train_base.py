@@ -17,7 +17,9 @@ import torch
 
 from evaluate import domain_losses, per_sample_loss, unigram_entropy
 from model import GPT, GPTConfig
-from trainer import DomainData, TrainConfig, UserError, load_checkpoint, parse_config, run, train
+from config import UserError, parse_config, run
+from files import load_checkpoint
+from trainer import DomainData, TrainConfig, train
 
 
 @dataclass
@@ -71,25 +73,6 @@ def main(argv=None):
         print(f"{name:>8}: val loss {final[f'val/{name}']:.3f} nats/token, unigram entropy {unigram_entropy(data, name):.3f}")
     print(f"saved {os.path.join(cfg.out_dir, 'ckpt.pt')}")
     return model, losses
-
-
-def load_base(path):
-    """The frozen base for later stages: a train_base.py checkpoint (ckpt.pt or its folder), or GPT-2
-    weights (a hub name or a local folder). Returns (model, tokenizer name)."""
-    if path.endswith(".pt") or os.path.isfile(os.path.join(path, "ckpt.pt")):
-        ckpt_path = path if path.endswith(".pt") else os.path.join(path, "ckpt.pt")
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt["meta"].get("kind") != "base":
-            raise UserError(f"{ckpt_path} is not a base checkpoint (kind: {ckpt['meta'].get('kind')})")
-        model = GPT(GPTConfig(**ckpt["meta"]["model"]))
-        missing = model.load_state_dict(ckpt["model"], strict=False).missing_keys
-        if missing != ["lm_head.weight"]:  # lm_head is tied to wte, saved once
-            raise UserError(f"{ckpt_path} does not match its own config: missing {missing[:3]}")
-        return model, ckpt["meta"]["tokenizer"]
-    try:
-        return GPT.from_pretrained(path), path if os.path.isdir(path) else "gpt2"
-    except ValueError as e:
-        raise UserError(str(e)) from None
 
 
 if __name__ == "__main__":

@@ -16,10 +16,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
+import fast
+from config import UserError, parse_config, run
 from evaluate import domain_losses, per_sample_loss
-from moa import add_experts, base_fingerprint, count_params, load_expert, read_meta, save_expert, set_route
-from train_base import load_base
-from trainer import DomainData, TrainConfig, UserError, parse_config, run, train
+from files import add_expert_file, fingerprint, load_base, save_expert
+from moa import add_experts, count_params, set_route
+from trainer import DomainData, TrainConfig, train
 
 
 @dataclass
@@ -55,14 +57,14 @@ def main(argv=None):
     if tokenizer != train_data.tokenizer:
         raise UserError(f"the base uses tokenizer {tokenizer!r} but {cfg.data_dir} was prepared with "
                         f"{train_data.tokenizer!r}; prepare the data with --tokenizer={tokenizer}")
-    fingerprint = base_fingerprint(model)
-    if cfg.init_expert:
-        meta = read_meta(cfg.init_expert, "expert")[1]
+    base = fingerprint(model)
+    if cfg.init_expert:  # go on training an existing expert, with its rank, alpha and targets
+        meta = add_expert_file(model, cfg.init_expert, tokenizer, cfg.lora_dropout)
         cfg = replace(cfg, rank=meta["rank"], alpha=meta["alpha"], targets=",".join(meta["targets"]))
-    add_experts(model, 1, cfg.rank, cfg.alpha, cfg.lora_dropout, cfg.targets.split(","))
-    if cfg.init_expert:
-        load_expert(cfg.init_expert, model, 0, fingerprint, tokenizer)
-    set_route(model, 0)  # every sample uses the one expert
+    else:
+        add_experts(model, 1, cfg.rank, cfg.alpha, cfg.lora_dropout, cfg.targets.split(","))
+        set_route(model, 0)  # every sample uses the one expert
+    fast.enable(model, cfg.fast)
     trainable, total = count_params(model)
     print(f"expert {name!r} on {', '.join(train_data.domains)}: {trainable:,} trainable of {total:,} parameters "
           f"({100 * trainable / (total - trainable):.2f}% of the base)")
@@ -73,10 +75,9 @@ def main(argv=None):
                              cfg.eval_iters * cfg.batch_size, cfg.batch_size, device)
 
     run_cfg = replace(cfg, out_dir=os.path.join(cfg.out_dir, name))
-    losses = train(run_cfg, model, train_data, evaluate, meta={"kind": "lora", "domain": cfg.domain})
+    losses = train(run_cfg, model, train_data, evaluate, meta={"kind": "expert", "domain": cfg.domain})
     path = os.path.join(cfg.out_dir, f"{name}.safetensors")
-    save_expert(path, model.cpu(), 0, cfg.domain, tokenizer, cfg.alpha, fingerprint,
-                {"trained_on": train_data.domains, "steps": cfg.max_iters})
+    save_expert(path, model, 0, cfg.domain, tokenizer, base, {"trained_on": train_data.domains, "steps": cfg.max_iters})
     print(f"saved {path} ({os.path.getsize(path) / 1e3:.0f} kB)")
     return model, losses
 

@@ -3,8 +3,8 @@ on evenly sampled data of all domains with L = L_LM + eta * L_cls. Also adds and
 
     python train_router.py                                   # MoA: experts + routers trained jointly
     python train_router.py --train_experts=False --name=moa_routers   # routers only, experts frozen
-    python train_router.py --routing=token --eta=0 --name=moe_lora    # ablation: token-level MoE-LoRA
-    python train_router.py --routing=token --eta=0 --expert_init=random --name=moe_lora_naive
+    python train_router.py --mode=token --eta=0 --name=moe_lora       # ablation: token-level MoE-LoRA
+    python train_router.py --mode=token --eta=0 --expert_init=random --name=moe_lora_naive
     python train_router.py --add_domain=unicode --bundle=out/moa/moa.safetensors   # K -> K+1 domains
     python train_router.py --remove_domain=unicode --bundle=out/moa/moa+unicode.safetensors
 
@@ -25,10 +25,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
+import fast
+from config import UserError, parse_config, run
 from evaluate import routed_losses
-from moa import MoA, base_fingerprint, count_params, load_bundle, load_expert, lora_layers, read_meta, save_bundle
-from train_base import load_base
-from trainer import DomainData, TrainConfig, UserError, parse_config, run, train
+from files import fingerprint, load_base, load_bundle, load_expert, read_meta, save_bundle
+from moa import TARGETS, MoA, count_params, lora_layers
+from trainer import DomainData, TrainConfig, train
 
 
 @dataclass
@@ -39,9 +41,8 @@ class RouterConfig(TrainConfig):
     name: str = ""  # the bundle's file name; default moa, or <bundle>+<domain> / <bundle>-<domain>
     eta: float = 1.0  # weight of the routers' domain-label loss L_cls
     train_experts: bool = True  # the paper: experts and routers trained jointly; False: routers only
-    route_by: str = "label"  # in training, each sample's expert is its gold label's, or the routers' choice
-    routing: str = "sequence"  # sequence (MoA) | token (MoE-LoRA ablation: top_k experts per token)
-    top_k: int = 2  # experts per token with routing=token (top-1 would give the router no gradient)
+    mode: str = "label"  # routing in training: label (MoA) | token (MoE-LoRA ablation) | layer (routers' choice)
+    top_k: int = 2  # experts per token with mode=token (top-1 would give the router no gradient)
     pooling: str = "mean"  # how a router reads its block's input: mean over real tokens | last token
     router_min_len: int = 16  # routers read a random prefix (at least this long) of each window; 0: all of it
     expert_init: str = "stage1"  # stage1 experts, or random ones ("MoE-LoRA naive")
@@ -62,16 +63,15 @@ class RouterConfig(TrainConfig):
     weight_decay: float = 0.0
 
 
-SETTINGS = ("routing", "top_k", "eta", "train_experts", "expert_init", "max_iters", "router_min_len")  # kept in a bundle
+SETTINGS = ("mode", "top_k", "eta", "train_experts", "expert_init", "max_iters", "router_min_len")  # kept in a bundle
 
 
 def check_choices(cfg):
-    for key, allowed in (("route_by", ("label", "router")), ("routing", ("sequence", "token")),
-                         ("expert_init", ("stage1", "random"))):
+    for key, allowed in (("mode", ("label", "token", "layer")), ("expert_init", ("stage1", "random"))):
         if getattr(cfg, key) not in allowed:
             raise UserError(f"--{key}={getattr(cfg, key)}: choose one of {', '.join(allowed)}")
-    if cfg.add_domain and cfg.routing != "sequence":
-        raise UserError("--add_domain works on MoA bundles: leave --routing=sequence")
+    if cfg.add_domain and cfg.mode != "label":
+        raise UserError("--add_domain trains a MoA bundle's routers on domain labels: leave --mode=label")
     if cfg.router_min_len < 0:
         raise UserError(f"--router_min_len={cfg.router_min_len}: use 0 (whole windows) or a positive length")
     if cfg.learning_rate <= 0 or cfg.router_lr <= 0:
@@ -89,15 +89,15 @@ def expert_path(cfg, domain):
     return path
 
 
-def build(cfg, base, tokenizer, fingerprint, data_domains):
+def build(cfg, gpt, tokenizer, base, data_domains):
     """The MoA to train: fresh from stage-1 (or random) experts, or an existing bundle plus one domain."""
     if cfg.add_domain:
-        moa, meta = load_bundle(cfg.bundle, base, tokenizer, fingerprint)  # everything frozen
-        if meta.get("routing", "sequence") != "sequence":
+        moa, meta = load_bundle(cfg.bundle, gpt, tokenizer, base)  # everything frozen
+        if meta.get("mode", "label") == "token":
             raise UserError(f"{cfg.bundle} routes per token (MoE-LoRA): adding a domain needs a MoA bundle")
         # BEGIN ASSIGNMENT 5: add the domain, load its expert into the new slot; the routers' new row (maybe all rows, maybe the expert) trains
         moa.add_domain(cfg.add_domain)
-        load_expert(expert_path(cfg, cfg.add_domain), moa, len(moa.domains) - 1, fingerprint, tokenizer)
+        load_expert(expert_path(cfg, cfg.add_domain), moa, len(moa.domains) - 1, base, tokenizer)
         for layer in lora_layers(moa):
             for p in [layer.lora_A[-1], layer.lora_B[-1]]:
                 p.requires_grad_(cfg.train_new_expert)
@@ -113,11 +113,11 @@ def build(cfg, base, tokenizer, fingerprint, data_domains):
         meta = read_meta(expert_path(cfg, data_domains[0]), "expert")[1]
         rank, alpha, targets = meta["rank"], meta["alpha"], meta["targets"]
     else:
-        targets = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-    moa = MoA(base, data_domains, rank, alpha, cfg.lora_dropout, targets, cfg.pooling, cfg.eta, cfg.top_k)
+        targets = TARGETS
+    moa = MoA(gpt, data_domains, rank, alpha, cfg.lora_dropout, targets, cfg.pooling, cfg.eta, cfg.top_k)
     if cfg.expert_init == "stage1":
         for k, domain in enumerate(data_domains):
-            load_expert(expert_path(cfg, domain), moa, k, fingerprint, tokenizer)
+            load_expert(expert_path(cfg, domain), moa, k, base, tokenizer)
     for layer in lora_layers(moa):
         for p in [*layer.lora_A, *layer.lora_B]:
             p.requires_grad_(cfg.train_experts)
@@ -127,8 +127,8 @@ def build(cfg, base, tokenizer, fingerprint, data_domains):
 def main(argv=None):
     cfg = parse_config(RouterConfig, argv or [])
     check_choices(cfg)
-    base, tokenizer = load_base(cfg.base)
-    fingerprint = base_fingerprint(base)
+    gpt, tokenizer = load_base(cfg.base)
+    base = fingerprint(gpt)
     stem = os.path.splitext(os.path.basename(cfg.bundle))[0]
     name = cfg.name or (f"{stem}+{cfg.add_domain}" if cfg.add_domain else
                         f"{stem}-{cfg.remove_domain}" if cfg.remove_domain else "moa")
@@ -137,9 +137,9 @@ def main(argv=None):
         raise UserError(f"the new bundle would overwrite its input {cfg.bundle}; pick another --name")
 
     if cfg.remove_domain:  # nothing to train: drop the expert and the routers' row
-        moa, meta = load_bundle(cfg.bundle, base, tokenizer, fingerprint)
+        moa, meta = load_bundle(cfg.bundle, gpt, tokenizer, base)
         moa.remove_domain(cfg.remove_domain)
-        save_bundle(path, moa, tokenizer, fingerprint, {k: meta[k] for k in SETTINGS if k in meta})
+        save_bundle(path, moa, tokenizer, base, {k: meta[k] for k in SETTINGS if k in meta})
         print(f"saved {path}: domains {', '.join(moa.domains)}")
         return moa, []
 
@@ -147,7 +147,8 @@ def main(argv=None):
     if cfg.add_domain:
         domains = read_meta(cfg.bundle, "bundle")[1]["domains"] + [cfg.add_domain]
     torch.manual_seed(cfg.seed)  # new experts and routers start the same for the same seed
-    moa = build(cfg, base, tokenizer, fingerprint, domains)
+    moa = build(cfg, gpt, tokenizer, base, domains)
+    fast.enable(moa, cfg.fast)
     data = DomainData(cfg.data_dir, ",".join(moa.domains), cfg.block_size)  # labels follow the bundle's order
     if data.tokenizer != tokenizer:
         raise UserError(f"{cfg.data_dir} was prepared with tokenizer {data.tokenizer!r}, the base uses {tokenizer!r}")
@@ -155,24 +156,23 @@ def main(argv=None):
     trainable, total = count_params(moa)
     print(f"MoA over {', '.join(moa.domains)}: {trainable:,} trainable of {total:,} parameters")
 
-    train_mode = "token" if cfg.routing == "token" else "label" if cfg.route_by == "label" else "layer"
-    eval_mode = "token" if cfg.routing == "token" else "layer"
+    eval_mode = "token" if cfg.mode == "token" else "layer"  # evaluation: no labels, the routers decide
 
     def loss_fn(m, x, y, d):
         router_mask = None
         if cfg.router_min_len:  # prompts at inference are short: the routers learn from prefixes of every length
             lengths = torch.randint(min(cfg.router_min_len, x.size(1)), x.size(1) + 1, (x.size(0), 1), device=x.device)
             router_mask = torch.arange(x.size(1), device=x.device) < lengths  # (B, T): True on each prefix
-        return m(x, y, domain=d, mode=train_mode, router_mask=router_mask)[1]
+        return m(x, y, domain=d, mode=cfg.mode, router_mask=router_mask)[1]
 
     def evaluate(m):
         device = next(m.parameters()).device
         return routed_losses(m, data, cfg.eval_iters * cfg.batch_size, cfg.batch_size, eval_mode, device)
 
-    meta = {"kind": "moa", "domains": moa.domains}
+    meta = {"kind": "bundle", "domains": moa.domains}
     losses = train(replace(cfg, out_dir=os.path.join(cfg.out_dir, name)), moa, data, evaluate, loss_fn, meta,
                    lr_scales={"routers.": cfg.router_lr / cfg.learning_rate})
-    save_bundle(path, moa.cpu(), tokenizer, fingerprint, {k: getattr(cfg, k) for k in SETTINGS})
+    save_bundle(path, moa, tokenizer, base, {k: getattr(cfg, k) for k in SETTINGS})
     print(f"saved {path}")
     return moa, losses
 

@@ -1,5 +1,5 @@
-"""The training machinery every stage shares, written once: configuration, data and batches,
-checkpoint and safetensors I/O, the optimizer and its schedule, and the training loop itself.
+"""The training machinery every stage shares, written once: the settings every stage has, data and
+batches, the optimizer and its schedule, and the training loop itself.
 
 train_base.py, train_lora.py and train_router.py each build their model and say how a batch turns
 into a loss; `train` does the rest: gradient accumulation, clipping, warmup + cosine learning rate,
@@ -11,35 +11,20 @@ Read next: evaluate.py, then train_base.py.
 import json
 import math
 import os
-import struct
-import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-
-class UserError(Exception):
-    """A mistake the user can fix (bad flag, missing file...): printed as one line, exit status 1."""
-
-
-def run(main):
-    """Runs main(sys.argv[1:]) and turns a UserError into `error: ...` on stderr with exit status 1."""
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted: the last checkpoint is intact; continue with --init_from=resume", file=sys.stderr)
-        sys.exit(130)
+from config import UserError
+from files import load_checkpoint, save_checkpoint
 
 
 # ----------------------------------------------------------------------------------------------
-# Configuration: typed dataclass defaults, optional JSON config files, --key=value overrides.
+# Settings: each script's config dataclass extends this one (config.py parses the flags).
 
 @dataclass
 class TrainConfig:
@@ -52,6 +37,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | mps
     dtype: str = "float32"  # float32 | bfloat16 | float16 (autocast)
     compile: bool = False
+    fast: bool = True  # fast.py's speed paths (False: the plain method of moa.py; the same numbers)
     batch_size: int = 16  # sequences per micro-batch (per process)
     block_size: int = 128
     grad_accum: int = 1  # micro-batches per step, counted over all processes
@@ -68,132 +54,6 @@ class TrainConfig:
     eval_iters: int = 4  # batches per domain per evaluation
     log_interval: int = 50
     progress: bool = True  # tqdm progress bar
-
-
-def parse_value(text, kind, key):
-    if kind is bool:
-        if text.lower() in ("1", "true", "yes"):
-            return True
-        if text.lower() in ("0", "false", "no"):
-            return False
-        raise UserError(f"--{key}={text}: expected a bool (True/False)")
-    try:
-        return kind(text)
-    except ValueError:
-        raise UserError(f"--{key}={text}: expected {kind.__name__}") from None
-
-
-def parse_config(cls, argv):
-    """Builds cls() from argv: JSON config files (in order), then --key=value overrides (--flag for True)."""
-    cfg = cls()
-    kinds = {f.name: f.type for f in fields(cls)}
-
-    def assign(key, value, source):
-        if key not in kinds:
-            raise UserError(f"unknown config key {key!r} in {source}; valid keys: {', '.join(kinds)}")
-        if isinstance(value, str):
-            value = parse_value(value, kinds[key], key)
-        elif kinds[key] is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kinds[key]) or (isinstance(value, bool) and kinds[key] is not bool):
-            raise UserError(f"{key}={value!r} in {source}: expected {kinds[key].__name__}")
-        setattr(cfg, key, value)
-
-    for arg in [a for a in argv if not a.startswith("--")]:  # files first, so flags always win
-        try:
-            with open(arg) as f:
-                overrides = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"cannot read config file {arg}: {e}") from None
-        if not isinstance(overrides, dict):
-            raise UserError(f"config file {arg} must hold a JSON object of key: value")
-        for key, value in overrides.items():
-            assign(key, value, arg)
-    for arg in [a for a in argv if a.startswith("--")]:
-        key, eq, value = arg[2:].partition("=")
-        if key not in kinds:
-            raise UserError(f"unknown config key {key!r} on the command line; valid keys: {', '.join(kinds)}")
-        if not eq and kinds[key] is bool:
-            value = "true"  # a bare --flag switches a bool on
-        elif not eq:
-            raise UserError(f"{arg}: write --{key}=VALUE")
-        assign(key, value, "the command line")
-    return cfg
-
-
-# ----------------------------------------------------------------------------------------------
-# Files: atomic writes, checkpoints, and a small safetensors reader/writer (the format is a JSON
-# header of names, dtypes, shapes and byte offsets, then the raw little-endian bytes).
-
-def atomic_write(path, write):
-    """Calls write(tmp_path), then renames tmp_path to path: a crash never leaves half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-             "BOOL": torch.bool}
-
-
-def save_safetensors(path, tensors, metadata=None):
-    """Writes {name: tensor} (and str -> str metadata) as a .safetensors file, atomically."""
-    names = {v: k for k, v in ST_DTYPES.items()}
-    header, blobs, offset = {}, [], 0
-    for name, t in tensors.items():
-        data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
-        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    if metadata:
-        header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # pad the header so the tensor data is 8-byte aligned
-
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(head)) + head)
-            for blob in blobs:
-                f.write(blob)
-    atomic_write(path, write)
-
-
-def load_safetensors(path):
-    """Reads a .safetensors file: returns ({name: tensor}, metadata dict)."""
-    try:
-        with open(path, "rb") as f:
-            n = struct.unpack("<Q", f.read(8))[0]
-            header = json.loads(f.read(n))
-            data = f.read()
-    except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path} as safetensors: {e}") from None
-    metadata = header.pop("__metadata__", {})
-    tensors = {}
-    for name, info in header.items():
-        start, end = info["data_offsets"]
-        flat = torch.empty(0, dtype=torch.uint8)  # an empty tensor: frombuffer rejects zero bytes
-        if end > start:
-            flat = torch.frombuffer(bytearray(data[start:end]), dtype=torch.uint8)
-        tensors[name] = flat.view(ST_DTYPES[info["dtype"]]).reshape(info["shape"])
-    return tensors, metadata
-
-
-def load_checkpoint(path):
-    """Loads a checkpoint written by `train` (weights_only: no pickle is executed)."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        ckpt["meta"] = json.loads(ckpt["meta"])
-    except Exception as e:
-        raise UserError(f"checkpoint {path} is corrupt or not a nanoMoA checkpoint ({type(e).__name__})") from None
-    return ckpt
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,7 +228,7 @@ def train(cfg, model, data, evaluate, loss_fn=default_loss, meta=None, lr_scales
         state = {"model": trainable_state(raw_model), "optimizer": optimizer.state_dict(),
                  "batch_rng": batch_rng.get_state(), "torch_rng": torch.get_rng_state(),
                  "meta": json.dumps({"step": step, "config": asdict(cfg), "metrics": metrics, **(meta or {})})}
-        atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
+        save_checkpoint(ckpt_path, state)
 
     losses, t0 = [], time.time()
     bar = None

@@ -2,16 +2,16 @@
 `# BEGIN ASSIGNMENT N: hint` and `# END ASSIGNMENT N` is replaced by
 `raise NotImplementedError("Assignment N: hint")`, indented as the BEGIN line.
 
-    python assignments/make.py ../nanomoa-student                      # every assignment to do
-    python assignments/make.py ../nanomoa-student --assignments=3,4,5  # 1 and 2 handed out solved
-    python assignments/make.py ../nanomoa-student --force              # write into a non-empty folder
+    python assignments/make.py --out_dir=../nanomoa-student                      # assignments 1 to 5 to do
+    python assignments/make.py --out_dir=../nanomoa-student --assignments=3,4,5  # 1 and 2 handed out solved
+    python assignments/make.py --out_dir=../nanomoa-student --assignments=all    # and the optional 6 (fast.py)
+    python assignments/make.py --out_dir=../nanomoa-student --force              # write into a non-empty folder
 
 The copy holds the files git would commit (tracked, or untracked and not ignored; without git: the
 tree minus .git, out/, prepared data and virtual environments), minus the kit itself (this script and
 tests/test_assignments.py). Marker lines never reach it: solved regions keep their code, unmarked.
 The handout is assignments/README.md; assignment N is graded by `python -m pytest -q tests -m assignmentN`.
 """
-import argparse
 import ast
 import json
 import os
@@ -19,31 +19,41 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+from config import UserError, parse_config, run  # noqa: E402  (needs the repo root on the path)
+
 KIT = {"assignments/make.py", "tests/test_assignments.py"}  # the instructor's side: not in the student copy
+REQUIRED, OPTIONAL = (1, 2, 3, 4, 5), (6,)  # 6: the speed paths of fast.py, an optional last chapter
 BEGIN = re.compile(r"^(\s*)# BEGIN ASSIGNMENT (\d+): (.+)$")
 END = re.compile(r"^\s*# END ASSIGNMENT (\d+)\s*$")
 
 
-class KitError(Exception):
-    """A mistake in the markers or the arguments: reported as one line."""
+@dataclass
+class KitConfig:
+    out_dir: str = ""  # the folder to write the student copy into (outside this repo)
+    assignments: str = ""  # comma-separated numbers to leave to the student (default 1-5; "all" adds 6)
+    force: bool = False  # write into an existing, non-empty folder
 
 
 def repo_files(root):
-    """Paths, relative to root, of the files the student copy is made from."""
+    """Paths, relative to root, of the files the student copy is made from: what git would commit, never a
+    virtual environment (any folder holding a pyvenv.cfg, wherever it is and whatever its name)."""
     try:
         listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
                                 capture_output=True, text=True, check=True).stdout.split("\0")
-        return sorted(p for p in listed if p and os.path.isfile(os.path.join(root, p)))  # skip deleted files
+        files = [p for p in listed if p and os.path.isfile(os.path.join(root, p))]  # skip deleted files
     except (OSError, subprocess.CalledProcessError):  # no git, or not a checkout
         files = []
         for folder, dirs, names in os.walk(root):
             rel = os.path.relpath(folder, root)
-            dirs[:] = [d for d in dirs if rel != "data" and d not in (".git", "out", "__pycache__")
-                       and not d.startswith((".venv", ".pytest_cache"))]  # data/<name>/: prepared data sets
+            dirs[:] = [d for d in dirs if rel != "data" and d not in (".git", "out", "__pycache__", ".pytest_cache")
+                       and not os.path.isfile(os.path.join(folder, d, "pyvenv.cfg"))]  # data/<name>/: prepared data
             files += [os.path.normpath(os.path.join(rel, n)) for n in names if not n.endswith(".pyc")]
-        return sorted(files)
+    venvs = tuple(os.path.dirname(p) + "/" for p in files if p.endswith("/pyvenv.cfg"))  # untracked, not ignored
+    return sorted(p for p in files if not p.startswith(venvs))
 
 
 def blank(text, path, todo=None):
@@ -54,7 +64,7 @@ def blank(text, path, todo=None):
         begin, end = BEGIN.match(line), END.match(line)
         if begin:
             if region:
-                raise KitError(f"{path}:{i}: BEGIN inside the region opened at line {region[1]}; regions don't nest")
+                raise UserError(f"{path}:{i}: BEGIN inside the region opened at line {region[1]}; regions don't nest")
             region = (int(begin.group(2)), i)
             if todo is None or region[0] in todo:
                 regions.append(region)
@@ -62,33 +72,32 @@ def blank(text, path, todo=None):
                 out.append(f"{begin.group(1)}raise NotImplementedError({json.dumps(message, ensure_ascii=False)})\n")
         elif end:
             if not region or int(end.group(1)) != region[0]:
-                raise KitError(f"{path}:{i}: END ASSIGNMENT {end.group(1)} has no matching BEGIN above it")
+                raise UserError(f"{path}:{i}: END ASSIGNMENT {end.group(1)} has no matching BEGIN above it")
             region = None
         elif line.lstrip().startswith(("# BEGIN ASSIGNMENT", "# END ASSIGNMENT")):
-            raise KitError(f"{path}:{i}: write markers as `# BEGIN ASSIGNMENT N: hint` and `# END ASSIGNMENT N`")
+            raise UserError(f"{path}:{i}: write markers as `# BEGIN ASSIGNMENT N: hint` and `# END ASSIGNMENT N`")
         elif region is None or region not in regions:  # outside a region, or in one kept solved
             out.append(line)
     if region:
-        raise KitError(f"{path}:{region[1]}: BEGIN ASSIGNMENT {region[0]} has no END")
+        raise UserError(f"{path}:{region[1]}: BEGIN ASSIGNMENT {region[0]} has no END")
     return "".join(out), regions
 
 
 def main(argv=None):
     """Writes the student copy; returns its blanked regions [(path, assignment, line of the BEGIN)]."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir", help="the folder to write the student copy into")
-    parser.add_argument("--assignments", default="", help="comma-separated numbers to blank (default: all)")
-    parser.add_argument("--force", action="store_true", help="write into an existing, non-empty folder")
-    args = parser.parse_args(argv)
+    args = parse_config(KitConfig, argv or [])
+    if not args.out_dir:
+        raise UserError("say where to write the student copy: --out_dir=../nanomoa-student")
     out_dir = os.path.abspath(args.out_dir)
     if REPO_ROOT == out_dir or REPO_ROOT.startswith(out_dir + os.sep):
-        raise KitError(f"{args.out_dir} holds the reference repo: choose a folder outside it, e.g. ../nanomoa-student")
+        raise UserError(f"{args.out_dir} holds the reference repo: choose a folder outside it, e.g. ../nanomoa-student")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not args.force:
-        raise KitError(f"{args.out_dir} is not empty: choose a new folder, or add --force to write into it")
+        raise UserError(f"{args.out_dir} is not empty: choose a new folder, or add --force to write into it")
     try:
-        todo = {int(n) for n in args.assignments.split(",")} if args.assignments else None
+        todo = set(REQUIRED + OPTIONAL) if args.assignments == "all" else \
+            {int(n) for n in args.assignments.split(",")} if args.assignments else set(REQUIRED)
     except ValueError:
-        raise KitError(f"--assignments={args.assignments}: write numbers separated by commas, e.g. 3,4,5") from None
+        raise UserError(f"--assignments={args.assignments}: write numbers separated by commas, e.g. 3,4,5") from None
 
     files = [p for p in repo_files(REPO_ROOT) if p not in KIT]
     texts, blanked = {}, []
@@ -98,11 +107,11 @@ def main(argv=None):
         try:
             ast.parse(texts[path], path)
         except SyntaxError as e:  # a region must be whole statements, so a raise can stand in for it
-            raise KitError(f"{path}:{e.lineno}: the student copy does not parse ({e.msg}); move the markers") from None
+            raise UserError(f"{path}:{e.lineno}: the student copy does not parse ({e.msg}); move the markers") from None
         blanked += [(path, n, line) for n, line in regions]
-    missing = (todo or set()) - {n for _, n, _ in blanked}
+    missing = todo - {n for _, n, _ in blanked}
     if missing:
-        raise KitError(f"no region is marked for assignment {', '.join(map(str, sorted(missing)))}")
+        raise UserError(f"no region is marked for assignment {', '.join(map(str, sorted(missing)))}")
 
     for path in files:  # everything checked: now write
         target = os.path.join(out_dir, path)
@@ -120,7 +129,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KitError as e:
-        sys.exit(f"error: {e}")
+    run(main)

@@ -1,8 +1,8 @@
 """Builds the multi-domain data set: token streams split by document, written once for training to memory-map.
 
     python data/prepare.py                                 # the default set into data/default (seconds)
-    python data/prepare.py --only python,arith --max_tokens=100000
-    python data/prepare.py --domain recipes='my/recipes/*.txt' --domain chat=alpaca.jsonl
+    python data/prepare.py --only=python,arith --max_tokens=100000
+    python data/prepare.py --domain=recipes='my/recipes/*.txt' --domain=chat=alpaca.jsonl
 
 The built-in domains come from text present wherever Python and torch are installed, so no network:
 - python:  the standard library's top-level *.py files, one document per file.
@@ -12,7 +12,7 @@ The built-in domains come from text present wherever Python and torch are instal
            answers are exact, so evaluate.py scores it by greedy decoding (see arith_problems).
 - unicode: "U+00E9 é LATIN SMALL LETTER E WITH ACUTE" for every printable named code point, 32 per
            document. It is held back: trained on only later, when a domain is added to the mixture.
-A user domain (--domain NAME=PATH_OR_GLOB) takes every file matched: a .jsonl file gives one document
+A user domain (--domain=NAME=PATH_OR_GLOB) takes every file matched: a .jsonl file gives one document
 per record ({"text"}, or Alpaca's {"instruction", "input", "output"}), any other file is one document.
 
 Documents are shuffled with a seeded RNG and ~10% of them go to val, so no document is in both splits
@@ -24,7 +24,6 @@ eot, per-domain token and document counts, held-back domains, seed), written las
 
 Read next: train_base.py.
 """
-import argparse
 import glob
 import json
 import os
@@ -34,12 +33,15 @@ import sys
 import sysconfig
 import time
 import unicodedata
+from dataclasses import dataclass, field
 
 import numpy as np
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
-from tokenizer import TokenizerError, encode, get_tokenizer  # noqa: E402  (needs the repo root on the path)
+from config import UserError, parse_config, run  # noqa: E402  (these need the repo root on the path)
+from files import atomic_write  # noqa: E402
+from tokenizer import encode, get_tokenizer  # noqa: E402
 
 SOURCES = {  # built-in domain -> where its text comes from
     "python": "Python standard library source (top-level *.py), one file per document",
@@ -50,11 +52,6 @@ SOURCES = {  # built-in domain -> where its text comes from
 }
 HELD_BACK = ["unicode"]
 MAX_DOC_CHARS = 20000  # longer documents are cut, so one big file cannot dominate a domain
-
-
-def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
 
 
 def read_text(path):
@@ -121,7 +118,7 @@ def builtin_documents(name, max_tokens, seed):
 
 def nonempty(text, where):
     if not text.strip():
-        fail(f"{where}: empty text")
+        raise UserError(f"{where}: empty text")
     return text
 
 
@@ -132,14 +129,14 @@ def record_text(record, where):
     if isinstance(record, dict) and all(isinstance(record.get(k), str) for k in ("instruction", "output")):
         given = f"### Input:\n{record['input']}\n\n" if record.get("input") else ""  # no Input section when empty
         return f"### Instruction:\n{record['instruction']}\n\n{given}### Response:\n{record['output']}\n"
-    fail(f'{where}: a record needs a "text" field, or "instruction" and "output" (and optionally "input")')
+    raise UserError(f'{where}: a record needs a "text" field, or "instruction" and "output" (and optionally "input")')
 
 
 def user_documents(name, pattern):
     """The documents of a --domain NAME=PATH_OR_GLOB: one per .jsonl record, one per other file."""
     paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
     if not paths:
-        fail(f"--domain {name}={pattern}: matches no files")
+        raise UserError(f"--domain={name}={pattern}: matches no files")
     docs = []
     for path in paths:
         if not path.endswith(".jsonl"):
@@ -151,7 +148,7 @@ def user_documents(name, pattern):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                fail(f"{path}:{i}: not valid JSON")
+                raise UserError(f"{path}:{i}: not valid JSON")
             docs.append(record_text(record, f"{path}:{i}"))
     return docs
 
@@ -174,28 +171,29 @@ def split_documents(docs, enc, max_tokens, rng):
     return out
 
 
-def write_atomic(path, data):
+def write_bytes(path, data):
     """Writes bytes so that a reader sees the old file or the new one, never half of one."""
-    with open(path + ".tmp", "wb") as f:
-        f.write(data)
-    os.replace(path + ".tmp", path)
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+    atomic_write(path, write)
 
 
 def read_domains(only, domain_specs, max_tokens, seed):
     """Reads every selected domain before anything is written, so bad input leaves old data untouched.
     -> {name: (documents, source, task)}, the built-in domains first."""
-    names = list(SOURCES) if only is None else [n.strip() for n in only.split(",") if n.strip()]
+    names = [n.strip() for n in only.split(",") if n.strip()] if only else list(SOURCES)
     for name in names:
         if name not in SOURCES:
-            fail(f"--only: unknown domain {name!r}; built-in domains: {', '.join(SOURCES)}")
+            raise UserError(f"--only: unknown domain {name!r}; built-in domains: {', '.join(SOURCES)}")
     specs = []
     for spec in domain_specs:
         name, _, pattern = spec.partition("=")
         if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or not pattern:
-            fail(f"--domain {spec!r}: expected NAME=PATH_OR_GLOB, NAME of letters, digits, _ and -")
+            raise UserError(f"--domain={spec}: expected NAME=PATH_OR_GLOB, NAME of letters, digits, _ and -")
         specs.append((name, pattern))
     if not names and not specs:
-        fail("no domains to build: --only selected none and no --domain was given")
+        raise UserError("no domains to build: --only selected none and no --domain was given")
     domains = {}
     for name in names:
         task = "arith" if name == "arith" else None  # a task domain is also scored by exact match
@@ -204,34 +202,29 @@ def read_domains(only, domain_specs, max_tokens, seed):
         domains[name] = (user_documents(name, pattern), f"user files {pattern}", None)  # replaces a same-named built-in
     for name, (docs, _, _) in domains.items():
         if len(docs) < 2:
-            fail(f"domain {name!r} has {len(docs)} document(s); a train/val split needs at least 2")
+            raise UserError(f"domain {name!r} has {len(docs)} document(s); a train/val split needs at least 2")
     return domains
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(description="Builds the multi-domain token data set (see the docstring).")
-    p.add_argument("--out", default=None, help="output folder (default: data/default under the repo root)")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--max_tokens", type=int, default=600000, help="train tokens per domain (val: a tenth)")
-    p.add_argument("--tokenizer", default="bytes", help="'bytes', 'gpt2' or a folder with GPT-2's files")
-    p.add_argument("--domain", action="append", default=[], metavar="NAME=PATH_OR_GLOB",
-                   help="add a domain from .txt files or a .jsonl file (repeatable)")
-    p.add_argument("--only", default=None, help=f"comma-separated built-in domains: {','.join(SOURCES)}")
-    return p.parse_args(argv)
+@dataclass
+class PrepareConfig:
+    out_dir: str = os.path.join(REPO_ROOT, "data", "default")
+    seed: int = 1337
+    max_tokens: int = 600000  # train tokens per domain (val: a tenth)
+    tokenizer: str = "bytes"  # bytes | gpt2 | a folder with GPT-2's vocab.json + merges.txt
+    only: str = ""  # comma-separated built-in domains (default: all of them)
+    domain: list = field(default_factory=list)  # NAME=PATH_OR_GLOB, once per user domain (.txt files or .jsonl)
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = parse_config(PrepareConfig, argv or [])
     t0 = time.time()
-    out = args.out or os.path.join(REPO_ROOT, "data", "default")
+    out = args.out_dir
     if args.max_tokens < 1:
-        fail(f"--max_tokens must be positive, got {args.max_tokens}")
-    try:
-        enc = get_tokenizer(args.tokenizer)
-    except TokenizerError as e:
-        fail(str(e))
+        raise UserError(f"--max_tokens must be positive, got {args.max_tokens}")
+    enc = get_tokenizer(args.tokenizer)
     if enc.n_vocab > 2 ** 16:
-        fail(f"tokenizer {args.tokenizer!r} has {enc.n_vocab} tokens; the .bin files hold uint16 ids (at most 65536)")
+        raise UserError(f"tokenizer {args.tokenizer!r} has {enc.n_vocab} tokens; the .bin files hold uint16 ids (at most 65536)")
 
     domains = read_domains(args.only, args.domain, args.max_tokens, args.seed)
     meta = {"tokenizer": args.tokenizer, "vocab_size": enc.n_vocab, "eot": enc.eot_token, "domains": {},
@@ -241,15 +234,15 @@ def main(argv=None):
         splits = split_documents(docs, enc, args.max_tokens, rng)
         os.makedirs(os.path.join(out, name), exist_ok=True)
         for split, (tokens, _) in splits.items():
-            write_atomic(os.path.join(out, name, f"{split}.bin"), tokens.tobytes())
+            write_bytes(os.path.join(out, name, f"{split}.bin"), tokens.tobytes())
         (train, n_train), (val, n_val) = splits["train"], splits["val"]
         meta["domains"][name] = {"train_tokens": len(train), "val_tokens": len(val), "train_docs": n_train,
                                  "val_docs": n_val, "source": source, "task": task}
         print(f"{name:>8}: docs {n_train}/{n_val}, tokens {len(train):,}/{len(val):,} (train/val)")
-    write_atomic(os.path.join(out, "meta.json"), json.dumps(meta, indent=2).encode())
+    write_bytes(os.path.join(out, "meta.json"), json.dumps(meta, indent=2).encode())
     print(f"wrote {out} in {time.time() - t0:.1f}s")
     return meta
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -21,7 +21,8 @@ ASSIGNMENTS = {1: "the LoRA layer: one expert's forward and its merge",
                2: "a mixed batch: each sample through its own expert",
                3: "the routers and their domain-label loss L_cls",
                4: "routing at inference: the decision made at prefill, kept while decoding",
-               5: "adding and removing a domain"}
+               5: "adding and removing a domain",
+               6: "optional: the speed paths of fast.py"}
 
 
 def pytest_configure(config):
@@ -58,7 +59,7 @@ def tiny_data(tmp_path_factory):
     """A data folder with every built-in domain (python, cpp, prose, arith, held-back unicode), ~20k tokens each."""
     from data.prepare import main as prepare
     out = str(tmp_path_factory.mktemp("data"))
-    prepare(["--out", out, "--max_tokens", "20000"])
+    prepare([f"--out_dir={out}", "--max_tokens=20000"])
     return out
 
 

@@ -11,7 +11,8 @@ import pytest
 from conftest import assert_one_line_error
 from data.prepare import arith_problems, is_test_pair
 from data.prepare import main as prepare
-from tokenizer import EOT, TokenizerError, encode, get_tokenizer
+from config import UserError
+from tokenizer import EOT, encode, get_tokenizer
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HARD_TEXT = ("naïve café — e\u0301 (combining acute), 日本語のテキスト, 한국어, emoji 🦜🧪👩‍🔬, math ∑∫√, "
@@ -121,23 +122,23 @@ def test_gpt2_tokenizer_folder_rereads_edited_files(tmp_path, monkeypatch):
 
 
 def test_gpt2_tokenizer_folder_errors(tmp_path, monkeypatch):
-    """A folder missing a file, or whose vocab.json disagrees with merges.txt, raises TokenizerError."""
+    """A folder missing a file, or whose vocab.json disagrees with merges.txt, raises UserError."""
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "cache"))
     folder = str(tmp_path / "tok")
     os.makedirs(folder)
-    with pytest.raises(TokenizerError, match="merges.txt"):
+    with pytest.raises(UserError, match="merges.txt"):
         get_tokenizer(folder)
     write_gpt2_folder(folder, [(b"a", b"b")])
     with open(os.path.join(folder, "merges.txt"), "a") as f:
         f.write("c d\n")  # a merge vocab.json does not have
-    with pytest.raises(TokenizerError, match="not a valid GPT-2 BPE pair"):
+    with pytest.raises(UserError, match="not a valid GPT-2 BPE pair"):
         get_tokenizer(folder)
-    with pytest.raises(TokenizerError, match="unknown tokenizer"):
+    with pytest.raises(UserError, match="unknown tokenizer"):
         get_tokenizer("no-such-tokenizer")
 
 
 def test_gpt2_tokenizer_offline(tmp_path, monkeypatch):
-    """Without network or cache, get_tokenizer("gpt2") raises a TokenizerError that names TIKTOKEN_CACHE_DIR."""
+    """Without network or cache, get_tokenizer("gpt2") raises a UserError that names TIKTOKEN_CACHE_DIR."""
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
     for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):  # a closed port: offline at once
         monkeypatch.setenv(var, "http://127.0.0.1:9")
@@ -145,7 +146,7 @@ def test_gpt2_tokenizer_offline(tmp_path, monkeypatch):
     monkeypatch.delenv("no_proxy", raising=False)
     try:
         get_tokenizer("gpt2")
-    except TokenizerError as e:
+    except UserError as e:
         assert "TIKTOKEN_CACHE_DIR" in str(e)
     else:
         pytest.skip("the gpt2 BPE loaded: it is cached or reachable")
@@ -158,8 +159,8 @@ def run_prepare(*args):
 
 def test_prepare_cli_missing_files(tmp_path):
     """prepare.py with a --domain glob that matches nothing exits 1 with one line on stderr and writes nothing."""
-    result = run_prepare("--out", str(tmp_path / "out"), "--only", "arith", "--max_tokens", "2000",
-                         "--domain", f"mine={tmp_path}/*.txt")
+    result = run_prepare(f"--out_dir={tmp_path / 'out'}", "--only=arith", "--max_tokens=2000",
+                         f"--domain=mine={tmp_path}/*.txt")
     assert_one_line_error(result, "matches no files")
     assert not os.path.exists(tmp_path / "out")
 
@@ -169,18 +170,17 @@ def test_prepare_cli_missing_files(tmp_path):
     ('{"text": "fine"}\n{"title": "no text"}\n', [":2:", '"text"']),
     ('{"text": "  "}\n{"text": "fine"}\n', [":1:", "empty"]),
 ])
-def test_prepare_bad_jsonl(tmp_path, capsys, content, words):
-    """A bad .jsonl record stops prepare.py with exit status 1 and one stderr line naming the file and line."""
+def test_prepare_bad_jsonl(tmp_path, content, words):
+    """A bad .jsonl record stops prepare.py with a one-line UserError naming the file and line, and writes nothing."""
     path = tmp_path / "bad.jsonl"
     path.write_text(content)
-    with pytest.raises(SystemExit) as exit_info:
-        prepare(["--out", str(tmp_path / "out"), "--only", "arith", "--max_tokens", "2000",
-                 "--domain", f"mine={path}"])
-    assert exit_info.value.code == 1
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: {path}")
+    with pytest.raises(UserError) as e:
+        prepare([f"--out_dir={tmp_path / 'out'}", "--only=arith", "--max_tokens=2000", f"--domain=mine={path}"])
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(str(path))
     for word in words:
-        assert word in lines[0]
+        assert word in message
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_prepare_user_domain_jsonl(tmp_path):
@@ -189,8 +189,7 @@ def test_prepare_user_domain_jsonl(tmp_path):
     records += [{"instruction": f"say {i}", "input": "", "output": f"{i}"} for i in range(5)]
     path = tmp_path / "notes.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    meta = prepare(["--out", str(tmp_path / "out"), "--only", "arith", "--max_tokens", "2000",
-                    "--domain", f"notes={path}"])
+    meta = prepare([f"--out_dir={tmp_path / 'out'}", "--only=arith", "--max_tokens=2000", f"--domain=notes={path}"])
     info = meta["domains"]["notes"]
     assert info["train_docs"] + info["val_docs"] == 20
     enc = get_tokenizer("bytes")

@@ -17,10 +17,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import export  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from moa import (MoA, TARGETS, add_experts, base_fingerprint, load_expert, lora_layers, read_meta,  # noqa: E402
-                 save_bundle, save_expert, set_route)
-from train_base import load_base  # noqa: E402
-from trainer import UserError  # noqa: E402
+from config import UserError  # noqa: E402
+from files import add_expert_file, fingerprint, load_base, read_meta, save_bundle, save_expert  # noqa: E402
+from moa import MoA, TARGETS, add_experts, lora_layers, set_route  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -54,12 +53,12 @@ def random_expert(base, path, targets, rank=4, alpha=8.0, seed=1):
     """An expert file on `base` whose B matrices are random (a fresh expert, B = 0, would change nothing)."""
     torch.manual_seed(seed)
     model, tokenizer = load_base(base)
-    fingerprint = base_fingerprint(model)
+    base_fp = fingerprint(model)
     add_experts(model, 1, rank, alpha, targets=targets)
     with torch.no_grad():
         for layer in lora_layers(model):
             layer.lora_B[0].normal_(std=0.3)
-    save_expert(path, model, 0, "python", tokenizer, alpha, fingerprint)
+    save_expert(path, model, 0, "python", tokenizer, base_fp)
     return path
 
 
@@ -67,11 +66,7 @@ def random_expert(base, path, targets, rank=4, alpha=8.0, seed=1):
 def nanomoa_logits(base, expert=None):
     model, tokenizer = load_base(base)
     if expert:
-        meta = read_meta(expert, "expert")[1]
-        fingerprint = base_fingerprint(model)
-        add_experts(model, 1, meta["rank"], meta["alpha"], targets=meta["targets"])
-        load_expert(expert, model, 0, fingerprint, tokenizer)
-        set_route(model, 0)
+        add_expert_file(model, expert, tokenizer)
     return model.eval()(IDX)[0]
 
 
@@ -187,14 +182,14 @@ def test_bundle_export(gpt2, tmp_path):
     router i applied to transformers' mean-pooled hidden_states[i] gives nanoMoA's router logits."""
     torch.manual_seed(4)
     gpt, tokenizer = load_base(gpt2)
-    fingerprint = base_fingerprint(gpt)
+    base_fp = fingerprint(gpt)
     moa = MoA(gpt, ["python", "prose"], rank=4, alpha=8.0).eval()
     with torch.no_grad():
         for name, p in moa.named_parameters():
             if "lora_B" in name or name.startswith("routers."):
                 p.normal_(std=0.3)
     bundle = str(tmp_path / "moa.safetensors")
-    save_bundle(bundle, moa, tokenizer, fingerprint)
+    save_bundle(bundle, moa, tokenizer, base_fp)
     out = str(tmp_path / "moa")
     export.main(["bundle", f"--bundle={bundle}", f"--base={gpt2}", f"--out={out}"])
     assert sorted(os.listdir(out)) == ["prose", "python", "routers.json"]
@@ -205,7 +200,7 @@ def test_bundle_export(gpt2, tmp_path):
         assert torch.equal(torch.tensor(saved["weight"]), r.weight) and torch.equal(torch.tensor(saved["bias"]), r.bias)
     k = 1  # route every sample to "prose", in nanoMoA and by loading prose's adapter
     with torch.no_grad():
-        ours = moa(IDX, domain=torch.full((3,), k), mode="oracle")[0]
+        ours = moa(IDX, domain=torch.full((3,), k), mode="label")[0]
         model = peft.PeftModel.from_pretrained(hf_model(gpt2), os.path.join(out, "prose")).eval()
         result = model(IDX, output_hidden_states=True)
     torch.testing.assert_close(result.logits, ours, atol=ATOL, rtol=0)

@@ -13,10 +13,9 @@ import sample
 import train_lora
 from model import GPT, GPTConfig
 from conftest import randomize_B
-from moa import (LoRAFunction, LoRALinear, add_experts, base_fingerprint, count_params, expert_tensors, load_expert,
-                 lora_layers, save_expert, set_route)
-from train_base import load_base
-from trainer import UserError
+from config import UserError
+from files import expert_tensors, fingerprint, load_base, load_expert, save_expert
+from moa import LoRALinear, add_experts, count_params, lora_layers, set_route
 
 LORA_ITERS = 60  # arith's drop is the largest for seeds 1..3 (checked); other domains' losses rise
 
@@ -38,7 +37,7 @@ def arith_run(tiny_data, tiny_base, tmp_path_factory):
     model, _ = train_lora.main([f"--data_dir={tiny_data}", f"--base={tiny_base}", f"--out_dir={out}",
                                 "--domain=arith", f"--max_iters={LORA_ITERS}", f"--eval_interval={LORA_ITERS}",
                                 "--batch_size=8", "--block_size=32", "--eval_iters=1", "--progress=False",
-                                "--device=cpu", "--seed=1"])
+                                "--device=cpu", "--seed=1", "--fast=False"])  # graded: the plain method
     return model.eval(), out
 
 
@@ -63,48 +62,6 @@ def test_expert_adds_its_low_rank_update():
     assert layer.lora_A[1].grad.abs().max() > 0 and layer.lora_B[1].grad.abs().max() > 0
     for k in (0, 2):
         assert layer.lora_A[k].grad is None and layer.lora_B[k].grad is None
-
-
-@pytest.mark.assignment1
-def test_lora_function_backward_equals_autograd():
-    """LoRAFunction (the training path) gives the output and the gradients autograd derives from x W^T + b + s x A^T B^T:
-    for x, A and B, and for W and b when the base trains (1e-10 in float64); a frozen base gets no gradient."""
-    torch.manual_seed(0)
-    x, W, b = torch.randn(2, 5, 6), torch.randn(7, 6), torch.randn(7)
-    A, B = torch.randn(3, 6), torch.randn(7, 3)
-    leaves = [t.double().requires_grad_() for t in (x, W, b, A, B)]
-    grad_out = torch.randn(2, 5, 7, dtype=torch.float64)
-    ours = LoRAFunction.apply(*leaves, 1.5)
-    ours_grads = torch.autograd.grad(ours, leaves, grad_out)
-    expected = leaves[0] @ leaves[1].t() + leaves[2] + (leaves[0] @ leaves[3].t() @ leaves[4].t()) * 1.5
-    expected_grads = torch.autograd.grad(expected, leaves, grad_out)
-    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-10)
-    for name, g, e in zip("xWbAB", ours_grads, expected_grads):
-        torch.testing.assert_close(g, e, rtol=0, atol=1e-10, msg=f"gradient of {name}")
-    leaves[1].requires_grad_(False)
-    leaves[2].requires_grad_(False)
-    out = LoRAFunction.apply(*leaves, 1.5)
-    out.backward(grad_out)
-    assert leaves[1].grad is None and leaves[2].grad is None
-    torch.testing.assert_close(leaves[3].grad, expected_grads[3], rtol=0, atol=1e-10)
-
-
-def test_lora_training_step_under_bfloat16_autocast():
-    """Under CPU bfloat16 autocast the LoRA layer's backward runs (regression: it mixed bfloat16 and float32) and its
-    A and B gradients are within 3% (relative norm) of float32's, in float32 like their parameters."""
-    torch.manual_seed(0)
-    layer = LoRALinear(torch.nn.Linear(32, 48), n_experts=1, rank=4)
-    torch.nn.init.normal_(layer.lora_B[0])
-    layer.route = 0
-    x = torch.randn(4, 10, 32)
-    grads = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            loss = layer(x).float().square().mean()
-        grads[dtype] = torch.autograd.grad(loss, [layer.lora_A[0], layer.lora_B[0]])
-    for g32, g16 in zip(grads[torch.float32], grads[torch.bfloat16]):
-        assert g16.dtype == torch.float32
-        assert (g16 - g32).norm() / g32.norm() < 0.03
 
 
 @pytest.mark.assignment2
@@ -186,12 +143,12 @@ def test_expert_file_round_trip(arith_run, tiny_base, tmp_path):
     """save_expert then load_expert onto a fresh copy of the base gives equal tensors and the same logits."""
     model, out = arith_run
     base, tokenizer = load_base(tiny_base)
-    fingerprint = base_fingerprint(base)
+    base_fp = fingerprint(base)
     path = str(tmp_path / "arith.safetensors")
-    save_expert(path, model, 0, "arith", tokenizer, 16.0, fingerprint)
+    save_expert(path, model, 0, "arith", tokenizer, base_fp)
     for file in (path, os.path.join(out, "arith.safetensors")):  # ours, and the one train_lora wrote
         fresh = add_experts(load_base(tiny_base)[0], 1, rank=8).eval()
-        meta = load_expert(file, fresh, 0, fingerprint, tokenizer)
+        meta = load_expert(file, fresh, 0, base_fp, tokenizer)
         assert meta["domain"] == "arith" and meta["rank"] == 8
         for name, t in expert_tensors(model, 0).items():
             assert torch.equal(expert_tensors(fresh, 0)[name], t), name
@@ -210,20 +167,20 @@ def test_expert_refuses_another_base(arith_run, tiny_base):
         other_weights.transformer.h[0].mlp.c_fc.weight[0, 0] += 1e-3
     other_config = GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=2, n_head=2, n_embd=16))
     for other in (other_weights, other_config):
-        fingerprint = base_fingerprint(other)
+        base_fp = fingerprint(other)
         add_experts(other, 1, rank=8)
         with pytest.raises(UserError, match="another base"):
-            load_expert(path, other, 0, fingerprint, tokenizer)
+            load_expert(path, other, 0, base_fp, tokenizer)
 
 
 def test_expert_refuses_another_tokenizer(arith_run, tiny_base):
     """Loading an expert trained with the byte tokenizer onto a base that says gpt2 is a UserError naming both."""
     _, out = arith_run
     base, _ = load_base(tiny_base)
-    fingerprint = base_fingerprint(base)
+    base_fp = fingerprint(base)
     add_experts(base, 1, rank=8)
     with pytest.raises(UserError, match="tokenizer 'bytes'.*'gpt2'"):
-        load_expert(os.path.join(out, "arith.safetensors"), base, 0, fingerprint, "gpt2")
+        load_expert(os.path.join(out, "arith.safetensors"), base, 0, base_fp, "gpt2")
 
 
 @pytest.mark.assignment1
@@ -247,9 +204,9 @@ def test_train_lora_needs_a_domain(tiny_data, tiny_base, tmp_path):
 
 
 def test_sample_with_adapter_prints_text(arith_run, tiny_base, capsys):
-    """sample.py --adapter loads the expert and prints each sample under its header, continuing the prompt."""
+    """sample.py --expert loads the expert and prints each sample under its header, continuing the prompt."""
     _, out = arith_run
-    result = sample.main([f"--base={tiny_base}", f"--adapter={os.path.join(out, 'arith.safetensors')}",
+    result = sample.main([f"--base={tiny_base}", f"--expert={os.path.join(out, 'arith.safetensors')}",
                           "--prompt=12+34=", "--max_new_tokens=8", "--num_samples=2"])
     text = capsys.readouterr().out
     assert result.shape == (2, 6 + 8)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from trainer import load_safetensors, save_safetensors
+from files import read_safetensors, write_safetensors
 
 TINY = GPTConfig(block_size=64, vocab_size=50, n_layer=2, n_head=2, n_embd=32)
 
@@ -185,21 +185,21 @@ def assert_same_tensors(a, b):
 
 
 def test_safetensors_round_trip(tmp_path):
-    """Tensors of every dtype (including 0-d and empty) and metadata written by save_safetensors read back unchanged."""
+    """Tensors of every dtype (including 0-d and empty) and metadata written by write_safetensors read back unchanged."""
     tensors = example_tensors()
-    save_safetensors(tmp_path / "a.safetensors", tensors, {"step": 3, "name": "x"})
-    loaded, metadata = load_safetensors(tmp_path / "a.safetensors")
+    write_safetensors(tmp_path / "a.safetensors", tensors, {"step": 3, "name": "x"})
+    loaded, metadata = read_safetensors(tmp_path / "a.safetensors")
     assert_same_tensors(loaded, tensors)
     assert metadata == {"step": "3", "name": "x"}
 
 
 def test_safetensors_interoperates_with_the_package(tmp_path):
-    """Our files are read by safetensors.torch.load_file, and its files by load_safetensors, unchanged."""
+    """Our files are read by safetensors.torch.load_file, and its files by read_safetensors, unchanged."""
     st = pytest.importorskip("safetensors.torch")
     tensors = example_tensors()
-    save_safetensors(tmp_path / "ours.safetensors", tensors)
+    write_safetensors(tmp_path / "ours.safetensors", tensors)
     assert_same_tensors(st.load_file(tmp_path / "ours.safetensors"), tensors)
     st.save_file(tensors, tmp_path / "theirs.safetensors", metadata={"format": "pt"})
-    loaded, metadata = load_safetensors(tmp_path / "theirs.safetensors")
+    loaded, metadata = read_safetensors(tmp_path / "theirs.safetensors")
     assert_same_tensors(loaded, tensors)
     assert metadata == {"format": "pt"}

@@ -10,7 +10,8 @@ import torch
 
 import train_base
 from conftest import REPO_ROOT, TINY_BASE_ARGS, assert_one_line_error
-from trainer import TrainConfig, UserError, parse_config
+from config import UserError, parse_config
+from trainer import TrainConfig
 
 
 def read_log(out_dir):

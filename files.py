@@ -1,0 +1,309 @@
+"""Files: expert and bundle files, training checkpoints and the base model, written atomically and
+checked when read. A first reading can skip this file: the method is in moa.py.
+
+- Expert file (train_lora.py): one expert's A and B beside every adapted linear map, as .safetensors,
+  named by the layer ("transformer.h.0.attn.c_attn.lora_A"), with JSON metadata under the key
+  "nanomoa": kind "expert", domain, rank, alpha, targets, tokenizer, and the base's fingerprint.
+- Bundle (train_router.py): every expert, the routers and the domain names in one .safetensors file.
+- Checkpoint (trainer.py): the trainable weights, the optimizer and the random states, torch.save'd
+  and read with weights_only=True, so no pickled code is ever executed.
+- The base: a train_base.py checkpoint, or GPT-2 weights (a hub name, or a local folder).
+
+Tensor files are read and written by the `safetensors` package (the format's own implementation);
+whatever it refuses becomes a one-line UserError naming the file. Metadata is type-checked, and its
+rank and targets checked against the stored tensors, before any model is built from it. Every write
+goes to a temporary file first and is renamed into place: a crash never leaves half a file.
+
+Read next: trainer.py.
+"""
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict
+
+import torch
+
+from config import UserError
+from model import GPT, GPTConfig
+from moa import TARGETS, LoRALinear, MoA, add_experts, lora_layers, set_route
+
+# ----------------------------------------------------------------------------------------------
+# Writing atomically, reading tensors
+
+
+def atomic_write(path, write, folder=False):
+    """Calls write(tmp), then puts tmp in the place of path: readers see the old file (or folder) or
+    the new one, never half of one. tmp is a file path, or with folder=True a fresh empty folder."""
+    path = os.path.normpath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp, old = f"{path}.tmp{os.getpid()}", f"{path}.old{os.getpid()}"
+    try:
+        if folder:
+            os.makedirs(tmp)
+        write(tmp)
+        if folder and os.path.isdir(path):  # a folder is not replaced in one rename: the old one steps aside first
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        for leftover in (tmp, old):
+            if os.path.isdir(leftover):
+                shutil.rmtree(leftover)
+            elif os.path.exists(leftover):
+                os.remove(leftover)
+
+
+def write_safetensors(path, tensors, metadata=None):
+    """Writes {name: tensor} and metadata (values written as str) as a .safetensors file, atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    metadata = None if metadata is None else {str(k): str(v) for k, v in metadata.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata))
+
+
+def read_safetensors(path):
+    """Reads a .safetensors file -> ({name: tensor}, metadata dict); anything malformed is a UserError."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found" if not os.path.exists(path) else f"{path} is not a file")
+    try:
+        with safe_open(path, framework="pt") as f:  # the package checks every offset against the file's size
+            return {name: f.get_tensor(name) for name in f.keys()}, f.metadata() or {}
+    except Exception as e:  # SafetensorError, OSError, ...: one line naming the file
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot read {path} as safetensors: {reason}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(path, state):
+    """state: a dict of tensors, plain containers and JSON text (no objects to unpickle later)."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path):
+    """Loads a checkpoint written by trainer.train (weights_only: no pickled code is executed)."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt["meta"] = json.loads(ckpt["meta"])
+    except Exception as e:
+        raise UserError(f"checkpoint {path} is corrupt or not a nanoMoA checkpoint ({type(e).__name__})") from None
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+# The base
+
+
+def fingerprint(model):
+    """Identifies a base model: its config and a SHA-256 of its frozen weights (names without LoRA wrappers)."""
+    assert all(layer.merged is None for layer in lora_layers(model)), "unmerge before fingerprinting"
+    gpt = model.gpt if isinstance(model, MoA) else model
+    digest = hashlib.sha256()
+    for name, t in sorted(gpt.state_dict().items()):
+        if "lora_" in name:
+            continue
+        digest.update(name.replace(".base.", ".").encode())
+        digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return {"config": asdict(gpt.config), "sha256": digest.hexdigest()}
+
+
+def load_base(path):
+    """The frozen base for later stages: a train_base.py checkpoint (ckpt.pt or its folder), or GPT-2
+    weights (a hub name or a local folder). Returns (model, tokenizer name)."""
+    if path.endswith(".pt") or os.path.isfile(os.path.join(path, "ckpt.pt")):
+        ckpt_path = path if path.endswith(".pt") else os.path.join(path, "ckpt.pt")
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt["meta"].get("kind") != "base":
+            raise UserError(f"{ckpt_path} is not a base checkpoint (kind: {ckpt['meta'].get('kind')})")
+        model = GPT(GPTConfig(**ckpt["meta"]["model"]))
+        missing = model.load_state_dict(ckpt["model"], strict=False).missing_keys
+        if missing != ["lm_head.weight"]:  # lm_head is tied to wte, saved once
+            raise UserError(f"{ckpt_path} does not match its own config: missing {missing[:3]}")
+        return model, ckpt["meta"]["tokenizer"]
+    try:
+        return GPT.from_pretrained(path), path if os.path.isdir(path) else "gpt2"
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def read_hf_weights(folder):
+    """The tensors of a Hugging Face checkpoint folder, as a dict name -> tensor."""
+    st, pt = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
+    if os.path.isfile(st):
+        return read_safetensors(st)[0]
+    if os.path.isfile(pt):
+        return torch.load(pt, map_location="cpu", weights_only=True)
+    raise ValueError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
+
+
+# ----------------------------------------------------------------------------------------------
+# Expert files and bundles
+
+
+def expert_tensors(model, k):
+    """Expert k of every LoRALinear -> {"transformer.h.0.attn.c_attn.lora_A": (r, in), ...}."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            name = name.removeprefix("gpt.")
+            out[f"{name}.lora_A"], out[f"{name}.lora_B"] = m.lora_A[k].detach(), m.lora_B[k].detach()
+    return out
+
+
+def expert_targets(model):
+    """The linear maps that carry experts, e.g. ["attn.c_attn", "mlp.c_fc"], in TARGETS' order."""
+    names = [n.removeprefix("gpt.") for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    return sorted({n.split(".", 3)[3] for n in names}, key=TARGETS.index)  # "transformer.h.0.attn.c_attn" -> "attn.c_attn"
+
+
+def expert_meta(model, tokenizer, base):
+    """What every expert and bundle file says about its experts and the base they belong to."""
+    layer = lora_layers(model)[0]
+    return {"rank": layer.rank, "alpha": layer.alpha, "targets": expert_targets(model), "tokenizer": tokenizer,
+            "base": base}
+
+
+def save_expert(path, model, k, domain, tokenizer, base, extra=None):
+    """Writes expert k of `model` as one .safetensors file; `base` is the base's fingerprint."""
+    meta = {"kind": "expert", "domain": domain, **expert_meta(model, tokenizer, base), **(extra or {})}
+    write_safetensors(path, expert_tensors(model, k), {"nanomoa": json.dumps(meta)})
+
+
+def save_bundle(path, moa, tokenizer, base, extra=None):
+    """Writes every expert, the routers and the domain names of `moa` as one .safetensors file."""
+    meta = {"kind": "bundle", "domains": moa.domains, "pooling": moa.pooling, **expert_meta(moa, tokenizer, base),
+            **(extra or {})}
+    tensors = {name: p for name, p in moa.named_parameters() if "lora_" in name or name.startswith("routers.")}
+    write_safetensors(path, tensors, {"nanomoa": json.dumps(meta)})
+
+
+def is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+META_CHECKS = {  # key -> (what it must be, the check), for both kinds of file
+    "rank": ("an integer >= 1", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+    "alpha": ("a finite number", is_number),
+    "targets": (f"a non-empty list of {', '.join(TARGETS)}",
+                lambda v: isinstance(v, list) and v and all(t in TARGETS for t in v) and len(set(v)) == len(v)),
+    "tokenizer": ("a string", lambda v: isinstance(v, str)),
+    "base": ("a fingerprint {config, sha256}",
+             lambda v: isinstance(v, dict) and isinstance(v.get("config"), dict) and isinstance(v.get("sha256"), str)),
+}
+KIND_CHECKS = {
+    "expert": {"domain": ("a string", lambda v: isinstance(v, str) and v)},
+    "bundle": {"domains": ("a list of distinct names", lambda v: isinstance(v, list) and v and
+                           all(isinstance(d, str) and d for d in v) and len(set(v)) == len(v)),
+               "pooling": ("mean or last", lambda v: v in ("mean", "last"))},
+}
+
+
+def read_meta(path, kind):
+    """Reads an expert or bundle file -> (tensors, metadata), its metadata checked key by key."""
+    tensors, meta = read_safetensors(path)
+    if "nanomoa" not in meta:
+        raise UserError(f"{path} has no nanoMoA metadata: not an expert or bundle written by nanoMoA")
+    try:
+        meta = json.loads(meta["nanomoa"])
+    except ValueError:
+        raise UserError(f"{path}: its nanoMoA metadata is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: its nanoMoA metadata is not a JSON object")
+    if meta.get("kind") != kind:
+        raise UserError(f"{path} is a {meta.get('kind')!r} file, not an {kind}" if kind == "expert" else
+                        f"{path} is a {meta.get('kind')!r} file, not a {kind}")
+    for key, (what, ok) in {**META_CHECKS, **KIND_CHECKS[kind]}.items():
+        if key not in meta or not ok(meta[key]):
+            raise UserError(f"{path}: metadata {key!r} must be {what}, got {meta.get(key)!r}")
+    return tensors, meta
+
+
+def check_base(path, meta, base, tokenizer):
+    """The file's experts were trained on this base (fingerprint) with this tokenizer, or a UserError."""
+    if meta["tokenizer"] != tokenizer:
+        raise UserError(f"{path} was trained with tokenizer {meta['tokenizer']!r}, this base uses {tokenizer!r}")
+    if meta["base"] != base:
+        raise UserError(f"{path} was trained on another base model (fingerprint {meta['base']['sha256'][:12]} "
+                        f"!= {base['sha256'][:12]}); use the base it was trained on")
+
+
+def file_shapes(gpt, meta, kind):
+    """{tensor name: shape} that an expert or bundle file with this metadata must hold for `gpt`,
+    computed without allocating anything (a file's metadata could claim any rank)."""
+    shapes, K = {}, len(meta["domains"]) if kind == "bundle" else 1
+    for i, block in enumerate(gpt.transformer.h):
+        for t in meta["targets"]:
+            parent, name = t.split(".")
+            linear = getattr(getattr(block, parent), name)
+            linear = getattr(linear, "base", linear)  # a LoRALinear's frozen map
+            A, B = (meta["rank"], linear.in_features), (linear.out_features, meta["rank"])
+            layer = f"transformer.h.{i}.{t}"
+            if kind == "expert":
+                shapes[f"{layer}.lora_A"], shapes[f"{layer}.lora_B"] = A, B
+            for k in range(K if kind == "bundle" else 0):
+                shapes[f"gpt.{layer}.lora_A.{k}"], shapes[f"gpt.{layer}.lora_B.{k}"] = A, B
+    for i in range(gpt.config.n_layer if kind == "bundle" else 0):
+        shapes[f"routers.{i}.weight"], shapes[f"routers.{i}.bias"] = (K, gpt.config.n_embd), (K,)
+    return shapes
+
+
+def check_tensors(path, tensors, meta, kind, gpt):
+    """The file holds exactly the floating-point tensors its metadata describes for `gpt`, each of its shape."""
+    expected = file_shapes(gpt, meta, kind)
+    if set(tensors) != set(expected):
+        what = f"{len(meta['domains'])} experts and routers" if kind == "bundle" else "an expert"
+        raise UserError(f"{path} does not hold {what} for this model as its metadata says "
+                        f"(e.g. {sorted(set(tensors) ^ set(expected))[0]})")
+    for name, t in tensors.items():
+        if tuple(t.shape) != expected[name] or not t.is_floating_point():
+            raise UserError(f"{path}: {name} is {t.dtype} {tuple(t.shape)}, its metadata says {expected[name]}")
+
+
+def load_expert(path, model, k, base, tokenizer):
+    """Copies the expert file at `path` into expert slot k of `model`; returns its metadata."""
+    tensors, meta = read_meta(path, "expert")
+    check_base(path, meta, base, tokenizer)
+    gpt = model.gpt if isinstance(model, MoA) else model
+    check_tensors(path, tensors, meta, "expert", gpt)
+    layer = lora_layers(model)[0]
+    if (meta["rank"], meta["targets"]) != (layer.rank, expert_targets(model)):
+        raise UserError(f"{path} holds a rank-{meta['rank']} expert on {', '.join(meta['targets'])}; the model's "
+                        f"experts are rank {layer.rank} on {', '.join(expert_targets(model))}")
+    with torch.no_grad():
+        for name, t in expert_tensors(model, k).items():
+            t.copy_(tensors[name])
+    return meta
+
+
+def add_expert_file(model, path, tokenizer, dropout=0.0):
+    """The base plus one expert: puts the expert file at `path` beside `model` (a plain GPT) as its only
+    expert, every sample routed to it. Returns the file's metadata."""
+    base = fingerprint(model)
+    tensors, meta = read_meta(path, "expert")
+    check_tensors(path, tensors, meta, "expert", model)  # before add_experts allocates what meta says
+    add_experts(model, 1, meta["rank"], meta["alpha"], dropout, meta["targets"])
+    load_expert(path, model, 0, base, tokenizer)
+    set_route(model, 0)
+    return meta
+
+
+def load_bundle(path, gpt, tokenizer, base=None):
+    """A MoA built on `gpt` (a plain GPT) from the bundle at `path`, frozen; errors if it belongs to another base."""
+    tensors, meta = read_meta(path, "bundle")
+    check_base(path, meta, base or fingerprint(gpt), tokenizer)
+    check_tensors(path, tensors, meta, "bundle", gpt)  # before MoA allocates what meta says
+    moa = MoA(gpt, meta["domains"], meta["rank"], meta["alpha"], targets=meta["targets"], pooling=meta["pooling"],
+              top_k=meta.get("top_k", 1))
+    moa.load_state_dict(tensors, strict=False)
+    for p in moa.parameters():
+        p.requires_grad_(False)
+    return moa, meta
