@@ -1,20 +1,26 @@
-"""Evaluation shared by every stage: per-domain validation loss and perplexity, and exact-match
-accuracy on the generated arithmetic domain by greedy decoding.
+"""Evaluation shared by every stage. Losses are in nats per token (with the default byte tokenizer a
+token is one byte of UTF-8 text).
 
-Both work for any model variant (base, base + one expert, a MoA bundle in any routing mode): they
-take a function, not a model. `forward(x, y, d)` returns per-sample losses (B,); `generate(idx,
-pad_mask, max_new_tokens)` returns the continued token ids.
+- The base, on the corpus: `corpus_losses`, the mean loss over fixed validation windows per source.
+- Any model on the tasks: `evaluate_tasks` scores each validation record the way a request is served.
+  The prompt runs first through a KV cache (the prefill, where a MoA routes), then the response:
+  its loss (nats per response token, and perplexity), exact match of the greedy answer, and ROUGE-L
+  (over characters) of that answer against the reference. For a routed MoA also the routing
+  accuracy per task and its confusion matrix: which expert each task's prompts went to.
+
+Everything takes the model and the forward kwargs that pick its routing (`mode=...`), so the base,
+the base + one expert, a MoA bundle in any routing mode and the baselines of baselines.py are scored
+by the same code.
 
 Read next: train_base.py.
 """
-import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moa import vote
-from tokenizer import encode
+from model import KVCache
+from tokenizer import get_tokenizer
 
 
 def per_sample_loss(logits, y):
@@ -24,26 +30,23 @@ def per_sample_loss(logits, y):
 
 
 @torch.no_grad()
-def domain_losses(forward, data, n_windows, batch_size, device="cpu"):
-    """Mean validation loss of each domain over n_windows fixed windows -> {"val/<domain>": loss, "val_mean": ...}.
-
-    forward(x, y, d) -> per-sample losses (B,); d holds the domain labels, for variants that use them.
-    """
+def corpus_losses(model, data, n_windows, batch_size, device="cpu"):
+    """Mean validation loss of each corpus source over n_windows fixed windows -> {"val/<source>": loss,
+    "val_mean": their mean}."""
     out = {}
-    for label, name in enumerate(data.domains):
+    for name in data.domains:
         starts = data.eval_starts(name, n_windows)
         total = 0.0
         for i in range(0, n_windows, batch_size):
             x, y = data.windows(name, "val", starts[i:i + batch_size])
-            d = torch.full((x.size(0),), label, dtype=torch.long)
-            total += forward(x.to(device), y.to(device), d.to(device)).sum().item()
+            total += per_sample_loss(model(x.to(device))[0], y.to(device)).sum().item()
         out[f"val/{name}"] = total / n_windows
     out["val_mean"] = sum(out.values()) / len(data.domains)
     return out
 
 
 def unigram_entropy(data, name):
-    """Entropy (nats per token) of a domain's training tokens taken one at a time: the loss of a model
+    """Entropy (nats per token) of a source's training tokens taken one at a time: the loss of a model
     that knows token frequencies and nothing else, the bar a trained model must clear."""
     counts = np.bincount(data.splits[name, "train"], minlength=data.vocab_size).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
@@ -61,63 +64,122 @@ def left_pad(rows, pad_id):
     return idx, mask
 
 
-@torch.no_grad()
-def exact_match(generate, enc, problems, shots, batch_size=32, device="cpu"):
-    """Share of problems whose greedy answer, up to the first newline, equals the reference answer.
-
-    problems: [(prompt, answer)], e.g. ("12+4=", "16"). `shots` (solved examples, one per line)
-    come before each prompt, so the model sees it in the context it was trained on.
-    """
-    context = "".join(f"{p}{a}\n" for p, a in shots)
-    newline = encode(enc, "\n")[0]
-    max_new = max(len(encode(enc, a)) for _, a in problems) + 1
-    correct = 0
-    for i in range(0, len(problems), batch_size):
-        chunk = problems[i:i + batch_size]
-        rows = [encode(enc, context + p) for p, _ in chunk]
-        idx, mask = left_pad(rows, enc.eot_token)
-        out = generate(idx.to(device), mask.to(device), max_new)[:, idx.size(1):].tolist()
-        for tokens, (_, answer) in zip(out, chunk):
-            if newline in tokens:
-                tokens = tokens[:tokens.index(newline)]
-            correct += enc.decode(tokens) == answer
-    return correct / len(problems)
+def right_pad(rows, pad_id):
+    """Token lists of different lengths -> idx (B, T_max) padded on the right, mask (B, T_max)."""
+    idx, mask = left_pad([r[::-1] for r in rows], pad_id)
+    return idx.flip(1), mask.flip(1)
 
 
 @torch.no_grad()
-def routed_losses(moa, data, n_windows, batch_size, mode, device="cpu", prompt_len=32):
-    """A MoA's per-domain validation loss in routing mode `mode`, and its routers' accuracy: how often
-    the last router, the vote of all routers, and each layer's router predict the window's domain,
-    and how often the last router does from only the first prompt_len tokens (a prompt).
+def response_loss(model, prompts, responses, pad_id, served=True, **kwargs):
+    """Each record's summed loss over its response tokens, and their count -> (B,), (B,).
 
-    data.domains must be in the bundle's order (build DomainData with ",".join(moa.domains)).
+    served: scored as a request is served: the prompt runs first through a KV cache (a MoA decides
+    its routes there, in any mode), then the response. Otherwise in one pass over prompt + response,
+    as in training, a MoA's routers reading the prompt only: the same numbers in modes label, layer
+    and token, where no decision is kept for later tokens (tests/test_evaluate.py checks it)."""
+    device = next(model.parameters()).device
+    if not served:
+        x, real = right_pad([p + r for p, r in zip(prompts, responses)], pad_id)  # (B, T)
+        prompt = torch.arange(x.size(1)) < torch.tensor([len(p) for p in prompts])[:, None]  # (B, T)
+        routers = {"router_mask": prompt.to(device)} if "mode" in kwargs else {}
+        logits, _ = model(x.to(device), **kwargs, **routers)  # (B, T, V)
+        scored = (real & ~prompt)[:, 1:].to(device)  # targets that are response tokens
+        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), x[:, 1:].to(device), reduction="none")
+        return (nll * scored).sum(1), scored.sum(1)
+    idx, mask = left_pad(prompts, pad_id)
+    cache = KVCache(model.config.n_layer)
+    first, _ = model(idx.to(device), pad_mask=mask.to(device), cache=cache, **kwargs)  # (B, P, V)
+    response, real = (t.to(device) for t in right_pad(responses, pad_id))  # (B, R)
+    rest, _ = model(response, pad_mask=real, cache=cache, **kwargs)  # (B, R, V)
+    logits = torch.cat([first[:, -1:], rest[:, :-1]], dim=1)  # position j predicts response token j
+    nll = F.cross_entropy(logits.float().transpose(1, 2), response, reduction="none") * real  # (B, R)
+    return nll.sum(1), real.sum(1)
+
+
+def rouge_l(candidate, reference):
+    """ROUGE-L F1 of two strings over characters: their longest common subsequence against both lengths."""
+    if not candidate or not reference:
+        return float(candidate == reference)
+    above = [0] * (len(reference) + 1)  # the LCS table, one row at a time
+    for c in candidate:
+        row = [0]
+        for j, r in enumerate(reference):
+            row.append(above[j] + 1 if c == r else max(above[j + 1], row[j]))
+        above = row
+    if above[-1] == 0:
+        return 0.0
+    precision, recall = above[-1] / len(candidate), above[-1] / len(reference)
+    return 2 * precision * recall / (precision + recall)
+
+
+@torch.no_grad()
+def answers(model, prompts, max_new_tokens, eot, **kwargs):
+    """Greedy answers to prompts (token lists), each cut at its first EOT -> [token list]."""
+    device = next(model.parameters()).device
+    idx, mask = left_pad(prompts, eot)
+    out = model.generate(idx.to(device), max_new_tokens, temperature=0, pad_mask=mask.to(device), stop_token=eot,
+                         **kwargs)[:, idx.size(1):].tolist()
+    return [tokens[:tokens.index(eot)] if eot in tokens else tokens for tokens in out]
+
+
+@torch.no_grad()
+def evaluate_tasks(model, data, n=None, batch_size=64, generate=True, split="val", served=True, **kwargs):
+    """Scores up to n records of each task of `data` (a TaskData) -> {"loss/<task>", and with generate
+    "em/<task>", "rouge/<task>"; for a routed model "route/<task>", "confusion", "route_layers"; "<metric>_mean"}.
+    (Perplexity is exp(loss).)
+
+    kwargs pick the routing (e.g. mode="last"); mode="label" gives each record its task's label.
+    Routing accuracy is the share of prompts whose decision (MoA.routing["decision"], made from the
+    prompt in this mode) is their task's expert. served: see response_loss.
     """
-    assert data.domains == moa.domains[:len(data.domains)], "data domains must follow the bundle's order"
-    last, voted, prompt, layers = {}, {}, {}, []
-    K = len(moa.domains)
-    confusion = torch.zeros(len(data.domains), K, dtype=torch.long)  # rows: true domain, columns: last router
-
-    def forward(x, y, d):
-        logits, _ = moa(x, domain=d, mode=mode)
-        if mode != "token":
-            predicted = moa.routing["predicted"]  # (L, B)
-            probs = F.softmax(moa.routing["logits"].float(), dim=-1)
-            name = data.domains[int(d[0])]
-            last[name] = last.get(name, 0) + (predicted[-1] == d).sum().item()
-            voted[name] = voted.get(name, 0) + (vote(predicted, probs) == d).sum().item()
-            layers.append((predicted == d).float().sum(1))  # (L,)
-            confusion[int(d[0])] += torch.bincount(predicted[-1].cpu(), minlength=K)
-            moa(x[:, :prompt_len], domain=d, mode=mode)  # causal: the window's first tokens as a prompt
-            prompt[name] = prompt.get(name, 0) + (moa.routing["predicted"][-1] == d).sum().item()
-        return per_sample_loss(logits, y)
-
-    out = domain_losses(forward, data, n_windows, batch_size, device)
-    if last:
-        for name in data.domains:
-            out[f"route_acc/{name}"] = last[name] / n_windows
-        out["route_acc_mean"] = sum(last.values()) / (n_windows * len(data.domains))
-        out["route_acc_vote"] = sum(voted.values()) / (n_windows * len(data.domains))
-        out["route_acc_prompt"] = sum(prompt.values()) / (n_windows * len(data.domains))
-        out["route_acc_layers"] = (torch.stack(layers).sum(0) / (n_windows * len(data.domains))).tolist()
-        out["route_confusion"] = confusion.tolist()
+    enc = get_tokenizer(data.tokenizer)
+    eot, routed = data.eot, hasattr(model, "routing") and kwargs.get("mode") != "label"
+    out, confusion, layers, n_routed = {}, [], [], 0
+    for label, name in enumerate(data.domains):
+        totals = {"nll": 0.0, "tokens": 0, "em": 0, "rouge": 0.0, "routed": 0}
+        ids = list(range(min(n or data.count(name, split), data.count(name, split))))
+        row = torch.zeros(len(getattr(model, "domains", [])), dtype=torch.long)
+        for start in range(0, len(ids), batch_size):
+            prompts, responses = fit(*zip(*(data.record(name, split, i) for i in ids[start:start + batch_size])),
+                                     model.config.block_size)
+            kw = {**kwargs, "domain": torch.full((len(prompts),), label, device=next(model.parameters()).device)} \
+                if kwargs.get("mode") == "label" else kwargs
+            if routed:
+                model.routing = {}
+            nll, count = response_loss(model, prompts, responses, eot, served, **kw)
+            totals["nll"] += nll.sum().item()
+            totals["tokens"] += count.sum().item()
+            if routed and "decision" in model.routing:
+                decision = model.routing["decision"].cpu()
+                totals["routed"] += (decision == label).sum().item()
+                row += torch.bincount(decision, minlength=len(row))
+                layers.append((model.routing["predicted"].cpu() == label).sum(1))  # (L,) right per router
+                n_routed += len(prompts)
+            if generate:
+                for got, want in zip(answers(model, prompts, max(map(len, responses)), eot, **kw), responses):
+                    got_text, want_text = enc.decode(got), enc.decode(want[:-1])  # want ends with EOT
+                    totals["em"] += got_text == want_text
+                    totals["rouge"] += rouge_l(got_text, want_text)
+        out[f"loss/{name}"] = totals["nll"] / totals["tokens"]
+        if generate:
+            out[f"em/{name}"], out[f"rouge/{name}"] = totals["em"] / len(ids), totals["rouge"] / len(ids)
+        if routed and layers:
+            out[f"route/{name}"] = totals["routed"] / len(ids)
+            confusion.append(row.tolist())
+    for metric in ("loss", "em", "rouge", "route"):
+        values = [v for k, v in out.items() if k.startswith(f"{metric}/")]
+        if values:
+            out[f"{metric}_mean"] = sum(values) / len(values)
+    if confusion:
+        out["confusion"] = confusion  # rows: true task, columns: the expert chosen
+        out["route_layers"] = (torch.stack(layers).sum(0) / n_routed).tolist()  # each router's accuracy
     return out
+
+
+def fit(prompts, responses, block_size):
+    """A batch of records cut to fit the model's context once left-padded: each prompt to its last block_size - 1
+    tokens, each response to the room the longest prompt leaves."""
+    prompts = [p[-(block_size - 1):] for p in prompts]
+    room = block_size - max(map(len, prompts))
+    return prompts, [r[:room] for r in responses]

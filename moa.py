@@ -228,7 +228,8 @@ class MoA(nn.Module):
                 routes.append(route)
             x = self.run_block(i, x, route, attn_mask, cache)
         logits, lm_loss = self.gpt.head(x, targets)
-        if mode == "token":
+        if mode == "token":  # no sequence-level choice to report
+            self.routing = {}
             return logits, lm_loss
         router_logits, routes = torch.stack(router_logits), torch.stack(routes)  # (L, B, K), (L, B)
         self.routing = self.summary(router_logits, routes, mode)

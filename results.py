@@ -1,18 +1,32 @@
-"""The results table: every variant of the method measured the same way on the same windows.
+"""The results: every variant of the method scored the same way on the same validation records of
+every task, as the paper's Tables 2, 3, 5 and 8 in miniature, then the adding-a-task experiment.
 
-    python results.py            # reads out/, writes out/results/results.{json,md} and PNG pictures
+    python results.py                 # reads out/ as demo.py writes it; writes out/results/results.{md,json} + PNGs
+    python results.py --records=500   # validation records per task (default 256)
 
-A miniature of the paper's Tables 2, 3, 7 and 8 on the default data: per-domain validation loss and
-perplexity with their average, router accuracy (on whole windows, and on their first 32 bytes as
-prompts), exact-match accuracy on the arithmetic domain (greedy decoding, without a domain label for
-routed variants), and parameters added to the base, for: the base; each domain's own stage-1
-expert (label given); one LoRA on mixed data (rank r, and rank K*r: as many parameters as all K experts);
-MoE-LoRA and MoE-LoRA naive; MoA with routers only; MoA joint; each expert alone after joint training.
-Then the sequential domain adaptation table. A variant whose files are missing is skipped (demo.py
-trains them all).
+demo.py trains the base once (out/base) and everything else once per seed (out/runs/seed<N>/:
+experts/, moa/). Each run is scored on its own; with several seeds a cell is their mean ± standard
+deviation. Each record is served as a request would be (evaluate.evaluate_tasks): its prompt first,
+where routed rows route, then its response. Rows, and the routing behind each:
+
+  base                                   no expert
+  Single-LoRA (label given)              each task's stage-1 expert, picked by the task label
+  one LoRA, mixed tasks (rank r)         one LoRA trained on all tasks, the same training samples as MoA in all
+  one LoRA, mixed tasks (rank K r)       ... with as many parameters as the K experts
+  MoE-LoRA (no label loss)               the stage-1 experts + routers trained with eta = 0: per token, top-2
+  MoE-LoRA naive (random experts)        the same from random experts, all of MoA's samples in this one stage
+  MoA, routers only                      stage-1 experts frozen, routers trained with L_cls; mode --mode
+  MoA (joint)                            experts and routers trained together (the paper's MoA); mode --mode
+  MoA experts alone (label given)        MoA (joint)'s experts, each picked by the task label (Table 8)
+  Classifier + LoRAs                     stage-1 experts, picked by a classifier of the prompt (baselines.py)
+  Arrow (no labels, no training)         stage-1 experts mixed per token by Arrow (baselines.py)
+
+A variant whose files are missing is skipped. Losses are in nats per response token.
 
 Read next: demo.py.
 """
+
+import glob
 import json
 import math
 import os
@@ -21,270 +35,317 @@ from dataclasses import dataclass
 import torch
 
 import fast
+from baselines import Arrow, ClassifierRouted, PromptClassifier
 from config import UserError, parse_config, run
-from data.prepare import arith_problems
-from evaluate import domain_losses, exact_match, per_sample_loss, routed_losses
+from evaluate import evaluate_tasks, left_pad
 from files import add_expert_file, fingerprint, load_base, load_bundle, load_expert, read_meta
 from moa import MoA
-from tokenizer import get_tokenizer
-from trainer import DomainData
+from tokenizer import encode, get_tokenizer
+from trainer import TaskData
+
+HAND_WRITTEN = {  # prompts a user might type, phrased unlike the generated ones: (prompt, answer)
+    "reverse": [("Please reverse: garden\n", "nedrag"), ("what is 'window' spelled backwards?\n", "wodniw"),
+                ("Flip the letters of the word planet around.\n", "tenalp")],
+    "sort": [("put the letters of 'silver' in order\n", "eilrsv"), ("Alphabetize the characters: rocket\n", "ceokrt"),
+             ("letters of 'travel', sorted from a to z:\n", "aelrtv")],
+    "shift": [("Caesar cipher with shift 1: moon\n", "nppo"), ("apply rot1 to paper\n", "qbqfs"),
+              ("move every letter of 'cloud' one step forward\n", "dmpve")],
+    "arith": [("How much is 45 plus 7?\n", "52"), ("Calculate 81-6.\n", "75"), ("Add 30 and 9.\n", "39")],
+    "upper": [("CAPITALIZE: river\n", "RIVER"), ("Write forest in upper case.\n", "FOREST"),
+              ("all caps please: music\n", "MUSIC")],
+}
 
 
 @dataclass
 class ResultsConfig:
-    out: str = "out"  # where demo.py put base/, experts/, moa/
+    out: str = "out"  # where demo.py put base/ and runs/seed<N>/
     data_dir: str = "data/default"
-    block_size: int = 128
-    windows: int = 64  # validation windows per domain
-    problems: int = 200  # held-out arithmetic problems for exact match
-    shots: int = 3  # solved problems before each one
+    records: int = 256  # validation records per task
+    batch_size: int = 64
+    mode: str = "last"  # how the routed MoA rows route: last | vote | layer (decided from the prompt)
+    added: str = "upper"  # the task added later, for the adding-a-task table
     plots: bool = True  # PNG pictures (needs matplotlib)
     fast: bool = True  # fast.py's speed paths (False: the plain method of moa.py; the same numbers)
 
 
-def variants(out, domains):
-    """(row name, kind, file) of every variant the table can hold, in the paper's order."""
-    K = len(domains)
-    return [("base", "base", None),
-            ("stage-1 experts (label given)", "stage1", None),
-            ("one LoRA, mixed data (rank r)", "lora", f"{out}/experts/all.safetensors"),
-            (f"one LoRA, mixed data (rank {K}r)", "lora", f"{out}/experts/all_r{K}.safetensors"),
-            ("MoE-LoRA (eta=0, token top-2)", "bundle", f"{out}/moa/moe_lora.safetensors"),
-            ("MoE-LoRA naive (random experts)", "bundle", f"{out}/moa/moe_lora_naive.safetensors"),
-            ("MoA, routers only", "bundle", f"{out}/moa/moa_routers.safetensors"),
-            ("MoA (joint)", "bundle", f"{out}/moa/moa.safetensors"),
-            ("MoA (joint), each expert alone", "label", f"{out}/moa/moa.safetensors")]
+def variants(cfg, K):
+    """(row name, kind, file in the run folder, forward kwargs) of every main row, in the paper's order."""
+    routed = {"mode": cfg.mode}
+    return [("base", "base", None, {}),
+            ("Single-LoRA (label given)", "experts", None, {"mode": "label"}),
+            ("one LoRA, mixed tasks (rank r)", "expert", "experts/all.safetensors", {}),
+            (f"one LoRA, mixed tasks (rank {K}r)", "expert", f"experts/all_r{K}.safetensors", {}),
+            ("MoE-LoRA (no label loss, token top-2)", "bundle", "moa/moe_lora.safetensors", {"mode": "token"}),
+            ("MoE-LoRA naive (random experts)", "bundle", "moa/moe_lora_naive.safetensors", {"mode": "token"}),
+            ("MoA, routers only", "bundle", "moa/moa_routers.safetensors", routed),
+            ("MoA (joint)", "bundle", "moa/moa.safetensors", routed),
+            ("MoA experts alone (label given)", "bundle", "moa/moa.safetensors", {"mode": "label"}),
+            ("Classifier + LoRAs", "classifier", None, {}),
+            ("Arrow (no labels, no training)", "arrow", None, {})]
 
 
-def build_variant(kind, path, cfg, domains):
-    """-> (model, forward kwargs for routing, parameters added to the base), or None if files are missing."""
+def build(kind, path, run_dir, cfg, domains):
+    """-> (model, parameters added to the base, training samples seen in all), or None if files are missing."""
     gpt, tokenizer = load_base(os.path.join(cfg.out, "base"))
     if kind == "base":
-        return gpt, {}, 0
-    if kind == "stage1":
-        paths = [os.path.join(cfg.out, "experts", f"{d}.safetensors") for d in domains]
+        return gpt, 0, 0
+    if kind in ("experts", "classifier", "arrow"):  # the stage-1 experts side by side
+        paths = [os.path.join(run_dir, "experts", f"{d}.safetensors") for d in domains]
         if not all(os.path.isfile(p) for p in paths):
             return None
-        meta = read_meta(paths[0], "expert")[1]
+        metas = [read_meta(p, "expert")[1] for p in paths]
         base = fingerprint(gpt)
-        model = MoA(gpt, domains, meta["rank"], meta["alpha"], targets=meta["targets"])
+        model = MoA(gpt, domains, metas[0]["rank"], metas[0]["alpha"], targets=metas[0]["targets"])
         for k, p in enumerate(paths):
             load_expert(p, model, k, base, tokenizer)
-        kwargs = {"mode": "label"}
-    elif not os.path.isfile(path):
+        samples = sum(m.get("samples", 0) for m in metas)
+        added = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+        if kind == "classifier":
+            classifier = PromptClassifier(len(domains)).fit(TaskData(cfg.data_dir, ",".join(domains)))
+            added += sum(p.numel() for p in classifier.parameters())
+            model = ClassifierRouted(fast.enable(model, cfg.fast), classifier)
+        elif kind == "arrow":
+            model = Arrow(fast.enable(model, cfg.fast))
+        return fast.enable(model, cfg.fast), added, samples
+    path = os.path.join(run_dir, path)
+    if not os.path.isfile(path):
         return None
-    elif kind == "lora":
-        add_expert_file(gpt, path, tokenizer)
-        model, kwargs = gpt, {}
+    if kind == "expert":
+        meta = add_expert_file(gpt, path, tokenizer)
+        model = gpt
     else:
         model, meta = load_bundle(path, gpt, tokenizer)
-        kwargs = {"mode": "label" if kind == "label" else "token" if meta.get("mode") == "token" else "layer"}
-    routers = kind in ("bundle", "label")  # a bundle's routers count; stage-1 experts have none of their own
-    added = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n or (routers and n.startswith("routers.")))
-    return fast.enable(model, cfg.fast), kwargs, added
+    added = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n or n.startswith("routers."))
+    return fast.enable(model, cfg.fast), added, meta.get("samples", 0)
 
 
-def measure(model, kwargs, data, enc, cfg):
-    """Validation losses (+ router accuracy for routed MoA) and arithmetic exact match of one variant."""
+def score(model, kwargs, data, cfg):
+    """A variant's scores on the validation records, and (routed models) the routing of the hand-written prompts."""
     model.eval()
-    mode = kwargs.get("mode")
-    if isinstance(model, MoA):
-        data = DomainData(cfg.data_dir, ",".join(model.domains), cfg.block_size)
-        row = routed_losses(model, data, cfg.windows, 32, mode)
-    else:
-        row = domain_losses(lambda x, y, d: per_sample_loss(model(x)[0], y), data, cfg.windows, 32)
-    if mode == "label":  # routers did not choose here; report their accuracy under routing only
-        row = {k: v for k, v in row.items() if not k.startswith("route_")}
-    if "arith" in data.domains:
-        gen_kwargs = {"mode": "last"} if mode == "layer" else kwargs  # routed: one decision from the prompt
-        arith = data.domains.index("arith")
-
-        def generate(idx, mask, n):
-            label = {"domain": torch.full((idx.size(0),), arith)} if mode == "label" else {}
-            return model.generate(idx, n, temperature=0, pad_mask=mask, **gen_kwargs, **label)
-        row["arith_exact_match"] = exact_match(generate, enc, arith_problems(cfg.problems, 1, test=True),
-                                               arith_problems(cfg.shots, 2))
+    row = evaluate_tasks(model, data, cfg.records, cfg.batch_size, **kwargs)
+    if "route_mean" in row:
+        enc = get_tokenizer(data.tokenizer)
+        for label, name in enumerate(data.domains):
+            prompts = [encode(enc, p) for p, _ in HAND_WRITTEN.get(name, [])]
+            if prompts:
+                idx, mask = left_pad(prompts, data.eot)
+                model.routing = {}
+                with torch.no_grad():
+                    model(idx, pad_mask=mask, **kwargs)
+                row[f"hand/{name}"] = (model.routing["decision"] == label).float().mean().item()
+        row["hand_mean"] = sum(v for k, v in row.items() if k.startswith("hand/")) / len(data.domains)
     return row
 
 
-def markdown(rows, domains, extra=()):
-    """A markdown table: one row per variant, a loss column per domain, then summary columns.
+def runs(out):
+    """The run folders demo.py wrote, out/runs/seed<N>, in seed order."""
+    found = glob.glob(os.path.join(out, "runs", "seed*"))
+    return sorted(found, key=lambda p: int(os.path.basename(p)[4:]) if os.path.basename(p)[4:].isdigit() else 0)
 
-    extra: (header, function of a row -> str) pairs for further columns; a missing value prints "-".
-    """
-    lines = ["| variant | " + " | ".join(domains) + "".join(f" | {h}" for h, _ in extra) + " |",
-             "|" + "---|" * (len(domains) + len(extra) + 1)]
+
+def aggregate(rows_per_run):
+    """[{row: {metric: value}}] per run -> {row: {metric: (mean, std over runs, runs)}} (lists are kept from run 1)."""
+    out = {}
+    for name in rows_per_run[0]:
+        values = [r[name] for r in rows_per_run if name in r]
+        out[name] = {}
+        for key, first in values[0].items():
+            if isinstance(first, (int, float)):
+                xs = [v[key] for v in values if key in v]
+                mean = sum(xs) / len(xs)
+                std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+                out[name][key] = (mean, std, len(xs))
+            else:
+                out[name][key] = first
+    return out
+
+
+def cell(stat, percent=False, digits=3):
+    """(mean, std, n) -> "mean" or "mean ± std" (n > 1); a percentage with percent."""
+    mean, std, n = stat
+    scale, unit = (100, "%") if percent else (1, "")
+    text = f"{scale * mean:.{1 if percent else digits}f}{unit}"
+    return text + (f" ± {scale * std:.{1 if percent else digits}f}" if n > 1 else "")
+
+
+def table(rows, domains, metric, percent=False, extra=()):
+    """A markdown table of one metric: a row per variant, a column per task, then the mean and extra columns."""
+    head = "| variant | " + " | ".join(domains) + " | mean" + "".join(f" | {h}" for h, _ in extra) + " |"
+    lines = [head, "|" + "---|" * (len(domains) + 2 + len(extra))]
     for name, r in rows.items():
-        cells = [f"{r[f'val/{d}']:.4f}" if f"val/{d}" in r else "-" for d in domains]
+        if f"{metric}_mean" not in r:
+            continue
+        cells = [cell(r[f"{metric}/{d}"], percent) if f"{metric}/{d}" in r else "-" for d in domains]
+        cells.append(cell(r[f"{metric}_mean"], percent))
         lines.append(f"| {name} | " + " | ".join(cells) + "".join(f" | {f(r)}" for _, f in extra) + " |")
     return "\n".join(lines)
 
 
-def percent(key):
-    return lambda r: f"{100 * r[key]:.1f}%" if key in r else "-"
+def em_error(r, n_records, K):
+    """The standard error of one run's mean exact match over K tasks of n_records each (binomial)."""
+    p = [r[k][0] for k in r if k.startswith("em/")]
+    return math.sqrt(sum(x * (1 - x) / n_records for x in p)) / K
 
 
-MAIN_COLUMNS = [("mean loss", lambda r: f"{r['val_mean']:.4f}"),
-                ("mean ppl", lambda r: f"{sum(math.exp(v) for k, v in r.items() if k.startswith('val/')) / sum(k.startswith('val/') for k in r):.3f}"),
-                ("router acc", percent("route_acc_mean")), ("32-byte prompts", percent("route_acc_prompt")),
-                ("arith EM", percent("arith_exact_match")),
-                ("params", lambda r: f"{r['params']:,}")]
+def main_tables(rows, domains, cfg):
+    K = len(domains)
+    about = [("params", lambda r: f"{int(r['params'][0]):,}"), ("samples trained", lambda r: f"{int(r['samples'][0]):,}"),
+             ("routing", lambda r: r["routing"])]
+    return "\n\n".join([
+        "Response loss (nats per token; perplexity is its exp):\n\n" + table(rows, domains, "loss", extra=about),
+        "Exact match of the greedy answer (the last column: one run's standard error of the mean):\n\n" +
+        table(rows, domains, "em", True, [("s.e.", lambda r: f"{100 * em_error(r, cfg.records, K):.1f}")]),
+        "ROUGE-L of the greedy answer against the reference, over characters:\n\n" + table(rows, domains, "rouge", True),
+        f"Routing accuracy from the prompt (validation prompts; mode {cfg.mode} for MoA), and on "
+        f"{sum(len(v) for v in HAND_WRITTEN.values()) // len(HAND_WRITTEN)} hand-written prompts per task:\n\n" +
+        table(rows, domains, "route", True, [("hand-written", lambda r: cell(r["hand_mean"], True))])])
 
 
-def train_time(run_dir):
-    """Seconds a run trained, from the last line of its log.jsonl."""
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        return json.loads(f.readlines()[-1])["time_s"]
-
-
-def adaptation(cfg, enc, old, new="unicode"):
-    """Sequential domain adaptation: the old domains before and after adding `new`, against the two
-    obvious alternatives (keep training the mixed-data LoRA; retrain the whole MoA on K+1 domains)."""
-    ex, mo = os.path.join(cfg.out, "experts"), os.path.join(cfg.out, "moa")
-    before, lora_before = "MoA before (K domains)", "mixed-data LoRA before"
-    runs = [(before, "bundle", f"{mo}/moa.safetensors", f"{mo}/moa", None),
-            (f"MoA + {new} (added: new router rows only)", "bundle", f"{mo}/moa+{new}.safetensors", f"{mo}/moa+{new}",
-             before),
-            (f"MoA + {new} (added: every router row retrained)", "bundle", f"{mo}/moa+{new}_allrows.safetensors",
-             f"{mo}/moa+{new}_allrows", before),
-            (f"{new} expert alone (stage 1)", "lora", f"{ex}/{new}.safetensors", f"{ex}/{new}", None),
-            (lora_before, "lora", f"{ex}/all.safetensors", f"{ex}/all", None),
-            (f"mixed-data LoRA, trained on {new}", "lora", f"{ex}/all+{new}.safetensors", f"{ex}/all+{new}", lora_before),
-            ("MoA retrained on K+1 domains", "bundle", f"{mo}/moa5.safetensors", f"{mo}/moa5", before)]
-    data = DomainData(cfg.data_dir, ",".join(old + [new]), cfg.block_size)
+def adaptation(cfg, run_dir, old, new):
+    """Adding a task: the old tasks before and after, against the obvious alternatives -> rows, or None."""
     rows = {}
-    for name, kind, path, run_dir, reference in runs:
-        built = build_variant(kind, path, cfg, data.domains)
+    data = TaskData(cfg.data_dir, ",".join(old + [new]))
+    before, mixed = "MoA before", "mixed LoRA before"
+    for name, path, kwargs, reference in [
+            (before, "moa/moa.safetensors", {"mode": cfg.mode}, None),
+            (f"MoA + {new} (new router row only)", f"moa/moa+{new}.safetensors", {"mode": cfg.mode}, before),
+            (f"MoA + {new} (every router row retrained)", f"moa/moa+{new}_allrows.safetensors", {"mode": cfg.mode},
+             before),
+            (f"{new} expert alone", f"experts/{new}.safetensors", {}, None),
+            (mixed, "experts/all.safetensors", {}, None),
+            (f"mixed LoRA, trained on {new}", f"experts/all+{new}.safetensors", {}, mixed),
+            (f"MoA retrained on K+1 tasks", "moa/moa_all.safetensors", {"mode": cfg.mode}, before)]:
+        built = build("expert" if path.startswith("experts") else "bundle", path, run_dir, cfg, data.domains)
         if built is None:
             return None
-        model, kwargs, _ = built
-        row = measure(model, kwargs, data, enc, cfg)
-        row["old_mean"] = sum(row[f"val/{d}"] for d in old) / len(old)
-        if "route_acc_mean" in row:
-            row["old_route_acc"] = sum(row[f"route_acc/{d}"] for d in old) / len(old)
-        if reference:  # the issue's test: no old domain worse by more than 1%, old routing within 0.5 points
+        model = built[0]
+        if isinstance(model, MoA) and new not in model.domains:  # a K-task bundle scores the K old tasks
+            row = evaluate_tasks(model.eval(), TaskData(cfg.data_dir, ",".join(old)), cfg.records, cfg.batch_size,
+                                 **kwargs)
+        else:
+            row = evaluate_tasks(model.eval(), data, cfg.records, cfg.batch_size, **kwargs)
+        row["old_loss"] = sum(row[f"loss/{d}"] for d in old) / len(old)
+        row["old_em"] = sum(row[f"em/{d}"] for d in old) / len(old)
+        if f"route/{old[0]}" in row:
+            row["old_route"] = sum(row[f"route/{d}"] for d in old) / len(old)
+        if reference:  # the targets: no old task's loss worse by more than 1%, old routing within 0.5 points
             ref = rows[reference]
-            row["worst_old_change"] = max(row[f"val/{d}"] / ref[f"val/{d}"] - 1 for d in old)
-            if "old_route_acc" in row:
-                row["old_route_change"] = row["old_route_acc"] - ref["old_route_acc"]
-        row["train_s"] = train_time(run_dir)
+            row["worst_old"] = max(row[f"loss/{d}"] / ref[f"loss/{d}"] - 1 for d in old)
+            if "old_route" in row:
+                row["old_route_change"] = row["old_route"] - ref["old_route"]
         rows[name] = row
-    columns = [("old-domain mean", lambda r: f"{r['old_mean']:.4f}"),
-               ("worst old domain", lambda r: f"{100 * r['worst_old_change']:+.1f}%" if "worst_old_change" in r else "-"),
-               ("old routing acc", percent("old_route_acc")),
-               ("change", lambda r: f"{100 * r['old_route_change']:+.1f} pt" if "old_route_change" in r else "-"),
-               (f"{new} routing acc", percent(f"route_acc/{new}")), ("arith EM", percent("arith_exact_match")),
-               ("training time", lambda r: f"{r['train_s']:.0f}s")]
-    return rows, markdown(rows, data.domains, columns)
+    return rows
 
 
-def routing_ceiling(data, cfg, bins=2048, steps=300):
-    """How well a window's domain can be told from its tokens alone, for comparison with the routers: a
-    logistic regression on counts of tokens and of token pairs (hashed into `bins` each), trained on
-    12,800 random training windows and scored on the validation windows the table uses."""
-    def features(x):  # (B, T) ids -> (B, 2 * bins) frequencies
-        f = torch.zeros(x.size(0), 2 * bins)
-        f.scatter_add_(1, x % bins, torch.ones(x.shape))
-        pairs = (x[:, :-1] * 1_000_003 + x[:, 1:]) % bins + bins
-        f.scatter_add_(1, pairs, torch.ones(pairs.shape))
-        return f / x.size(1)
-
-    g = torch.Generator().manual_seed(0)
-    batches = [data.batch(64, g) for _ in range(200)]
-    X, labels = torch.cat([features(x) for x, _, _ in batches]), torch.cat([d for _, _, d in batches])
-    classifier = torch.nn.Linear(2 * bins, len(data.domains))
-    optimizer = torch.optim.Adam(classifier.parameters(), lr=1e-2, weight_decay=1e-5)
-    for _ in range(steps):  # full batch
-        loss = torch.nn.functional.cross_entropy(classifier(X), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():
-        right = sum((classifier(features(data.windows(name, "val", data.eval_starts(name, cfg.windows))[0])).argmax(1)
-                     == k).sum().item() for k, name in enumerate(data.domains))
-    return right / (cfg.windows * len(data.domains))
+def adaptation_table(rows, domains, new):
+    columns = [("old tasks' loss", lambda r: cell(r["old_loss"])), ("worst old task", lambda r: cell(
+        r["worst_old"], True) if "worst_old" in r else "-"), ("old EM", lambda r: cell(r["old_em"], True)),
+               ("old routing", lambda r: cell(r["old_route"], True) if "old_route" in r else "-"),
+               ("change (points)", lambda r: cell(tuple(100 * v if i < 2 else v for i, v in enumerate(
+                   r["old_route_change"])), digits=1) if "old_route_change" in r else "-"),
+               (f"{new} routing", lambda r: cell(r[f"route/{new}"], True) if f"route/{new}" in r else "-"),
+               (f"{new} EM", lambda r: cell(r[f"em/{new}"], True) if f"em/{new}" in r else "-")]
+    return table(rows, domains, "loss", extra=columns)
 
 
-def pictures(cfg, rows):
-    """Loss curves of every run, the MoA routers' confusion matrix and per-layer accuracy, as PNGs."""
+def main(argv=None):
+    cfg = parse_config(ResultsConfig, argv or [])
+    if not os.path.isfile(os.path.join(cfg.out, "base", "ckpt.pt")):
+        raise UserError(f"no base in {cfg.out}/base: run `python demo.py` first")
+    run_dirs = runs(cfg.out)
+    if not run_dirs:
+        raise UserError(f"no runs in {cfg.out}/runs/: run `python demo.py` first")
+    data = TaskData(cfg.data_dir, "all")
+    per_run, adapted = [], []
+    for run_dir in run_dirs:
+        rows = {}
+        for name, kind, path, kwargs in variants(cfg, len(data.domains)):
+            built = build(kind, path, run_dir, cfg, data.domains)
+            if built is None:
+                print(f"{os.path.basename(run_dir)}: skipped {name}: files not found")
+                continue
+            model, params, samples = built
+            rows[name] = {**score(model, kwargs, data, cfg), "params": params, "samples": samples,
+                          "routing": kwargs.get("mode", "classifier" if kind == "classifier" else
+                                                "arrow" if kind == "arrow" else "none")}
+            print(f"{os.path.basename(run_dir)}: {name}: loss {rows[name]['loss_mean']:.4f}, "
+                  f"exact match {100 * rows[name]['em_mean']:.1f}%")
+        per_run.append(rows)
+        added = adaptation(cfg, run_dir, data.domains, cfg.added) if cfg.added in data.meta["tasks"] else None
+        if added is not None:
+            adapted.append(added)
+    rows = aggregate(per_run)
+    text = (f"{len(per_run)} run(s): {', '.join(os.path.basename(r) for r in run_dirs)}; {cfg.records} validation "
+            f"records per task.\n\n" + main_tables(rows, data.domains, cfg))
+    results = {"runs": run_dirs, "variants": per_run}
+    if adapted:
+        results["adaptation"] = adapted
+        text += (f"\n\nAdding the task {cfg.added} (loss per task; routing in mode {cfg.mode}):\n\n" +
+                 adaptation_table(aggregate(adapted), data.domains + [cfg.added], cfg.added))
+    folder = os.path.join(cfg.out, "results")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(folder, "results.md"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+    if cfg.plots:
+        pictures(cfg, rows, data.domains, run_dirs[0])
+    return rows
+
+
+def pictures(cfg, rows, domains, run_dir):
+    """Per-task bars of the main rows, each expert's learning curve beside the mixed LoRA's, and MoA's routing."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("no pictures: `pip install matplotlib` for them")
         return
     folder = os.path.join(cfg.out, "results")
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, stage in zip(axes, ("base", "experts", "moa")):
-        root = os.path.join(cfg.out, stage)
-        run_dirs = [root] if stage == "base" else sorted(os.path.join(root, d) for d in os.listdir(root))
-        for run_dir in run_dirs:
-            log = os.path.join(run_dir, "log.jsonl")
+    main = [n for n in ("base", "Single-LoRA (label given)", "one LoRA, mixed tasks (rank r)", "MoA (joint)",
+                        "Classifier + LoRAs", "Arrow (no labels, no training)") if n in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4))
+    for ax, metric, label in ((axes[0], "em", "exact match"), (axes[1], "loss", "response loss (nats/token)")):
+        width = 0.8 / len(main)
+        for i, name in enumerate(main):
+            means = [rows[name][f"{metric}/{d}"][0] for d in domains]
+            errs = [rows[name][f"{metric}/{d}"][1] for d in domains]
+            ax.bar([j + i * width for j in range(len(domains))], means, width, yerr=errs, label=name)
+        ax.set(xticks=[j + 0.4 - width / 2 for j in range(len(domains))], xticklabels=domains, ylabel=label,
+               title=f"{label} per task")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "tasks.png"), dpi=100)
+
+    fig, axes = plt.subplots(1, len(domains), figsize=(4 * len(domains), 3.5), squeeze=False)
+    for ax, d in zip(axes[0], domains):
+        for run, label in ((d, f"{d} expert"), ("all", "mixed LoRA")):
+            log = os.path.join(run_dir, "experts", run, "log.jsonl")
             if os.path.isfile(log):
                 with open(log) as f:
                     points = [json.loads(line) for line in f]
-                ax.plot([p["step"] for p in points], [p["val_mean"] for p in points], marker="o",
-                        label=os.path.basename(run_dir))
-        ax.set(title=f"{stage}: mean validation loss", xlabel="step", ylabel="loss (nats/token)")
+                ax.plot([p["step"] for p in points], [p[f"loss/{d}"] for p in points], marker="o", label=label)
+        ax.set(title=f"{d}: loss on its validation records", xlabel="training step", ylabel="nats per token")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(folder, "loss_curves.png"), dpi=100)
+    fig.savefig(os.path.join(folder, "learning.png"), dpi=100)
+
     moa = rows.get("MoA (joint)")
-    if moa and "route_confusion" in moa:
-        domains = [k.split("/", 1)[1] for k in moa if k.startswith("val/")]
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-        a1.imshow(moa["route_confusion"], cmap="Blues")
-        for i, row in enumerate(moa["route_confusion"]):
-            for j, n in enumerate(row):
-                a1.text(j, i, n, ha="center", va="center")
-        a1.set(title="MoA: last router's choice (validation windows)", xticks=range(len(domains)),
-               yticks=range(len(domains)), xticklabels=domains, yticklabels=domains, xlabel="routed to", ylabel="domain")
-        for name in ("MoA (joint)", "MoA, routers only"):
-            if name in rows and "route_acc_layers" in rows[name]:
-                a2.plot(range(len(rows[name]["route_acc_layers"])), rows[name]["route_acc_layers"], marker="o", label=name)
-        a2.set(title="routing accuracy per layer", xlabel="layer (router before block i)", ylabel="accuracy")
-        a2.legend()
+    if moa and "confusion" in moa:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        ax.imshow(moa["confusion"], cmap="Blues")
+        for i, counts in enumerate(moa["confusion"]):
+            for j, n in enumerate(counts):
+                ax.text(j, i, n, ha="center", va="center")
+        ax.set(title=f"MoA: where each task's prompts went (mode {cfg.mode})", xticks=range(len(domains)),
+               yticks=range(len(domains)), xticklabels=domains, yticklabels=domains, xlabel="expert",
+               ylabel="task")
         fig.tight_layout()
         fig.savefig(os.path.join(folder, "routing.png"), dpi=100)
     print(f"pictures in {folder}")
-
-
-def main(argv=None):
-    cfg = parse_config(ResultsConfig, argv or [])
-    data = DomainData(cfg.data_dir, "all", cfg.block_size)
-    if not os.path.isfile(os.path.join(cfg.out, "base", "ckpt.pt")):
-        raise UserError(f"no base in {cfg.out}/base: run `python demo.py` first")
-    _, tokenizer = load_base(os.path.join(cfg.out, "base"))
-    enc = get_tokenizer(tokenizer)
-    rows = {}
-    for name, kind, path in variants(cfg.out, data.domains):
-        built = build_variant(kind, path, cfg, data.domains)
-        if built is None:
-            print(f"skipped {name}: {path} not found")
-            continue
-        model, kwargs, params = built
-        rows[name] = {**measure(model, kwargs, data, enc, cfg), "params": params}
-        print(f"{name}: mean val loss {rows[name]['val_mean']:.4f}")
-    if not rows:
-        raise UserError(f"nothing to measure in {cfg.out}: run `python demo.py` first")
-    table = markdown(rows, data.domains, MAIN_COLUMNS)
-    results = {"variants": rows, "routing_ceiling": routing_ceiling(data, cfg)}
-    table += (f"\n\nFrom its tokens alone (a logistic regression on token and token-pair counts), a window's domain "
-              f"is told right {100 * results['routing_ceiling']:.1f}% of the time: the routers' ceiling, roughly.")
-    adapted = adaptation(cfg, enc, data.domains)
-    if adapted is not None:
-        results["adaptation"], adapt_table = adapted
-        table += "\n\nAdding a domain (unicode):\n\n" + adapt_table
-    os.makedirs(os.path.join(cfg.out, "results"), exist_ok=True)
-    with open(os.path.join(cfg.out, "results", "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(cfg.out, "results", "results.md"), "w") as f:
-        f.write(table + "\n")
-    print(table)
-    if cfg.plots:
-        pictures(cfg, rows)
-    return rows
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Pretrains the base GPT on the mixed domains, from scratch or on from GPT-2 weights.
+"""Pretrains the base GPT on the corpus (data/prepare.py), from scratch or on from GPT-2 weights.
 
     python train_base.py                                  # the default: ~3 minutes on 2 CPU cores
     python train_base.py --max_iters=2000 --n_layer=6     # any field of BaseConfig as --key=value
@@ -15,17 +15,18 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from evaluate import domain_losses, per_sample_loss, unigram_entropy
+from evaluate import corpus_losses, unigram_entropy
 from model import GPT, GPTConfig
 from config import UserError, parse_config, run
 from files import load_checkpoint
-from trainer import DomainData, TrainConfig, train
+from trainer import CorpusData, TrainConfig, train
 
 
 @dataclass
 class BaseConfig(TrainConfig):
     out_dir: str = "out/base"
     init_from: str = "scratch"  # scratch | resume | gpt2 | gpt2-medium | ... | a GPT-2 folder
+    corpus: str = "all"  # comma-separated corpus sources (data/prepare.py), or all
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
@@ -52,20 +53,18 @@ def build_model(cfg, vocab_size):
 
 def main(argv=None):
     cfg = parse_config(BaseConfig, argv or [])
-    data = DomainData(cfg.data_dir, cfg.domains, cfg.block_size)
+    data = CorpusData(cfg.data_dir, cfg.corpus, cfg.block_size)
     torch.manual_seed(cfg.seed)  # the initial weights are part of the run: same seed, same model, on every process
     model = build_model(cfg, data.vocab_size)
     if model.config.vocab_size < data.vocab_size:
         raise UserError(f"the data's tokenizer ({data.tokenizer}, {data.vocab_size} tokens) does not fit the model's "
                         f"{model.config.vocab_size}; for GPT-2 weights run `python data/prepare.py --tokenizer=gpt2`")
-    print(f"base GPT: {model.num_params() / 1e6:.2f}M parameters, domains: {', '.join(data.domains)}")
+    print(f"base GPT: {model.num_params() / 1e6:.2f}M parameters, corpus: {', '.join(data.domains)}")
 
     def evaluate(m):
-        device = next(m.parameters()).device
-        return domain_losses(lambda x, y, d: per_sample_loss(m(x)[0], y), data, cfg.eval_iters * cfg.batch_size,
-                             cfg.batch_size, device)
+        return corpus_losses(m, data, cfg.eval_iters * cfg.batch_size, cfg.batch_size, next(m.parameters()).device)
 
-    meta = {"kind": "base", "model": asdict(model.config), "tokenizer": data.tokenizer, "domains": data.domains,
+    meta = {"kind": "base", "model": asdict(model.config), "tokenizer": data.tokenizer, "corpus": data.domains,
             "init_from": cfg.init_from}
     losses = train(cfg, model, data, evaluate, meta=meta)
     final = evaluate(model.eval())

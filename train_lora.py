@@ -1,16 +1,20 @@
-"""Stage 1 of MoA: trains one domain's LoRA expert beside the frozen base.
+"""Stage 1 of MoA: trains one domain's LoRA expert beside the frozen base, on that task's records.
 
-    python train_lora.py --domain=python                # writes out/experts/python.safetensors
-    python train_lora.py --domain=all                   # baseline: one LoRA on all domains, balanced
+    python train_lora.py --domain=reverse                # writes out/experts/reverse.safetensors
+    python train_lora.py --domain=all                    # baseline: one LoRA on every task, balanced
     python train_lora.py --domain=all --rank=32 --name=all_r32   # ... with as many parameters as 4 experts
-    python train_lora.py --domain=arith --base=gpt2     # on GPT-2 weights (data prepared with --tokenizer=gpt2)
-    python train_lora.py --domain=unicode --init_expert=out/experts/all.safetensors --name=all+unicode
+    python train_lora.py --domain=mytask --base=gpt2     # on GPT-2 weights (data prepared with --tokenizer=gpt2)
+    python train_lora.py --domain=upper --init_expert=out/experts/all.safetensors --name=all+upper
 
-Only the expert's A and B matrices train; the base's weights stay bit-identical. The run's
-checkpoint and log go to out/experts/<name>/, the expert itself to out/experts/<name>.safetensors.
+Only the expert's A and B matrices train; the base's weights stay bit-identical. The loss is taken on
+each record's response (`--prompt_loss` adds the prompt's tokens). The expert is evaluated on every
+task's validation records (loss per response token), so a log shows what it learns and what it costs
+the other tasks. The run's checkpoint and log go to out/experts/<name>/, the expert itself to
+out/experts/<name>.safetensors.
 
 Read next: train_router.py (stage 2).
 """
+
 import os
 from dataclasses import dataclass, replace
 
@@ -18,25 +22,26 @@ import torch
 
 import fast
 from config import UserError, parse_config, run
-from evaluate import domain_losses, per_sample_loss
+from evaluate import evaluate_tasks
 from files import add_expert_file, fingerprint, load_base, save_expert
-from moa import add_experts, count_params, set_route
-from trainer import DomainData, TrainConfig, train
+from moa import TARGETS, add_experts, count_params, set_route
+from trainer import TaskConfig, TaskData, task_block_size, train
 
 
 @dataclass
-class LoRAConfig(TrainConfig):
+class LoRAConfig(TaskConfig):
     out_dir: str = "out/experts"
-    base: str = "out/base"  # a train_base.py output folder / ckpt.pt, or GPT-2 weights (gpt2, or a folder)
-    domain: str = ""  # the domain this expert learns, or "all" for one LoRA on the mixed data
+    domain: str = ""  # the task this expert learns, or "all" for one LoRA on every task
     name: str = ""  # file name of the expert; default: the domain
     init_expert: str = ""  # start from this expert file (its rank, alpha, targets) instead of a fresh one
     rank: int = 8
     alpha: float = 16.0
     lora_dropout: float = 0.0
-    targets: str = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"
+    targets: str = ",".join(TARGETS)
+    batch_size: int = 32
     max_iters: int = 300
     eval_interval: int = 100
+    eval_iters: int = 2
     learning_rate: float = 1e-2
     min_lr: float = 1e-3
     warmup_iters: int = 20
@@ -46,17 +51,18 @@ class LoRAConfig(TrainConfig):
 def main(argv=None):
     cfg = parse_config(LoRAConfig, argv or [])
     if not cfg.domain:
-        raise UserError("say which domain the expert learns: --domain=NAME (or --domain=all)")
+        raise UserError("say which task the expert learns: --domain=NAME (or --domain=all)")
     name = cfg.name or cfg.domain
-    train_data = DomainData(cfg.data_dir, "all" if cfg.domain == "all" else cfg.domain, cfg.block_size)
-    eval_data = DomainData(cfg.data_dir, cfg.domains, cfg.block_size)  # the expert is measured on every domain
-    if cfg.domain != "all" and cfg.domain not in eval_data.domains:  # e.g. the held-back domain
-        eval_data = DomainData(cfg.data_dir, ",".join(eval_data.domains + [cfg.domain]), cfg.block_size)
     model, tokenizer = load_base(cfg.base)
-    torch.manual_seed(cfg.seed)  # the expert's initial A is part of the run
+    block_size = task_block_size(cfg, model)
+    train_data = TaskData(cfg.data_dir, "all" if cfg.domain == "all" else cfg.domain, block_size, cfg.prompt_loss)
+    eval_data = TaskData(cfg.data_dir, cfg.domains, block_size)  # the expert is measured on every task
+    if cfg.domain != "all" and cfg.domain not in eval_data.domains:  # e.g. the held-back task
+        eval_data = TaskData(cfg.data_dir, ",".join(eval_data.domains + [cfg.domain]), block_size)
     if tokenizer != train_data.tokenizer:
         raise UserError(f"the base uses tokenizer {tokenizer!r} but {cfg.data_dir} was prepared with "
                         f"{train_data.tokenizer!r}; prepare the data with --tokenizer={tokenizer}")
+    torch.manual_seed(cfg.seed)  # the expert's initial A is part of the run
     base = fingerprint(model)
     if cfg.init_expert:  # go on training an existing expert, with its rank, alpha and targets
         meta = add_expert_file(model, cfg.init_expert, tokenizer, cfg.lora_dropout)
@@ -70,14 +76,14 @@ def main(argv=None):
           f"({100 * trainable / (total - trainable):.2f}% of the base)")
 
     def evaluate(m):
-        device = next(m.parameters()).device
-        return domain_losses(lambda x, y, d: per_sample_loss(m(x)[0], y), eval_data,
-                             cfg.eval_iters * cfg.batch_size, cfg.batch_size, device)
+        return evaluate_tasks(m, eval_data, cfg.eval_iters * cfg.batch_size, cfg.batch_size, generate=False,
+                              served=False)
 
     run_cfg = replace(cfg, out_dir=os.path.join(cfg.out_dir, name))
     losses = train(run_cfg, model, train_data, evaluate, meta={"kind": "expert", "domain": cfg.domain})
     path = os.path.join(cfg.out_dir, f"{name}.safetensors")
-    save_expert(path, model, 0, cfg.domain, tokenizer, base, {"trained_on": train_data.domains, "steps": cfg.max_iters})
+    samples = cfg.max_iters * cfg.batch_size * cfg.grad_accum  # training records seen, for fair comparisons
+    save_expert(path, model, 0, cfg.domain, tokenizer, base, {"trained_on": train_data.domains, "samples": samples})
     print(f"saved {path} ({os.path.getsize(path) / 1e3:.0f} kB)")
     return model, losses
 

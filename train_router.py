@@ -1,22 +1,26 @@
 """Stage 2 of MoA: the K stage-1 experts side by side, a router before every block, trained together
-on evenly sampled data of all domains with L = L_LM + eta * L_cls. Also adds and removes domains.
+on evenly sampled records of all tasks with L = L_LM + eta * L_cls. Also adds and removes domains.
 
     python train_router.py                                   # MoA: experts + routers trained jointly
     python train_router.py --train_experts=False --name=moa_routers   # routers only, experts frozen
     python train_router.py --mode=token --eta=0 --name=moe_lora       # ablation: token-level MoE-LoRA
     python train_router.py --mode=token --eta=0 --expert_init=random --name=moe_lora_naive
-    python train_router.py --add_domain=unicode --bundle=out/moa/moa.safetensors   # K -> K+1 domains
-    python train_router.py --remove_domain=unicode --bundle=out/moa/moa+unicode.safetensors
+    python train_router.py --add_domain=upper --bundle=out/moa/moa.safetensors   # K -> K+1 domains
+    python train_router.py --remove_domain=upper --bundle=out/moa/moa+upper.safetensors
 
-Every run writes one bundle, out/moa/<name>.safetensors (experts, routers, domain names, the base's
-fingerprint), and its checkpoint and log in out/moa/<name>/.
+Which loss trains what: in mode label (MoA), each record goes through its task's expert, so L_LM trains
+the experts only (it never reaches a router: the label, not the router, picked the expert), and L_cls
+trains the routers only. The routers read each record's prompt alone (`Batch.prompt`), which is all
+that exists when a request arrives; with causal attention the prompt's block inputs are the same
+whether or not the response follows. Every run writes one bundle, out/moa/<name>.safetensors
+(experts, routers, domain names, the base's fingerprint), and its checkpoint and log in out/moa/<name>/.
 
 Adding a domain (the paper claims it works, but gives no procedure; this is nanoMoA's): the new
 domain's expert is trained first with stage 1 on the same frozen base (train_lora.py); every router
 gets one more output row; then the new row trains on balanced replay of all K+1 domains while the
-old experts and the old rows stay frozen. An old domain's window can then only change where the new
-row's logit overtakes the old winner, which the replay teaches it not to do (--train_old_rows=True
-retrains every row instead: the old domains' routing then moves, see the results table).
+old experts and the old rows stay frozen. An old domain's prompt can then only change route where the
+new row's logit overtakes the old winner, which the replay teaches it not to do (--train_old_rows=True
+retrains every row instead: the old domains' routing may then move, see the results).
 
 Read next: sample.py, then results.py.
 """
@@ -27,16 +31,15 @@ import torch
 
 import fast
 from config import UserError, parse_config, run
-from evaluate import routed_losses
+from evaluate import evaluate_tasks
 from files import fingerprint, load_base, load_bundle, load_expert, read_meta, save_bundle
 from moa import TARGETS, MoA, count_params, lora_layers
-from trainer import DomainData, TrainConfig, train
+from trainer import TaskConfig, TaskData, task_block_size, train
 
 
 @dataclass
-class RouterConfig(TrainConfig):
+class RouterConfig(TaskConfig):
     out_dir: str = "out/moa"
-    base: str = "out/base"
     experts: str = "out/experts"  # folder of stage-1 experts, <domain>.safetensors
     name: str = ""  # the bundle's file name; default moa, or <bundle>+<domain> / <bundle>-<domain>
     eta: float = 1.0  # weight of the routers' domain-label loss L_cls
@@ -44,7 +47,6 @@ class RouterConfig(TrainConfig):
     mode: str = "label"  # routing in training: label (MoA) | token (MoE-LoRA ablation) | layer (routers' choice)
     top_k: int = 2  # experts per token with mode=token (top-1 would give the router no gradient)
     pooling: str = "mean"  # how a router reads its block's input: mean over real tokens | last token
-    router_min_len: int = 16  # routers read a random prefix (at least this long) of each window; 0: all of it
     expert_init: str = "stage1"  # stage1 experts, or random ones ("MoE-LoRA naive")
     rank: int = 8  # rank and alpha of random experts (stage-1 experts bring their own)
     alpha: float = 16.0
@@ -54,8 +56,10 @@ class RouterConfig(TrainConfig):
     remove_domain: str = ""
     train_new_expert: bool = False  # when adding a domain: also fine-tune the new expert
     train_old_rows: bool = False  # when adding a domain: also retrain the routers' old rows (old routing may move)
+    batch_size: int = 32
     max_iters: int = 300
     eval_interval: int = 100
+    eval_iters: int = 2
     learning_rate: float = 3e-3  # the experts' peak learning rate
     min_lr: float = 3e-4
     router_lr: float = 0.1  # the routers' peak learning rate (their schedule is the experts', scaled)
@@ -63,7 +67,7 @@ class RouterConfig(TrainConfig):
     weight_decay: float = 0.0
 
 
-SETTINGS = ("mode", "top_k", "eta", "train_experts", "expert_init", "max_iters", "router_min_len")  # kept in a bundle
+SETTINGS = ("mode", "top_k", "eta", "train_experts", "expert_init", "max_iters")  # kept in a bundle
 
 
 def check_choices(cfg):
@@ -72,8 +76,6 @@ def check_choices(cfg):
             raise UserError(f"--{key}={getattr(cfg, key)}: choose one of {', '.join(allowed)}")
     if cfg.add_domain and cfg.mode != "label":
         raise UserError("--add_domain trains a MoA bundle's routers on domain labels: leave --mode=label")
-    if cfg.router_min_len < 0:
-        raise UserError(f"--router_min_len={cfg.router_min_len}: use 0 (whole windows) or a positive length")
     if cfg.learning_rate <= 0 or cfg.router_lr <= 0:
         raise UserError("--learning_rate and --router_lr must be positive")
     if cfg.add_domain and not cfg.train_old_rows and cfg.weight_decay:
@@ -124,6 +126,16 @@ def build(cfg, gpt, tokenizer, base, data_domains):
     return moa
 
 
+def samples_before(cfg, domains):
+    """Training records the starting point saw: the stage-1 experts' (or the bundle's and the new expert's)."""
+    if cfg.add_domain:
+        return read_meta(cfg.bundle, "bundle")[1].get("samples", 0) + \
+            read_meta(expert_path(cfg, cfg.add_domain), "expert")[1].get("samples", 0)
+    if cfg.expert_init == "random":
+        return 0
+    return sum(read_meta(expert_path(cfg, d), "expert")[1].get("samples", 0) for d in domains)
+
+
 def main(argv=None):
     cfg = parse_config(RouterConfig, argv or [])
     check_choices(cfg)
@@ -143,36 +155,32 @@ def main(argv=None):
         print(f"saved {path}: domains {', '.join(moa.domains)}")
         return moa, []
 
-    domains = DomainData(cfg.data_dir, cfg.domains, cfg.block_size).domains
+    block_size = task_block_size(cfg, gpt)
+    domains = TaskData(cfg.data_dir, cfg.domains, block_size).domains
     if cfg.add_domain:
         domains = read_meta(cfg.bundle, "bundle")[1]["domains"] + [cfg.add_domain]
     torch.manual_seed(cfg.seed)  # new experts and routers start the same for the same seed
     moa = build(cfg, gpt, tokenizer, base, domains)
     fast.enable(moa, cfg.fast)
-    data = DomainData(cfg.data_dir, ",".join(moa.domains), cfg.block_size)  # labels follow the bundle's order
+    data = TaskData(cfg.data_dir, ",".join(moa.domains), block_size, cfg.prompt_loss)  # labels: the bundle's order
     if data.tokenizer != tokenizer:
         raise UserError(f"{cfg.data_dir} was prepared with tokenizer {data.tokenizer!r}, the base uses {tokenizer!r}")
     moa.eta, moa.top_k = cfg.eta, cfg.top_k
     trainable, total = count_params(moa)
     print(f"MoA over {', '.join(moa.domains)}: {trainable:,} trainable of {total:,} parameters")
 
-    eval_mode = "token" if cfg.mode == "token" else "layer"  # evaluation: no labels, the routers decide
+    def loss_fn(m, batch):  # the routers read each record's prompt only
+        return m(batch.x, batch.y, domain=batch.domain, mode=cfg.mode, router_mask=batch.prompt)[1]
 
-    def loss_fn(m, x, y, d):
-        router_mask = None
-        if cfg.router_min_len:  # prompts at inference are short: the routers learn from prefixes of every length
-            lengths = torch.randint(min(cfg.router_min_len, x.size(1)), x.size(1) + 1, (x.size(0), 1), device=x.device)
-            router_mask = torch.arange(x.size(1), device=x.device) < lengths  # (B, T): True on each prefix
-        return m(x, y, domain=d, mode=cfg.mode, router_mask=router_mask)[1]
-
-    def evaluate(m):
-        device = next(m.parameters()).device
-        return routed_losses(m, data, cfg.eval_iters * cfg.batch_size, cfg.batch_size, eval_mode, device)
+    def evaluate(m):  # no labels: each block's router decides from the prompt (results.py also scores last, vote)
+        return evaluate_tasks(m, data, cfg.eval_iters * cfg.batch_size, cfg.batch_size, generate=False, served=False,
+                              mode="token" if cfg.mode == "token" else "layer")
 
     meta = {"kind": "bundle", "domains": moa.domains}
     losses = train(replace(cfg, out_dir=os.path.join(cfg.out_dir, name)), moa, data, evaluate, loss_fn, meta,
                    lr_scales={"routers.": cfg.router_lr / cfg.learning_rate})
-    save_bundle(path, moa, tokenizer, base, {k: getattr(cfg, k) for k in SETTINGS})
+    samples = samples_before(cfg, moa.domains) + cfg.max_iters * cfg.batch_size * cfg.grad_accum  # in all
+    save_bundle(path, moa, tokenizer, base, {**{k: getattr(cfg, k) for k in SETTINGS}, "samples": samples})
     print(f"saved {path}")
     return moa, losses
 

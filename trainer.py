@@ -14,6 +14,7 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -31,7 +32,6 @@ class TrainConfig:
     """Fields every stage has; each script subclasses it with its own."""
     out_dir: str = "out/run"
     data_dir: str = "data/default"
-    domains: str = "all"  # comma-separated, or "all" (every prepared domain but the held-back ones)
     init_from: str = "scratch"  # scratch | resume (continue out_dir/ckpt.pt)
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | mps
@@ -51,70 +51,183 @@ class TrainConfig:
     beta2: float = 0.99
     grad_clip: float = 1.0
     eval_interval: int = 300
-    eval_iters: int = 4  # batches per domain per evaluation
+    eval_iters: int = 4  # batches' worth of validation windows or records per domain, per evaluation
     log_interval: int = 50
     progress: bool = True  # tqdm progress bar
 
 
+@dataclass
+class TaskConfig(TrainConfig):
+    """Fields of the stages that train on tasks (experts and routers) beside a frozen base."""
+    base: str = "out/base"  # a train_base.py output folder / ckpt.pt, or GPT-2 weights (gpt2, or a folder)
+    domains: str = "all"  # comma-separated tasks, or "all" (every prepared task but the held-back ones)
+    prompt_loss: bool = False  # also take the loss on the prompt's tokens (default: the response's only)
+    block_size: int = 0  # longest record in tokens (longer ones are cut); 0: the base's context
+
+
+def task_block_size(cfg, model):
+    """--block_size of a task stage, checked against the base's context (0: the base's context)."""
+    if cfg.block_size > model.config.block_size:
+        raise UserError(f"--block_size={cfg.block_size} is beyond the base's context of {model.config.block_size}")
+    return cfg.block_size or model.config.block_size
+
+
 # ----------------------------------------------------------------------------------------------
-# Data: data/prepare.py writes <data_dir>/<domain>/{train,val}.bin (uint16) and meta.json.
+# Data, as data/prepare.py writes it: <data_dir>/corpus/<source>/{train,val}.bin (token streams, for the
+# base), <data_dir>/tasks/<domain>/{train,val}.{bin,idx} (records, for the experts and routers), meta.json.
 
-class DomainData:
-    """Memory-mapped token streams of several domains, and balanced batches drawn from them."""
 
-    def __init__(self, data_dir, domains="all", block_size=128):
-        meta_path = os.path.join(data_dir, "meta.json")
-        if not os.path.isfile(meta_path):
-            raise UserError(f"{meta_path} not found: run `python data/prepare.py` first")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
-        known = list(self.meta["domains"])
-        if domains == "all":
-            names = [d for d in known if d not in self.meta.get("held_back", [])]
-        else:
-            names = [d.strip() for d in domains.split(",") if d.strip()]
-        for name in names:
-            if name not in known:
-                raise UserError(f"unknown domain {name!r}; prepared domains: {', '.join(known)}")
-        if not names:
-            raise UserError("no domains selected")
-        self.domains, self.block_size = names, block_size
+class Batch(NamedTuple):
+    x: torch.Tensor  # (B, T) input token ids
+    y: torch.Tensor  # (B, T) targets: the next token, -1 where no loss is taken
+    domain: torch.Tensor  # (B,) each sample's domain label (task, or corpus source)
+    prompt: Optional[torch.Tensor] = None  # (B, T) bool, True on a record's prompt: what the routers may read
+
+    def to(self, device):
+        return Batch(*(None if t is None else t.to(device) for t in self))
+
+
+def read_data_meta(data_dir):
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found: run `python data/prepare.py` first")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        assert all(isinstance(meta[k], dict) for k in ("corpus", "tasks")) and isinstance(meta["tokenizer"], str)
+    except (ValueError, KeyError, TypeError, AssertionError):
+        raise UserError(f"{path} is not a meta.json written by data/prepare.py; run it again") from None
+    return meta
+
+
+def choose(names, known, held_back, kind):
+    """--domains-style selection: "all" is every known name but the held-back ones; else a comma list."""
+    chosen = [n for n in known if n not in held_back] if names == "all" else \
+        [n.strip() for n in names.split(",") if n.strip()]
+    for name in chosen:
+        if name not in known:
+            raise UserError(f"unknown {kind} {name!r}; prepared: {', '.join(known) or 'none'}")
+    if not chosen:
+        raise UserError(f"no {kind} selected: prepare some with `python data/prepare.py`")
+    return chosen
+
+
+class CorpusData:
+    """Memory-mapped token streams of the corpus sources (what the base is pretrained on), and batches
+    of random windows with every source equally represented."""
+
+    def __init__(self, data_dir, sources="all", block_size=128):
+        self.meta = read_data_meta(data_dir)
+        self.domains = choose(sources, list(self.meta["corpus"]), [], "corpus source")
+        self.block_size = block_size
         self.tokenizer, self.vocab_size = self.meta["tokenizer"], self.meta["vocab_size"]
         self.splits = {}
-        for name in names:
+        for name in self.domains:
             for split in ("train", "val"):
-                path = os.path.join(data_dir, name, f"{split}.bin")
+                path = os.path.join(data_dir, "corpus", name, f"{split}.bin")
                 if not os.path.isfile(path):
-                    raise UserError(f"{path} not found: run `python data/prepare.py` first")
+                    raise UserError(f"{path} not found: run `python data/prepare.py` again")
                 tokens = np.memmap(path, dtype=np.uint16, mode="r")
                 if len(tokens) < block_size + 2:
                     raise UserError(f"{path} has {len(tokens)} tokens, fewer than one block of {block_size + 1}")
                 self.splits[name, split] = tokens
 
     def windows(self, name, split, starts):
-        """Token windows starting at `starts` -> x, y (len(starts), block_size) int64."""
+        """Token windows starting at `starts` -> x, y (len(starts), block_size) int64, y = x shifted by one."""
         data, T = self.splits[name, split], self.block_size
         x = torch.from_numpy(np.stack([data[s:s + T].astype(np.int64) for s in starts]))
         y = torch.from_numpy(np.stack([data[s + 1:s + 1 + T].astype(np.int64) for s in starts]))
         return x, y
 
     def batch(self, batch_size, generator, split="train"):
-        """A random batch with every domain equally represented -> x, y (B, T) and domain labels d (B,)."""
-        K = len(self.domains)
-        offset = int(torch.randint(K, (1,), generator=generator))
-        d = (torch.arange(batch_size) + offset) % K  # (B,) balanced: counts differ by at most one
+        """A random batch with every source equally represented (counts differ by at most one)."""
+        d = balanced_labels(batch_size, len(self.domains), generator)
         xs, ys = [], []
         for label in d.tolist():
             n = len(self.splits[self.domains[label], split]) - self.block_size - 1
             x, y = self.windows(self.domains[label], split, [int(torch.randint(n, (1,), generator=generator))])
             xs.append(x)
             ys.append(y)
-        return torch.cat(xs), torch.cat(ys), d
+        return Batch(torch.cat(xs), torch.cat(ys), d)
 
     def eval_starts(self, name, n):
-        """n fixed window starts spread evenly over a domain's validation split (no randomness)."""
+        """n fixed window starts spread evenly over a source's validation split (no randomness)."""
         last = len(self.splits[name, "val"]) - self.block_size - 1
         return np.linspace(0, last, n).astype(np.int64).tolist()
+
+
+def balanced_labels(batch_size, K, generator):
+    """(B,) labels 0..K-1 in turn from a random offset: every label equally often, to within one."""
+    offset = int(torch.randint(K, (1,), generator=generator))
+    return (torch.arange(batch_size) + offset) % K
+
+
+class TaskData:
+    """The (prompt, response) records of several tasks, the domains MoA routes between, and right-padded
+    batches of them with every domain equally represented. The loss is taken on the response tokens
+    (and the EOT that ends it) only, unless prompt_loss; `Batch.prompt` marks each record's prompt."""
+
+    def __init__(self, data_dir, domains="all", block_size=128, prompt_loss=False):
+        self.meta = read_data_meta(data_dir)
+        self.domains = choose(domains, list(self.meta["tasks"]), self.meta.get("held_back", []), "domain")
+        self.block_size, self.prompt_loss = block_size, prompt_loss
+        self.tokenizer, self.vocab_size, self.eot = self.meta["tokenizer"], self.meta["vocab_size"], self.meta["eot"]
+        self.tokens, self.index = {}, {}
+        for name in self.domains:
+            for split in ("train", "val"):
+                self.tokens[name, split], self.index[name, split] = read_records(data_dir, name, split)
+
+    def count(self, name, split):
+        return len(self.index[name, split])
+
+    def record(self, name, split, i):
+        """Record i -> (prompt token ids, response token ids ending with EOT), as lists."""
+        start, n_prompt, length = self.index[name, split][i].tolist()
+        tokens = self.tokens[name, split][start:start + length].tolist()
+        return tokens[:n_prompt], tokens[n_prompt:]
+
+    def pad(self, records, domain):
+        """[(prompt, response)] -> a right-padded Batch; records longer than block_size + 1 tokens are cut."""
+        rows = [(p + r)[:self.block_size + 1] for p, r in records]
+        T = max(len(row) for row in rows) - 1
+        x = torch.full((len(rows), T), self.eot, dtype=torch.long)
+        y = torch.full((len(rows), T), -1, dtype=torch.long)
+        prompt = torch.zeros(len(rows), T, dtype=torch.bool)
+        for b, (row, (p, _)) in enumerate(zip(rows, records)):
+            n = len(row) - 1
+            x[b, :n], y[b, :n] = torch.tensor(row[:-1]), torch.tensor(row[1:])
+            prompt[b, :min(len(p), n)] = True
+            if not self.prompt_loss:
+                y[b, :len(p) - 1] = -1  # targets that are prompt tokens: no loss
+        return Batch(x, y, domain, prompt)
+
+    def batch(self, batch_size, generator, split="train"):
+        """A random batch of records with every domain equally represented (counts differ by at most one)."""
+        d = balanced_labels(batch_size, len(self.domains), generator)
+        records = []
+        for label in d.tolist():
+            name = self.domains[label]
+            records.append(self.record(name, split, int(torch.randint(self.count(name, split), (1,),
+                                                                      generator=generator))))
+        return self.pad(records, d)
+
+
+def read_records(data_dir, name, split):
+    """A task split's tokens (uint16, memory-mapped) and index (N, 3): start, prompt length, length; checked."""
+    folder = os.path.join(data_dir, "tasks", name)
+    bin_path, idx_path = os.path.join(folder, f"{split}.bin"), os.path.join(folder, f"{split}.idx")
+    for path in (bin_path, idx_path):
+        if not os.path.isfile(path):
+            raise UserError(f"{path} not found: run `python data/prepare.py` again")
+    tokens = np.memmap(bin_path, dtype=np.uint16, mode="r") if os.path.getsize(bin_path) else np.zeros(0, np.uint16)
+    size = os.path.getsize(idx_path)
+    if size == 0 or size % 24:
+        raise UserError(f"{idx_path} is corrupt ({size} bytes, not rows of 3 int64); run `python data/prepare.py` again")
+    index = np.fromfile(idx_path, dtype=np.int64).reshape(-1, 3)
+    start, n_prompt, length = index.T
+    if (start < 0).any() or (n_prompt < 1).any() or (length <= n_prompt).any() or (start + length > len(tokens)).any():
+        raise UserError(f"{idx_path} does not match {bin_path}: corrupt; run `python data/prepare.py` again")
+    return tokens, index
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,8 +292,8 @@ def trainable_state(model):
 # ----------------------------------------------------------------------------------------------
 # The loop.
 
-def default_loss(model, x, y, d):
-    return model(x, y)[1]
+def default_loss(model, batch):
+    return model(batch.x, batch.y)[1]
 
 
 def train(cfg, model, data, evaluate, loss_fn=default_loss, meta=None, lr_scales=None):
@@ -256,13 +369,13 @@ def train(cfg, model, data, evaluate, loss_fn=default_loss, meta=None, lr_scales
             group["lr"] = lr * group["lr_scale"]
         total = 0.0
         for micro in range(cfg.grad_accum):
-            x, y, d = data.batch(cfg.batch_size, batch_rng)
+            batch = data.batch(cfg.batch_size, batch_rng)
             if micro % world != rank:
                 continue  # this micro-batch belongs to another process
-            x, y, d = x.to(device), y.to(device), d.to(device)
+            batch = batch.to(device)
             sync = micro + world >= cfg.grad_accum  # DDP: all-reduce gradients on the last micro-batch only
             with (nullcontext() if sync or world == 1 else model.no_sync()), ctx:
-                loss = loss_fn(model, x, y, d) / (cfg.grad_accum // world)
+                loss = loss_fn(model, batch) / (cfg.grad_accum // world)
             scaler.scale(loss).backward()
             total += loss.item()
         if world > 1:

@@ -1,29 +1,44 @@
-"""Builds the multi-domain data set: token streams split by document, written once for training to memory-map.
+"""Builds nanoMoA's data: a text corpus to pretrain the base on, and the tasks MoA routes between.
 
-    python data/prepare.py                                 # the default set into data/default (seconds)
-    python data/prepare.py --only=python,arith --max_tokens=100000
-    python data/prepare.py --domain=recipes='my/recipes/*.txt' --domain=chat=alpaca.jsonl
+    python data/prepare.py                                  # the default corpus and tasks into data/default (seconds)
+    python data/prepare.py --task=recipes=my/recipes.jsonl  # plus a task of your own (see below)
+    python data/prepare.py --tokenizer=gpt2 --out_dir=data/gpt2 --task=chat=alpaca.jsonl --only=none
 
-The built-in domains come from text present wherever Python and torch are installed, so no network:
-- python:  the standard library's top-level *.py files, one document per file.
-- cpp:     the C++ headers shipped inside torch (include/**/*.h), one document per file.
-- prose:   the English help topics of Python's docs (pydoc_data.topics), one document per topic.
-- arith:   generated problems "12+4=16" / "5-7=-2", one per line, 16 lines per document. Its
-           answers are exact, so evaluate.py scores it by greedy decoding (see arith_problems).
-- unicode: "U+00E9 é LATIN SMALL LETTER E WITH ACUTE" for every printable named code point, 32 per
-           document. It is held back: trained on only later, when a domain is added to the mixture.
-A user domain (--domain=NAME=PATH_OR_GLOB) takes every file matched: a .jsonl file gives one document
-per record ({"text"}, or Alpaca's {"instruction", "input", "output"}), any other file is one document.
+The corpus (raw text, for train_base.py) comes from text on every machine with Python and torch, so
+no download: `python` (the standard library's top-level *.py files), `cpp` (the C++ headers inside
+torch) and `prose` (the English help topics of Python's docs), one document per file or topic.
 
-Documents are shuffled with a seeded RNG and ~10% of them go to val, so no document is in both splits
-(a split by token window would put halves of one file in both). A split is its documents' tokens, EOT
-after each, capped at --max_tokens (val at a tenth) at a document's end; documents are cut at 20000 chars.
+Each task is a domain in the paper's sense: a supervised data set of (prompt -> response) records,
+routed as a whole from its prompt. The built-in tasks are generated, each in its own instruction style
+and with an answer that can be checked exactly:
+- reverse: "Reverse the word spam." -> "maps"          (three phrasings per task, drawn at random)
+- sort:    "Sort the letters of 'spam'." -> "amps"
+- shift:   "caesar(spam, 1) = " -> "tqbn"              (each letter one further in the alphabet)
+- arith:   "57+8=" or "What is 57 plus 8?" -> "65"     (a in 0..99, b in 0..9, + or -)
+- upper:   "Uppercase: spam" -> "SPAM"                 held back: added later, as a new domain
+reverse, sort, shift and upper read the same kind of input (a word) and want different outputs, so
+one LoRA trained on all of them must keep them apart; they also share skills (reading a word letter
+by letter) that arith does not. Words are English words from the standard library's source and
+docs; a word in a validation record never occurs in a training record, and one (a, b) pair in ten
+is kept for validation only, so exact match measures the skill, not recall.
 
-Layout: OUT/<domain>/{train,val}.bin (raw np.uint16 token ids) and OUT/meta.json (tokenizer, vocab_size,
-eot, per-domain token and document counts, held-back domains, seed), written last.
+Your own task: --task=NAME=FILE.jsonl, one record per line, either {"prompt": ..., "response": ...}
+or Alpaca's {"instruction": ..., "input": ..., "output": ...}, written in one fixed template:
+    "### Instruction:\\n{instruction}\\n\\n### Input:\\n{input}\\n\\n### Response:\\n" + output
+(the Input section is left out when input is empty). A bad record stops with its file and line.
+Records are split at random into train and val (10%, at least one). Your own corpus text for the
+base: --text=NAME=GLOB (text files, or .jsonl with a "text" field).
+
+Layout, in OUT (default data/default): corpus/<name>/{train,val}.bin, the documents' token ids as
+uint16, each document ended by EOT; tasks/<name>/{train,val}.bin, the records' tokens one after the
+other (prompt, response, EOT), with {train,val}.idx, int64 rows (start, prompt length, length), so
+training reads records without parsing text; meta.json. Everything is built in a temporary folder
+that replaces OUT only when complete: a failure leaves the old data whole.
 
 Read next: train_base.py.
 """
+
+import functools
 import glob
 import json
 import os
@@ -32,7 +47,6 @@ import re
 import sys
 import sysconfig
 import time
-import unicodedata
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,15 +57,42 @@ from config import UserError, parse_config, run  # noqa: E402  (these need the r
 from files import atomic_write  # noqa: E402
 from tokenizer import encode, get_tokenizer  # noqa: E402
 
-SOURCES = {  # built-in domain -> where its text comes from
+CORPUS = {  # built-in corpus source -> where its text comes from
     "python": "Python standard library source (top-level *.py), one file per document",
     "cpp": "C++ headers shipped with torch (include/**/*.h), one file per document",
     "prose": "English help topics of the Python docs (pydoc_data.topics), one topic per document",
-    "arith": "generated 2-digit addition and subtraction, 16 problems per document",
-    "unicode": "generated Unicode code point names (unicodedata), 32 code points per document",
 }
-HELD_BACK = ["unicode"]
-MAX_DOC_CHARS = 20000  # longer documents are cut, so one big file cannot dominate a domain
+TEMPLATES = {  # built-in task -> its prompts; the response follows the prompt directly
+    "reverse": ["Reverse the word {w}.\n", "Write {w} backwards.\n", "Spell {w} in reverse order.\n"],
+    "sort": ["Sort the letters of '{w}'.\n", "What are the letters of '{w}' in alphabetical order?\n",
+             "Arrange '{w}' alphabetically.\n"],
+    "shift": ["caesar({w}, 1) = ", "rot1 {w} -> ", "shift each letter of {w} by one: "],
+    "arith": ["{a}{op}{b}=", "What is {a} {opname} {b}?\n", "Compute {a} {op} {b}.\n"],
+    "upper": ["Uppercase: {w}\n", "Make {w} all capitals.\n", "Shout the word {w}!\n"],
+}
+ANSWERS = {"reverse": lambda w: w[::-1], "sort": lambda w: "".join(sorted(w)),
+           "shift": lambda w: "".join(chr((ord(c) - ord("a") + 1) % 26 + ord("a")) for c in w), "upper": str.upper}
+HELD_BACK = ["upper"]
+ALPACA = "### Instruction:\n{instruction}\n\n{given}### Response:\n"  # given: "### Input:\n{input}\n\n" or ""
+MAX_DOC_CHARS = 20000  # longer corpus documents are cut, so one big file cannot dominate a source
+
+
+@dataclass
+class PrepareConfig:
+    out_dir: str = os.path.join(REPO_ROOT, "data", "default")
+    seed: int = 1337
+    tokenizer: str = "bytes"  # bytes | gpt2 | a folder with GPT-2's vocab.json + merges.txt
+    only: str = "all"  # comma-separated built-in corpus sources and tasks to build; none: none of them
+    max_tokens: int = 600000  # corpus: train tokens per source (val: a tenth)
+    records: int = 20000  # built-in tasks: train records per task
+    val_records: int = 500  # built-in tasks: validation records per task
+    task: list = field(default_factory=list)  # NAME=FILE.jsonl, once per task of your own
+    text: list = field(default_factory=list)  # NAME=GLOB, once per corpus source of your own
+    held_back: str = ",".join(HELD_BACK)  # tasks trained on only later, when a domain is added
+
+
+# ----------------------------------------------------------------------------------------------
+# The corpus
 
 
 def read_text(path):
@@ -59,102 +100,56 @@ def read_text(path):
         return f.read()
 
 
-def is_test_pair(a, b):
-    """One (a, b) pair in ten is reserved for evaluation and never appears in training data. The rule
-    reads a's tens digit, so every units-digit sum (a % 10, b) is still seen in training."""
-    return (a // 10 + b) % 10 == 0
+def corpus_documents(name):
+    """The documents (strings) of a built-in corpus source."""
+    if name == "prose":
+        from pydoc_data.topics import topics
 
-
-def arith_problems(n, seed, test=False):
-    """n problems as (prompt, answer) pairs, e.g. ("12+4=", "16"), ("5-7=", "-2"); a in 0..99, b in 0..9
-    (two digits and one: small enough for a tiny byte-level model to learn in minutes).
-
-    test=False draws only training pairs, test=True only the reserved ones, so exact match measures
-    arithmetic, not recall of problems seen in training.
-    """
-    rng = random.Random(seed)
-    problems = []
-    while len(problems) < n:
-        a, b, op = rng.randint(0, 99), rng.randint(0, 9), rng.choice("+-")
-        if is_test_pair(a, b) == test:
-            problems.append((f"{a}{op}{b}=", str(a + b if op == "+" else a - b)))
-    return problems
-
-
-def arith_documents(n_docs, seed):
-    lines = [f"{prompt}{answer}\n" for prompt, answer in arith_problems(16 * n_docs, seed)]
-    return ["".join(lines[i:i + 16]) for i in range(0, len(lines), 16)]
-
-
-def unicode_documents():
-    lines = []
-    for code in range(0x110000):
-        ch = chr(code)
-        name = unicodedata.name(ch, None)
-        # isprintable() is False for control, format, surrogate, unassigned; names that only repeat the
-        # code point ("CJK UNIFIED IDEOGRAPH-4E00") are skipped, they are most of Unicode and say nothing
-        if name and ch.isprintable() and not name.endswith(f"{code:04X}"):
-            lines.append(f"U+{code:04X} {ch} {name}\n")
-    return ["".join(lines[i:i + 32]) for i in range(0, len(lines), 32)]
-
-
-def builtin_documents(name, max_tokens, seed):
-    """The documents (strings) of a built-in domain."""
+        return [topics[key] for key in sorted(topics)]
     if name == "python":
         paths = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
-    elif name == "cpp":
-        import torch  # only this domain needs it, and importing it takes seconds
-        include = os.path.join(os.path.dirname(torch.__file__), "include")
-        paths = sorted(glob.glob(os.path.join(include, "**", "*.h"), recursive=True))
-    elif name == "prose":
-        from pydoc_data.topics import topics
-        return [topics[key] for key in sorted(topics)]
-    elif name == "arith":
-        return arith_documents(max_tokens // 50 + 2, seed)  # 100-140 tokens each: enough to fill both caps
     else:
-        return unicode_documents()
+        import torch  # only the C++ source needs it, and importing it takes seconds
+
+        paths = sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "include", "**", "*.h"), recursive=True))
     return [text for text in map(read_text, paths) if text.strip()]  # skip empty files
 
 
-def nonempty(text, where):
-    if not text.strip():
-        raise UserError(f"{where}: empty text")
-    return text
-
-
-def record_text(record, where):
-    """A .jsonl record -> its document: the "text" field, or an Alpaca record in one fixed template."""
-    if isinstance(record, dict) and isinstance(record.get("text"), str):
-        return nonempty(record["text"], where)
-    if isinstance(record, dict) and all(isinstance(record.get(k), str) for k in ("instruction", "output")):
-        given = f"### Input:\n{record['input']}\n\n" if record.get("input") else ""  # no Input section when empty
-        return f"### Instruction:\n{record['instruction']}\n\n{given}### Response:\n{record['output']}\n"
-    raise UserError(f'{where}: a record needs a "text" field, or "instruction" and "output" (and optionally "input")')
+def jsonl(path):
+    """(line number, record) of every non-blank line of a .jsonl file; invalid JSON is a UserError at file:line."""
+    try:
+        lines = read_text(path).splitlines()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    for i, line in enumerate(lines, start=1):
+        if line.strip():  # blank lines between records are allowed
+            try:
+                yield i, json.loads(line)
+            except ValueError:
+                raise UserError(f"{path}:{i}: not valid JSON") from None
 
 
 def user_documents(name, pattern):
-    """The documents of a --domain NAME=PATH_OR_GLOB: one per .jsonl record, one per other file."""
+    """The documents of --text=NAME=GLOB: one per file, or one per "text" record of a .jsonl file."""
     paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
     if not paths:
-        raise UserError(f"--domain={name}={pattern}: matches no files")
+        raise UserError(f"--text={name}={pattern}: matches no files")
     docs = []
     for path in paths:
-        if not path.endswith(".jsonl"):
-            docs.append(nonempty(read_text(path), path))
-            continue
-        for i, line in enumerate(read_text(path).splitlines(), start=1):
-            if not line.strip():
-                continue  # blank lines between records are allowed
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise UserError(f"{path}:{i}: not valid JSON")
-            docs.append(record_text(record, f"{path}:{i}"))
+        texts = [read_text(path)]
+        if path.endswith(".jsonl"):
+            texts = [r.get("text") if isinstance(r, dict) else None for _, r in jsonl(path)]
+            bad = next((i for (i, _), t in zip(jsonl(path), texts) if not isinstance(t, str)), None)
+            if bad:
+                raise UserError(f'{path}:{bad}: a corpus record needs a "text" field')
+        if not all(t.strip() for t in texts):
+            raise UserError(f"{path}: empty text")
+        docs += texts
     return docs
 
 
 def split_documents(docs, enc, max_tokens, rng):
-    """Shuffles docs, sends ~10% to val, and encodes each split until its cap.
+    """Shuffles docs, sends ~10% to val, and encodes each split until its cap (val: a tenth).
     -> {"train": (tokens uint16 (N,), n_docs), "val": (...)}"""
     docs = list(docs)
     rng.shuffle(docs)
@@ -171,76 +166,181 @@ def split_documents(docs, enc, max_tokens, rng):
     return out
 
 
-def write_bytes(path, data):
-    """Writes bytes so that a reader sees the old file or the new one, never half of one."""
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(data)
-    atomic_write(path, write)
+# ----------------------------------------------------------------------------------------------
+# Tasks
 
 
-def read_domains(only, domain_specs, max_tokens, seed):
-    """Reads every selected domain before anything is written, so bad input leaves old data untouched.
-    -> {name: (documents, source, task)}, the built-in domains first."""
-    names = [n.strip() for n in only.split(",") if n.strip()] if only else list(SOURCES)
+@functools.lru_cache
+def task_words(seed):
+    """(train words, val words): lower-case English words of 3 to 7 letters seen at least 3 times in the
+    standard library's source and docs, split 85 / 15 at random, so no val word is ever trained on."""
+    from pydoc_data.topics import topics
+
+    texts = [read_text(p) for p in sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))]
+    counts = {}
+    for text in texts + list(topics.values()):
+        for w in re.findall(r"(?<![A-Za-z_])[a-z]{3,7}(?![A-Za-z_])", text):
+            counts[w] = counts.get(w, 0) + 1
+    words = sorted(w for w, n in counts.items() if n >= 3)
+    random.Random(seed).shuffle(words)
+    n_val = len(words) * 15 // 100
+    return words[n_val:], words[:n_val]
+
+
+def is_test_pair(a, b):
+    """One (a, b) pair in ten is reserved for validation and never appears in training. The rule reads
+    a's tens digit, so every units-digit sum (a % 10, b) is still seen in training."""
+    return (a // 10 + b) % 10 == 0
+
+
+def arith_problems(n, seed, test=False):
+    """n problems as (prompt, answer), each in one of arith's phrasings: ("57+8=", "65"), ("What is 5 minus 7?\\n",
+    "-2"); test=False draws only training pairs, test=True only the reserved ones."""
+    rng = random.Random(seed)
+    problems = []
+    while len(problems) < n:
+        a, b, op = rng.randint(0, 99), rng.randint(0, 9), rng.choice("+-")
+        if is_test_pair(a, b) == test:
+            prompt = rng.choice(TEMPLATES["arith"]).format(a=a, b=b, op=op, opname="plus" if op == "+" else "minus")
+            problems.append((prompt, str(a + b if op == "+" else a - b)))
+    return problems
+
+
+def word_task_records(name, words, n, rng):
+    """n (prompt, response) records of a built-in word task, each a random word in a random phrasing."""
+    records = []
+    for _ in range(n):
+        w = rng.choice(words)
+        records.append((rng.choice(TEMPLATES[name]).format(w=w), ANSWERS[name](w)))
+    return records
+
+
+def builtin_records(name, cfg):
+    """{"train": [(prompt, response)], "val": [...]} of a built-in task."""
+    if name == "arith":
+        return {"train": arith_problems(cfg.records, cfg.seed), "val": arith_problems(cfg.val_records, cfg.seed, True)}
+    train_words, val_words = task_words(cfg.seed)
+    rng = random.Random(f"{cfg.seed}:{name}")  # a str seed is stable across runs, independent per task
+    return {"train": word_task_records(name, train_words, cfg.records, rng),
+            "val": word_task_records(name, val_words, cfg.val_records, rng)}
+
+
+def user_records(name, path, seed):
+    """{"train": [(prompt, response)], "val": [...]} of --task=NAME=FILE.jsonl, split by record."""
+    if not os.path.isfile(path):
+        raise UserError(f"--task={name}={path}: no such file")
+    records = []
+    for i, r in jsonl(path):
+        if isinstance(r, dict) and isinstance(r.get("prompt"), str) and isinstance(r.get("response"), str):
+            prompt, response = r["prompt"], r["response"]
+        elif isinstance(r, dict) and all(isinstance(r.get(k), str) for k in ("instruction", "output")) \
+                and isinstance(r.get("input", ""), str):
+            given = f"### Input:\n{r['input']}\n\n" if r.get("input") else ""
+            prompt, response = ALPACA.format(instruction=r["instruction"], given=given), r["output"]
+        else:
+            raise UserError(f'{path}:{i}: a record needs "prompt" and "response", or "instruction" and "output" '
+                            f'(and optionally "input"), each a string')
+        if not prompt.strip() or not response:
+            raise UserError(f"{path}:{i}: empty {'prompt' if not prompt.strip() else 'response'}")
+        records.append((prompt, response))
+    if len(records) < 2:
+        raise UserError(f"{path}: {len(records)} record(s); a train/val split needs at least 2")
+    random.Random(f"{seed}:{name}").shuffle(records)
+    n_val = min(max(1, len(records) // 10), len(records) - 1)
+    return {"train": records[n_val:], "val": records[:n_val]}
+
+
+def encode_records(records, enc):
+    """[(prompt, response)] -> tokens uint16 (prompt, response, EOT per record), index int64 (N, 3): start,
+    prompt length, length."""
+    tokens, index = [], []
+    for prompt, response in records:
+        p, r = encode(enc, prompt), encode(enc, response) + [enc.eot_token]
+        index.append((len(tokens), len(p), len(p) + len(r)))
+        tokens += p + r
+    return np.array(tokens, dtype=np.uint16), np.array(index, dtype=np.int64).reshape(-1, 3)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def read_specs(specs, flag):
+    """["NAME=PATH", ...] -> [(NAME, PATH)], names checked."""
+    out = []
+    for spec in specs:
+        name, _, path = spec.partition("=")
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or not path:
+            raise UserError(f"--{flag}={spec}: expected NAME=PATH, NAME of letters, digits, _ and -")
+        out.append((name, path))
+    return out
+
+
+def read_sources(cfg):
+    """Reads and generates everything before anything is written, so bad input leaves old data untouched.
+    -> ({corpus name: (documents, source)}, {task name: (records by split, source)})"""
+    builtin = list(CORPUS) + list(TEMPLATES)
+    names = builtin if cfg.only == "all" else [] if cfg.only == "none" else \
+        [n.strip() for n in cfg.only.split(",") if n.strip()]
     for name in names:
-        if name not in SOURCES:
-            raise UserError(f"--only: unknown domain {name!r}; built-in domains: {', '.join(SOURCES)}")
-    specs = []
-    for spec in domain_specs:
-        name, _, pattern = spec.partition("=")
-        if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or not pattern:
-            raise UserError(f"--domain={spec}: expected NAME=PATH_OR_GLOB, NAME of letters, digits, _ and -")
-        specs.append((name, pattern))
-    if not names and not specs:
-        raise UserError("no domains to build: --only selected none and no --domain was given")
-    domains = {}
-    for name in names:
-        task = "arith" if name == "arith" else None  # a task domain is also scored by exact match
-        domains[name] = (builtin_documents(name, max_tokens, seed), SOURCES[name], task)
-    for name, pattern in specs:
-        domains[name] = (user_documents(name, pattern), f"user files {pattern}", None)  # replaces a same-named built-in
-    for name, (docs, _, _) in domains.items():
+        if name not in builtin:
+            raise UserError(f"--only: unknown built-in {name!r}; choose from {', '.join(builtin)} (or all, none)")
+    corpus = {n: (corpus_documents(n), CORPUS[n]) for n in names if n in CORPUS}
+    for name, pattern in read_specs(cfg.text, "text"):
+        corpus[name] = (user_documents(name, pattern), f"user files {pattern}")
+    tasks = {n: (builtin_records(n, cfg), f"generated: {TEMPLATES[n][0]!r} and 2 other phrasings")
+             for n in names if n in TEMPLATES}
+    for name, path in read_specs(cfg.task, "task"):
+        tasks[name] = (user_records(name, path, cfg.seed), f"user records {path}")
+    for name, (docs, _) in corpus.items():
         if len(docs) < 2:
-            raise UserError(f"domain {name!r} has {len(docs)} document(s); a train/val split needs at least 2")
-    return domains
-
-
-@dataclass
-class PrepareConfig:
-    out_dir: str = os.path.join(REPO_ROOT, "data", "default")
-    seed: int = 1337
-    max_tokens: int = 600000  # train tokens per domain (val: a tenth)
-    tokenizer: str = "bytes"  # bytes | gpt2 | a folder with GPT-2's vocab.json + merges.txt
-    only: str = ""  # comma-separated built-in domains (default: all of them)
-    domain: list = field(default_factory=list)  # NAME=PATH_OR_GLOB, once per user domain (.txt files or .jsonl)
+            raise UserError(f"corpus source {name!r} has {len(docs)} document(s); a train/val split needs at least 2")
+    if not corpus and not tasks:
+        raise UserError("nothing to build: --only=none and no --task or --text given")
+    return corpus, tasks
 
 
 def main(argv=None):
-    args = parse_config(PrepareConfig, argv or [])
+    cfg = parse_config(PrepareConfig, argv or [])
     t0 = time.time()
-    out = args.out_dir
-    if args.max_tokens < 1:
-        raise UserError(f"--max_tokens must be positive, got {args.max_tokens}")
-    enc = get_tokenizer(args.tokenizer)
+    for key in ("max_tokens", "records", "val_records"):
+        if getattr(cfg, key) < 1:
+            raise UserError(f"--{key} must be positive, got {getattr(cfg, key)}")
+    enc = get_tokenizer(cfg.tokenizer)
     if enc.n_vocab > 2 ** 16:
-        raise UserError(f"tokenizer {args.tokenizer!r} has {enc.n_vocab} tokens; the .bin files hold uint16 ids (at most 65536)")
+        raise UserError(f"tokenizer {cfg.tokenizer!r} has {enc.n_vocab} tokens; the .bin files hold uint16 ids")
+    corpus, tasks = read_sources(cfg)
+    held_back = [n for n in cfg.held_back.split(",") if n in tasks]
+    meta = {"tokenizer": cfg.tokenizer, "vocab_size": enc.n_vocab, "eot": enc.eot_token, "seed": cfg.seed,
+            "corpus": {}, "tasks": {}, "held_back": held_back, "template": ALPACA}
 
-    domains = read_domains(args.only, args.domain, args.max_tokens, args.seed)
-    meta = {"tokenizer": args.tokenizer, "vocab_size": enc.n_vocab, "eot": enc.eot_token, "domains": {},
-            "held_back": [n for n in HELD_BACK if n in domains], "seed": args.seed}
-    for name, (docs, source, task) in domains.items():
-        rng = random.Random(f"{args.seed}:{name}")  # a str seed is stable across runs, independent per domain
-        splits = split_documents(docs, enc, args.max_tokens, rng)
-        os.makedirs(os.path.join(out, name), exist_ok=True)
-        for split, (tokens, _) in splits.items():
-            write_bytes(os.path.join(out, name, f"{split}.bin"), tokens.tobytes())
-        (train, n_train), (val, n_val) = splits["train"], splits["val"]
-        meta["domains"][name] = {"train_tokens": len(train), "val_tokens": len(val), "train_docs": n_train,
-                                 "val_docs": n_val, "source": source, "task": task}
-        print(f"{name:>8}: docs {n_train}/{n_val}, tokens {len(train):,}/{len(val):,} (train/val)")
-    write_bytes(os.path.join(out, "meta.json"), json.dumps(meta, indent=2).encode())
-    print(f"wrote {out} in {time.time() - t0:.1f}s")
+    def build(folder):
+        for name, (docs, source) in corpus.items():
+            splits = split_documents(docs, enc, cfg.max_tokens, random.Random(f"{cfg.seed}:{name}"))
+            os.makedirs(os.path.join(folder, "corpus", name))
+            for split, (tokens, _) in splits.items():
+                tokens.tofile(os.path.join(folder, "corpus", name, f"{split}.bin"))
+            (train, n_train), (val, n_val) = splits["train"], splits["val"]
+            meta["corpus"][name] = {"train_tokens": len(train), "val_tokens": len(val), "train_docs": n_train,
+                                    "val_docs": n_val, "source": source}
+            print(f"corpus {name:>8}: docs {n_train}/{n_val}, tokens {len(train):,}/{len(val):,} (train/val)")
+        for name, (records, source) in tasks.items():
+            os.makedirs(os.path.join(folder, "tasks", name))
+            info = {"source": source}
+            for split, rows in records.items():
+                tokens, index = encode_records(rows, enc)
+                tokens.tofile(os.path.join(folder, "tasks", name, f"{split}.bin"))
+                index.tofile(os.path.join(folder, "tasks", name, f"{split}.idx"))
+                info.update({f"{split}_records": len(rows), f"{split}_tokens": len(tokens),
+                             f"{split}_longest": int(index[:, 2].max())})
+            meta["tasks"][name] = info
+            print(f"task {name:>10}: records {info['train_records']}/{info['val_records']}, longest "
+                  f"{max(info['train_longest'], info['val_longest'])} tokens"
+                  f"{' (held back)' if name in held_back else ''}")
+        with open(os.path.join(folder, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+
+    atomic_write(cfg.out_dir, build, folder=True)
+    print(f"wrote {cfg.out_dir} in {time.time() - t0:.1f}s")
     return meta
 
 

@@ -50,24 +50,25 @@ def randomize_B(model, seed=1, std=0.1):
                 B.normal_(0.0, std)
 
 
-TINY_BASE_ARGS = ["--n_layer=2", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=8",
+TINY_BASE_ARGS = ["--n_layer=2", "--n_embd=32", "--n_head=2", "--block_size=64", "--batch_size=8",
                   "--eval_iters=1", "--progress=False", "--device=cpu"]
 
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
-    """A data folder with every built-in domain (python, cpp, prose, arith, held-back unicode), ~20k tokens each."""
+    """A data folder with the built-in corpus (python, cpp, prose: ~20k tokens each) and tasks (reverse, sort, shift,
+    arith, held-back upper: 2000 training and 64 validation records each)."""
     from data.prepare import main as prepare
     out = str(tmp_path_factory.mktemp("data"))
-    prepare([f"--out_dir={out}", "--max_tokens=20000"])
+    prepare([f"--out_dir={out}", "--max_tokens=20000", "--records=2000", "--val_records=64"])
     return out
 
 
 @pytest.fixture(scope="session")
 def tiny_base(tiny_data, tmp_path_factory):
-    """Path of the ckpt.pt of a 2-layer base trained for 30 steps on tiny_data."""
+    """Path of the ckpt.pt of a 2-layer base (context 64) trained for 30 steps on tiny_data's corpus."""
     import train_base
     out = str(tmp_path_factory.mktemp("base"))
-    train_base.main(TINY_BASE_ARGS + ["--max_iters=30", "--eval_interval=15", f"--data_dir={tiny_data}",
+    train_base.main(TINY_BASE_ARGS + ["--max_iters=100", "--eval_interval=50", f"--data_dir={tiny_data}",
                                       f"--out_dir={out}"])
     return os.path.join(out, "ckpt.pt")

@@ -1,7 +1,7 @@
 """Adding and removing domains of a trained bundle (train_router.py --add_domain / --remove_domain).
 
-One module fixture trains stage-1 arith, prose and unicode experts and a bundle over arith and prose
-(the two domains a tiny router tells apart, see test_moa.py), then adds the held-back unicode domain.
+One module fixture trains stage-1 arith, reverse and shift experts and a bundle over arith and reverse
+(the two domains a tiny router tells apart, see test_moa.py), then adds the held-back shift domain.
 """
 import os
 import shutil
@@ -14,33 +14,32 @@ import torch
 from conftest import assert_one_line_error
 import train_lora
 import train_router
-from evaluate import left_pad, routed_losses
+from evaluate import evaluate_tasks, left_pad
 from model import GPT, GPTConfig
 from config import UserError
 from files import load_base, load_bundle, read_safetensors
 from moa import MoA, lora_layers
-from trainer import DomainData
+from trainer import TaskData
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --fast=False: the graded tests run the plain method (the student's code); tests/test_fast.py checks fast.py
-COMMON = ["--batch_size=8", "--block_size=32", "--eval_iters=1", "--progress=False", "--device=cpu", "--seed=1",
-          "--fast=False"]
-ROUTER = ["--learning_rate=0.1", "--min_lr=0.01", "--warmup_iters=5", "--max_iters=60", "--eval_interval=60"]
+COMMON = ["--batch_size=8", "--eval_iters=1", "--progress=False", "--device=cpu", "--seed=1", "--fast=False"]
+ROUTER = ["--learning_rate=0.1", "--min_lr=0.01", "--warmup_iters=5", "--max_iters=100", "--eval_interval=100"]
 
 
 @pytest.fixture(scope="module")
 def adapted(tiny_data, tiny_base, tmp_path_factory):
-    """Paths: the bundle over arith, prose ("bundle"), it + unicode ("added"), the experts folder and the common flags."""
+    """Paths: the bundle over arith, reverse ("bundle"), it + shift ("added"), the experts folder and the common flags."""
     out = tmp_path_factory.mktemp("adapt")
     flags = COMMON + [f"--data_dir={tiny_data}", f"--base={tiny_base}", f"--experts={out / 'experts'}",
                       f"--out_dir={out}"]
-    for domain in ("arith", "prose", "unicode"):
+    for domain in ("arith", "reverse", "shift"):
         train_lora.main(COMMON + [f"--data_dir={tiny_data}", f"--base={tiny_base}", f"--out_dir={out / 'experts'}",
                                   f"--domain={domain}", "--max_iters=20", "--eval_interval=20", "--warmup_iters=2"])
-    train_router.main(flags + ROUTER + ["--domains=arith,prose", "--train_experts=False"])
+    train_router.main(flags + ROUTER + ["--domains=arith,reverse", "--train_experts=False"])
     bundle = str(out / "moa.safetensors")
-    train_router.main(flags + ROUTER + ["--add_domain=unicode", f"--bundle={bundle}"])
-    return {"bundle": bundle, "added": str(out / "moa+unicode.safetensors"), "experts": str(out / "experts"),
+    train_router.main(flags + ROUTER + ["--add_domain=shift", f"--bundle={bundle}"])
+    return {"bundle": bundle, "added": str(out / "moa+shift.safetensors"), "experts": str(out / "experts"),
             "flags": flags, "out": out}
 
 
@@ -50,10 +49,10 @@ def expert_tensors_of(path):
 
 
 def logits(bundle, tiny_base, mode, domain=None):
-    """A bundle's logits on two left-padded prompts (arith, prose) in routing mode `mode`."""
+    """A bundle's logits on two left-padded prompts (arith, reverse) in routing mode `mode`."""
     base, tokenizer = load_base(tiny_base)
     moa, _ = load_bundle(bundle, base, tokenizer)
-    rows = [list(b"12+34=46\n5-7=-2\n31+8="), list(b"The statement is used to")]
+    rows = [list(b"What is 31 plus 8?\n"), list(b"Reverse the word table.\n")]
     idx, mask = left_pad(rows, 256)
     with torch.no_grad():
         return moa.eval()(idx, pad_mask=mask, domain=domain, mode=mode)[0]
@@ -121,8 +120,8 @@ def test_adding_a_domain_keeps_old_experts_bit_identical(adapted):
     assert len(new) == len(old) * 3 // 2
     for name, t in old.items():
         assert torch.equal(new[name], t), name
-    unicode_expert = read_safetensors(os.path.join(adapted["experts"], "unicode.safetensors"))[0]
-    for name, t in unicode_expert.items():  # "transformer.h.0.attn.c_attn.lora_A" -> slot 2 of the bundle
+    shift_expert = read_safetensors(os.path.join(adapted["experts"], "shift.safetensors"))[0]
+    for name, t in shift_expert.items():  # "transformer.h.0.attn.c_attn.lora_A" -> slot 2 of the bundle
         assert torch.equal(new[f"gpt.{name}.2"], t), name
 
 
@@ -131,7 +130,7 @@ def test_adding_a_domain_trains_only_the_new_router_row(adapted):
     """After --add_domain the routers' old rows equal the original bundle's bit for bit while the new row has learned
     (its weights are no longer zero); with --train_old_rows=True the old rows move too."""
     old, new = read_safetensors(adapted["bundle"])[0], read_safetensors(adapted["added"])[0]
-    train_router.main(adapted["flags"] + ROUTER + ["--add_domain=unicode", f"--bundle={adapted['bundle']}",
+    train_router.main(adapted["flags"] + ROUTER + ["--add_domain=shift", f"--bundle={adapted['bundle']}",
                                                    "--train_old_rows=True", "--name=allrows"])
     allrows = read_safetensors(str(adapted["out"] / "allrows.safetensors"))[0]
     names = [n for n in old if n.startswith("routers.")]
@@ -147,27 +146,28 @@ def test_adding_a_domain_trains_only_the_new_router_row(adapted):
 def test_add_domain_with_weight_decay_on_frozen_rows_is_an_error(adapted):
     """Weight decay would shrink the frozen old router rows, so --add_domain with --weight_decay > 0 is a UserError."""
     with pytest.raises(UserError, match="--weight_decay would shrink the frozen old router rows"):
-        train_router.main(adapted["flags"] + ["--add_domain=unicode", f"--bundle={adapted['bundle']}",
+        train_router.main(adapted["flags"] + ["--add_domain=shift", f"--bundle={adapted['bundle']}",
                                               "--weight_decay=0.1", "--name=decayed"])
 
 
 @pytest.mark.assignment5
 def test_old_domains_still_routed_after_adding(adapted, tiny_data, tiny_base):
-    """After adding unicode, the routers still send >90% of held-out arith and prose windows to their own expert."""
+    """After adding shift, the routers still send >90% of validation prompts of arith and reverse to their own expert."""
     base, tokenizer = load_base(tiny_base)
     moa, _ = load_bundle(adapted["added"], base, tokenizer)
-    assert moa.domains == ["arith", "prose", "unicode"]
-    result = routed_losses(moa.eval(), DomainData(tiny_data, ",".join(moa.domains), 32), 64, 32, "layer")
-    assert result["route_acc/arith"] > 0.9 and result["route_acc/prose"] > 0.9, result
+    assert moa.domains == ["arith", "reverse", "shift"]
+    result = evaluate_tasks(moa.eval(), TaskData(tiny_data, ",".join(moa.domains)), 64, 32, generate=False, served=False,
+                            mode="last")
+    assert result["route/arith"] > 0.9 and result["route/reverse"] > 0.9, result["confusion"]
 
 
 @pytest.mark.assignment5
 def test_add_then_remove_without_training_restores_the_bundle(adapted, tiny_base):
-    """Adding unicode with 0 training steps and removing it again gives the original bundle: equal tensors, equal logits."""
+    """Adding shift with 0 training steps and removing it again gives the original bundle: equal tensors, equal logits."""
     flags = adapted["flags"]
-    train_router.main(flags + ["--max_iters=0", "--add_domain=unicode", f"--bundle={adapted['bundle']}",
+    train_router.main(flags + ["--max_iters=0", "--add_domain=shift", f"--bundle={adapted['bundle']}",
                                "--name=zero"])
-    train_router.main(flags + ["--remove_domain=unicode", f"--bundle={adapted['out'] / 'zero.safetensors'}",
+    train_router.main(flags + ["--remove_domain=shift", f"--bundle={adapted['out'] / 'zero.safetensors'}",
                                "--name=back"])
     original, back = read_safetensors(adapted["bundle"])[0], read_safetensors(str(adapted["out"] / "back.safetensors"))[0]
     assert set(back) == set(original)
@@ -181,9 +181,9 @@ def test_add_then_remove_without_training_restores_the_bundle(adapted, tiny_base
 def test_add_trained_then_remove_gives_back_the_bundle(adapted, tiny_base):
     """Removing the added domain from the trained bundle gives the original bundle bit for bit (experts and router
     rows: the add trained only the new row), and so the same routed and label-mode logits."""
-    moa, _ = train_router.main(adapted["flags"] + ["--remove_domain=unicode", f"--bundle={adapted['added']}"])
-    assert moa.domains == ["arith", "prose"]
-    removed = str(adapted["out"] / "moa+unicode-unicode.safetensors")
+    moa, _ = train_router.main(adapted["flags"] + ["--remove_domain=shift", f"--bundle={adapted['added']}"])
+    assert moa.domains == ["arith", "reverse"]
+    removed = str(adapted["out"] / "moa+shift-shift.safetensors")
     original, back = read_safetensors(adapted["bundle"])[0], read_safetensors(removed)[0]
     assert set(back) == set(original)
     for name, t in original.items():
@@ -197,14 +197,14 @@ def test_add_trained_then_remove_gives_back_the_bundle(adapted, tiny_base):
 
 @pytest.mark.assignment5
 def test_adding_twice_chains_k_to_k_plus_2(adapted, tiny_data, tiny_base):
-    """A second add (python onto arith, prose + unicode) keeps all three earlier experts and router rows bit-identical."""
+    """A second add (sort onto arith, reverse + shift) keeps all three earlier experts and router rows bit-identical."""
     out = adapted["out"]
     train_lora.main(COMMON + [f"--data_dir={tiny_data}", f"--base={tiny_base}", f"--out_dir={out / 'experts'}",
-                              "--domain=python", "--max_iters=5", "--eval_interval=5", "--warmup_iters=2"])
-    moa, _ = train_router.main(adapted["flags"] + ROUTER + ["--max_iters=10", "--add_domain=python",
+                              "--domain=sort", "--max_iters=5", "--eval_interval=5", "--warmup_iters=2"])
+    moa, _ = train_router.main(adapted["flags"] + ROUTER + ["--max_iters=10", "--add_domain=sort",
                                                            f"--bundle={adapted['added']}"])
-    assert moa.domains == ["arith", "prose", "unicode", "python"]
-    before, after = read_safetensors(adapted["added"])[0], read_safetensors(str(out / "moa+unicode+python.safetensors"))[0]
+    assert moa.domains == ["arith", "reverse", "shift", "sort"]
+    before, after = read_safetensors(adapted["added"])[0], read_safetensors(str(out / "moa+shift+sort.safetensors"))[0]
     for name, t in before.items():
         kept = after[name][:3] if name.startswith("routers.") else after[name]  # expert tensors are per slot
         assert torch.equal(kept, t), name
@@ -222,15 +222,15 @@ def test_adding_a_domain_without_expert_or_data_is_an_error(adapted, tmp_path):
         train_router.main(adapted["flags"] + ["--add_domain=klingon", f"--bundle={adapted['bundle']}"])
     experts = tmp_path / "experts"
     shutil.copytree(adapted["experts"], experts)
-    shutil.copy(experts / "unicode.safetensors", experts / "klingon.safetensors")
-    with pytest.raises(UserError, match="unknown domain 'klingon'; prepared domains"):
+    shutil.copy(experts / "shift.safetensors", experts / "klingon.safetensors")
+    with pytest.raises(UserError, match="unknown domain 'klingon'; prepared"):
         train_router.main(adapted["flags"] + ["--add_domain=klingon", f"--bundle={adapted['bundle']}",
                                               f"--experts={experts}"])
 
 
 def test_add_domain_without_bundle_cli_error(tiny_data, tiny_base, tmp_path):
     """train_router.py --add_domain without --bundle exits 1 with one stderr line starting "error:" and no traceback."""
-    proc = subprocess.run([sys.executable, "train_router.py", "--add_domain=unicode", f"--data_dir={tiny_data}",
+    proc = subprocess.run([sys.executable, "train_router.py", "--add_domain=shift", f"--data_dir={tiny_data}",
                            f"--base={tiny_base}", f"--out_dir={tmp_path}"],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert_one_line_error(proc, "--bundle")

@@ -1,4 +1,5 @@
-"""data/prepare.py and tokenizer.py: split hygiene, meta.json, tokenizer round trips, and one-line errors."""
+"""data/prepare.py, trainer.py's readers and tokenizer.py: split hygiene, meta.json, task records and batches,
+tokenizer round trips, and one-line errors."""
 import json
 import os
 import re
@@ -7,21 +8,23 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
-from conftest import assert_one_line_error
-from data.prepare import arith_problems, is_test_pair
-from data.prepare import main as prepare
 from config import UserError
+from conftest import assert_one_line_error
+from data.prepare import ANSWERS, TEMPLATES, arith_problems, is_test_pair, task_words
+from data.prepare import main as prepare
 from tokenizer import EOT, encode, get_tokenizer
+from trainer import TaskData
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HARD_TEXT = ("naïve café — e\u0301 (combining acute), 日本語のテキスト, 한국어, emoji 🦜🧪👩‍🔬, math ∑∫√, "
              "RTL עברית, a literal <|endoftext|> in the text, tabs\tand\nnewlines  ")
 
 
-def documents(data_dir, domain, split, enc):
-    """The documents of one split, decoded: the token stream cut at every EOT."""
-    tokens = np.fromfile(os.path.join(data_dir, domain, f"{split}.bin"), dtype=np.uint16).tolist()
+def documents(data_dir, source, split, enc):
+    """The documents of one corpus split, decoded: the token stream cut at every EOT."""
+    tokens = np.fromfile(os.path.join(data_dir, "corpus", source, f"{split}.bin"), dtype=np.uint16).tolist()
     assert tokens and tokens[-1] == enc.eot_token  # every document ends with EOT
     docs, start = [], 0
     for i, t in enumerate(tokens):
@@ -31,40 +34,105 @@ def documents(data_dir, domain, split, enc):
     return docs
 
 
-def test_no_document_in_both_splits(tiny_data):
-    """No document of any domain is in both train and val, and the document counts match meta.json."""
+def texts(data, name, split):
+    """Every record of a task split, decoded -> [(prompt, response without its EOT)]."""
+    enc = get_tokenizer(data.tokenizer)
+    out = []
+    for i in range(data.count(name, split)):
+        prompt, response = data.record(name, split, i)
+        assert response[-1] == data.eot and data.eot not in prompt + response[:-1]
+        out.append((enc.decode(prompt), enc.decode(response[:-1])))
+    return out
+
+
+def test_no_corpus_document_in_both_splits(tiny_data):
+    """No document of any corpus source is in both train and val, and the document counts match meta.json."""
     with open(os.path.join(tiny_data, "meta.json")) as f:
         meta = json.load(f)
     enc = get_tokenizer(meta["tokenizer"])
-    assert set(meta["domains"]) == {"python", "cpp", "prose", "arith", "unicode"}
-    for name, info in meta["domains"].items():
+    assert set(meta["corpus"]) == {"python", "cpp", "prose"}
+    for name, info in meta["corpus"].items():
         train, val = documents(tiny_data, name, "train", enc), documents(tiny_data, name, "val", enc)
         assert len(train) == info["train_docs"] and len(val) == info["val_docs"]
         assert not set(train) & set(val), name
 
 
-def test_meta_token_counts_equal_file_sizes(tiny_data):
-    """meta.json's token counts are the .bin files' sizes in uint16 tokens; held-back domains are listed."""
+def test_meta_counts_equal_file_sizes(tiny_data):
+    """meta.json's corpus token counts are the .bin files' sizes in uint16 tokens, its record counts the .idx rows
+    (three int64 each); the held-back task is listed."""
     with open(os.path.join(tiny_data, "meta.json")) as f:
         meta = json.load(f)
-    assert meta["held_back"] == ["unicode"] and meta["vocab_size"] == 257 and meta["eot"] == 256
-    for name, info in meta["domains"].items():
+    assert meta["held_back"] == ["upper"] and meta["vocab_size"] == 257 and meta["eot"] == 256
+    assert set(meta["tasks"]) == {"reverse", "sort", "shift", "arith", "upper"}
+    for name, info in meta["corpus"].items():
         for split in ("train", "val"):
-            size = os.path.getsize(os.path.join(tiny_data, name, f"{split}.bin"))
-            assert size == 2 * info[f"{split}_tokens"], (name, split)
+            assert os.path.getsize(os.path.join(tiny_data, "corpus", name, f"{split}.bin")) == 2 * info[f"{split}_tokens"]
+    for name, info in meta["tasks"].items():
+        for split, n in (("train", 2000), ("val", 64)):
+            folder = os.path.join(tiny_data, "tasks", name)
+            assert info[f"{split}_records"] == n and os.path.getsize(os.path.join(folder, f"{split}.idx")) == 24 * n
+            assert os.path.getsize(os.path.join(folder, f"{split}.bin")) == 2 * info[f"{split}_tokens"]
 
 
-def test_arith_test_problems_never_in_training(tiny_data):
-    """No line of the arith training data is a reserved test pair, so exact match measures arithmetic."""
-    enc = get_tokenizer("bytes")
-    lines = "".join(documents(tiny_data, "arith", "train", enc)).splitlines()
-    assert len(lines) > 1000
-    for line in lines:
-        a, op, b, c = re.fullmatch(r"(\d+)([+-])(\d+)=(-?\d+)", line).groups()
-        assert not is_test_pair(int(a), int(b)), line
-        assert int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b))
-    test_lines = {p + a for p, a in arith_problems(200, seed=0, test=True)}
-    assert not test_lines & set(lines)
+def test_task_records_are_right_and_validation_is_unseen(tiny_data):
+    """Every record of every built-in task is one of its phrasings with the right answer; no word of a validation
+    record occurs in a training record, and no reserved arith pair is in training."""
+    data = TaskData(tiny_data, "reverse,sort,shift,arith,upper")
+    train_words, val_words = task_words(1337)
+    assert len(train_words) > 2000 and len(val_words) > 300 and not set(train_words) & set(val_words)
+    for name in data.domains:
+        for split in ("train", "val"):
+            words = set(train_words if split == "train" else val_words)
+            for prompt, response in texts(data, name, split):
+                if name == "arith":
+                    a, op, b = re.fullmatch(r"\D*(\d+) ?([+-]|plus|minus) ?(\d+)\D*", prompt).groups()
+                    assert is_test_pair(int(a), int(b)) == (split == "val"), prompt
+                    assert int(response) == int(a) + (int(b) if op in ("+", "plus") else -int(b)), prompt
+                    continue
+                matches = [re.fullmatch(re.escape(t).replace(r"\{w\}", "([a-z]+)"), prompt) for t in TEMPLATES[name]]
+                word = next(m[1] for m in matches if m)  # StopIteration: not one of the task's phrasings
+                assert word in words and response == ANSWERS[name](word), (prompt, response)
+    assert sorted(ANSWERS[n]("spam") for n in ("reverse", "sort", "shift", "upper")) == ["SPAM", "amps", "maps",
+                                                                                          "tqbn"]
+
+
+def test_padded_batch_takes_the_loss_on_responses_only(tiny_data):
+    """A task batch: x is each record shifted right-padded, y the next tokens; with the default, prompt targets and
+    padding carry no loss (-1); with prompt_loss every real target does; `prompt` marks exactly the prompt tokens;
+    the batch is balanced over tasks (counts differ by at most one)."""
+    for prompt_loss in (False, True):
+        data = TaskData(tiny_data, "arith,reverse,sort", 64, prompt_loss)
+        batch = data.batch(7, torch.Generator().manual_seed(0))
+        assert sorted(torch.bincount(batch.domain, minlength=3).tolist()) == [2, 2, 3]
+        T = batch.x.size(1)
+        for b in range(7):
+            name = data.domains[int(batch.domain[b])]
+            record = next((p, r) for p, r in (data.record(name, "train", i) for i in range(data.count(name, "train")))
+                          if (p + r)[:-1] == batch.x[b, :len(p) + len(r) - 1].tolist())
+            p, r = record
+            n = len(p) + len(r) - 1
+            assert batch.x[b, n:].tolist() == [data.eot] * (T - n)
+            assert batch.prompt[b].tolist() == [True] * len(p) + [False] * (T - len(p))
+            expected = (p + r)[1:] if prompt_loss else [-1] * (len(p) - 1) + r
+            assert batch.y[b].tolist() == expected + [-1] * (T - n)
+
+
+def test_user_task_jsonl_forms(tmp_path):
+    """A user task from .jsonl: {"prompt","response"} records are kept as they are, Alpaca records become the fixed
+    template (no Input section when input is empty); records split into train and val with none in both."""
+    records = [{"prompt": f"Q{i}: ", "response": f"A{i}"} for i in range(12)]
+    records += [{"instruction": "Say hi", "input": "", "output": "hi"},
+                {"instruction": "Add", "input": "2 and 3", "output": "5"}]
+    path = tmp_path / "mine.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n\n")  # blank lines are allowed
+    prepare([f"--out_dir={tmp_path / 'out'}", "--only=none", f"--task=mine={path}"])
+    data = TaskData(str(tmp_path / "out"), "mine")
+    train, val = texts(data, "mine", "train"), texts(data, "mine", "val")
+    assert len(train) + len(val) == 14 and len(val) == 1 and not set(train) & set(val)
+    got = set(train + val)
+    assert ("Q3: ", "A3") in got
+    assert ("### Instruction:\nSay hi\n\n### Response:\n", "hi") in got
+    assert ("### Instruction:\nAdd\n\n### Input:\n2 and 3\n\n### Response:\n", "5") in got
 
 
 def test_byte_tokenizer_round_trip():
@@ -158,24 +226,27 @@ def run_prepare(*args):
 
 
 def test_prepare_cli_missing_files(tmp_path):
-    """prepare.py with a --domain glob that matches nothing exits 1 with one line on stderr and writes nothing."""
-    result = run_prepare(f"--out_dir={tmp_path / 'out'}", "--only=arith", "--max_tokens=2000",
-                         f"--domain=mine={tmp_path}/*.txt")
+    """prepare.py with a --text glob that matches nothing exits 1 with one line on stderr and writes nothing."""
+    result = run_prepare(f"--out_dir={tmp_path / 'out'}", "--only=arith", "--records=20", "--val_records=2",
+                         f"--text=mine={tmp_path}/*.txt")
     assert_one_line_error(result, "matches no files")
     assert not os.path.exists(tmp_path / "out")
 
 
 @pytest.mark.parametrize("content, words", [
-    ('{"text": "fine"}\n{not json\n', [":2:", "not valid JSON"]),
-    ('{"text": "fine"}\n{"title": "no text"}\n', [":2:", '"text"']),
-    ('{"text": "  "}\n{"text": "fine"}\n', [":1:", "empty"]),
+    ('{"prompt": "a", "response": "b"}\n{not json\n', [":2:", "not valid JSON"]),
+    ('{"prompt": "a", "response": "b"}\n{"title": "no text"}\n', [":2:", '"prompt" and "response"']),
+    ('{"prompt": "  ", "response": "b"}\n{"prompt": "a", "response": "b"}\n', [":1:", "empty prompt"]),
+    ('{"prompt": "a", "response": ""}\n', [":1:", "empty response"]),
+    ('{"instruction": "a", "input": 3, "output": "b"}\n', [":1:", "each a string"]),
+    ('{"prompt": "a", "response": "b"}\n', ["1 record"]),
 ])
 def test_prepare_bad_jsonl(tmp_path, content, words):
     """A bad .jsonl record stops prepare.py with a one-line UserError naming the file and line, and writes nothing."""
     path = tmp_path / "bad.jsonl"
     path.write_text(content)
     with pytest.raises(UserError) as e:
-        prepare([f"--out_dir={tmp_path / 'out'}", "--only=arith", "--max_tokens=2000", f"--domain=mine={path}"])
+        prepare([f"--out_dir={tmp_path / 'out'}", "--only=none", f"--task=mine={path}"])
     message = str(e.value)
     assert "\n" not in message and message.startswith(str(path))
     for word in words:
@@ -183,25 +254,14 @@ def test_prepare_bad_jsonl(tmp_path, content, words):
     assert not os.path.exists(tmp_path / "out")
 
 
-def test_prepare_user_domain_jsonl(tmp_path):
-    """A .jsonl domain gives one document per record (text or Alpaca fields), split with no overlap."""
-    records = [{"text": f"note number {i}: " + "x" * i} for i in range(15)]
-    records += [{"instruction": f"say {i}", "input": "", "output": f"{i}"} for i in range(5)]
-    path = tmp_path / "notes.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    meta = prepare([f"--out_dir={tmp_path / 'out'}", "--only=arith", "--max_tokens=2000", f"--domain=notes={path}"])
-    info = meta["domains"]["notes"]
-    assert info["train_docs"] + info["val_docs"] == 20
-    enc = get_tokenizer("bytes")
-    train, val = documents(tmp_path / "out", "notes", "train", enc), documents(tmp_path / "out", "notes", "val", enc)
-    assert not set(train) & set(val)
-    assert "### Instruction:\nsay 3\n\n### Response:\n3\n" in train + val
-
-
-def test_routing_ceiling_tells_arith_from_prose(tiny_data):
-    """results.routing_ceiling (a logistic regression on token and token-pair counts) tells held-out arith from prose
-    windows right over 95% of the time, and lies in [0, 1] as a fraction."""
-    from results import ResultsConfig, routing_ceiling
-    from trainer import DomainData
-    accuracy = routing_ceiling(DomainData(tiny_data, "arith,prose", 32), ResultsConfig(windows=16), bins=256, steps=100)
-    assert 0.95 < accuracy <= 1.0
+def test_prepare_failure_leaves_the_old_data_whole(tmp_path):
+    """A prepare.py that fails (a bad user task) leaves the data folder it would have replaced exactly as it was."""
+    out = tmp_path / "out"
+    prepare([f"--out_dir={out}", "--only=arith", "--records=20", "--val_records=2"])
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n')
+    with pytest.raises(UserError):
+        prepare([f"--out_dir={out}", "--only=arith", "--records=30", "--val_records=2", f"--task=bad={bad}"])
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl", "out"]  # no temporary folder left behind

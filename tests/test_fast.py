@@ -209,7 +209,7 @@ def test_enable_swaps_classes_and_keeps_every_parameter():
     assert type(moa) is MoA and all(type(m) is LoRALinear for m in lora_layers(moa))
 
 
-COMMON = ["--batch_size=8", "--block_size=32", "--eval_iters=1", "--progress=False", "--device=cpu", "--seed=1",
+COMMON = ["--batch_size=8", "--eval_iters=1", "--progress=False", "--device=cpu", "--seed=1",
           "--max_iters=4", "--eval_interval=4", "--warmup_iters=1"]
 
 
@@ -222,8 +222,8 @@ def test_scripts_train_alike_with_and_without_fast(tiny_data, tiny_base, tmp_pat
         out = tmp_path / str(speed)
         args = COMMON + [f"--data_dir={tiny_data}", f"--base={tiny_base}", f"--fast={speed}"]
         expert, expert_losses = train_lora.main(args + [f"--out_dir={out}", "--domain=arith"])
-        train_lora.main(args + [f"--out_dir={out}", "--domain=prose"])
-        moa, moa_losses = train_router.main(args + [f"--out_dir={out}", f"--experts={out}", "--domains=arith,prose"])
+        train_lora.main(args + [f"--out_dir={out}", "--domain=reverse"])
+        moa, moa_losses = train_router.main(args + [f"--out_dir={out}", f"--experts={out}", "--domains=arith,reverse"])
         runs[speed] = (expert, expert_losses, moa, moa_losses)
     (e1, l1, m1, r1), (e0, l0, m0, r0) = runs[True], runs[False]
     torch.testing.assert_close(torch.tensor(l1), torch.tensor(l0), rtol=0, atol=1e-5)

@@ -17,7 +17,7 @@ from config import UserError
 from files import expert_tensors, fingerprint, load_base, load_expert, save_expert
 from moa import LoRALinear, add_experts, count_params, lora_layers, set_route
 
-LORA_ITERS = 60  # arith's drop is the largest for seeds 1..3 (checked); other domains' losses rise
+LORA_ITERS = 60  # arith's drop is the largest for seeds 1..3 (checked); other tasks' losses rise
 
 
 def tiny_gpt(seed=0, **overrides):
@@ -36,7 +36,7 @@ def arith_run(tiny_data, tiny_base, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("experts"))
     model, _ = train_lora.main([f"--data_dir={tiny_data}", f"--base={tiny_base}", f"--out_dir={out}",
                                 "--domain=arith", f"--max_iters={LORA_ITERS}", f"--eval_interval={LORA_ITERS}",
-                                "--batch_size=8", "--block_size=32", "--eval_iters=1", "--progress=False",
+                                "--batch_size=8", "--eval_iters=1", "--progress=False",
                                 "--device=cpu", "--seed=1", "--fast=False"])  # graded: the plain method
     return model.eval(), out
 
@@ -185,16 +185,16 @@ def test_expert_refuses_another_tokenizer(arith_run, tiny_base):
 
 @pytest.mark.assignment1
 def test_expert_lowers_its_own_domain_most(arith_run):
-    """From the first to the last eval of the run, the arith expert lowers val/arith's loss more than any other domain's."""
+    """From the first to the last eval of the run, the arith expert lowers arith's loss more than any other task's."""
     _, out = arith_run
     with open(os.path.join(out, "arith", "log.jsonl")) as f:
         records = [json.loads(line) for line in f]
     first, last = records[0], records[-1]
     assert first["step"] == 0 and last["step"] == LORA_ITERS
-    drops = {k: first[k] - last[k] for k in first if k.startswith("val/")}
-    assert set(drops) == {"val/python", "val/cpp", "val/prose", "val/arith"}
-    assert drops["val/arith"] > 0
-    assert max(drops, key=drops.get) == "val/arith", drops
+    drops = {k: first[k] - last[k] for k in first if k.startswith("loss/")}
+    assert set(drops) == {"loss/reverse", "loss/sort", "loss/shift", "loss/arith"}  # upper is held back
+    assert drops["loss/arith"] > 0.1, drops
+    assert max(drops, key=drops.get) == "loss/arith", drops
 
 
 def test_train_lora_needs_a_domain(tiny_data, tiny_base, tmp_path):

@@ -17,21 +17,18 @@ from conftest import assert_one_line_error, randomize_B
 import sample
 import train_lora
 import train_router
-from evaluate import left_pad, routed_losses
+from evaluate import evaluate_tasks, left_pad
 from model import GPT, GPTConfig, KVCache
 from moa import MODES, LoRALinear, MoA, add_experts, lora_layers, pool, set_route, vote
 from config import UserError
 from files import fingerprint, load_base, load_bundle, load_expert, read_safetensors, save_bundle, write_safetensors
-from trainer import DomainData
+from trainer import TaskData
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# At this size, 32-token windows of python, cpp and prose are not reliably told apart by a linear router
-# on mean-pooled hidden states; arith and prose are (98% on 64 windows each, seeds 1..3).
-DOMAINS = "arith,prose"
+DOMAINS = "arith,reverse"  # two tasks whose prompts differ in kind: a tiny router tells them apart
 # --fast=False: the graded tests run the plain method (the student's code); tests/test_fast.py checks fast.py
-COMMON = ["--batch_size=8", "--block_size=32", "--eval_iters=1", "--progress=False", "--device=cpu", "--seed=1",
-          "--fast=False"]
-ROUTER_ITERS = 60
+COMMON = ["--batch_size=8", "--eval_iters=1", "--progress=False", "--device=cpu", "--seed=1", "--fast=False"]
+ROUTER_ITERS = 100
 
 
 def tiny_gpt(seed=0):
@@ -59,7 +56,7 @@ def single_expert_copy(base, model, k):
 
 @pytest.fixture(scope="module")
 def trained(tiny_data, tiny_base, tmp_path_factory):
-    """Stage-1 arith and prose experts, then routers trained by train_router.main (experts frozen):
+    """Stage-1 arith and reverse experts, then routers trained by train_router.main (experts frozen):
     {"moa", "losses", "out", "experts", "bundle"}."""
     out = tmp_path_factory.mktemp("moa")
     experts = str(out / "experts")
@@ -76,7 +73,7 @@ def trained(tiny_data, tiny_base, tmp_path_factory):
 
 def prompts(moa):
     """Two left-padded byte prompts, one per domain: idx (2, T), pad_mask (2, T), labels (2,)."""
-    texts = {"arith": "12+34=46\n5-7=-2\n31+8=", "prose": "The statement is used to"}
+    texts = {"arith": "What is 31 plus 8?\n", "reverse": "Reverse the word table.\n"}
     rows = [list(texts[d].encode()) for d in moa.domains]
     idx, mask = left_pad(rows, 256)
     return idx, mask, torch.arange(len(rows))
@@ -275,18 +272,18 @@ def test_decoding_uses_the_routes_stored_at_prefill(mode, expected):
 
 @pytest.mark.assignment3
 def test_router_learns_separable_domains(trained, tiny_data):
-    """Training the routers lowers the loss and the routers then pick the right expert for >95% of
-    held-out arith and prose windows (64 each)."""
+    """Training the routers lowers the loss and the routers then pick the right expert for >95% of the
+    validation prompts of arith and reverse (64 each), at every layer and by vote."""
     losses = trained["losses"]
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.2
     with open(os.path.join(trained["out"], "moa", "log.jsonl")) as f:
         first = json.loads(f.readline())
-    assert first["step"] == 0 and first["route_acc_mean"] == 0.5  # zero-initialised routers: all pick expert 0
+    assert first["step"] == 0 and first["route_mean"] == 0.5  # zero-initialised routers: all pick expert 0
     moa = trained["moa"]
-    data = DomainData(tiny_data, ",".join(moa.domains), 32)
-    result = routed_losses(moa, data, 64, 32, "layer")
-    assert result["route_acc_mean"] > 0.95 and result["route_acc_vote"] > 0.95, result
-    assert min(result["route_acc_layers"]) > 0.95, result
+    data = TaskData(tiny_data, ",".join(moa.domains))
+    for mode in ("layer", "vote"):
+        result = evaluate_tasks(moa, data, 64, 32, generate=False, served=False, mode=mode)
+        assert result["route_mean"] > 0.95 and min(result["route_layers"]) > 0.95, (mode, result["route_layers"], result["confusion"])
 
 
 @pytest.mark.assignment3
@@ -451,8 +448,8 @@ def test_unknown_domain_cli_error(tiny_data, tiny_base, tmp_path):
 def test_sample_with_bundle_names_each_prompts_domain(trained, tiny_base, capsys):
     """sample.py --bundle with "||"-separated prompts prints, above each sample, the domain its router chose."""
     sample.main([f"--base={tiny_base}", f"--bundle={trained['bundle']}", "--mode=last", "--max_new_tokens=6",
-                 "--prompt=12+34=46\\n5-7=-2\\n31+8=||The statement is used to"])
+                 "--prompt=What is 31 plus 8?\\n||Reverse the word table.\\n"])
     heads = [line for line in capsys.readouterr().out.splitlines() if line.startswith("--- prompt")]
     assert len(heads) == 2
     assert "prompt 1, sample 1 -> expert 'arith'" in heads[0]
-    assert "prompt 2, sample 1 -> expert 'prose'" in heads[1]
+    assert "prompt 2, sample 1 -> expert 'reverse'" in heads[1]
