@@ -43,16 +43,16 @@ from moa import MoA
 from tokenizer import encode, get_tokenizer
 from trainer import TaskData
 
-HAND_WRITTEN = {  # prompts a user might type, phrased unlike the generated ones: (prompt, answer)
-    "reverse": [("Please reverse: garden\n", "nedrag"), ("what is 'window' spelled backwards?\n", "wodniw"),
-                ("Flip the letters of the word planet around.\n", "tenalp")],
-    "sort": [("put the letters of 'silver' in order\n", "eilrsv"), ("Alphabetize the characters: rocket\n", "ceokrt"),
-             ("letters of 'travel', sorted from a to z:\n", "aelrtv")],
-    "shift": [("Caesar cipher with shift 1: moon\n", "nppo"), ("apply rot1 to paper\n", "qbqfs"),
-              ("move every letter of 'cloud' one step forward\n", "dmpve")],
+HAND_WRITTEN = {  # what a user might type, phrased unlike the generated prompts: (prompt, answer)
+    "upper": [("make this word uppercase: river\n", "RIVER"), ("Write forest in capital letters.\n", "FOREST"),
+              ("caps lock on: music\n", "MUSIC")],
+    "double": [("Repeat each letter two times: cat\n", "ccaatt"), ("write every character twice: moon\n", "mmoooonn"),
+               ("Stutter the word dog\n", "ddoogg")],
+    "reverse": [("please reverse: garden\n", "nedrag"), ("what is 'window' spelled backwards?\n", "wodniw"),
+                ("Flip the letters of planet around.\n", "tenalp")],
     "arith": [("How much is 45 plus 7?\n", "52"), ("Calculate 81-6.\n", "75"), ("Add 30 and 9.\n", "39")],
-    "upper": [("CAPITALIZE: river\n", "RIVER"), ("Write forest in upper case.\n", "FOREST"),
-              ("all caps please: music\n", "MUSIC")],
+    "count": [("length of 'table'?\n", "5"), ("How long is the word sun?\n", "3"),
+              ("number of letters in dragon\n", "6")],
 }
 
 

@@ -10,15 +10,16 @@ torch) and `prose` (the English help topics of Python's docs), one document per 
 
 Each task is a domain in the paper's sense: a supervised data set of (prompt -> response) records,
 routed as a whole from its prompt. The built-in tasks are generated, each in its own instruction style
-and with an answer that can be checked exactly:
-- reverse: "Reverse the word spam." -> "maps"          (three phrasings per task, drawn at random)
-- sort:    "Sort the letters of 'spam'." -> "amps"
-- shift:   "caesar(spam, 1) = " -> "tqbn"              (each letter one further in the alphabet)
-- arith:   "57+8=" or "What is 57 plus 8?" -> "65"     (a in 0..99, b in 0..9, + or -)
-- upper:   "Uppercase: spam" -> "SPAM"                 held back: added later, as a new domain
-reverse, sort, shift and upper read the same kind of input (a word) and want different outputs, so
-one LoRA trained on all of them must keep them apart; they also share skills (reading a word letter
-by letter) that arith does not. Words are English words from the standard library's source and
+and with an answer that can be checked exactly (three phrasings per task, drawn at random):
+- upper:   "UPPERCASE: spam" -> "SPAM"
+- double:  "double every letter -> spam" -> "ssppaamm"
+- reverse: "Reverse the word: spam" -> "maps"
+- arith:   "57+8=" or "What is 57 plus 8?" -> "65"          (a in 0..99, b in 0..9, + or -)
+- count:   "How many letters are in 'spam'?" -> "4"        held back: added later, as a new domain
+The word tasks read the same kind of input (an English word of 3 to 6 letters) and want different
+outputs, so one LoRA trained on all of them must keep them apart (the interference the paper is
+about); upper and double also share a skill (copying a word letter by letter, in order) that
+reverse turns around and arith does not use. Words come from the standard library's source and
 docs; a word in a validation record never occurs in a training record, and one (a, b) pair in ten
 is kept for validation only, so exact match measures the skill, not recall.
 
@@ -63,16 +64,15 @@ CORPUS = {  # built-in corpus source -> where its text comes from
     "prose": "English help topics of the Python docs (pydoc_data.topics), one topic per document",
 }
 TEMPLATES = {  # built-in task -> its prompts; the response follows the prompt directly
-    "reverse": ["Reverse the word {w}.\n", "Write {w} backwards.\n", "Spell {w} in reverse order.\n"],
-    "sort": ["Sort the letters of '{w}'.\n", "What are the letters of '{w}' in alphabetical order?\n",
-             "Arrange '{w}' alphabetically.\n"],
-    "shift": ["caesar({w}, 1) = ", "rot1 {w} -> ", "shift each letter of {w} by one: "],
+    "upper": ["UPPERCASE: {w}\n", "ALL CAPS: {w}\n", "CAPITALS, PLEASE: {w}\n"],
+    "double": ["double every letter -> {w}\n", "each letter twice -> {w}\n", "stutter -> {w}\n"],
+    "reverse": ["Reverse the word: {w}\n", "Spell it backwards: {w}\n", "Write it in reverse order: {w}\n"],
     "arith": ["{a}{op}{b}=", "What is {a} {opname} {b}?\n", "Compute {a} {op} {b}.\n"],
-    "upper": ["Uppercase: {w}\n", "Make {w} all capitals.\n", "Shout the word {w}!\n"],
+    "count": ["How many letters are in '{w}'?\n", "Count the letters of '{w}'.\n", "What is the length of '{w}'?\n"],
 }
-ANSWERS = {"reverse": lambda w: w[::-1], "sort": lambda w: "".join(sorted(w)),
-           "shift": lambda w: "".join(chr((ord(c) - ord("a") + 1) % 26 + ord("a")) for c in w), "upper": str.upper}
-HELD_BACK = ["upper"]
+ANSWERS = {"upper": str.upper, "double": lambda w: "".join(c + c for c in w), "reverse": lambda w: w[::-1],
+           "count": lambda w: str(len(w))}
+HELD_BACK = ["count"]
 ALPACA = "### Instruction:\n{instruction}\n\n{given}### Response:\n"  # given: "### Input:\n{input}\n\n" or ""
 MAX_DOC_CHARS = 20000  # longer corpus documents are cut, so one big file cannot dominate a source
 
@@ -88,7 +88,7 @@ class PrepareConfig:
     val_records: int = 500  # built-in tasks: validation records per task
     task: list = field(default_factory=list)  # NAME=FILE.jsonl, once per task of your own
     text: list = field(default_factory=list)  # NAME=GLOB, once per corpus source of your own
-    held_back: str = ",".join(HELD_BACK)  # tasks trained on only later, when a domain is added
+    held_back: str = "auto"  # tasks left for adding later (comma list); auto: the built-in count, if built
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,14 +172,14 @@ def split_documents(docs, enc, max_tokens, rng):
 
 @functools.lru_cache
 def task_words(seed):
-    """(train words, val words): lower-case English words of 3 to 7 letters seen at least 3 times in the
+    """(train words, val words): lower-case English words of 3 to 6 letters seen at least 3 times in the
     standard library's source and docs, split 85 / 15 at random, so no val word is ever trained on."""
     from pydoc_data.topics import topics
 
     texts = [read_text(p) for p in sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))]
     counts = {}
     for text in texts + list(topics.values()):
-        for w in re.findall(r"(?<![A-Za-z_])[a-z]{3,7}(?![A-Za-z_])", text):
+        for w in re.findall(r"(?<![A-Za-z_])[a-z]{3,6}(?![A-Za-z_])", text):
             counts[w] = counts.get(w, 0) + 1
     words = sorted(w for w, n in counts.items() if n >= 3)
     random.Random(seed).shuffle(words)
@@ -309,7 +309,8 @@ def main(argv=None):
     if enc.n_vocab > 2 ** 16:
         raise UserError(f"tokenizer {cfg.tokenizer!r} has {enc.n_vocab} tokens; the .bin files hold uint16 ids")
     corpus, tasks = read_sources(cfg)
-    held_back = [n for n in cfg.held_back.split(",") if n in tasks]
+    names = HELD_BACK if cfg.held_back == "auto" else [n.strip() for n in cfg.held_back.split(",") if n.strip()]
+    held_back = [n for n in names if n in tasks and (cfg.held_back != "auto" or tasks[n][1].startswith("generated"))]
     meta = {"tokenizer": cfg.tokenizer, "vocab_size": enc.n_vocab, "eot": enc.eot_token, "seed": cfg.seed,
             "corpus": {}, "tasks": {}, "held_back": held_back, "template": ALPACA}
 

@@ -56,8 +56,8 @@ TINY_BASE_ARGS = ["--n_layer=2", "--n_embd=32", "--n_head=2", "--block_size=64",
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
-    """A data folder with the built-in corpus (python, cpp, prose: ~20k tokens each) and tasks (reverse, sort, shift,
-    arith, held-back upper: 2000 training and 64 validation records each)."""
+    """A data folder with the built-in corpus (python, cpp, prose: ~20k tokens each) and tasks (upper, double,
+    reverse, arith, held-back count: 2000 training and 64 validation records each)."""
     from data.prepare import main as prepare
     out = str(tmp_path_factory.mktemp("data"))
     prepare([f"--out_dir={out}", "--max_tokens=20000", "--records=2000", "--val_records=64"])

@@ -1,7 +1,7 @@
 """Adding and removing domains of a trained bundle (train_router.py --add_domain / --remove_domain).
 
-One module fixture trains stage-1 arith, reverse and shift experts and a bundle over arith and reverse
-(the two domains a tiny router tells apart, see test_moa.py), then adds the held-back shift domain.
+One module fixture trains stage-1 arith, reverse and count experts and a bundle over arith and reverse
+(the two domains a tiny router tells apart, see test_moa.py), then adds the held-back count domain.
 """
 import os
 import shutil
@@ -29,17 +29,17 @@ ROUTER = ["--learning_rate=0.1", "--min_lr=0.01", "--warmup_iters=5", "--max_ite
 
 @pytest.fixture(scope="module")
 def adapted(tiny_data, tiny_base, tmp_path_factory):
-    """Paths: the bundle over arith, reverse ("bundle"), it + shift ("added"), the experts folder and the common flags."""
+    """Paths: the bundle over arith, reverse ("bundle"), it + count ("added"), the experts folder and the common flags."""
     out = tmp_path_factory.mktemp("adapt")
     flags = COMMON + [f"--data_dir={tiny_data}", f"--base={tiny_base}", f"--experts={out / 'experts'}",
                       f"--out_dir={out}"]
-    for domain in ("arith", "reverse", "shift"):
+    for domain in ("arith", "reverse", "count"):
         train_lora.main(COMMON + [f"--data_dir={tiny_data}", f"--base={tiny_base}", f"--out_dir={out / 'experts'}",
                                   f"--domain={domain}", "--max_iters=20", "--eval_interval=20", "--warmup_iters=2"])
     train_router.main(flags + ROUTER + ["--domains=arith,reverse", "--train_experts=False"])
     bundle = str(out / "moa.safetensors")
-    train_router.main(flags + ROUTER + ["--add_domain=shift", f"--bundle={bundle}"])
-    return {"bundle": bundle, "added": str(out / "moa+shift.safetensors"), "experts": str(out / "experts"),
+    train_router.main(flags + ROUTER + ["--add_domain=count", f"--bundle={bundle}"])
+    return {"bundle": bundle, "added": str(out / "moa+count.safetensors"), "experts": str(out / "experts"),
             "flags": flags, "out": out}
 
 
@@ -120,8 +120,8 @@ def test_adding_a_domain_keeps_old_experts_bit_identical(adapted):
     assert len(new) == len(old) * 3 // 2
     for name, t in old.items():
         assert torch.equal(new[name], t), name
-    shift_expert = read_safetensors(os.path.join(adapted["experts"], "shift.safetensors"))[0]
-    for name, t in shift_expert.items():  # "transformer.h.0.attn.c_attn.lora_A" -> slot 2 of the bundle
+    count_expert = read_safetensors(os.path.join(adapted["experts"], "count.safetensors"))[0]
+    for name, t in count_expert.items():  # "transformer.h.0.attn.c_attn.lora_A" -> slot 2 of the bundle
         assert torch.equal(new[f"gpt.{name}.2"], t), name
 
 
@@ -130,7 +130,7 @@ def test_adding_a_domain_trains_only_the_new_router_row(adapted):
     """After --add_domain the routers' old rows equal the original bundle's bit for bit while the new row has learned
     (its weights are no longer zero); with --train_old_rows=True the old rows move too."""
     old, new = read_safetensors(adapted["bundle"])[0], read_safetensors(adapted["added"])[0]
-    train_router.main(adapted["flags"] + ROUTER + ["--add_domain=shift", f"--bundle={adapted['bundle']}",
+    train_router.main(adapted["flags"] + ROUTER + ["--add_domain=count", f"--bundle={adapted['bundle']}",
                                                    "--train_old_rows=True", "--name=allrows"])
     allrows = read_safetensors(str(adapted["out"] / "allrows.safetensors"))[0]
     names = [n for n in old if n.startswith("routers.")]
@@ -146,16 +146,16 @@ def test_adding_a_domain_trains_only_the_new_router_row(adapted):
 def test_add_domain_with_weight_decay_on_frozen_rows_is_an_error(adapted):
     """Weight decay would shrink the frozen old router rows, so --add_domain with --weight_decay > 0 is a UserError."""
     with pytest.raises(UserError, match="--weight_decay would shrink the frozen old router rows"):
-        train_router.main(adapted["flags"] + ["--add_domain=shift", f"--bundle={adapted['bundle']}",
+        train_router.main(adapted["flags"] + ["--add_domain=count", f"--bundle={adapted['bundle']}",
                                               "--weight_decay=0.1", "--name=decayed"])
 
 
 @pytest.mark.assignment5
 def test_old_domains_still_routed_after_adding(adapted, tiny_data, tiny_base):
-    """After adding shift, the routers still send >90% of validation prompts of arith and reverse to their own expert."""
+    """After adding count, the routers still send >90% of validation prompts of arith and reverse to their own expert."""
     base, tokenizer = load_base(tiny_base)
     moa, _ = load_bundle(adapted["added"], base, tokenizer)
-    assert moa.domains == ["arith", "reverse", "shift"]
+    assert moa.domains == ["arith", "reverse", "count"]
     result = evaluate_tasks(moa.eval(), TaskData(tiny_data, ",".join(moa.domains)), 64, 32, generate=False, served=False,
                             mode="last")
     assert result["route/arith"] > 0.9 and result["route/reverse"] > 0.9, result["confusion"]
@@ -163,11 +163,11 @@ def test_old_domains_still_routed_after_adding(adapted, tiny_data, tiny_base):
 
 @pytest.mark.assignment5
 def test_add_then_remove_without_training_restores_the_bundle(adapted, tiny_base):
-    """Adding shift with 0 training steps and removing it again gives the original bundle: equal tensors, equal logits."""
+    """Adding count with 0 training steps and removing it again gives the original bundle: equal tensors, equal logits."""
     flags = adapted["flags"]
-    train_router.main(flags + ["--max_iters=0", "--add_domain=shift", f"--bundle={adapted['bundle']}",
+    train_router.main(flags + ["--max_iters=0", "--add_domain=count", f"--bundle={adapted['bundle']}",
                                "--name=zero"])
-    train_router.main(flags + ["--remove_domain=shift", f"--bundle={adapted['out'] / 'zero.safetensors'}",
+    train_router.main(flags + ["--remove_domain=count", f"--bundle={adapted['out'] / 'zero.safetensors'}",
                                "--name=back"])
     original, back = read_safetensors(adapted["bundle"])[0], read_safetensors(str(adapted["out"] / "back.safetensors"))[0]
     assert set(back) == set(original)
@@ -181,9 +181,9 @@ def test_add_then_remove_without_training_restores_the_bundle(adapted, tiny_base
 def test_add_trained_then_remove_gives_back_the_bundle(adapted, tiny_base):
     """Removing the added domain from the trained bundle gives the original bundle bit for bit (experts and router
     rows: the add trained only the new row), and so the same routed and label-mode logits."""
-    moa, _ = train_router.main(adapted["flags"] + ["--remove_domain=shift", f"--bundle={adapted['added']}"])
+    moa, _ = train_router.main(adapted["flags"] + ["--remove_domain=count", f"--bundle={adapted['added']}"])
     assert moa.domains == ["arith", "reverse"]
-    removed = str(adapted["out"] / "moa+shift-shift.safetensors")
+    removed = str(adapted["out"] / "moa+count-count.safetensors")
     original, back = read_safetensors(adapted["bundle"])[0], read_safetensors(removed)[0]
     assert set(back) == set(original)
     for name, t in original.items():
@@ -197,14 +197,14 @@ def test_add_trained_then_remove_gives_back_the_bundle(adapted, tiny_base):
 
 @pytest.mark.assignment5
 def test_adding_twice_chains_k_to_k_plus_2(adapted, tiny_data, tiny_base):
-    """A second add (sort onto arith, reverse + shift) keeps all three earlier experts and router rows bit-identical."""
+    """A second add (upper onto arith, reverse + count) keeps all three earlier experts and router rows bit-identical."""
     out = adapted["out"]
     train_lora.main(COMMON + [f"--data_dir={tiny_data}", f"--base={tiny_base}", f"--out_dir={out / 'experts'}",
-                              "--domain=sort", "--max_iters=5", "--eval_interval=5", "--warmup_iters=2"])
-    moa, _ = train_router.main(adapted["flags"] + ROUTER + ["--max_iters=10", "--add_domain=sort",
+                              "--domain=upper", "--max_iters=5", "--eval_interval=5", "--warmup_iters=2"])
+    moa, _ = train_router.main(adapted["flags"] + ROUTER + ["--max_iters=10", "--add_domain=upper",
                                                            f"--bundle={adapted['added']}"])
-    assert moa.domains == ["arith", "reverse", "shift", "sort"]
-    before, after = read_safetensors(adapted["added"])[0], read_safetensors(str(out / "moa+shift+sort.safetensors"))[0]
+    assert moa.domains == ["arith", "reverse", "count", "upper"]
+    before, after = read_safetensors(adapted["added"])[0], read_safetensors(str(out / "moa+count+upper.safetensors"))[0]
     for name, t in before.items():
         kept = after[name][:3] if name.startswith("routers.") else after[name]  # expert tensors are per slot
         assert torch.equal(kept, t), name
@@ -222,7 +222,7 @@ def test_adding_a_domain_without_expert_or_data_is_an_error(adapted, tmp_path):
         train_router.main(adapted["flags"] + ["--add_domain=klingon", f"--bundle={adapted['bundle']}"])
     experts = tmp_path / "experts"
     shutil.copytree(adapted["experts"], experts)
-    shutil.copy(experts / "shift.safetensors", experts / "klingon.safetensors")
+    shutil.copy(experts / "count.safetensors", experts / "klingon.safetensors")
     with pytest.raises(UserError, match="unknown domain 'klingon'; prepared"):
         train_router.main(adapted["flags"] + ["--add_domain=klingon", f"--bundle={adapted['bundle']}",
                                               f"--experts={experts}"])
@@ -230,7 +230,7 @@ def test_adding_a_domain_without_expert_or_data_is_an_error(adapted, tmp_path):
 
 def test_add_domain_without_bundle_cli_error(tiny_data, tiny_base, tmp_path):
     """train_router.py --add_domain without --bundle exits 1 with one stderr line starting "error:" and no traceback."""
-    proc = subprocess.run([sys.executable, "train_router.py", "--add_domain=shift", f"--data_dir={tiny_data}",
+    proc = subprocess.run([sys.executable, "train_router.py", "--add_domain=count", f"--data_dir={tiny_data}",
                            f"--base={tiny_base}", f"--out_dir={tmp_path}"],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert_one_line_error(proc, "--bundle")

@@ -62,8 +62,8 @@ def test_meta_counts_equal_file_sizes(tiny_data):
     (three int64 each); the held-back task is listed."""
     with open(os.path.join(tiny_data, "meta.json")) as f:
         meta = json.load(f)
-    assert meta["held_back"] == ["upper"] and meta["vocab_size"] == 257 and meta["eot"] == 256
-    assert set(meta["tasks"]) == {"reverse", "sort", "shift", "arith", "upper"}
+    assert meta["held_back"] == ["count"] and meta["vocab_size"] == 257 and meta["eot"] == 256
+    assert set(meta["tasks"]) == {"upper", "double", "reverse", "arith", "count"}
     for name, info in meta["corpus"].items():
         for split in ("train", "val"):
             assert os.path.getsize(os.path.join(tiny_data, "corpus", name, f"{split}.bin")) == 2 * info[f"{split}_tokens"]
@@ -77,7 +77,7 @@ def test_meta_counts_equal_file_sizes(tiny_data):
 def test_task_records_are_right_and_validation_is_unseen(tiny_data):
     """Every record of every built-in task is one of its phrasings with the right answer; no word of a validation
     record occurs in a training record, and no reserved arith pair is in training."""
-    data = TaskData(tiny_data, "reverse,sort,shift,arith,upper")
+    data = TaskData(tiny_data, "upper,double,reverse,arith,count")
     train_words, val_words = task_words(1337)
     assert len(train_words) > 2000 and len(val_words) > 300 and not set(train_words) & set(val_words)
     for name in data.domains:
@@ -92,8 +92,7 @@ def test_task_records_are_right_and_validation_is_unseen(tiny_data):
                 matches = [re.fullmatch(re.escape(t).replace(r"\{w\}", "([a-z]+)"), prompt) for t in TEMPLATES[name]]
                 word = next(m[1] for m in matches if m)  # StopIteration: not one of the task's phrasings
                 assert word in words and response == ANSWERS[name](word), (prompt, response)
-    assert sorted(ANSWERS[n]("spam") for n in ("reverse", "sort", "shift", "upper")) == ["SPAM", "amps", "maps",
-                                                                                          "tqbn"]
+    assert [ANSWERS[n]("spam") for n in ("upper", "double", "reverse", "count")] == ["SPAM", "ssppaamm", "maps", "4"]
 
 
 def test_padded_batch_takes_the_loss_on_responses_only(tiny_data):
@@ -101,7 +100,7 @@ def test_padded_batch_takes_the_loss_on_responses_only(tiny_data):
     padding carry no loss (-1); with prompt_loss every real target does; `prompt` marks exactly the prompt tokens;
     the batch is balanced over tasks (counts differ by at most one)."""
     for prompt_loss in (False, True):
-        data = TaskData(tiny_data, "arith,reverse,sort", 64, prompt_loss)
+        data = TaskData(tiny_data, "arith,reverse,double", 64, prompt_loss)
         batch = data.batch(7, torch.Generator().manual_seed(0))
         assert sorted(torch.bincount(batch.domain, minlength=3).tolist()) == [2, 2, 3]
         T = batch.x.size(1)
