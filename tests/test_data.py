@@ -66,6 +66,20 @@ def test_arith_test_problems_never_in_training(tiny_data):
     assert not test_lines & set(lines)
 
 
+@pytest.mark.parametrize("a, b, reserved", [(10, 9, True), (0, 0, True), (55, 5, True), (91, 1, True),
+                                           (19, 1, False), (5, 5, False), (9, 1, False), (99, 9, False)])
+def test_reserved_pairs_follow_the_tens_digit(a, b, reserved):
+    """An (a, b) pair is reserved for evaluation exactly when a's tens digit plus b ends in 0, by hand."""
+    assert is_test_pair(a, b) is reserved
+
+
+def test_training_pairs_cover_every_units_sum():
+    """One pair in ten is reserved, and every (units digit of a, b) combination still has training pairs."""
+    pairs = [(a, b) for a in range(100) for b in range(10)]
+    assert sum(is_test_pair(a, b) for a, b in pairs) == len(pairs) // 10
+    assert {(a % 10, b) for a, b in pairs if not is_test_pair(a, b)} == {(u, b) for u in range(10) for b in range(10)}
+
+
 def test_byte_tokenizer_round_trip():
     """The byte tokenizer round-trips any Unicode text, and "<|endoftext|>" written in text stays text."""
     enc = get_tokenizer("bytes")
