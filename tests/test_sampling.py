@@ -65,6 +65,14 @@ def test_top_p_keeps_the_smallest_prefix_reaching_p(p, expected):
     assert set(draws(PROBS.log(), top_p=p).tolist()) == expected
 
 
+def test_top_p_stops_where_the_mass_reaches_p_exactly():
+    """Regression: of four equally likely ids (0.25 each, exact in floating point), top_p = 0.25, 0.5, 0.75 keeps
+    1, 2, 3: a prefix whose mass equals p reaches it, so the next id is dropped; top_p = 0 keeps the best id only."""
+    for p, n in [(0.25, 1), (0.5, 2), (0.75, 3)]:
+        assert len(set(draws(torch.zeros(4), top_p=p).tolist())) == n, p
+    assert set(draws(LOGITS, top_p=0.0).tolist()) == {1}
+
+
 def test_top_p_keeps_the_kept_tokens_proportions():
     """Within top-p's kept set, the ids keep their relative probabilities: 0.4 : 0.3 for p = 0.6 (to 0.03)."""
     counts = torch.bincount(draws(PROBS.log(), top_p=0.6), minlength=4).float()
