@@ -136,8 +136,8 @@ def main(argv=None):
                 shutil.rmtree(folder)
                 status = {"failed": "caught", "timeout": "caught", "passed": "SURVIVED"}.get(status, status)
             rows.append((m, status))
-            print(f"{status:8} {time.time() - t0:5.0f}s  {m.id:32} {m.what}" + (f"\n{'':16}{last}" if status == "broken" else ""),
-                  flush=True)
+            why = f"\n{'':16}{last}" if status == "broken" else ""
+            print(f"{status:8} {time.time() - t0:5.0f}s  {m.id:32} {m.what}{why}", flush=True)
 
     caught = [m for m, s in rows if s == "caught"]
     print(f"\ncaught {len(caught)} of {len(rows)}")

@@ -119,7 +119,8 @@ HALF_AMPLITUDE = 0.45  # (learning_rate - min_lr) / 2
     (20, 0.1), (25, 0.1), (1000, 0.1),  # at and after lr_decay_iters (here max_iters): min_lr
 ])
 def test_schedule_corners(step, expected):
-    """Linear warmup to learning_rate at warmup_iters, cosine to min_lr at lr_decay_iters (0: max_iters), min_lr after."""
+    """Linear warmup to learning_rate at warmup_iters, cosine to min_lr at lr_decay_iters (0: max_iters), then
+    min_lr."""
     assert learning_rate(step, SCHEDULE) == pytest.approx(expected, abs=1e-12)
 
 
@@ -215,7 +216,7 @@ def test_each_step_runs_at_the_scheduled_rate_times_its_scale(tmp_path):
     given an lr_scale at that rate times its scale."""
     seen = train_and_watch(tmp_path, tiny_gpt(), random_batches(1), lr_scales={"transformer.h.": 0.5},
                            max_iters=5, warmup_iters=2, learning_rate=1.0, min_lr=0.1)
-    by_hand = [1 / 3, 2 / 3, 1.0, 0.1 + 0.45 * 1.5, 0.1 + 0.45 * 0.5]  # cosine at 0, 1/3, 2/3 of its way: cos 1, 0.5, -0.5
+    by_hand = [1 / 3, 2 / 3, 1.0, 0.1 + 0.45 * 1.5, 0.1 + 0.45 * 0.5]  # cosine 0, 1/3, 2/3 of the way: 1, 0.5, -0.5
     assert [rates[1.0] for rates, _ in seen] == pytest.approx(by_hand, abs=1e-12)
     assert [rates[0.5] for rates, _ in seen] == pytest.approx([r / 2 for r in by_hand], abs=1e-12)
 
@@ -293,8 +294,10 @@ def test_safetensors_layout_read_by_hand(tmp_path):
     """save_safetensors writes an 8-byte little-endian header length, a JSON header padded so that the data
     starts 8-byte aligned, with each tensor's dtype name, shape and [start, end) byte range, then the tensors'
     little-endian bytes back to back in order; load_safetensors reads each tensor from its own range."""
-    tensors = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.tensor([1, -2, 3], dtype=torch.int16),
-               "h": torch.tensor([0.5, -2.0], dtype=torch.float16), "bf": torch.tensor([[1.5], [-3.0]], dtype=torch.bfloat16)}
+    tensors = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3),
+               "b": torch.tensor([1, -2, 3], dtype=torch.int16),
+               "h": torch.tensor([0.5, -2.0], dtype=torch.float16),
+               "bf": torch.tensor([[1.5], [-3.0]], dtype=torch.bfloat16)}
     path = tmp_path / "t.safetensors"
     save_safetensors(path, tensors, {"note": "x"})
     raw = path.read_bytes()

@@ -60,7 +60,8 @@ def test_runner_reports_caught_survived_and_broken(tmp_path, capsys):
     missing is broken; the run exits 1 unless every selected mutant is caught."""
     (tmp_path / "tests").mkdir()
     (tmp_path / "calc.py").write_text("def add(a, b):\n    return a + b\n")
-    (tmp_path / "tests" / "test_calc.py").write_text("from calc import add\n\n\ndef test_add():\n    assert add(2, 3) == 5\n")
+    (tmp_path / "tests" / "test_calc.py").write_text("from calc import add\n\n\ndef test_add():\n"
+                                                     "    assert add(2, 3) == 5\n")
     (tmp_path / "mutants.py").write_text(TOY_MUTANTS)
     toy = ["--root", str(tmp_path), "--list", str(tmp_path / "mutants.py"), "--timeout", "120"]
     assert mutate.main(toy) == 1
