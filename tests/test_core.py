@@ -3,7 +3,7 @@ the learning-rate schedule's corners, the optimizer's decay groups, what one tra
 (the schedule's rate, the clipped and accumulated gradient), atomic writes under a failing writer, the
 safetensors layout, the base fingerprint, and the evaluation metrics.
 
-Everything runs on hand-made token streams and tiny models: no fixture, no real training.
+Everything runs on hand-made token streams and tiny models: no session fixture, no real training.
 """
 import copy
 import json
@@ -24,9 +24,9 @@ from tokenizer import encode, get_tokenizer
 from trainer import DomainData, TrainConfig, learning_rate, make_optimizer, train
 
 # Names that are moving to config.py / files.py: kept together here so they are easy to retarget.
-from data.prepare import write_atomic  # noqa: E402
-from moa import base_fingerprint  # noqa: E402
-from trainer import atomic_write, load_safetensors, save_safetensors  # noqa: E402
+from data.prepare import write_atomic
+from moa import base_fingerprint
+from trainer import atomic_write, load_safetensors, save_safetensors
 
 
 def write_data(folder, streams):
