@@ -8,8 +8,8 @@
     python assignments/make.py --out_dir=../nanomoa-student --force              # write into a non-empty folder
 
 The copy holds the files git would commit (tracked, or untracked and not ignored; without git: the
-tree minus .git, out/, prepared data and virtual environments), minus the kit itself (this script and
-tests/test_assignments.py). Marker lines never reach it: solved regions keep their code, unmarked.
+tree minus .git, out/, prepared data and virtual environments), minus the instructor's side (this script,
+tests/test_assignments.py and the mutation check, tests/mutate.py). Marker lines never reach it: solved regions keep their code, unmarked.
 The handout is assignments/README.md; assignment N is graded by `python -m pytest -q tests -m assignmentN`.
 """
 import ast
@@ -25,7 +25,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 from config import UserError, parse_config, run  # noqa: E402  (needs the repo root on the path)
 
-KIT = {"assignments/make.py", "tests/test_assignments.py"}  # the instructor's side: not in the student copy
+KIT = {"assignments/make.py", "tests/test_assignments.py",  # the instructor's side: not in the student copy
+       "tests/mutate.py", "tests/mutants_core.py", "tests/test_mutants.py"}
 REQUIRED, OPTIONAL = (1, 2, 3, 4, 5), (6,)  # 6: the speed paths of fast.py, an optional last chapter
 BEGIN = re.compile(r"^(\s*)# BEGIN ASSIGNMENT (\d+): (.+)$")
 END = re.compile(r"^\s*# END ASSIGNMENT (\d+)\s*$")

@@ -57,6 +57,24 @@ def test_no_corpus_document_in_both_splits(tiny_data):
         assert not set(train) & set(val), name
 
 
+def test_split_documents_sends_each_document_to_one_side():
+    """split_documents puts about a tenth of the documents (at least one) in val and the rest in train, each
+    document whole and on one side only, every one ended by EOT, when the caps hold them all."""
+    import random
+
+    from data.prepare import split_documents
+    enc = get_tokenizer("bytes")
+    docs = [f"document {i} " * (i % 3 + 1) for i in range(30)]
+    splits = split_documents(docs, enc, 10 ** 6, random.Random(0))
+    texts = {}
+    for split, (tokens, n) in splits.items():
+        parts = enc.decode(tokens.tolist()).split(EOT)
+        assert parts[-1] == "" and len(parts) - 1 == n
+        texts[split] = parts[:-1]
+    assert len(texts["val"]) == 3 and len(texts["train"]) == 27
+    assert sorted(texts["val"] + texts["train"]) == sorted(docs)
+
+
 def test_meta_counts_equal_file_sizes(tiny_data):
     """meta.json's corpus token counts are the .bin files' sizes in uint16 tokens, its record counts the .idx rows
     (three int64 each); the held-back task is listed."""
@@ -132,6 +150,20 @@ def test_user_task_jsonl_forms(tmp_path):
     assert ("Q3: ", "A3") in got
     assert ("### Instruction:\nSay hi\n\n### Response:\n", "hi") in got
     assert ("### Instruction:\nAdd\n\n### Input:\n2 and 3\n\n### Response:\n", "5") in got
+
+
+@pytest.mark.parametrize("a, b, reserved", [(10, 9, True), (0, 0, True), (55, 5, True), (91, 1, True),
+                                           (19, 1, False), (5, 5, False), (9, 1, False), (99, 9, False)])
+def test_reserved_pairs_follow_the_tens_digit(a, b, reserved):
+    """An (a, b) pair is reserved for evaluation exactly when a's tens digit plus b ends in 0, by hand."""
+    assert is_test_pair(a, b) is reserved
+
+
+def test_training_pairs_cover_every_units_sum():
+    """One pair in ten is reserved, and every (units digit of a, b) combination still has training pairs."""
+    pairs = [(a, b) for a in range(100) for b in range(10)]
+    assert sum(is_test_pair(a, b) for a, b in pairs) == len(pairs) // 10
+    assert {(a % 10, b) for a, b in pairs if not is_test_pair(a, b)} == {(u, b) for u in range(10) for b in range(10)}
 
 
 def test_byte_tokenizer_round_trip():

@@ -18,7 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import export  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from config import UserError  # noqa: E402
-from files import add_expert_file, fingerprint, load_base, read_meta, save_bundle, save_expert  # noqa: E402
+from files import (add_expert_file, expert_tensors, fingerprint, load_base, load_expert, read_meta,  # noqa: E402
+                   read_safetensors, save_bundle, save_expert)
 from moa import MoA, TARGETS, add_experts, lora_layers, set_route  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
@@ -85,6 +86,30 @@ def test_peft_export_matches(gpt2, tmp_path):
     wrapped = {n for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
     assert wrapped == {f"base_model.model.transformer.h.{i}.{t}" for i in range(2) for t in ("attn.c_proj", "mlp.c_fc")}
     assert model.base_model.model.transformer.h[0].mlp.c_fc.scaling["default"] == 12.0 / 4
+
+
+def test_peft_export_writes_every_field(gpt2, tmp_path):
+    """adapter_config.json holds exactly these fields, each with the expert's value: plain LoRA for a causal LM,
+    r, lora_alpha, target_modules as written in the expert, fan_in_fan_out (GPT-2's maps are Conv1D), no bias,
+    no dropout, the base it was exported for; adapter_model.safetensors holds exactly the expert's A (r, in)
+    and B (out, r) under PEFT's names."""
+    expert = random_expert(gpt2, str(tmp_path / "e.safetensors"), ["attn.c_proj", "mlp.c_fc"], rank=4, alpha=12.0)
+    out = str(tmp_path / "peft")
+    export.main(["peft", f"--expert={expert}", f"--base={gpt2}", f"--out={out}"])
+    with open(os.path.join(out, "adapter_config.json")) as f:
+        config = json.load(f)
+    assert config == {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": gpt2, "r": 4,
+                      "lora_alpha": 12.0, "target_modules": ["attn.c_proj", "mlp.c_fc"], "fan_in_fan_out": True,
+                      "bias": "none", "lora_dropout": 0.0, "use_rslora": False, "use_dora": False,
+                      "inference_mode": True}
+    tensors, metadata = read_safetensors(os.path.join(out, "adapter_model.safetensors"))
+    assert metadata == {"format": "pt"}
+    ours = read_safetensors(expert)[0]  # {"transformer.h.0.attn.c_proj.lora_A": (r, in), ...}
+    assert sorted(tensors) == sorted(f"base_model.model.{name}.weight" for name in ours) and len(ours) == 8
+    for name, t in ours.items():
+        torch.testing.assert_close(tensors[f"base_model.model.{name}.weight"], t, atol=0, rtol=0)
+    assert tensors["base_model.model.transformer.h.1.mlp.c_fc.lora_A.weight"].shape == (4, 32)
+    assert tensors["base_model.model.transformer.h.1.mlp.c_fc.lora_B.weight"].shape == (128, 4)
 
 
 def peft_folder(base, folder, target_modules, rank=4, alpha=12):
@@ -175,6 +200,68 @@ def test_hf_base_export_matches(tmp_path):
         ours, theirs, back = gpt(idx)[0], hf_model(out)(idx).logits, GPT.from_pretrained(out).eval()(idx)[0]
     torch.testing.assert_close(theirs, ours, atol=ATOL, rtol=0)
     torch.testing.assert_close(back, ours, atol=ATOL, rtol=0)
+
+
+def test_hf_export_writes_every_field(gpt2, tmp_path):
+    """config.json holds exactly these fields, describing our GPT as a GPT2LMHeadModel: its sizes, the tanh GELU
+    (gelu_new), LayerNorm epsilon 1e-5, no dropout, tied embeddings, <|endoftext|> (the last id) as bos and eos,
+    float32; model.safetensors gives back the tensors of the GPT-2 folder the base came from, same names, same
+    Conv1D (in, out) layout, bit for bit."""
+    out = str(tmp_path / "hf")
+    export.main(["hf", f"--base={gpt2}", f"--out={out}"])
+    with open(os.path.join(out, "config.json")) as f:
+        config = json.load(f)
+    assert config == {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": 300,
+                      "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_inner": None,
+                      "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "resid_pdrop": 0.0,
+                      "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": True, "bos_token_id": 299,
+                      "eos_token_id": 299, "dtype": "float32"}
+    ours, metadata = read_safetensors(os.path.join(out, "model.safetensors"))
+    theirs = read_safetensors(os.path.join(gpt2, "model.safetensors"))[0]
+    assert metadata == {"format": "pt"} and sorted(ours) == sorted(theirs)
+    for name, t in theirs.items():
+        torch.testing.assert_close(ours[name], t, atol=0, rtol=0, msg=name)
+    assert ours["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)  # (in, out)
+
+
+def test_bundle_export_writes_every_field(gpt2, tmp_path):
+    """routers.json holds exactly the domains in the bundle's order, its pooling, a description of what router i
+    reads, and for each block i the router reading hidden_states[i] with the bundle's weight (K, n_embd) and
+    bias (K,); each domain's folder is that domain's expert as a PEFT adapter with the bundle's rank, alpha,
+    targets and base."""
+    torch.manual_seed(5)
+    gpt, tokenizer = load_base(gpt2)
+    base_fp = fingerprint(gpt)
+    moa = MoA(gpt, ["python", "prose", "arith"], rank=2, alpha=6.0, targets=["attn.c_attn", "mlp.c_proj"],
+              pooling="last")
+    with torch.no_grad():
+        for name, p in moa.named_parameters():
+            if "lora_B" in name or name.startswith("routers."):
+                p.normal_(std=0.3)
+    bundle = str(tmp_path / "moa.safetensors")
+    save_bundle(bundle, moa, tokenizer, base_fp)
+    out = str(tmp_path / "moa")
+    export.main(["bundle", f"--bundle={bundle}", f"--base={gpt2}", f"--out={out}"])
+    with open(os.path.join(out, "routers.json")) as f:
+        routers = json.load(f)
+    assert sorted(routers) == ["domains", "pooling", "reads", "routers"]
+    assert routers["domains"] == ["python", "prose", "arith"] and routers["pooling"] == "last"
+    assert "hidden_states[i]" in routers["reads"] and "input of block i" in routers["reads"]
+    assert [r["hidden_state"] for r in routers["routers"]] == [0, 1]
+    for saved, router in zip(routers["routers"], moa.routers):
+        assert sorted(saved) == ["bias", "hidden_state", "weight"]
+        assert torch.equal(torch.tensor(saved["weight"]), router.weight)  # (K, n_embd)
+        assert torch.equal(torch.tensor(saved["bias"]), router.bias)  # (K,)
+    for k, domain in enumerate(moa.domains):
+        with open(os.path.join(out, domain, "adapter_config.json")) as f:
+            config = json.load(f)
+        assert (config["r"], config["lora_alpha"], config["target_modules"], config["base_model_name_or_path"]) == \
+            (2, 6.0, ["attn.c_attn", "mlp.c_proj"], gpt2)
+        tensors = read_safetensors(os.path.join(out, domain, "adapter_model.safetensors"))[0]
+        expected = expert_tensors(moa, k)
+        assert sorted(tensors) == sorted(f"base_model.model.{name}.weight" for name in expected)
+        for name, t in expected.items():
+            torch.testing.assert_close(tensors[f"base_model.model.{name}.weight"], t, atol=0, rtol=0)
 
 
 def test_bundle_export(gpt2, tmp_path):

@@ -13,7 +13,7 @@ import sample
 import train_lora
 from model import GPT, GPTConfig
 from conftest import randomize_B
-from config import UserError
+from config import UserError, parse_config
 from files import expert_tensors, fingerprint, load_base, load_expert, save_expert
 from moa import LoRALinear, add_experts, count_params, lora_layers, set_route
 
@@ -204,10 +204,19 @@ def test_train_lora_needs_a_domain(tiny_data, tiny_base, tmp_path):
 
 
 def test_sample_with_adapter_prints_text(arith_run, tiny_base, capsys):
-    """sample.py --expert loads the expert and prints each sample under its header, continuing the prompt."""
-    _, out = arith_run
-    result = sample.main([f"--base={tiny_base}", f"--expert={os.path.join(out, 'arith.safetensors')}",
-                          "--prompt=12+34=", "--max_new_tokens=8", "--num_samples=2"])
+    """sample.py --expert runs the base with that expert on every sample: its logits are the trained expert
+    model's (1e-6), not the base's; it prints each sample under its header, continuing the prompt."""
+    model, out = arith_run
+    expert = f"--expert={os.path.join(out, 'arith.safetensors')}"
+    loaded, _, _ = sample.load_model(parse_config(sample.SampleConfig, [f"--base={tiny_base}", expert]))
+    x = tokens(vocab=257)
+    with torch.no_grad():
+        logits = loaded.eval()(x)[0]
+        torch.testing.assert_close(logits, model(x)[0], atol=1e-6, rtol=0)
+        set_route(model, None)
+        assert (logits - model(x)[0]).abs().max() > 1e-4  # the base alone computes otherwise
+        set_route(model, 0)
+    result = sample.main([f"--base={tiny_base}", expert, "--prompt=12+34=", "--max_new_tokens=8", "--num_samples=2"])
     text = capsys.readouterr().out
     assert result.shape == (2, 6 + 8)
     assert text.count("--- prompt 1, sample") == 2

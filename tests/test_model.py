@@ -75,6 +75,18 @@ def test_padding_is_invisible():
         torch.testing.assert_close(logits[0, 5:], alone[0], atol=1e-5, rtol=1e-5)
 
 
+def test_eval_mode_turns_dropout_off():
+    """In eval mode a model built with dropout 0.5 gives, every time, the logits of the same weights built with
+    dropout 0 (1e-6); in train mode its dropout changes them."""
+    idx = torch.randint(50, (2, 12), generator=torch.Generator().manual_seed(0))
+    dropped, plain = tiny_gpt(dropout=0.5), tiny_gpt(dropout=0.0)
+    with torch.no_grad():
+        expected = plain(idx)[0]
+        for _ in range(2):
+            torch.testing.assert_close(dropped(idx)[0], expected, atol=1e-6, rtol=0)
+        assert (dropped.train()(idx)[0] - expected).abs().max() > 1e-2
+
+
 def test_kv_cache_parity():
     """Greedy decoding with the KV cache gives exactly the tokens of recomputing the whole context."""
     model = tiny_gpt()
