@@ -71,9 +71,8 @@ def seed_run(cfg, out, seed, tasks, added):
         return
     step("baseline: one LoRA on every task", f"{experts}/all.safetensors", train_lora,
          lora + ["--domain=all", same_compute, f"--eval_interval={S1}"])
-    step(f"baseline: one LoRA, rank {8 * K}", f"{experts}/all_r{K}.safetensors", train_lora,
-         lora + ["--domain=all", same_compute, f"--eval_interval={S1}", f"--rank={8 * K}", f"--alpha={16.0 * K}",
-                 f"--name=all_r{K}"])
+    step(f"baseline: one LoRA, rank {8 * K}", f"{experts}/all_r{K}.safetensors", train_lora,  # alpha stays 16:
+         lora + ["--domain=all", same_compute, f"--eval_interval={S1}", f"--rank={8 * K}", f"--name=all_r{K}"])
     step("MoA, routers only", f"{bundles}/moa_routers.safetensors", train_router,
          router + ["--train_experts=False", "--name=moa_routers"])
     step("ablation: MoE-LoRA", f"{bundles}/moe_lora.safetensors", train_router,
