@@ -55,6 +55,14 @@ def atomic_write(path, write, folder=False):
                 os.remove(leftover)
 
 
+def write_text(path, text):
+    """Writes a text file (a results table, a JSON report) atomically."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
 def write_safetensors(path, tensors, metadata=None):
     """Writes {name: tensor} and metadata (values written as str) as a .safetensors file, atomically."""
     from safetensors.torch import save_file

@@ -38,7 +38,7 @@ import fast
 from baselines import Arrow, ClassifierRouted, PromptClassifier
 from config import UserError, parse_config, run
 from evaluate import evaluate_tasks, left_pad
-from files import add_expert_file, fingerprint, load_base, load_bundle, load_expert, read_meta
+from files import add_expert_file, fingerprint, load_base, load_bundle, load_expert, read_meta, write_text
 from moa import MoA
 from tokenizer import encode, get_tokenizer
 from trainer import TaskData
@@ -301,10 +301,8 @@ def main(argv=None):
                  adaptation_table(aggregate(adapted), data.domains + [cfg.added], cfg.added))
     folder = os.path.join(cfg.out, "results")
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(folder, "results.md"), "w") as f:
-        f.write(text + "\n")
+    write_text(os.path.join(folder, "results.json"), json.dumps(results, indent=1))
+    write_text(os.path.join(folder, "results.md"), text + "\n")
     print(text)
     if cfg.plots:
         pictures(cfg, rows, data.domains, run_dirs[0])
