@@ -172,6 +172,9 @@ def run_script(script, *args):
                           timeout=120, cwd=REPO_ROOT)
 
 
+TASK_ARGS = ["--batch_size=8", "--eval_iters=1", "--progress=False", "--seed=1", "--warmup_iters=1", "--device=cpu"]
+
+
 @pytest.fixture(scope="module")
 def experts(tiny_data, tiny_base, tmp_path_factory):
     """A folder with two experts (arith, reverse) on tiny_base, 2 steps each."""
@@ -180,9 +183,6 @@ def experts(tiny_data, tiny_base, tmp_path_factory):
         train_lora.main(TASK_ARGS + [f"--data_dir={tiny_data}", f"--base={tiny_base}", f"--out_dir={out}",
                                      f"--domain={domain}", "--max_iters=2"])
     return out
-
-
-TASK_ARGS = ["--batch_size=8", "--eval_iters=1", "--progress=False", "--seed=1", "--warmup_iters=1"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is here")
