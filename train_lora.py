@@ -25,7 +25,7 @@ from config import UserError, parse_config, run
 from evaluate import evaluate_tasks
 from files import add_expert_file, fingerprint, load_base, save_expert
 from moa import TARGETS, add_experts, count_params, set_route
-from trainer import TaskConfig, TaskData, task_block_size, train
+from trainer import TaskConfig, TaskData, micro_batches, task_block_size, train
 
 
 @dataclass
@@ -79,12 +79,15 @@ def main(argv=None):
         return evaluate_tasks(m, eval_data, cfg.eval_iters * cfg.batch_size, cfg.batch_size, generate=False,
                               served=False)
 
-    run_cfg = replace(cfg, out_dir=os.path.join(cfg.out_dir, name))
-    losses = train(run_cfg, model, train_data, evaluate, meta={"kind": "expert", "domain": cfg.domain})
     path = os.path.join(cfg.out_dir, f"{name}.safetensors")
-    samples = cfg.max_iters * cfg.batch_size * cfg.grad_accum  # training records seen, for fair comparisons
-    save_expert(path, model, 0, cfg.domain, tokenizer, base, {"trained_on": train_data.domains, "samples": samples})
-    print(f"saved {path} ({os.path.getsize(path) / 1e3:.0f} kB)")
+    samples = cfg.max_iters * cfg.batch_size * micro_batches(cfg)  # training records seen, for fair comparisons
+
+    def finish(m):  # once training is over (under torchrun: on process 0 only)
+        save_expert(path, m, 0, cfg.domain, tokenizer, base, {"trained_on": train_data.domains, "samples": samples})
+        print(f"saved {path} ({os.path.getsize(path) / 1e3:.0f} kB)")
+
+    losses = train(replace(cfg, out_dir=os.path.join(cfg.out_dir, name)), model, train_data, evaluate,
+                   meta={"kind": "expert", "domain": cfg.domain}, finish=finish)
     return model, losses
 
 
