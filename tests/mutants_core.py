@@ -253,7 +253,7 @@ MUTANTS = [
            "prompt[b, :min(len(p), n)] = True", "prompt[b, :min(len(p), n) - 1] = True", DATA),
     Mutant("left-pad-right", "left_pad pads on the right", "evaluate.py",
            "        idx[i, T - len(r):] = torch.tensor(r, dtype=torch.long)\n        mask[i, T - len(r):] = True",
-           "        idx[i, :len(r)] = torch.tensor(r, dtype=torch.long)\n        mask[i, :len(r)] = True", CORE),
+           "        idx[i, :len(r)] = torch.tensor(r, dtype=torch.long)\n        mask[i, :len(r)] = True", CORE + TASKS),
 
     # ---- export.py: PEFT adapters, Hugging Face folders, routers.json
     Mutant("peft-fan-in-fan-out", "adapter_config.json says fan_in_fan_out false (GPT-2's maps are Conv1D)",
