@@ -36,7 +36,7 @@ import torch
 
 import fast
 from baselines import Arrow, ClassifierRouted, PromptClassifier
-from config import UserError, parse_config, run
+from config import AT_LEAST_1, UserError, one_of, parse_config, run
 from evaluate import evaluate_tasks, left_pad
 from files import add_expert_file, fingerprint, load_base, load_bundle, load_expert, read_meta
 from moa import MoA
@@ -66,6 +66,8 @@ class ResultsConfig:
     added: str = "upper"  # the task added later, for the adding-a-task table
     plots: bool = True  # PNG pictures (needs matplotlib)
     fast: bool = True  # fast.py's speed paths (False: the plain method of moa.py; the same numbers)
+
+    CHECKS = {"records": AT_LEAST_1, "batch_size": AT_LEAST_1, "mode": one_of("last", "vote", "layer")}
 
 
 def variants(cfg, K):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 import fast
-from config import UserError, parse_config, run
+from config import AT_LEAST_0, AT_LEAST_1, PROBABILITY, UserError, one_of, parse_config, run
 from evaluate import left_pad
 from files import add_expert_file, load_base, load_bundle
 from moa import MODES
@@ -41,6 +41,9 @@ class SampleConfig:
     seed: int = 1337
     device: str = "cpu"
     fast: bool = True  # fast.py's speed paths (False: the plain method of moa.py)
+
+    CHECKS = {"mode": one_of(*MODES), "num_samples": AT_LEAST_1, "max_new_tokens": AT_LEAST_1,
+              "temperature": AT_LEAST_0, "top_k": AT_LEAST_0, "top_p": PROBABILITY}
 
 
 def read_prompts(text):
@@ -65,8 +68,6 @@ def load_model(cfg):
         add_expert_file(model, cfg.expert, tokenizer)
     if cfg.bundle:
         model = load_bundle(cfg.bundle, model, tokenizer)[0]
-        if cfg.mode not in MODES:
-            raise UserError(f"--mode={cfg.mode}: choose one of {', '.join(MODES)}")
         if cfg.mode == "label" and cfg.domain not in model.domains:
             raise UserError(f"--mode=label needs --domain=NAME, one of {', '.join(model.domains)}")
     return fast.enable(model, cfg.fast), tokenizer, {"mode": cfg.mode} if cfg.bundle else {}

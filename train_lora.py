@@ -21,9 +21,9 @@ from dataclasses import dataclass, replace
 import torch
 
 import fast
-from config import UserError, parse_config, run
+from config import AT_LEAST_1, FRACTION, UserError, parse_config, run
 from evaluate import evaluate_tasks
-from files import add_expert_file, fingerprint, load_base, save_expert
+from files import add_expert_file, base_files, check_outputs, fingerprint, load_base, save_expert
 from moa import TARGETS, add_experts, count_params, set_route
 from trainer import TaskConfig, TaskData, task_block_size, train
 
@@ -46,6 +46,8 @@ class LoRAConfig(TaskConfig):
     min_lr: float = 1e-3
     warmup_iters: int = 20
     weight_decay: float = 0.0
+
+    CHECKS = {"rank": AT_LEAST_1, "lora_dropout": FRACTION}
 
 
 def main(argv=None):

@@ -30,9 +30,9 @@ from dataclasses import dataclass, replace
 import torch
 
 import fast
-from config import UserError, parse_config, run
+from config import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, UserError, one_of, parse_config, run
 from evaluate import evaluate_tasks
-from files import fingerprint, load_base, load_bundle, load_expert, read_meta, save_bundle
+from files import base_files, check_outputs, fingerprint, load_base, load_bundle, load_expert, read_meta, save_bundle
 from moa import TARGETS, MoA, count_params, lora_layers
 from trainer import TaskConfig, TaskData, task_block_size, train
 
@@ -66,18 +66,18 @@ class RouterConfig(TaskConfig):
     warmup_iters: int = 20
     weight_decay: float = 0.0
 
+    CHECKS = {"eta": AT_LEAST_0, "mode": one_of("label", "token", "layer"), "top_k": AT_LEAST_1,
+              "pooling": one_of("mean", "last"), "expert_init": one_of("stage1", "random"), "rank": AT_LEAST_1,
+              "lora_dropout": FRACTION, "router_lr": POSITIVE}
+
 
 SETTINGS = ("mode", "top_k", "eta", "train_experts", "expert_init", "max_iters")  # kept in a bundle
 
 
 def check_choices(cfg):
-    for key, allowed in (("mode", ("label", "token", "layer")), ("expert_init", ("stage1", "random"))):
-        if getattr(cfg, key) not in allowed:
-            raise UserError(f"--{key}={getattr(cfg, key)}: choose one of {', '.join(allowed)}")
+    """What the flags' bounds (RouterConfig.CHECKS) cannot say alone."""
     if cfg.add_domain and cfg.mode != "label":
         raise UserError("--add_domain trains a MoA bundle's routers on domain labels: leave --mode=label")
-    if cfg.learning_rate <= 0 or cfg.router_lr <= 0:
-        raise UserError("--learning_rate and --router_lr must be positive")
     if cfg.add_domain and not cfg.train_old_rows and cfg.weight_decay:
         raise UserError("--weight_decay would shrink the frozen old router rows; use 0, or --train_old_rows")
     if (cfg.add_domain or cfg.remove_domain) and not cfg.bundle:
@@ -159,6 +159,8 @@ def main(argv=None):
     domains = TaskData(cfg.data_dir, cfg.domains, block_size).domains
     if cfg.add_domain:
         domains = read_meta(cfg.bundle, "bundle")[1]["domains"] + [cfg.add_domain]
+    if cfg.mode == "token" and cfg.top_k > len(domains):
+        raise UserError(f"--top_k={cfg.top_k}: more than the {len(domains)} experts to choose from")
     torch.manual_seed(cfg.seed)  # new experts and routers start the same for the same seed
     moa = build(cfg, gpt, tokenizer, base, domains)
     fast.enable(moa, cfg.fast)

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from config import UserError
-from files import load_checkpoint, save_checkpoint
+from config import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, UserError, one_of
+from files import atomic_write, load_checkpoint, locked, read_json, save_checkpoint, write_bytes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -55,6 +55,12 @@ class TrainConfig:
     log_interval: int = 50
     progress: bool = True  # tqdm progress bar
 
+    # each field's bound, enforced by config.parse_config
+    CHECKS = {"batch_size": AT_LEAST_1, "block_size": AT_LEAST_1, "grad_accum": AT_LEAST_1, "max_iters": AT_LEAST_0,
+              "lr_decay_iters": AT_LEAST_0, "learning_rate": POSITIVE, "min_lr": AT_LEAST_0, "warmup_iters": AT_LEAST_0,
+              "weight_decay": AT_LEAST_0, "beta1": FRACTION, "beta2": FRACTION, "grad_clip": AT_LEAST_0,
+              "eval_interval": AT_LEAST_1, "eval_iters": AT_LEAST_1, "log_interval": AT_LEAST_1}
+
 
 @dataclass
 class TaskConfig(TrainConfig):
@@ -63,6 +69,8 @@ class TaskConfig(TrainConfig):
     domains: str = "all"  # comma-separated tasks, or "all" (every prepared task but the held-back ones)
     prompt_loss: bool = False  # also take the loss on the prompt's tokens (default: the response's only)
     block_size: int = 0  # longest record in tokens (longer ones are cut); 0: the base's context
+
+    CHECKS = {"init_from": one_of("scratch", "resume"), "block_size": AT_LEAST_0}
 
 
 def task_block_size(cfg, model):

@@ -54,7 +54,7 @@ import numpy as np
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
-from config import UserError, parse_config, run  # noqa: E402  (these need the repo root on the path)
+from config import AT_LEAST_1, UserError, parse_config, run  # noqa: E402  (these need the repo root on the path)
 from files import atomic_write  # noqa: E402
 from tokenizer import encode, get_tokenizer  # noqa: E402
 
@@ -89,6 +89,8 @@ class PrepareConfig:
     task: list = field(default_factory=list)  # NAME=FILE.jsonl, once per task of your own
     text: list = field(default_factory=list)  # NAME=GLOB, once per corpus source of your own
     held_back: str = "auto"  # tasks left for adding later (comma list); auto: the built-in count, if built
+
+    CHECKS = {"max_tokens": AT_LEAST_1, "records": AT_LEAST_1, "val_records": AT_LEAST_1}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,9 +304,6 @@ def read_sources(cfg):
 def main(argv=None):
     cfg = parse_config(PrepareConfig, argv or [])
     t0 = time.time()
-    for key in ("max_tokens", "records", "val_records"):
-        if getattr(cfg, key) < 1:
-            raise UserError(f"--{key} must be positive, got {getattr(cfg, key)}")
     enc = get_tokenizer(cfg.tokenizer)
     if enc.n_vocab > 2 ** 16:
         raise UserError(f"tokenizer {cfg.tokenizer!r} has {enc.n_vocab} tokens; the .bin files hold uint16 ids")
