@@ -95,7 +95,7 @@ def build(kind, path, run_dir, cfg, domains):
         paths = [os.path.join(run_dir, "experts", f"{d}.safetensors") for d in domains]
         if not all(os.path.isfile(p) for p in paths):
             return None
-        metas = [read_meta(p, "expert")[1] for p in paths]
+        metas = [read_meta(p, "expert", gpt)[1] for p in paths]  # tensors checked: metas[0] sizes the MoA
         base = fingerprint(gpt)
         model = MoA(gpt, domains, metas[0]["rank"], metas[0]["alpha"], targets=metas[0]["targets"])
         for k, p in enumerate(paths):

@@ -51,8 +51,11 @@ def read_prompts(text):
         path = text[len("FILE:"):]
         if not os.path.isfile(path):
             raise UserError(f"prompt file {path} not found")
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except ValueError:  # not UTF-8
+            raise UserError(f"prompt file {path} is not UTF-8 text") from None
     prompts = [p.replace("\\n", "\n") for p in text.split("||")]
     if not all(prompts):
         raise UserError("empty prompt: give text, or several separated by ||")

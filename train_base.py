@@ -44,8 +44,9 @@ def build_model(cfg, vocab_size):
         return GPT(GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer,
                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias))
     if cfg.init_from == "resume":
-        meta = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))["meta"]
-        return GPT(GPTConfig(**meta["model"]))
+        path = os.path.join(cfg.out_dir, "ckpt.pt")
+        ckpt = load_checkpoint(path)
+        return GPT(gpt_config(ckpt["meta"].get("model"), ckpt["model"], path))  # its sizes checked against its tensors
     try:
         model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
     except ValueError as e:

@@ -112,7 +112,7 @@ def build(cfg, gpt, tokenizer, base, data_domains):
         # END ASSIGNMENT 5
     rank, alpha = cfg.rank, cfg.alpha
     if cfg.expert_init == "stage1":  # the experts' files say their rank and alpha
-        meta = read_meta(expert_path(cfg, data_domains[0]), "expert")[1]
+        meta = read_meta(expert_path(cfg, data_domains[0]), "expert", gpt)[1]  # tensors checked: meta sizes the MoA
         rank, alpha, targets = meta["rank"], meta["alpha"], meta["targets"]
     else:
         targets = TARGETS

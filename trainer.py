@@ -96,16 +96,31 @@ class Batch(NamedTuple):
 
 
 def read_data_meta(data_dir):
+    """<data_dir>/meta.json, checked: what every reader of the data relies on is there, of its type."""
     path = os.path.join(data_dir, "meta.json")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise UserError(f"{path} not found: run `python data/prepare.py` first")
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-        assert all(isinstance(meta[k], dict) for k in ("corpus", "tasks")) and isinstance(meta["tokenizer"], str)
-    except (ValueError, KeyError, TypeError, AssertionError):
-        raise UserError(f"{path} is not a meta.json written by data/prepare.py; run it again") from None
+    meta = read_json(path)
+    if not (all(isinstance(meta.get(k), dict) for k in ("corpus", "tasks")) and isinstance(meta.get("tokenizer"), str)
+            and all(isinstance(meta.get(k), int) for k in ("vocab_size", "eot")) and 1 <= meta["vocab_size"] <= 2 ** 16
+            and 0 <= meta["eot"] < meta["vocab_size"] and isinstance(meta.get("held_back", []), list)):
+        raise UserError(f"{path} is not a meta.json written by data/prepare.py; run it again")
     return meta
+
+
+def read_tokens(path, vocab_size):
+    """A .bin file of uint16 token ids, memory-mapped, checked: a whole number of ids, each below vocab_size."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found: run `python data/prepare.py` again")
+    size = os.path.getsize(path)
+    if size % 2:
+        raise UserError(f"{path} is corrupt ({size} bytes, not a whole number of uint16 token ids); run "
+                        f"`python data/prepare.py` again")
+    tokens = np.memmap(path, dtype=np.uint16, mode="r") if size else np.zeros(0, np.uint16)  # mmap: not empty
+    if size and tokens.max() >= vocab_size:
+        raise UserError(f"{path} holds token id {tokens.max()}, beyond the vocabulary of {vocab_size} of its "
+                        f"meta.json; run `python data/prepare.py` again")
+    return tokens
 
 
 def choose(names, known, held_back, kind):
@@ -133,9 +148,7 @@ class CorpusData:
         for name in self.domains:
             for split in ("train", "val"):
                 path = os.path.join(data_dir, "corpus", name, f"{split}.bin")
-                if not os.path.isfile(path):
-                    raise UserError(f"{path} not found: run `python data/prepare.py` again")
-                tokens = np.memmap(path, dtype=np.uint16, mode="r")
+                tokens = read_tokens(path, self.vocab_size)
                 if len(tokens) < block_size + 2:
                     raise UserError(f"{path} has {len(tokens)} tokens, fewer than one block of {block_size + 1}")
                 self.splits[name, split] = tokens
@@ -183,7 +196,8 @@ class TaskData:
         self.tokens, self.index = {}, {}
         for name in self.domains:
             for split in ("train", "val"):
-                self.tokens[name, split], self.index[name, split] = read_records(data_dir, name, split)
+                self.tokens[name, split], self.index[name, split] = read_records(data_dir, name, split,
+                                                                                 self.vocab_size)
 
     def count(self, name, split):
         return len(self.index[name, split])
@@ -220,14 +234,13 @@ class TaskData:
         return self.pad(records, d)
 
 
-def read_records(data_dir, name, split):
+def read_records(data_dir, name, split, vocab_size):
     """A task split's tokens (uint16, memory-mapped) and index (N, 3): start, prompt length, length; checked."""
     folder = os.path.join(data_dir, "tasks", name)
     bin_path, idx_path = os.path.join(folder, f"{split}.bin"), os.path.join(folder, f"{split}.idx")
-    for path in (bin_path, idx_path):
-        if not os.path.isfile(path):
-            raise UserError(f"{path} not found: run `python data/prepare.py` again")
-    tokens = np.memmap(bin_path, dtype=np.uint16, mode="r") if os.path.getsize(bin_path) else np.zeros(0, np.uint16)
+    if not os.path.isfile(idx_path):
+        raise UserError(f"{idx_path} not found: run `python data/prepare.py` again")
+    tokens = read_tokens(bin_path, vocab_size)
     size = os.path.getsize(idx_path)
     if size == 0 or size % 24:
         raise UserError(f"{idx_path} is corrupt ({size} bytes, not rows of 3 int64); run `python data/prepare.py` again")
@@ -297,6 +310,23 @@ def trainable_state(model):
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
 
+def trim_log(path, step):
+    """Keeps the log's lines up to `step`, the checkpoint's. A run killed after logging a step but before its
+    checkpoint was saved would log that step again when resumed; a half-written last line is dropped too."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8", errors="replace") as f:
+        kept = []
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                kept.append(line)
+    atomic_write(path, lambda tmp: write_bytes(tmp, "".join(kept).encode()))
+
+
 # ----------------------------------------------------------------------------------------------
 # The loop.
 
@@ -331,11 +361,15 @@ def train(cfg, model, data, evaluate, loss_fn=default_loss, meta=None, lr_scales
         try:
             model.load_state_dict(ckpt["model"], strict=False)
             optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError) as e:
+            batch_rng.set_state(ckpt["batch_rng"])
+            torch.set_rng_state(ckpt["torch_rng"])
+        except (RuntimeError, ValueError, TypeError, KeyError) as e:
             raise UserError(f"{ckpt_path} does not match this model: {str(e).splitlines()[0]}") from None
-        step = ckpt["meta"]["step"]
-        batch_rng.set_state(ckpt["batch_rng"])
-        torch.set_rng_state(ckpt["torch_rng"])
+        step = ckpt["meta"].get("step")
+        if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= cfg.max_iters:
+            raise UserError(f"{ckpt_path} is at step {step!r}; resuming needs 0 to --max_iters={cfg.max_iters}")
+        if master:
+            trim_log(log_path, step)
     elif master and os.path.exists(log_path):
         os.remove(log_path)  # a fresh run starts a fresh log
     raw_model = model

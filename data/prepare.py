@@ -97,9 +97,23 @@ class PrepareConfig:
 # The corpus
 
 
-def read_text(path):
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return f.read()
+def read_text(path, user=False):
+    """A text file's contents. A built-in source's stray bytes are replaced; a user's file must be UTF-8 text
+    without NUL bytes, or it is a UserError naming it (binary data would train as if it were text)."""
+    if not user:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    if b"\0" in data:
+        raise UserError(f"{path} is binary, not text (it holds NUL bytes)")
+    try:
+        return data.decode("utf-8-sig")  # -sig: a byte-order mark some editors write is not text
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}); convert it to UTF-8, e.g. with iconv") from None
 
 
 def corpus_documents(name):
@@ -119,11 +133,7 @@ def corpus_documents(name):
 
 def jsonl(path):
     """(line number, record) of every non-blank line of a .jsonl file; invalid JSON is a UserError at file:line."""
-    try:
-        lines = read_text(path).splitlines()
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
-    for i, line in enumerate(lines, start=1):
+    for i, line in enumerate(read_text(path, user=True).splitlines(), start=1):
         if line.strip():  # blank lines between records are allowed
             try:
                 yield i, json.loads(line)
@@ -138,7 +148,7 @@ def user_documents(name, pattern):
         raise UserError(f"--text={name}={pattern}: matches no files")
     docs = []
     for path in paths:
-        texts = [read_text(path)]
+        texts = [read_text(path, user=True)]
         if path.endswith(".jsonl"):
             texts = [r.get("text") if isinstance(r, dict) else None for _, r in jsonl(path)]
             bad = next((i for (i, _), t in zip(jsonl(path), texts) if not isinstance(t, str)), None)
