@@ -55,6 +55,9 @@ def main(argv=None):
     if not cfg.domain:
         raise UserError("say which task the expert learns: --domain=NAME (or --domain=all)")
     name = cfg.name or cfg.domain
+    path, run_dir = os.path.join(cfg.out_dir, f"{name}.safetensors"), os.path.join(cfg.out_dir, name)
+    check_outputs([path, os.path.join(run_dir, "ckpt.pt"), os.path.join(run_dir, "log.jsonl")],
+                  base_files(cfg.base) + ([cfg.init_expert] if cfg.init_expert else []))
     model, tokenizer = load_base(cfg.base)
     block_size = task_block_size(cfg, model)
     train_data = TaskData(cfg.data_dir, "all" if cfg.domain == "all" else cfg.domain, block_size, cfg.prompt_loss)
@@ -81,9 +84,8 @@ def main(argv=None):
         return evaluate_tasks(m, eval_data, cfg.eval_iters * cfg.batch_size, cfg.batch_size, generate=False,
                               served=False)
 
-    run_cfg = replace(cfg, out_dir=os.path.join(cfg.out_dir, name))
-    losses = train(run_cfg, model, train_data, evaluate, meta={"kind": "expert", "domain": cfg.domain})
-    path = os.path.join(cfg.out_dir, f"{name}.safetensors")
+    losses = train(replace(cfg, out_dir=run_dir), model, train_data, evaluate,
+                   meta={"kind": "expert", "domain": cfg.domain})
     samples = cfg.max_iters * cfg.batch_size * cfg.grad_accum  # training records seen, for fair comparisons
     save_expert(path, model, 0, cfg.domain, tokenizer, base, {"trained_on": train_data.domains, "samples": samples})
     print(f"saved {path} ({os.path.getsize(path) / 1e3:.0f} kB)")

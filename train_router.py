@@ -24,6 +24,7 @@ retrains every row instead: the old domains' routing may then move, see the resu
 
 Read next: sample.py, then results.py.
 """
+import glob
 import os
 from dataclasses import dataclass, replace
 
@@ -139,14 +140,15 @@ def samples_before(cfg, domains):
 def main(argv=None):
     cfg = parse_config(RouterConfig, argv or [])
     check_choices(cfg)
-    gpt, tokenizer = load_base(cfg.base)
-    base = fingerprint(gpt)
     stem = os.path.splitext(os.path.basename(cfg.bundle))[0]
     name = cfg.name or (f"{stem}+{cfg.add_domain}" if cfg.add_domain else
                         f"{stem}-{cfg.remove_domain}" if cfg.remove_domain else "moa")
-    path = os.path.join(cfg.out_dir, f"{name}.safetensors")
-    if cfg.bundle and os.path.abspath(path) == os.path.abspath(cfg.bundle):
-        raise UserError(f"the new bundle would overwrite its input {cfg.bundle}; pick another --name")
+    path, run_dir = os.path.join(cfg.out_dir, f"{name}.safetensors"), os.path.join(cfg.out_dir, name)
+    check_outputs([path, os.path.join(run_dir, "ckpt.pt"), os.path.join(run_dir, "log.jsonl")],  # --name picks them
+                  base_files(cfg.base) + ([cfg.bundle] if cfg.bundle else []) +
+                  glob.glob(os.path.join(cfg.experts, "*.safetensors")))
+    gpt, tokenizer = load_base(cfg.base)
+    base = fingerprint(gpt)
 
     if cfg.remove_domain:  # nothing to train: drop the expert and the routers' row
         moa, meta = load_bundle(cfg.bundle, gpt, tokenizer, base)
@@ -179,7 +181,7 @@ def main(argv=None):
                               mode="token" if cfg.mode == "token" else "layer")
 
     meta = {"kind": "bundle", "domains": moa.domains}
-    losses = train(replace(cfg, out_dir=os.path.join(cfg.out_dir, name)), moa, data, evaluate, loss_fn, meta,
+    losses = train(replace(cfg, out_dir=run_dir), moa, data, evaluate, loss_fn, meta,
                    lr_scales={"routers.": cfg.router_lr / cfg.learning_rate})
     samples = samples_before(cfg, moa.domains) + cfg.max_iters * cfg.batch_size * cfg.grad_accum  # in all
     save_bundle(path, moa, tokenizer, base, {**{k: getattr(cfg, k) for k in SETTINGS}, "samples": samples})

@@ -340,8 +340,16 @@ def train(cfg, model, data, evaluate, loss_fn=default_loss, meta=None, lr_scales
     evaluate(model) -> {name: float} runs at every eval_interval and at the last step; each result is
     a line of out_dir/log.jsonl and the checkpoint out_dir/ckpt.pt is rewritten after it. `meta`
     (JSON-able) is stored in the checkpoint beside the config, e.g. the model's architecture.
-    lr_scales: see make_optimizer.
+    lr_scales: see make_optimizer. While it runs, out_dir is locked (files.locked): a second run on the
+    same out_dir stops with an error before it touches anything there.
     """
+    first = os.environ.get("RANK", "0") == "0"  # under torchrun, process 0 holds the lock for all
+    with locked(cfg.out_dir) if first else nullcontext():
+        return train_loop(cfg, model, data, evaluate, loss_fn, meta, lr_scales)
+
+
+def train_loop(cfg, model, data, evaluate, loss_fn, meta, lr_scales):
+    """The loop of `train`, its out_dir locked."""
     device, ctx, rank, world = setup_device(cfg)
     if cfg.grad_accum % world:
         raise UserError(f"grad_accum={cfg.grad_accum} must be a multiple of the {world} processes")

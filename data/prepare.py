@@ -55,7 +55,7 @@ import numpy as np
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 from config import AT_LEAST_1, UserError, parse_config, run  # noqa: E402  (these need the repo root on the path)
-from files import atomic_write  # noqa: E402
+from files import atomic_write, check_outputs  # noqa: E402
 from tokenizer import encode, get_tokenizer  # noqa: E402
 
 CORPUS = {  # built-in corpus source -> where its text comes from
@@ -311,9 +311,24 @@ def read_sources(cfg):
     return corpus, tasks
 
 
+def check_out_dir(cfg):
+    """OUT is replaced whole when the new data set is complete: it must be new, empty or an earlier data set, and
+    hold none of the inputs."""
+    out = cfg.out_dir
+    earlier = os.path.isdir(out) and (not os.listdir(out) or os.path.isfile(os.path.join(out, "meta.json")))
+    if os.path.exists(out) and not earlier:
+        raise UserError(f"--out_dir={out} is not a data set written by prepare.py (no meta.json), and would be "
+                        f"replaced whole: choose a new folder")
+    inputs = [path for _, path in read_specs(cfg.task, "task")]
+    inputs += [p for _, pattern in read_specs(cfg.text, "text") for p in glob.glob(pattern, recursive=True)]
+    inputs += [cfg.tokenizer] if os.path.isdir(cfg.tokenizer) else []  # a folder with GPT-2's tokenizer files
+    check_outputs([out], inputs)
+
+
 def main(argv=None):
     cfg = parse_config(PrepareConfig, argv or [])
     t0 = time.time()
+    check_out_dir(cfg)
     enc = get_tokenizer(cfg.tokenizer)
     if enc.n_vocab > 2 ** 16:
         raise UserError(f"tokenizer {cfg.tokenizer!r} has {enc.n_vocab} tokens; the .bin files hold uint16 ids")
