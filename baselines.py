@@ -70,7 +70,7 @@ class ClassifierRouted(nn.Module):
 
     def __init__(self, moa, classifier):
         super().__init__()
-        self.moa, self.classifier, self.routing = moa, classifier, {}
+        self.moa, self.classifier, self.domains, self.routing = moa, classifier, moa.domains, {}
 
     @property
     def config(self):
@@ -96,7 +96,7 @@ class Arrow(nn.Module):
 
     def __init__(self, moa, top_k=2, temperature=1.0):
         super().__init__()
-        self.moa, self.top_k, self.temperature, self.routing = moa, top_k, temperature, {}
+        self.moa, self.top_k, self.temperature, self.domains, self.routing = moa, top_k, temperature, moa.domains, {}
         for layer in lora_layers(moa):
             with torch.no_grad():
                 layer.prototypes = torch.stack([prototype(A, B) for A, B in zip(layer.lora_A, layer.lora_B)])  # (K, in)

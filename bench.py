@@ -31,7 +31,7 @@ import torch
 
 import fast
 from config import AT_LEAST_0, AT_LEAST_1, UserError, parse_config, run
-from files import expert_tensors
+from files import expert_tensors, write_text
 from model import GPT, GPTConfig
 from moa import MoA, add_experts, lora_layers, set_route
 from train_base import BaseConfig
@@ -329,10 +329,8 @@ def main(argv=None):
         ok = "-" if r["pass"] is None else "yes" if r["pass"] else "NO"
         print(f"{r['metric']:<58} {plain:>8} {value:>16} {r['target']:>8}  {ok}")
     path = os.path.join(cfg.out_dir, "bench.json")
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({"machine": info, "config": asdict(cfg), "seconds": round(time.time() - t0, 1), "rows": rows}, f,
-                  indent=1)
+    write_text(path, json.dumps({"machine": info, "config": asdict(cfg), "seconds": round(time.time() - t0, 1),
+                                 "rows": rows}, indent=1))
     print(f"wrote {path}")
     return rows
 

@@ -8,13 +8,15 @@ a class may also bound its fields in a `CHECKS = {field: bound}` mapping (AT_LEA
 below), enforced once everything is parsed, before a script writes or deletes anything.
 `run(main)` is how a script starts: a `UserError` (a mistake the user can fix: a bad flag, a missing file)
 prints as one line `error: ...` and exits with status 1, and so does an OSError (a read-only folder, a full
-disk, a folder where a file should be), naming its file.
+disk, a folder where a file should be), naming its file. It also picks how many CPU threads torch uses
+(`cpu_threads`).
 
 Read next: model.py.
 """
 
 import json
 import math
+import os
 import sys
 from dataclasses import fields
 
@@ -23,8 +25,23 @@ class UserError(Exception):
     """A mistake the user can fix (a bad flag, a missing file...): printed as one line, exit status 1."""
 
 
+def cpu_threads():
+    """CPU threads for torch: OMP_NUM_THREADS if set, else one per core that is free now (the cores less the
+    load average, at least one). On a 2-core machine that another job keeps busy, two OpenMP threads that spin
+    while waiting for each other made every step several times slower; one thread loses little on a quiet
+    machine at nanoMoA's sizes (the README's "Speed" has both measured)."""
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    if given.isdigit() and int(given) > 0:
+        return int(given)
+    return max(1, (os.cpu_count() or 1) - round(os.getloadavg()[0]))
+
+
 def run(main):
-    """Runs main(sys.argv[1:]) and turns a UserError into `error: ...` on stderr with exit status 1."""
+    """Runs main(sys.argv[1:]) on cpu_threads() threads and turns a UserError into `error: ...` on stderr with
+    exit status 1."""
+    import torch  # here, not at the top: data/prepare.py needs torch only for its C++ source
+
+    torch.set_num_threads(cpu_threads())
     try:
         main(sys.argv[1:])
     except UserError as e:

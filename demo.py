@@ -73,9 +73,8 @@ def seed_run(cfg, out, seed, tasks, added):
         return
     step("baseline: one LoRA on every task", f"{experts}/all.safetensors", train_lora,
          lora + ["--domain=all", same_compute, f"--eval_interval={S1}"])
-    step(f"baseline: one LoRA, rank {8 * K}", f"{experts}/all_r{K}.safetensors", train_lora,
-         lora + ["--domain=all", same_compute, f"--eval_interval={S1}", f"--rank={8 * K}", f"--alpha={16.0 * K}",
-                 f"--name=all_r{K}"])
+    step(f"baseline: one LoRA, rank {8 * K}", f"{experts}/all_r{K}.safetensors", train_lora,  # alpha stays 16:
+         lora + ["--domain=all", same_compute, f"--eval_interval={S1}", f"--rank={8 * K}", f"--name=all_r{K}"])
     step("MoA, routers only", f"{bundles}/moa_routers.safetensors", train_router,
          router + ["--train_experts=False", "--name=moa_routers"])
     step("ablation: MoE-LoRA", f"{bundles}/moe_lora.safetensors", train_router,
@@ -99,8 +98,9 @@ def seed_run(cfg, out, seed, tasks, added):
 
 @torch.no_grad()
 def examples(cfg, out, tasks, per_task=2):
-    """The last step: prompts of every task in one batch, routed by MoA (with the last router's confidence)
-    and answered, beside the same prompts through the mixed LoRA; exact answers marked right (+) or wrong (-)."""
+    """The last step: prompts of every task in one batch, routed by MoA (with the last router's calibrated
+    confidence) and answered, beside the same prompts through the mixed LoRA; exact answers marked right (+)
+    or wrong (-)."""
     run_dir = f"{out}/runs/seed1"
     gpt, tokenizer = load_base(f"{out}/base")
     moa = fast.enable(load_bundle(f"{run_dir}/moa/moa.safetensors", gpt, tokenizer)[0]).eval()
@@ -118,14 +118,14 @@ def examples(cfg, out, tasks, per_task=2):
     prompts = [p for _, p, _, _ in rows]
     longest = max(len(encode(enc, a)) for _, _, a, _ in rows) + 1
     routed = answers(moa, prompts, longest, data.eot, mode="last")
-    decision, probs = moa.routing["decision"], torch.softmax(moa.routing["logits"][-1].float(), -1)
+    decision, confidence = moa.routing["decision"].tolist(), moa.routing["confidence"].tolist()
     plain = answers(mixed, prompts, longest, data.eot) if mixed else [None] * len(rows)
     print("\n[examples] MoA (mode last) against one LoRA on every task: validation prompts, and one hand-written "
           "prompt per task (marked *)")
-    for (task, prompt, answer, hand), got, other, k, p in zip(rows, routed, plain, decision.tolist(), probs):
+    for (task, prompt, answer, hand), got, other, k, p in zip(rows, routed, plain, decision, confidence):
         mark = lambda text: f"{'+' if text == answer else '-'} {text!r}"  # noqa: E731
         print(f"{'*' if hand else ' '} {task:>8} | {enc.decode(prompt)!r}")
-        print(f"           -> expert {moa.domains[k]} ({p[k]:.2f}): {mark(enc.decode(got))}"
+        print(f"           -> expert {moa.domains[k]} ({p:.2f}): {mark(enc.decode(got))}"
               + (f"   mixed LoRA: {mark(enc.decode(other))}" if other is not None else "")
               + f"   (answer {answer!r}, ROUGE-L {rouge_l(enc.decode(got), answer):.2f})")
 

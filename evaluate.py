@@ -183,3 +183,23 @@ def fit(prompts, responses, block_size):
     prompts = [p[-(block_size - 1):] for p in prompts]
     room = block_size - max(map(len, prompts))
     return prompts, [r[:room] for r in responses]
+
+
+@torch.no_grad()
+def fit_temperature(moa, data, split="calib"):
+    """The temperature T that makes the last router's softmax(logits / T) most likely to name the right task on
+    data's `split` prompts (maximum likelihood over a grid): calibrated on prompts unlike any the routers
+    trained on, a wrong route no longer reads as certain. -> (T, routing accuracy on those prompts)."""
+    logits, labels = [], []
+    for label, name in enumerate(data.domains):
+        prompts = [data.record(name, split, i)[0] for i in range(data.count(name, split))]
+        for start in range(0, len(prompts), 64):
+            idx, mask = left_pad(prompts[start:start + 64], data.eot)
+            device = next(moa.parameters()).device
+            moa(idx.to(device), pad_mask=mask.to(device), mode="last")
+            logits.append(moa.routing["logits"][-1].float().cpu())
+            labels += [label] * idx.size(0)
+    logits, labels = torch.cat(logits), torch.tensor(labels)
+    grid = torch.logspace(-1, 3, 161)  # 0.1 .. 1000
+    nll = torch.stack([F.cross_entropy(logits / t, labels) for t in grid])
+    return grid[nll.argmin()].item(), (logits.argmax(-1) == labels).float().mean().item()

@@ -160,6 +160,14 @@ def read_json(path):
 # Reading and writing tensors
 
 
+def write_text(path, text):
+    """Writes a text file (a results table, a JSON report) atomically."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
 def write_safetensors(path, tensors, metadata=None):
     """Writes {name: tensor} and metadata (values written as str) as a .safetensors file, atomically."""
     from safetensors.torch import save
@@ -352,8 +360,8 @@ def save_expert(path, model, k, domain, tokenizer, base, extra=None):
 
 def save_bundle(path, moa, tokenizer, base, extra=None):
     """Writes every expert, the routers and the domain names of `moa` as one .safetensors file."""
-    meta = {"kind": "bundle", "domains": moa.domains, "pooling": moa.pooling, **expert_meta(moa, tokenizer, base),
-            **(extra or {})}
+    meta = {"kind": "bundle", "domains": moa.domains, "pooling": moa.pooling, "temperature": moa.temperature,
+            **expert_meta(moa, tokenizer, base), **(extra or {})}
     tensors = {name: p for name, p in moa.named_parameters() if "lora_" in name or name.startswith("routers.")}
     write_safetensors(path, tensors, {"nanomoa": json.dumps(meta)})
 
@@ -379,8 +387,10 @@ KIND_CHECKS = {
     "expert": {"domain": ("a string", lambda v: isinstance(v, str) and v)},
     "bundle": {"domains": ("a list of distinct names", lambda v: isinstance(v, list) and v and
                            all(isinstance(d, str) and d for d in v) and len(set(v)) == len(v)),
-               "pooling": ("mean or last", lambda v: v in ("mean", "last"))},
+               "pooling": ("mean or last", lambda v: v in ("mean", "last")),
+               "temperature": ("a positive number", lambda v: is_number(v) and v > 0)},
 }
+OPTIONAL = {"temperature": 1.0}  # a bundle written before its routers' confidence was calibrated has none
 OPTIONAL_CHECKS = {  # keys some files have (train_router.py's settings, training records seen...)
     "top_k": ("an integer >= 1", is_size), "mode": ("a string", lambda v: isinstance(v, str)),
     "samples": ("an integer >= 0", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
@@ -402,6 +412,7 @@ def read_meta(path, kind, gpt=None):
     if meta.get("kind") != kind:
         raise UserError(f"{path} is a {meta.get('kind')!r} file, not an {kind}" if kind == "expert" else
                         f"{path} is a {meta.get('kind')!r} file, not a {kind}")
+    meta = {**OPTIONAL, **meta} if kind == "bundle" else meta
     for key, (what, ok) in {**META_CHECKS, **KIND_CHECKS[kind]}.items():
         if key not in meta or not ok(meta[key]):
             raise UserError(f"{path}: metadata {key!r} must be {what}, got {meta.get(key)!r}")
@@ -496,6 +507,7 @@ def load_bundle(path, gpt, tokenizer, base=None):
     moa = MoA(gpt, meta["domains"], meta["rank"], meta["alpha"], targets=meta["targets"], pooling=meta["pooling"],
               top_k=meta.get("top_k", 1))
     moa.load_state_dict(tensors, strict=False)
+    moa.temperature = meta["temperature"]
     for p in moa.parameters():
         p.requires_grad_(False)
     return moa, meta

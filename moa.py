@@ -196,6 +196,7 @@ class MoA(nn.Module):
             nn.init.zeros_(r.bias)
         self.blocks = [lora_layers(block) for block in gpt.transformer.h]  # each block's LoRALinear layers
         self.routing = {}
+        self.temperature = 1.0  # divides the last router's logits for the confidence it reports (train_router.py)
 
     @property
     def config(self) -> GPTConfig:
@@ -282,12 +283,14 @@ class MoA(nn.Module):
 
     def summary(self, router_logits, routes, mode):
         """What the routers chose in this forward: each one's logits and top-1 (L, B), the routes used, the one
-        decision per sample that modes last and vote keep, and the last router's confidence in its choice."""
+        decision per sample that modes last and vote keep, and the last router's confidence in its choice (its
+        softmax at self.temperature, which train_router.py fits on prompts phrased unlike any it trained on)."""
         probs = F.softmax(router_logits.float(), dim=-1)  # (L, B, K)
         predicted = router_logits.argmax(-1)  # (L, B): each router's own choice, whatever routed this pass
         decision = {"last": predicted[-1], "vote": vote(predicted, probs)}.get(mode, routes[-1])  # (B,)
+        confidence = F.softmax(router_logits[-1].float() / self.temperature, dim=-1)  # (B, K)
         return {"logits": router_logits.detach(), "predicted": predicted, "routes": routes, "decision": decision,
-                "confidence": probs[-1].gather(1, predicted[-1:].t()).squeeze(1)}
+                "confidence": confidence.gather(1, decision[:, None]).squeeze(1)}
 
     # ------------------------------------------------------------------------------------------
     # Changing the set of domains. Old experts and old router rows are never touched.

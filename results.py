@@ -38,7 +38,7 @@ import fast
 from baselines import Arrow, ClassifierRouted, PromptClassifier
 from config import AT_LEAST_1, UserError, one_of, parse_config, run
 from evaluate import evaluate_tasks, left_pad
-from files import add_expert_file, fingerprint, load_base, load_bundle, load_expert, read_meta
+from files import add_expert_file, fingerprint, load_base, load_bundle, load_expert, read_meta, write_text
 from moa import MoA
 from tokenizer import encode, get_tokenizer
 from trainer import TaskData
@@ -122,20 +122,31 @@ def build(kind, path, run_dir, cfg, domains):
 
 
 def score(model, kwargs, data, cfg):
-    """A variant's scores on the validation records, and (routed models) the routing of the hand-written prompts."""
+    """A variant's scores on the validation records; for routed models also their routing of the calib prompts
+    (a phrasing no split trains on) and of the hand-written prompts, with the confidence they report there."""
     model.eval()
     row = evaluate_tasks(model, data, cfg.records, cfg.batch_size, **kwargs)
-    if "route_mean" in row:
-        enc = get_tokenizer(data.tokenizer)
-        for label, name in enumerate(data.domains):
-            prompts = [encode(enc, p) for p, _ in HAND_WRITTEN.get(name, [])]
-            if prompts:
-                idx, mask = left_pad(prompts, data.eot)
-                model.routing = {}
-                with torch.no_grad():
-                    model(idx, pad_mask=mask, **kwargs)
-                row[f"hand/{name}"] = (model.routing["decision"] == label).float().mean().item()
-        row["hand_mean"] = sum(v for k, v in row.items() if k.startswith("hand/")) / len(data.domains)
+    if "route_mean" not in row:
+        return row
+    if all(data.count(d, "calib") for d in data.domains):
+        row["unseen_mean"] = evaluate_tasks(model, data, cfg.records, cfg.batch_size, False, "calib",
+                                            **kwargs)["route_mean"]
+    enc = get_tokenizer(data.tokenizer)
+    rows, truth = [], []
+    for label, name in enumerate(data.domains):
+        rows += [encode(enc, p) for p, _ in HAND_WRITTEN.get(name, [])]
+        truth += [label] * len(HAND_WRITTEN.get(name, []))
+    idx, mask = left_pad(rows, data.eot)
+    model.routing = {}
+    with torch.no_grad():
+        model(idx, pad_mask=mask, **kwargs)
+    right = model.routing["decision"] == torch.tensor(truth)
+    row["hand_mean"] = right.float().mean().item()
+    if "confidence" in model.routing:  # MoA's last router, at its calibrated temperature
+        confidence = model.routing["confidence"]
+        for key, which in (("hand_confidence_right", right), ("hand_confidence_wrong", ~right)):
+            if which.any():
+                row[key] = confidence[which].mean().item()
     return row
 
 
@@ -198,9 +209,15 @@ def main_tables(rows, domains, cfg):
         "Exact match of the greedy answer (the last column: one run's standard error of the mean):\n\n" +
         table(rows, domains, "em", True, [("s.e.", lambda r: f"{100 * em_error(r, cfg.records, K):.1f}")]),
         "ROUGE-L of the greedy answer against the reference, over characters:\n\n" + table(rows, domains, "rouge", True),
-        f"Routing accuracy from the prompt (validation prompts; mode {cfg.mode} for MoA), and on "
-        f"{sum(len(v) for v in HAND_WRITTEN.values()) // len(HAND_WRITTEN)} hand-written prompts per task:\n\n" +
-        table(rows, domains, "route", True, [("hand-written", lambda r: cell(r["hand_mean"], True))])])
+        f"Routing accuracy from the prompt (validation prompts; mode {cfg.mode} for MoA), on prompts in a phrasing no "
+        f"split trains on (calib), and on {sum(len(v) for v in HAND_WRITTEN.values()) // len(HAND_WRITTEN)} "
+        "hand-written prompts per task, with the last router's mean confidence in right and wrong routes there:\n\n" +
+        table(rows, domains, "route", True, [
+            ("unseen phrasing", lambda r: cell(r["unseen_mean"], True) if "unseen_mean" in r else "-"),
+            ("hand-written", lambda r: cell(r["hand_mean"], True)),
+            ("confidence right / wrong", lambda r: " / ".join(f"{r[k][0]:.2f}" if k in r else "-" for k in (
+                "hand_confidence_right", "hand_confidence_wrong")) if "hand_confidence_right" in r or
+             "hand_confidence_wrong" in r else "-")])])
 
 
 def adaptation(cfg, run_dir, old, new):
@@ -286,10 +303,8 @@ def main(argv=None):
                  adaptation_table(aggregate(adapted), data.domains + [cfg.added], cfg.added))
     folder = os.path.join(cfg.out, "results")
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(folder, "results.md"), "w") as f:
-        f.write(text + "\n")
+    write_text(os.path.join(folder, "results.json"), json.dumps(results, indent=1))
+    write_text(os.path.join(folder, "results.md"), text + "\n")
     print(text)
     if cfg.plots:
         pictures(cfg, rows, data.domains, run_dirs[0])

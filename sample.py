@@ -1,14 +1,20 @@
 """Generates text from the base, the base + one expert, or a MoA bundle that routes each prompt.
 
     python sample.py --prompt="def main("                                  # the base alone
-    python sample.py --expert=out/experts/python.safetensors --prompt="def main("
-    python sample.py --bundle=out/moa/moa.safetensors --prompt="def f(x):||#include <vector>||12+34="
+    python sample.py --expert=out/runs/seed1/experts/upper.safetensors --prompt="UPPERCASE: river\\n"
+    python sample.py --bundle=out/runs/seed1/moa/moa.safetensors --temperature=0 \\
+        --prompt="UPPERCASE: river\\n||Reverse the word: river\\n||57+8="
     python sample.py --base=gpt2 --prompt=FILE:prompt.txt --max_new_tokens=100
 
 Prompts are separated by "||" (or read from FILE:path) and "\\n" in a prompt is a newline. All
 prompts and samples run together in one batch (left-padded); with a bundle, each prompt is routed
 on its own at prefill, without a domain label, and the chosen domain and the router's confidence are
-printed above each sample. Decoding uses the KV cache.
+printed above each sample. Decoding uses the KV cache and stops at <|endoftext|>.
+
+With --trace=N (and a bundle), the prompts run greedily and the routing is printed step by step: at
+prefill, each block's router's choice and probability per prompt and the routes kept in the KV cache;
+then, for N decoding steps, the token each prompt gets and the route each block uses (read from the
+cache: no router runs while decoding).
 
 Read next: results.py.
 """
@@ -41,9 +47,10 @@ class SampleConfig:
     seed: int = 1337
     device: str = "cpu"
     fast: bool = True  # fast.py's speed paths (False: the plain method of moa.py)
+    trace: int = 0  # with a bundle: print each block's route at prefill and in this many greedy decoding steps
 
     CHECKS = {"mode": one_of(*MODES), "num_samples": AT_LEAST_1, "max_new_tokens": AT_LEAST_1,
-              "temperature": AT_LEAST_0, "top_k": AT_LEAST_0, "top_p": PROBABILITY}
+              "temperature": AT_LEAST_0, "top_k": AT_LEAST_0, "top_p": PROBABILITY, "trace": AT_LEAST_0}
 
 
 def read_prompts(text):
@@ -77,6 +84,31 @@ def load_model(cfg):
 
 
 @torch.no_grad()
+def trace(moa, idx, mask, enc, steps, mode):
+    """Prefill and `steps` greedy decoding steps of a MoA, printing each block's route at every step."""
+    from model import KVCache
+
+    cache, names = KVCache(moa.config.n_layer), moa.domains
+    logits, _ = moa(idx, pad_mask=mask, cache=cache, mode=mode)
+    probs = torch.softmax(moa.routing["logits"].float(), dim=-1)  # (L, B, K)
+    print(f"prefill ({idx.size(1)} positions, left-padded), mode {mode}: each block's router, its choice (probability)")
+    for b in range(idx.size(0)):
+        print(f"  prompt {b + 1} {enc.decode(idx[b][mask[b]].tolist())!r}")
+        print("    routers: " + "  ".join(f"block {i}: {names[k]} ({probs[i, b, k]:.2f})"
+                                         for i, k in enumerate(moa.routing["predicted"][:, b].tolist())))
+        print("    kept:    " + "  ".join(f"block {i}: {names[k]}" for i, k in enumerate(cache.route[:, b].tolist())))
+    for step in range(1, steps + 1):
+        token = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1) greedy
+        moa.routing = {}
+        logits, _ = moa(token, pad_mask=torch.ones_like(token, dtype=torch.bool), cache=cache, mode=mode)
+        assert not moa.routing, "a router ran while decoding"
+        print(f"decoding step {step}: no router runs; block i uses cache.route[i]")
+        for b in range(idx.size(0)):
+            print(f"  prompt {b + 1} gets {enc.decode(token[b].tolist())!r}: " +
+                  "  ".join(f"block {i}: {names[k]}" for i, k in enumerate(cache.route[:, b].tolist())))
+
+
+@torch.no_grad()
 def main(argv=None):
     cfg = parse_config(SampleConfig, argv or [])
     prompts = read_prompts(cfg.prompt)
@@ -89,8 +121,12 @@ def main(argv=None):
         raise UserError(f"prompt ({idx.size(1)} tokens) + max_new_tokens exceed the context of {model.config.block_size}")
     if kwargs.get("mode") == "label":
         kwargs["domain"] = torch.full((len(rows),), model.domains.index(cfg.domain), device=cfg.device)
+    if cfg.trace:
+        if not cfg.bundle or cfg.mode not in ("layer", "last", "vote"):
+            raise UserError("--trace needs --bundle and a routing mode that decides at prefill: layer, last or vote")
+        return trace(model, idx.to(cfg.device), mask.to(cfg.device), enc, cfg.trace, cfg.mode)
     out = model.generate(idx.to(cfg.device), cfg.max_new_tokens, cfg.temperature, cfg.top_k or None,
-                         cfg.top_p if cfg.top_p < 1 else None, pad_mask=mask.to(cfg.device),
+                         cfg.top_p if cfg.top_p < 1 else None, pad_mask=mask.to(cfg.device), stop_token=enc.eot_token,
                          generator=torch.Generator(cfg.device).manual_seed(cfg.seed), **kwargs)
     routing = getattr(model, "routing", {})
     for i, tokens in enumerate(out.tolist()):
@@ -99,7 +135,9 @@ def main(argv=None):
             k = int(routing["decision"][i])
             head += f" -> expert {model.domains[k]!r} (last router's confidence {routing['confidence'][i]:.2f})"
         print(head)
-        print(enc.decode(tokens[idx.size(1) - len(rows[i]):]))
+        text = tokens[idx.size(1) - len(rows[i]):]  # the prompt and its continuation, up to <|endoftext|>
+        print(enc.decode(text[:text.index(enc.eot_token, len(rows[i]))] if enc.eot_token in text[len(rows[i]):]
+                         else text))
     return out
 
 

@@ -32,7 +32,7 @@ import torch
 
 import fast
 from config import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, UserError, one_of, parse_config, run
-from evaluate import evaluate_tasks
+from evaluate import evaluate_tasks, fit_temperature
 from files import base_files, check_outputs, fingerprint, load_base, load_bundle, load_expert, read_meta, save_bundle
 from moa import TARGETS, MoA, count_params, lora_layers
 from trainer import TaskConfig, TaskData, task_block_size, train
@@ -183,8 +183,15 @@ def main(argv=None):
     meta = {"kind": "bundle", "domains": moa.domains}
     losses = train(replace(cfg, out_dir=run_dir), moa, data, evaluate, loss_fn, meta,
                    lr_scales={"routers.": cfg.router_lr / cfg.learning_rate})
+    calibration = {}
+    if cfg.mode != "token" and all(data.count(d, "calib") for d in moa.domains):  # the built-in tasks have one
+        moa.temperature, accuracy = fit_temperature(moa.eval(), data)
+        calibration = {"calib_route_acc": accuracy}
+        print(f"confidence calibrated on prompts phrased unlike training: temperature {moa.temperature:.3g}, "
+              f"routed right {100 * accuracy:.1f}%")
     samples = samples_before(cfg, moa.domains) + cfg.max_iters * cfg.batch_size * cfg.grad_accum  # in all
-    save_bundle(path, moa, tokenizer, base, {**{k: getattr(cfg, k) for k in SETTINGS}, "samples": samples})
+    save_bundle(path, moa, tokenizer, base, {**{k: getattr(cfg, k) for k in SETTINGS}, "samples": samples,
+                                             **calibration})
     print(f"saved {path}")
     return moa, losses
 

@@ -195,12 +195,13 @@ class TaskData:
         self.tokenizer, self.vocab_size, self.eot = self.meta["tokenizer"], self.meta["vocab_size"], self.meta["eot"]
         self.tokens, self.index = {}, {}
         for name in self.domains:
-            for split in ("train", "val"):
-                self.tokens[name, split], self.index[name, split] = read_records(data_dir, name, split,
-                                                                                 self.vocab_size)
+            for split in ("train", "val", "calib"):  # calib: the built-in tasks' held-out phrasing, if there
+                if split != "calib" or os.path.isfile(os.path.join(data_dir, "tasks", name, "calib.idx")):
+                    self.tokens[name, split], self.index[name, split] = read_records(data_dir, name, split,
+                                                                                     self.vocab_size)
 
     def count(self, name, split):
-        return len(self.index[name, split])
+        return len(self.index[name, split]) if (name, split) in self.index else 0
 
     def record(self, name, split, i):
         """Record i -> (prompt token ids, response token ids ending with EOT), as lists."""

@@ -25,8 +25,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 from config import UserError, parse_config, run  # noqa: E402  (needs the repo root on the path)
 
-KIT = {"assignments/make.py", "tests/test_assignments.py",  # the instructor's side: not in the student copy
-       "tests/mutate.py", "tests/mutants_core.py", "tests/test_mutants.py"}
+KIT = {"assignments/make.py", "assignments/mutants.py", "tests/test_assignments.py",  # the instructor's side: not
+       "tests/mutate.py", "tests/mutants_core.py", "tests/test_mutants.py"}  # in the student copy
 REQUIRED, OPTIONAL = (1, 2, 3, 4, 5), (6,)  # 6: the speed paths of fast.py, an optional last chapter
 BEGIN = re.compile(r"^(\s*)# BEGIN ASSIGNMENT (\d+): (.+)$")
 END = re.compile(r"^\s*# END ASSIGNMENT (\d+)\s*$")

@@ -33,7 +33,9 @@ base: --text=NAME=GLOB (text files, or .jsonl with a "text" field).
 Layout, in OUT (default data/default): corpus/<name>/{train,val}.bin, the documents' token ids as
 uint16, each document ended by EOT; tasks/<name>/{train,val}.bin, the records' tokens one after the
 other (prompt, response, EOT), with {train,val}.idx, int64 rows (start, prompt length, length), so
-training reads records without parsing text; meta.json. Everything is built in a temporary folder
+training reads records without parsing text; for the built-in tasks also calib.{bin,idx}, validation
+words in one more phrasing per task that no split trains on (train_router.py calibrates the routers'
+confidence on it); meta.json. Everything is built in a temporary folder
 that replaces OUT only when complete: a failure leaves the old data whole.
 
 Read next: train_base.py.
@@ -69,6 +71,13 @@ TEMPLATES = {  # built-in task -> its prompts; the response follows the prompt d
     "reverse": ["Reverse the word: {w}\n", "Spell it backwards: {w}\n", "Write it in reverse order: {w}\n"],
     "arith": ["{a}{op}{b}=", "What is {a} {opname} {b}?\n", "Compute {a} {op} {b}.\n"],
     "count": ["How many letters are in '{w}'?\n", "Count the letters of '{w}'.\n", "What is the length of '{w}'?\n"],
+}
+UNSEEN = {  # one more phrasing per task, in no task's style and never trained on: the calib split, on which
+    "upper": "please write this word in capitals: {w}\n",  # train_router.py calibrates its routers' confidence
+    "double": "Write every letter of {w} twice.\n",
+    "reverse": "{w} spelled from the end:\n",
+    "arith": "{a} {opname} {b} equals?\n",
+    "count": "letters in {w}?\n",
 }
 ANSWERS = {"upper": str.upper, "double": lambda w: "".join(c + c for c in w), "reverse": lambda w: w[::-1],
            "count": lambda w: str(len(w))}
@@ -205,36 +214,40 @@ def is_test_pair(a, b):
     return (a // 10 + b) % 10 == 0
 
 
-def arith_problems(n, seed, test=False):
-    """n problems as (prompt, answer), each in one of arith's phrasings: ("57+8=", "65"), ("What is 5 minus 7?\\n",
+def arith_problems(n, seed, test=False, templates=TEMPLATES["arith"]):
+    """n problems as (prompt, answer), each in one of the phrasings: ("57+8=", "65"), ("What is 5 minus 7?\\n",
     "-2"); test=False draws only training pairs, test=True only the reserved ones."""
     rng = random.Random(seed)
     problems = []
     while len(problems) < n:
         a, b, op = rng.randint(0, 99), rng.randint(0, 9), rng.choice("+-")
         if is_test_pair(a, b) == test:
-            prompt = rng.choice(TEMPLATES["arith"]).format(a=a, b=b, op=op, opname="plus" if op == "+" else "minus")
+            prompt = rng.choice(templates).format(a=a, b=b, op=op, opname="plus" if op == "+" else "minus")
             problems.append((prompt, str(a + b if op == "+" else a - b)))
     return problems
 
 
-def word_task_records(name, words, n, rng):
+def word_task_records(name, words, n, rng, templates=None):
     """n (prompt, response) records of a built-in word task, each a random word in a random phrasing."""
     records = []
     for _ in range(n):
         w = rng.choice(words)
-        records.append((rng.choice(TEMPLATES[name]).format(w=w), ANSWERS[name](w)))
+        records.append((rng.choice(templates or TEMPLATES[name]).format(w=w), ANSWERS[name](w)))
     return records
 
 
 def builtin_records(name, cfg):
-    """{"train": [(prompt, response)], "val": [...]} of a built-in task."""
+    """{"train": [(prompt, response)], "val": [...], "calib": [...]} of a built-in task; calib holds validation
+    words or pairs in the task's UNSEEN phrasing."""
+    n_calib = max(1, cfg.val_records // 2)
     if name == "arith":
-        return {"train": arith_problems(cfg.records, cfg.seed), "val": arith_problems(cfg.val_records, cfg.seed, True)}
+        return {"train": arith_problems(cfg.records, cfg.seed), "val": arith_problems(cfg.val_records, cfg.seed, True),
+                "calib": arith_problems(n_calib, cfg.seed + 1, True, [UNSEEN["arith"]])}
     train_words, val_words = task_words(cfg.seed)
     rng = random.Random(f"{cfg.seed}:{name}")  # a str seed is stable across runs, independent per task
     return {"train": word_task_records(name, train_words, cfg.records, rng),
-            "val": word_task_records(name, val_words, cfg.val_records, rng)}
+            "val": word_task_records(name, val_words, cfg.val_records, rng),
+            "calib": word_task_records(name, val_words, n_calib, rng, [UNSEEN[name]])}
 
 
 def user_records(name, path, seed):

@@ -2,7 +2,7 @@
 
     python tests/mutate.py                                   # every mutant of tests/mutants_core.py (~9 min on 2 cores)
     python tests/mutate.py --only trainer-unshifted-targets,kvcache-growth-forgets
-    python tests/mutate.py --list assignments/mutants.py     # another list of the same structure
+    python tests/mutate.py --list assignments/mutants.py     # the course kit's: wrong and correct variants
     python tests/mutate.py --tests="tests --ignore=tests/test_assignments.py"   # one selection for every mutant
 
 A list module holds MUTANTS, each a plausible wrong variant of the code (a `Mutant`): a file, an
@@ -10,8 +10,10 @@ exact snippet `find` that must occur there exactly once, its `replace`, and the 
 that should catch it (default: the whole suite). Each mutant is patched into a fresh temporary copy
 of the repo (the files git would commit: tracked, or untracked and not ignored), where
 `python -m pytest -q -x -p no:cacheprovider <tests>` runs on one thread: the mutant is caught when
-that run fails. First the unpatched copy runs each distinct test selection once, which must pass.
-Prints a table and "caught N of M"; exits 1 if a mutant survived or did not apply.
+that run fails. A Mutant with correct=True is the other way round: a correct alternative (an
+einsum for a matmul, a loop), which the tests must accept. First the unpatched copy runs each
+distinct test selection once, which must pass. Prints a table and "caught N of M"; exits 1 if a
+wrong variant survived, a correct one was rejected, or a variant did not apply.
 
 Read next: tests/mutants_core.py, the list for the core (model, trainer, data, evaluation, export).
 """
@@ -42,6 +44,7 @@ class Mutant:
     find: str  # exact text that occurs exactly once in file
     replace: str
     tests: tuple = ()  # pytest arguments that must catch it; empty: the whole suite
+    correct: bool = False  # a correct alternative: the tests must pass on it
 
 
 def load_mutants(path):
@@ -134,18 +137,21 @@ def main(argv=None):
                     f.write(text)
                 status, last = run_tests(folder, selection[m.id], args.timeout, m.id)
                 shutil.rmtree(folder)
-                status = {"failed": "caught", "timeout": "caught", "passed": "SURVIVED"}.get(status, status)
+                verdicts = {"failed": "REJECTED", "timeout": "REJECTED", "passed": "accepted"} if m.correct else \
+                    {"failed": "caught", "timeout": "caught", "passed": "SURVIVED"}
+                status = verdicts.get(status, status)
             rows.append((m, status))
             why = f"\n{'':16}{last}" if status == "broken" else ""
             print(f"{status:8} {time.time() - t0:5.0f}s  {m.id:32} {m.what}{why}", flush=True)
 
-    caught = [m for m, s in rows if s == "caught"]
-    print(f"\ncaught {len(caught)} of {len(rows)}")
-    for label in ("SURVIVED", "broken"):
+    wrong, right = [r for r in rows if not r[0].correct], [r for r in rows if r[0].correct]
+    print(f"\ncaught {sum(s == 'caught' for _, s in wrong)} of {len(wrong)}" +
+          (f"; accepted {sum(s == 'accepted' for _, s in right)} of {len(right)} correct variants" if right else ""))
+    for label in ("SURVIVED", "REJECTED", "broken"):
         ids = [m.id for m, s in rows if s == label]
         if ids:
             print(f"{label.lower()}: {', '.join(ids)}")
-    return 0 if len(caught) == len(rows) else 1
+    return 0 if all(s in ("caught", "accepted") for _, s in rows) else 1
 
 
 if __name__ == "__main__":

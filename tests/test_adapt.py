@@ -94,23 +94,26 @@ def test_add_domain_grows_every_expert_and_router():
 
 
 @pytest.mark.assignment5
-def test_remove_domain_drops_one_expert_and_router_row():
-    """MoA.remove_domain of the middle of 3 domains keeps the other experts and router rows, in order (regression:
-    it used `del` on an nn.ParameterList, which has none)."""
+@pytest.mark.parametrize("domains, gone", [("abc", "b"), ("abcd", "a"), ("abcd", "d")])
+def test_remove_domain_drops_one_expert_and_router_row(domains, gone):
+    """MoA.remove_domain keeps the other experts and router rows in their order, whichever domain goes: the middle
+    of 3, the first of 4 (where moving the last one into the gap would reorder them) and the last (regression: it
+    used `del` on an nn.ParameterList, which has none)."""
     torch.manual_seed(0)
-    moa = MoA(GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16)), ["a", "b", "c"], rank=4)
+    moa = MoA(GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16)), list(domains), rank=4)
     for p in moa.parameters():
         torch.nn.init.normal_(p)
     before = [(list(layer.lora_A), list(layer.lora_B)) for layer in lora_layers(moa)]
     routers = [(r.weight.clone(), r.bias.clone()) for r in moa.routers]
-    moa.remove_domain("b")
-    assert moa.domains == ["a", "c"]
+    keep = [i for i, d in enumerate(domains) if d != gone]
+    moa.remove_domain(gone)
+    assert moa.domains == [d for d in domains if d != gone]
     for layer, (A, B) in zip(lora_layers(moa), before):
-        assert len(layer.lora_A) == len(layer.lora_B) == 2
-        assert torch.equal(layer.lora_A[0], A[0]) and torch.equal(layer.lora_A[1], A[2])
-        assert torch.equal(layer.lora_B[0], B[0]) and torch.equal(layer.lora_B[1], B[2])
+        assert len(layer.lora_A) == len(layer.lora_B) == len(keep)
+        for j, i in enumerate(keep):
+            assert torch.equal(layer.lora_A[j], A[i]) and torch.equal(layer.lora_B[j], B[i])
     for r, (w, b) in zip(moa.routers, routers):
-        assert torch.equal(r.weight, w[[0, 2]]) and torch.equal(r.bias, b[[0, 2]])
+        assert torch.equal(r.weight, w[keep]) and torch.equal(r.bias, b[keep])
 
 
 @pytest.mark.assignment5
@@ -141,6 +144,22 @@ def test_adding_a_domain_trains_only_the_new_router_row(adapted):
         assert not torch.equal(allrows[name][:2], old[name]), name
     for i in range(2):
         assert new[f"routers.{i}.weight"][2].abs().max() > 1e-3
+
+
+@pytest.mark.assignment5
+def test_train_new_expert_tunes_the_new_expert_only(adapted):
+    """With --train_new_expert the added domain's expert moves away from its stage-1 file while every old expert
+    stays bit-identical; without it (the default) the new expert is exactly its stage-1 file."""
+    moa, _ = train_router.main(adapted["flags"] + ROUTER + ["--add_domain=count", f"--bundle={adapted['bundle']}",
+                                                            "--train_new_expert=True", "--name=tuned"])
+    old, tuned = expert_tensors_of(adapted["bundle"]), expert_tensors_of(str(adapted["out"] / "tuned.safetensors"))
+    for name, t in old.items():
+        assert torch.equal(tuned[name], t), name
+    stage1 = read_safetensors(os.path.join(adapted["experts"], "count.safetensors"))[0]
+    moved = max((tuned[f"gpt.{name}.2"] - t).abs().max().item() for name, t in stage1.items())
+    assert moved > 1e-3
+    default = expert_tensors_of(adapted["added"])
+    assert all(torch.equal(default[f"gpt.{name}.2"], t) for name, t in stage1.items())
 
 
 def test_add_domain_with_weight_decay_on_frozen_rows_is_an_error(adapted):

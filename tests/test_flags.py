@@ -43,7 +43,8 @@ BAD_FLAGS += [("train_router", flag) for flag in TRAINING[1::3] + [
     "--router_lr=inf"]]
 BAD_FLAGS += [("sample", flag) for flag in [
     "--num_samples=0", "--max_new_tokens=0", "--max_new_tokens=-5", "--temperature=-1", "--temperature=nan",
-    "--top_k=-1", "--top_p=1.5", "--top_p=-0.1", "--top_p=nan", "--mode=random", "--seed=-9223372036854775809"]]
+    "--top_k=-1", "--top_p=1.5", "--top_p=-0.1", "--top_p=nan", "--mode=random", "--seed=-9223372036854775809",
+    "--trace=-1"]]
 BAD_FLAGS += [("results", flag) for flag in ["--records=0", "--batch_size=0", "--mode=label", "--mode=token"]]
 BAD_FLAGS += [("demo", flag) for flag in ["--seeds=0", "--base_iters=0", "--stage1_iters=-1", "--stage2_iters=0"]]
 BAD_FLAGS += [("bench", flag) for flag in ["--repeats=0", "--threads=-1"]]

@@ -64,6 +64,44 @@ def test_expert_adds_its_low_rank_update():
         assert layer.lora_A[k].grad is None and layer.lora_B[k].grad is None
 
 
+def dropout_layer(route):
+    """A LoRALinear with LoRA dropout 0.5 in training mode, random B, route set; and the outputs of its
+    lora_dropout module during the next forward, recorded by a hook."""
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(16, 24), n_experts=3, rank=4, alpha=6.0, dropout=0.5).train()
+    for B in layer.lora_B:
+        torch.nn.init.normal_(B)
+    layer.route = route
+    dropped = []
+    layer.lora_dropout.register_forward_hook(lambda module, args, out: dropped.append(out))
+    return layer, dropped
+
+
+@pytest.mark.assignment1
+def test_lora_dropout_drops_the_expert_input_only():
+    """In training with LoRA dropout, route k gives x W^T + b + (h A_k^T B_k^T) * alpha / r with h the output of the
+    layer's lora_dropout in this call (1e-5): dropout is applied to the expert's input only, never to the base's."""
+    layer, dropped = dropout_layer(2)
+    x = torch.randn(2, 5, 16)
+    out = layer(x)
+    assert len(dropped) == 1 and (dropped[0] == 0).any() and (x != 0).all()  # dropout ran and dropped something
+    expected = layer.base(x) + (dropped[0] @ layer.lora_A[2].t() @ layer.lora_B[2].t()) * 1.5
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.assignment2
+def test_lora_dropout_in_a_mixed_batch():
+    """With LoRA dropout, a mixed batch gives each sample x W^T + b + (h_b A_k^T B_k^T) * alpha / r for its expert k,
+    with h the output of the layer's lora_dropout in this call (1e-5)."""
+    route = torch.tensor([2, 0, 1])
+    layer, dropped = dropout_layer(route)
+    x = torch.randn(3, 5, 16)
+    out = layer(x)
+    assert len(dropped) == 1 and (dropped[0] == 0).any()
+    delta = torch.stack([dropped[0][b] @ layer.lora_A[k].t() @ layer.lora_B[k].t() for b, k in enumerate([2, 0, 1])])
+    torch.testing.assert_close(out, layer.base(x) + delta * 1.5, rtol=0, atol=1e-5)
+
+
 @pytest.mark.assignment2
 def test_fresh_expert_changes_nothing():
     """A fresh LoRALinear / add_experts leaves every output of the GPT exactly unchanged, in every route form."""

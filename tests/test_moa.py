@@ -189,12 +189,18 @@ def test_routers_reading_a_prefix_see_what_the_prompt_gives():
 @pytest.mark.assignment3
 def test_vote_is_the_majority_and_ties_go_to_probability():
     """vote(routes, probs) picks the expert most layers chose, even against the mean probability; a tie goes to the
-    expert with the higher mean probability."""
+    expert with the higher probability averaged over the layers (not the last layer's, nor the lowest id)."""
     routes = torch.tensor([[2, 0, 1], [2, 1, 1], [2, 1, 0], [0, 0, 0]])  # (L=4, B=3): majority 2, tie 0/1, tie 0/1
     # sample 0: expert 0 has the highest probability, but 3 of 4 layers chose 2; the ties go to 1 and to 0
     probs = torch.tensor([[0.8, 0.1, 0.1], [0.25, 0.5, 0.25], [0.5, 0.25, 0.25]]).expand(4, 3, 3)  # (L, B, K)
     assert vote(routes, probs).tolist() == [2, 1, 0]
     assert vote(routes[:1], probs[:1]).tolist() == [2, 0, 1]  # one layer: its choice
+    # two layers tie between experts 0 and 1 in both samples; the layers' probabilities differ
+    routes = torch.tensor([[0, 0], [1, 1]])  # (L=2, B=2)
+    probs = torch.tensor([[[0.9, 0.1, 0.0], [0.6, 0.4, 0.0]],   # layer 0
+                          [[0.2, 0.8, 0.0], [0.1, 0.9, 0.0]]])  # layer 1 (the last)
+    # mean over layers: sample 0 (0.55, 0.45) -> 0, though the last layer says 1; sample 1 (0.35, 0.65) -> 1, not id 0
+    assert vote(routes, probs).tolist() == [0, 1]
 
 
 @pytest.mark.assignment3

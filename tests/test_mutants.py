@@ -45,6 +45,26 @@ def test_core_mutants_apply_outside_the_assignment_regions():
             assert last < begin or first > end, f"{m.id} changes {m.file}:{first}, inside the region at {begin}-{end}"
 
 
+def test_assignment_variants_apply_inside_their_regions():
+    """Every variant of assignments/mutants.py (wrong answers and correct alternatives) has its own id, is graded by
+    its assignment's tests (-m assignmentN), and changes only lines inside a region of that assignment."""
+    if os.environ.get("NANOMOA_MUTANT"):
+        pytest.skip("inside a mutation run one find has been replaced on purpose")
+    variants = mutate.load_mutants(os.path.join(REPO_ROOT, "assignments", "mutants.py"))
+    assert len({m.id for m in variants}) == len(variants) and sum(m.correct for m in variants) >= 5
+    for m in variants:
+        n = int(m.id[1])  # "a3-..." belongs to assignment 3
+        assert m.tests[-2:] == ("-m", f"assignment{n}"), m.id
+        assert mutate.patched(m, REPO_ROOT)[1] is None, m.id
+        with open(os.path.join(REPO_ROOT, m.file), encoding="utf-8") as f:
+            original = f.read()
+        first = original[:original.index(m.find)].count("\n") + 1
+        last = first + m.find.rstrip("\n").count("\n")  # a find ending with a newline ends on its own line
+        regions = [(b, e) for b, e in assignment_regions(original)
+                   if f"# BEGIN ASSIGNMENT {n}:" in original.splitlines()[b - 1]]
+        assert any(b < first and last < e for b, e in regions), f"{m.id}: lines {first}-{last} of {m.file}"
+
+
 TOY_MUTANTS = '''from mutate import Mutant
 
 MUTANTS = [

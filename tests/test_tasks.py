@@ -199,3 +199,40 @@ def test_gpt2_path_on_a_tiny_random_gpt2(tmp_path, monkeypatch):
     assert moa.domains == ["hello", "count"] and os.path.isfile(tmp_path / "moa" / "moa.safetensors")
     gpt, tokenizer = load_base(str(folder))
     assert tokenizer == str(folder) and gpt.config.vocab_size == len(vocab)
+
+
+def test_calibration_fits_the_routers_temperature(tiny_data, tmp_path):
+    """Built-in tasks have a calib split in a phrasing no split trains on; fit_temperature returns the grid's most
+    likely temperature for the last router on it (no worse at T/2 nor 2T) and its routing accuracy there; the
+    bundle keeps it, and the confidence a MoA reports is the last router's softmax at that temperature (1e-6)."""
+    from evaluate import fit_temperature, left_pad
+    from files import fingerprint, load_bundle, save_bundle
+    data = TaskData(tiny_data, "upper,reverse,arith")
+    assert all(data.count(d, "calib") == 32 for d in data.domains)
+    prompt, _ = data.record("reverse", "calib", 0)
+    assert bytes(prompt).decode().endswith("spelled from the end:\n")
+    moa = tiny_moa()
+    T, accuracy = fit_temperature(moa, data)
+    logits, labels = [], []
+    for label, name in enumerate(data.domains):
+        idx, mask = left_pad([data.record(name, "calib", i)[0] for i in range(32)], data.eot)
+        with torch.no_grad():
+            moa(idx, pad_mask=mask, mode="last")
+        logits.append(moa.routing["logits"][-1])
+        labels += [label] * 32
+    logits, labels = torch.cat(logits), torch.tensor(labels)
+    nll = lambda t: torch.nn.functional.cross_entropy(logits / t, labels).item()  # noqa: E731
+    assert nll(T) <= min(nll(T / 2), nll(T * 2)) + 1e-6
+    assert accuracy == pytest.approx((logits.argmax(-1) == labels).float().mean().item())
+    moa.temperature = T
+    path = str(tmp_path / "b.safetensors")
+    save_bundle(path, moa, "bytes", fingerprint(moa))
+    torch.manual_seed(0)  # the same base as tiny_moa's, built again
+    loaded = load_bundle(path, GPT(GPTConfig(block_size=64, vocab_size=257, n_layer=2, n_head=2, n_embd=16)),
+                         "bytes")[0]
+    assert loaded.temperature == T
+    idx = torch.tensor([prompt])
+    with torch.no_grad():
+        loaded(idx, mode="last")
+    expected = torch.softmax(loaded.routing["logits"][-1] / T, -1)[0, loaded.routing["decision"][0]]
+    assert loaded.routing["confidence"][0].item() == pytest.approx(expected.item(), abs=1e-6)
