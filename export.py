@@ -25,9 +25,9 @@ import torch
 import torch.nn as nn
 
 from config import UserError, parse_config, run
-from files import (add_expert_file, atomic_write, base_files, check_outputs, expert_tensors,
-                   file_shapes, fingerprint, is_number, is_size, load_base, load_bundle, read_json, read_safetensors,
-                   save_expert, write_safetensors)
+from files import (add_expert_file, atomic_write, base_files, check_outputs, expert_tensors, file_shapes, fingerprint,
+                   is_number, is_size, load_base, load_bundle, read_json, read_safetensors, save_expert,
+                   write_safetensors)
 from moa import TARGETS, add_experts, lora_layers
 
 CONV1D = tuple(f"{t}.weight" for t in TARGETS)  # stored (in, out) in GPT-2's checkpoints
