@@ -8,6 +8,9 @@ involves experts is measured twice, side by side: the plain method (moa.py) and 
     python bench.py --device=cuda --dtype=bfloat16
     python bench.py --compile=True     # also times torch.compile on the base training step
 
+On a GPU it also measures training's tokens/s and MFU against the card's dense bfloat16 peak (its data
+sheet's, see BF16_PEAKS), at the default model and at GPT-2 small's shape, which can keep a GPU busy.
+
 The machine may be shared with other jobs, so every figure is a ratio of things measured side by side
 in the same run: interleaved (a, b, a, b, ...), each the median of --repeats timed calls after one
 warm-up call. Inputs are random token ids: the time of a step does not depend on the data. Memory is
@@ -20,11 +23,12 @@ import json
 import operator
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -33,15 +37,15 @@ import fast
 from config import AT_LEAST_0, AT_LEAST_1, UserError, parse_config, run
 from files import expert_tensors, write_text
 from model import GPT, GPTConfig
-from moa import MoA, add_experts, lora_layers, set_route
+from moa import LoRALinear, MoA, add_experts, lora_layers, set_route
 from train_base import BaseConfig
-from trainer import TrainConfig, make_optimizer
+from trainer import TrainConfig, make_optimizer, pick_device
 
 
 @dataclass
 class BenchConfig:
     out_dir: str = "out/bench"
-    device: str = "cpu"  # cpu | cuda
+    device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     dtype: str = "float32"  # float32 | bfloat16: the matmul peak and the base training step (autocast)
     compile: bool = False  # also time the base training step under torch.compile
     repeats: int = 5  # timed calls per figure (after one warm-up call); the median is kept
@@ -54,14 +58,34 @@ class BenchConfig:
 
 DEFAULT = {k: getattr(BaseConfig, k) for k in ("n_layer", "n_head", "n_embd", "block_size")}  # train_base.py's
 MID = dict(n_layer=6, n_head=6, n_embd=384, block_size=256)
+GPT2_SMALL = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024)  # on a GPU: a model that can fill it
+# Dense (without sparsity) bfloat16 tensor-core peaks in FLOP/s, from NVIDIA's data sheets. The first name found
+# as a word in torch.cuda.get_device_name() is the card; for any other card bench.py measures a bfloat16 matmul.
+BF16_PEAKS = [("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12),  # "H100": the SXM card
+              ("H200 NVL", 835e12), ("H200", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12),
+              ("A10", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12)]
 VOCAB, BATCH = 257, BaseConfig.batch_size
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt, "==": operator.eq}
 
 
 def sync(device):
+    """Waits for the GPU's queued work: a GPU runs asynchronously, so a timer must stop only once it is done."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+    elif device == "mps":
+        torch.mps.synchronize()
+
+
+@contextmanager
+def exact_float32():
+    """Full float32 matmuls inside (on a GPU pick_device allows TF32): for checks that two paths agree."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def timeit(fns, repeats, device):
@@ -105,6 +129,19 @@ def train_step(model, x, y, ctx=nullcontext(), forward=lambda m, x, y: m(x, y)[1
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
+
+
+class LoopLoRALinear(LoRALinear):
+    """The obvious mixed batch, to compare with: in each layer, each expert present runs on its own samples."""
+
+    def forward(self, x):
+        if not torch.is_tensor(self.route):
+            return super().forward(x)
+        y = self.base(x)  # (B, T, out), fresh
+        for k in self.route.unique().tolist():
+            rows = self.route == k
+            y[rows] += (x[rows] @ self.lora_A[k].t() @ self.lora_B[k].t()) * self.scale
+        return y
 
 
 def lora(shape, device, speed=True):
@@ -152,9 +189,36 @@ def bench_base(cfg, rows):
     peak = 2 * n ** 3 / t_mm
     row(rows, f"matmul peak {n}^3 ({cfg.dtype})", peak / 1e9, "GFLOP/s")
     row(rows, "base training step", B * T / t_step, "tokens/s")
-    row(rows, "base training MFU", model_flops(model, T) * B * T / t_step / peak, "", ">=", 0.40)
+    cpu = cfg.device == "cpu"  # the target is the CPU's: on a GPU, see bench_gpu
+    row(rows, "base training MFU", model_flops(model, T) * B * T / t_step / peak, "", ">=" if cpu else None, 0.40)
     if cfg.compile:
         row(rows, "torch.compile / eager, base training step", t_compiled[0] / t_step, "x", "<", 1.0)
+
+
+def card_peak(device):
+    """(the card's name, its dense bfloat16 peak in FLOP/s from BF16_PEAKS, or None for a card not listed)."""
+    name = torch.cuda.get_device_name(device)
+    return name, next((peak for key, peak in BF16_PEAKS if re.search(rf"\b{key}\b", name, re.IGNORECASE)), None)
+
+
+def bench_gpu(cfg, rows):
+    """Training on a GPU against the card's dense bfloat16 peak: tokens/s and MFU at the default model (too small
+    to keep a GPU busy: what a first run gets) and at GPT-2 small's shape, eager (and compiled with --compile)."""
+    name, peak = card_peak(cfg.device)
+    if peak is None:  # a card not in BF16_PEAKS: a big bfloat16 matmul stands in for its data sheet
+        n = 8192
+        a, b = (torch.randn(n, n, device=cfg.device, dtype=torch.bfloat16) for _ in range(2))
+        peak, name = 2 * n ** 3 / timeit([lambda: a @ b], cfg.repeats, cfg.device)[0], f"{name} (measured)"
+    row(rows, f"{name}: dense bfloat16 peak", peak / 1e12, "TFLOP/s")
+    for label, shape, batch in (("default model", DEFAULT, BATCH), ("GPT-2 small shape", GPT2_SMALL, 8)):
+        model, T = gpt(shape, cfg.device), shape["block_size"]
+        x, y = tokens(batch, T, cfg.device)
+        steps = {"eager": train_step(model, x, y, autocast(cfg.device, cfg.dtype))}
+        if cfg.compile:
+            steps["compiled"] = train_step(torch.compile(model), x, y, autocast(cfg.device, cfg.dtype))
+        for how, t in zip(steps, timeit(list(steps.values()), cfg.repeats, cfg.device)):
+            row(rows, f"GPU training, {label}, {cfg.dtype}, {how}", batch * T / t, "tokens/s")
+            row(rows, "  its MFU against the bfloat16 peak", model_flops(model, T) * batch * T / t / peak, "")
 
 
 def bench_autocast(cfg, rows, steps):
@@ -193,26 +257,26 @@ def bench_moa(cfg, rows):
             layer.min_run_rows = fast.FastLoRALinear.min_run_rows if runs else float("inf")
         return moa(x, domain=labels, mode="label")[0]  # (B, T, vocab)
 
-    def loop(moa):  # each expert's samples through the model with that one expert, as PEFT loops over adapters
-        out = torch.empty(*x.shape, VOCAB, device=cfg.device)
-        for k in labels.unique().tolist():
-            set_route(moa.gpt, k)
-            out[labels == k] = moa.gpt(x[labels == k])[0]
-        set_route(moa.gpt, None)
-        return out
+    looped = copy.deepcopy(plain)
+    for layer in lora_layers(looped):
+        layer.__class__ = LoopLoRALinear
+
+    def loop(moa):
+        return moa(x, domain=labels, mode="label")[0]
 
     def one_at_a_time(moa):
         return [moa(x[i:i + 1], domain=labels[i:i + 1], mode="label") for i in range(len(x))]
 
-    for check in (mixed(quick), mixed(quick, runs=False), loop(plain), loop(quick)):  # the same numbers
-        torch.testing.assert_close(check, mixed(plain), rtol=1e-4, atol=1e-4)
+    with exact_float32():
+        for check in (mixed(quick), mixed(quick, runs=False), loop(looped)):  # the same numbers
+            torch.testing.assert_close(check, mixed(plain), rtol=1e-4, atol=1e-4)
     times = timeit([lambda: base(x), lambda: mixed(plain), lambda: mixed(quick), lambda: mixed(quick, runs=False),
-                    lambda: loop(plain), lambda: loop(quick), lambda: one_at_a_time(plain),
-                    lambda: one_at_a_time(quick)], cfg.repeats, cfg.device)
-    t_base, t_plain, t_fast, t_gather, t_loop_plain, t_loop_fast, t_single_plain, t_single_fast = times
+                    lambda: loop(looped), lambda: one_at_a_time(plain), lambda: one_at_a_time(quick)], cfg.repeats,
+                   cfg.device)
+    t_base, t_plain, t_fast, t_gather, t_loop, t_single_plain, t_single_fast = times
     row(rows, "MoA mixed batch / base model (B 32, 4 experts)", t_fast / t_base, "x", "<=", 1.15, t_plain / t_base)
     row(rows, "  the same without sorted runs (the gather) / base", t_gather / t_base, "x", plain=t_plain / t_base)
-    row(rows, "loop over experts / MoA mixed batch", t_loop_fast / t_fast, "x", ">", 1.0, t_loop_plain / t_plain)
+    row(rows, "loop over experts in each layer / MoA mixed batch", t_loop / t_fast, "x", ">", 1.0, t_loop / t_plain)
     row(rows, "one sample at a time / MoA mixed batch", t_single_fast / t_fast, "x", ">", 1.0,
         t_single_plain / t_plain)
 
@@ -233,8 +297,9 @@ def bench_generate(cfg, rows, new_tokens, prompt_len=32):
     def generate_moa(moa):
         return moa.generate(prompt, new_tokens, temperature=0, mode="last")
 
-    assert torch.equal(generate(True), generate(False)), "the KV cache changed the greedy tokens"
-    assert torch.equal(generate_moa(plain), generate_moa(quick)), "the speed paths changed the greedy tokens"
+    with exact_float32():
+        assert torch.equal(generate(True), generate(False)), "the KV cache changed the greedy tokens"
+        assert torch.equal(generate_moa(plain), generate_moa(quick)), "the speed paths changed the greedy tokens"
     t_cache, t_full, t_plain, t_fast = timeit([lambda: generate(True), lambda: generate(False),
                                                lambda: generate_moa(plain), lambda: generate_moa(quick)],
                                               cfg.repeats, cfg.device)
@@ -296,12 +361,9 @@ def machine(cfg):
 
 def main(argv=None):
     cfg = parse_config(BenchConfig, argv or [])
-    if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):
-        raise UserError(f"--device={cfg.device}: use cpu or cuda")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device=cuda but no CUDA GPU is available; use --device=cpu")
     if cfg.dtype not in DTYPES:
         raise UserError(f"--dtype={cfg.dtype}: use one of {', '.join(DTYPES)}")
+    cfg.device = pick_device(cfg.device, cfg.dtype)[0]  # auto -> the device (the --stage processes get it as is)
     if cfg.stage not in ("", *STAGES):
         raise UserError(f"--stage={cfg.stage}: use one of {', '.join(STAGES)}")
     if cfg.threads > 0:
@@ -312,6 +374,8 @@ def main(argv=None):
         cfg.repeats = min(cfg.repeats, 2)
     rows, t0 = [], time.time()
     bench_base(cfg, rows)
+    if cfg.device.startswith("cuda"):
+        bench_gpu(cfg, rows)
     bench_autocast(cfg, rows, steps=2 if cfg.quick else 9)
     bench_lora(cfg, rows, DEFAULT, BATCH, 1.0)
     bench_lora(cfg, rows, MID, 4 if cfg.quick else BATCH, 0.85)

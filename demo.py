@@ -29,7 +29,7 @@ from config import AT_LEAST_1, parse_config, run
 from evaluate import answers, rouge_l
 from files import add_expert_file, load_base, load_bundle
 from tokenizer import encode, get_tokenizer
-from trainer import TaskData
+from trainer import TaskData, pick_device
 
 
 @dataclass
@@ -41,6 +41,7 @@ class DemoConfig:
     base_iters: int = 1200
     stage1_iters: int = 300  # per expert
     stage2_iters: int = 300
+    device: str = "auto"  # every step's: auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
 
     CHECKS = {"seeds": AT_LEAST_1, "base_iters": AT_LEAST_1, "stage1_iters": AT_LEAST_1, "stage2_iters": AT_LEAST_1}
 
@@ -62,7 +63,7 @@ def seed_run(cfg, out, seed, tasks, added):
     K, S1, S2 = len(tasks), cfg.stage1_iters, cfg.stage2_iters
     run_dir = f"{out}/runs/seed{seed}"
     experts, bundles = f"{run_dir}/experts", f"{run_dir}/moa"
-    common = [f"--data_dir={cfg.data_dir}", f"--base={out}/base", f"--seed={seed}"]
+    common = [f"--data_dir={cfg.data_dir}", f"--base={out}/base", f"--seed={seed}", f"--device={cfg.device}"]
     lora = common + [f"--out_dir={experts}", f"--max_iters={S1}"]
     router = common + [f"--experts={experts}", f"--out_dir={bundles}", f"--max_iters={S2}"]
     same_compute = f"--max_iters={K * S1 + S2}"  # as many training records as MoA saw in both stages
@@ -103,11 +104,11 @@ def examples(cfg, out, tasks, per_task=2):
     or wrong (-)."""
     run_dir = f"{out}/runs/seed1"
     gpt, tokenizer = load_base(f"{out}/base")
-    moa = fast.enable(load_bundle(f"{run_dir}/moa/moa.safetensors", gpt, tokenizer)[0]).eval()
+    moa = fast.enable(load_bundle(f"{run_dir}/moa/moa.safetensors", gpt.to(cfg.device), tokenizer)[0]).eval()
     mixed_path = f"{run_dir}/experts/all.safetensors"
     mixed = None
     if os.path.isfile(mixed_path):
-        mixed = load_base(f"{out}/base")[0]
+        mixed = load_base(f"{out}/base")[0].to(cfg.device)
         add_expert_file(mixed, mixed_path, tokenizer)
         mixed = fast.enable(mixed).eval()
     enc, data = get_tokenizer(tokenizer), TaskData(cfg.data_dir, ",".join(tasks))
@@ -132,6 +133,7 @@ def examples(cfg, out, tasks, per_task=2):
 
 def main(argv=None):
     cfg = parse_config(DemoConfig, argv or [])
+    cfg.device = pick_device(cfg.device)[0]  # auto -> the device; one that is not here: an error now
     out = f"{cfg.out}/quick" if cfg.quick else cfg.out
     if cfg.quick:
         cfg.base_iters, cfg.stage1_iters, cfg.stage2_iters = 200, 60, 60
@@ -140,10 +142,11 @@ def main(argv=None):
     meta = TaskData(cfg.data_dir).meta
     tasks, added = [t for t in meta["tasks"] if t not in meta["held_back"]], (meta["held_back"] or [None])[0]
     step("base", f"{out}/base/ckpt.pt", train_base,
-         [f"--data_dir={cfg.data_dir}", f"--out_dir={out}/base", f"--max_iters={cfg.base_iters}"])
+         [f"--data_dir={cfg.data_dir}", f"--out_dir={out}/base", f"--max_iters={cfg.base_iters}",
+          f"--device={cfg.device}"])
     for seed in range(1, cfg.seeds + 1):
         seed_run(cfg, out, seed, tasks, added)
-    step("results", None, results, [f"--out={out}", f"--data_dir={cfg.data_dir}"] +
+    step("results", None, results, [f"--out={out}", f"--data_dir={cfg.data_dir}", f"--device={cfg.device}"] +
          (["--records=32", "--plots=False"] if cfg.quick else []))
     examples(cfg, out, tasks)
     print(f"\ndemo finished in {(time.time() - t0) / 60:.1f} min; the tables are in {out}/results/results.md")

@@ -5,7 +5,7 @@ checked when read. A first reading can skip this file: the method is in moa.py.
   named by the layer ("transformer.h.0.attn.c_attn.lora_A"), with JSON metadata under the key
   "nanomoa": kind "expert", domain, rank, alpha, targets, tokenizer, and the base's fingerprint.
 - Bundle (train_router.py): every expert, the routers and the domain names in one .safetensors file.
-- Checkpoint (trainer.py): the trainable weights, the optimizer and the random states, torch.save'd
+- Checkpoint (trainer.py): the trainable weights, the optimizer and the loss scale, torch.save'd
   and read with weights_only=True, so no pickled code is ever executed.
 - The base: a train_base.py checkpoint, or GPT-2 weights (a hub name, or a local folder).
 

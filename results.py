@@ -41,7 +41,7 @@ from evaluate import evaluate_tasks, left_pad
 from files import add_expert_file, fingerprint, load_base, load_bundle, load_expert, read_meta, write_text
 from moa import MoA
 from tokenizer import encode, get_tokenizer
-from trainer import TaskData
+from trainer import TaskData, pick_device
 
 HAND_WRITTEN = {  # what a user might type, phrased unlike the generated prompts: (prompt, answer)
     "upper": [("make this word uppercase: river\n", "RIVER"), ("Write forest in capital letters.\n", "FOREST"),
@@ -66,6 +66,7 @@ class ResultsConfig:
     added: str = "upper"  # the task added later, for the adding-a-task table
     plots: bool = True  # PNG pictures (needs matplotlib)
     fast: bool = True  # fast.py's speed paths (False: the plain method of moa.py; the same numbers)
+    device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
 
     CHECKS = {"records": AT_LEAST_1, "batch_size": AT_LEAST_1, "mode": one_of("last", "vote", "layer")}
 
@@ -89,6 +90,7 @@ def variants(cfg, K):
 def build(kind, path, run_dir, cfg, domains):
     """-> (model, parameters added to the base, training samples seen in all), or None if files are missing."""
     gpt, tokenizer = load_base(os.path.join(cfg.out, "base"))
+    gpt.to(cfg.device)  # experts and routers are made on the base's device
     if kind == "base":
         return gpt, 0, 0
     if kind in ("experts", "classifier", "arrow"):  # the stage-1 experts side by side
@@ -139,11 +141,11 @@ def score(model, kwargs, data, cfg):
     idx, mask = left_pad(rows, data.eot)
     model.routing = {}
     with torch.no_grad():
-        model(idx, pad_mask=mask, **kwargs)
-    right = model.routing["decision"] == torch.tensor(truth)
+        model(idx.to(cfg.device), pad_mask=mask.to(cfg.device), **kwargs)
+    right = model.routing["decision"].cpu() == torch.tensor(truth)
     row["hand_mean"] = right.float().mean().item()
     if "confidence" in model.routing:  # MoA's last router, at its calibrated temperature
-        confidence = model.routing["confidence"]
+        confidence = model.routing["confidence"].cpu()
         for key, which in (("hand_confidence_right", right), ("hand_confidence_wrong", ~right)):
             if which.any():
                 row[key] = confidence[which].mean().item()
@@ -269,6 +271,7 @@ def adaptation_table(rows, domains, new):
 
 def main(argv=None):
     cfg = parse_config(ResultsConfig, argv or [])
+    cfg.device = pick_device(cfg.device)[0]  # auto -> the device; one that is not here: a one-line error
     if not os.path.isfile(os.path.join(cfg.out, "base", "ckpt.pt")):
         raise UserError(f"no base in {cfg.out}/base: run `python demo.py` first")
     run_dirs = runs(cfg.out)

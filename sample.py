@@ -29,6 +29,7 @@ from evaluate import left_pad
 from files import add_expert_file, load_base, load_bundle
 from moa import MODES
 from tokenizer import encode, get_tokenizer
+from trainer import pick_device
 
 
 @dataclass
@@ -45,7 +46,7 @@ class SampleConfig:
     top_k: int = 40  # 0: no top-k filter
     top_p: float = 1.0  # 1.0: no nucleus filter
     seed: int = 1337
-    device: str = "cpu"
+    device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     fast: bool = True  # fast.py's speed paths (False: the plain method of moa.py)
     trace: int = 0  # with a bundle: print each block's route at prefill and in this many greedy decoding steps
 
@@ -112,22 +113,23 @@ def trace(moa, idx, mask, enc, steps, mode):
 def main(argv=None):
     cfg = parse_config(SampleConfig, argv or [])
     prompts = read_prompts(cfg.prompt)
+    device, _ = pick_device(cfg.device)
     model, tokenizer, kwargs = load_model(cfg)
     enc = get_tokenizer(tokenizer)
-    model.eval().to(cfg.device)
+    model.eval().to(device)
     rows = [encode(enc, p) for p in prompts for _ in range(cfg.num_samples)]
     idx, mask = left_pad(rows, enc.eot_token)
     if idx.size(1) + cfg.max_new_tokens > model.config.block_size:
         raise UserError(f"prompt ({idx.size(1)} tokens) + max_new_tokens exceed the context of {model.config.block_size}")
     if kwargs.get("mode") == "label":
-        kwargs["domain"] = torch.full((len(rows),), model.domains.index(cfg.domain), device=cfg.device)
+        kwargs["domain"] = torch.full((len(rows),), model.domains.index(cfg.domain), device=device)
     if cfg.trace:
         if not cfg.bundle or cfg.mode not in ("layer", "last", "vote"):
             raise UserError("--trace needs --bundle and a routing mode that decides at prefill: layer, last or vote")
-        return trace(model, idx.to(cfg.device), mask.to(cfg.device), enc, cfg.trace, cfg.mode)
-    out = model.generate(idx.to(cfg.device), cfg.max_new_tokens, cfg.temperature, cfg.top_k or None,
-                         cfg.top_p if cfg.top_p < 1 else None, pad_mask=mask.to(cfg.device), stop_token=enc.eot_token,
-                         generator=torch.Generator(cfg.device).manual_seed(cfg.seed), **kwargs)
+        return trace(model, idx.to(device), mask.to(device), enc, cfg.trace, cfg.mode)
+    out = model.generate(idx.to(device), cfg.max_new_tokens, cfg.temperature, cfg.top_k or None,
+                         cfg.top_p if cfg.top_p < 1 else None, pad_mask=mask.to(device), stop_token=enc.eot_token,
+                         generator=torch.Generator(device).manual_seed(cfg.seed), **kwargs)
     routing = getattr(model, "routing", {})
     for i, tokens in enumerate(out.tolist()):
         head = f"--- prompt {i // cfg.num_samples + 1}, sample {i % cfg.num_samples + 1}"

@@ -3,7 +3,7 @@
     python train_base.py                                  # the default: ~3 minutes on 2 CPU cores
     python train_base.py --max_iters=2000 --n_layer=6     # any field of BaseConfig as --key=value
     python train_base.py --init_from=resume               # continue an interrupted run
-    torchrun --nproc_per_node=2 train_base.py             # DistributedDataParallel
+    torchrun --nproc_per_node=2 train_base.py             # DistributedDataParallel, one micro-batch each
 
 This base is then frozen: every later stage trains only LoRA experts and routers beside it.
 The loop itself lives in trainer.py; this file only builds the model and says how to evaluate it.
@@ -71,11 +71,15 @@ def main(argv=None):
 
     meta = {"kind": "base", "model": asdict(model.config), "tokenizer": data.tokenizer, "corpus": data.domains,
             "init_from": cfg.init_from}
-    losses = train(cfg, model, data, evaluate, meta=meta)
-    final = evaluate(model.eval())
-    for name in data.domains:
-        print(f"{name:>8}: val loss {final[f'val/{name}']:.3f} nats/token, unigram entropy {unigram_entropy(data, name):.3f}")
-    print(f"saved {os.path.join(cfg.out_dir, 'ckpt.pt')}")
+
+    def finish(m):  # once training is over (under torchrun: on process 0 only)
+        final = evaluate(m.eval())
+        for name in data.domains:
+            print(f"{name:>8}: val loss {final[f'val/{name}']:.3f} nats/token, "
+                  f"unigram entropy {unigram_entropy(data, name):.3f}")
+        print(f"saved {os.path.join(cfg.out_dir, 'ckpt.pt')}")
+
+    losses = train(cfg, model, data, evaluate, meta=meta, finish=finish)
     return model, losses
 
 

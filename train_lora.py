@@ -25,7 +25,7 @@ from config import AT_LEAST_1, FRACTION, UserError, parse_config, run
 from evaluate import evaluate_tasks
 from files import add_expert_file, base_files, check_outputs, fingerprint, load_base, save_expert
 from moa import TARGETS, add_experts, count_params, set_route
-from trainer import TaskConfig, TaskData, task_block_size, train
+from trainer import TaskConfig, TaskData, micro_batches, task_block_size, train
 
 
 @dataclass
@@ -84,11 +84,14 @@ def main(argv=None):
         return evaluate_tasks(m, eval_data, cfg.eval_iters * cfg.batch_size, cfg.batch_size, generate=False,
                               served=False)
 
+    samples = cfg.max_iters * cfg.batch_size * micro_batches(cfg)  # training records seen, for fair comparisons
+
+    def finish(m):  # once training is over (under torchrun: on process 0 only)
+        save_expert(path, m, 0, cfg.domain, tokenizer, base, {"trained_on": train_data.domains, "samples": samples})
+        print(f"saved {path} ({os.path.getsize(path) / 1e3:.0f} kB)")
+
     losses = train(replace(cfg, out_dir=run_dir), model, train_data, evaluate,
-                   meta={"kind": "expert", "domain": cfg.domain})
-    samples = cfg.max_iters * cfg.batch_size * cfg.grad_accum  # training records seen, for fair comparisons
-    save_expert(path, model, 0, cfg.domain, tokenizer, base, {"trained_on": train_data.domains, "samples": samples})
-    print(f"saved {path} ({os.path.getsize(path) / 1e3:.0f} kB)")
+                   meta={"kind": "expert", "domain": cfg.domain}, finish=finish)
     return model, losses
 
 

@@ -35,7 +35,7 @@ from config import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, UserError, one_of
 from evaluate import evaluate_tasks, fit_temperature
 from files import base_files, check_outputs, fingerprint, load_base, load_bundle, load_expert, read_meta, save_bundle
 from moa import TARGETS, MoA, count_params, lora_layers
-from trainer import TaskConfig, TaskData, task_block_size, train
+from trainer import TaskConfig, TaskData, micro_batches, task_block_size, train
 
 
 @dataclass
@@ -180,19 +180,22 @@ def main(argv=None):
         return evaluate_tasks(m, data, cfg.eval_iters * cfg.batch_size, cfg.batch_size, generate=False, served=False,
                               mode="token" if cfg.mode == "token" else "layer")
 
+    samples = samples_before(cfg, moa.domains) + cfg.max_iters * cfg.batch_size * micro_batches(cfg)  # in all
+
+    def finish(m):  # once training is over (under torchrun: on process 0 only): calibrate, write the bundle
+        calibration = {}
+        if cfg.mode != "token" and all(data.count(d, "calib") for d in m.domains):  # the built-in tasks have one
+            m.temperature, accuracy = fit_temperature(m.eval(), data)
+            calibration = {"calib_route_acc": accuracy}
+            print(f"confidence calibrated on prompts phrased unlike training: temperature {m.temperature:.3g}, "
+                  f"routed right {100 * accuracy:.1f}%")
+        save_bundle(path, m, tokenizer, base, {**{k: getattr(cfg, k) for k in SETTINGS}, "samples": samples,
+                                               **calibration})
+        print(f"saved {path}")
+
     meta = {"kind": "bundle", "domains": moa.domains}
     losses = train(replace(cfg, out_dir=run_dir), moa, data, evaluate, loss_fn, meta,
-                   lr_scales={"routers.": cfg.router_lr / cfg.learning_rate})
-    calibration = {}
-    if cfg.mode != "token" and all(data.count(d, "calib") for d in moa.domains):  # the built-in tasks have one
-        moa.temperature, accuracy = fit_temperature(moa.eval(), data)
-        calibration = {"calib_route_acc": accuracy}
-        print(f"confidence calibrated on prompts phrased unlike training: temperature {moa.temperature:.3g}, "
-              f"routed right {100 * accuracy:.1f}%")
-    samples = samples_before(cfg, moa.domains) + cfg.max_iters * cfg.batch_size * cfg.grad_accum  # in all
-    save_bundle(path, moa, tokenizer, base, {**{k: getattr(cfg, k) for k in SETTINGS}, "samples": samples,
-                                             **calibration})
-    print(f"saved {path}")
+                   lr_scales={"routers.": cfg.router_lr / cfg.learning_rate}, finish=finish)
     return moa, losses
 
 

@@ -4,10 +4,12 @@ batches, the optimizer and its schedule, and the training loop itself.
 train_base.py, train_lora.py and train_router.py each build their model and say how a batch turns
 into a loss; `train` does the rest: gradient accumulation, clipping, warmup + cosine learning rate,
 autocast, optional torch.compile, DistributedDataParallel under torchrun, periodic evaluation with a
-JSONL log, and an atomic checkpoint that `--init_from=resume` continues exactly.
+JSONL log, and an atomic checkpoint that `--init_from=resume` continues exactly. `pick_device` is how
+every script turns --device and --dtype into a device (auto: cuda, then mps, then cpu).
 
 Read next: evaluate.py, then train_base.py.
 """
+import hashlib
 import json
 import math
 import os
@@ -34,13 +36,13 @@ class TrainConfig:
     data_dir: str = "data/default"
     init_from: str = "scratch"  # scratch | resume (continue out_dir/ckpt.pt)
     seed: int = 1337
-    device: str = "auto"  # auto | cpu | cuda | mps
-    dtype: str = "float32"  # float32 | bfloat16 | float16 (autocast)
+    device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (autocast; float16 on CUDA only, with loss scaling)
     compile: bool = False
     fast: bool = True  # fast.py's speed paths (False: the plain method of moa.py; the same numbers)
-    batch_size: int = 16  # sequences per micro-batch (per process)
+    batch_size: int = 16  # sequences per micro-batch
     block_size: int = 128
-    grad_accum: int = 1  # micro-batches per step, counted over all processes
+    grad_accum: int = 0  # micro-batches per step over all processes (a multiple of them); 0: one per process
     max_iters: int = 1200
     lr_decay_iters: int = 0  # 0: same as max_iters
     learning_rate: float = 3e-3
@@ -56,7 +58,7 @@ class TrainConfig:
     progress: bool = True  # tqdm progress bar
 
     # each field's bound, enforced by config.parse_config
-    CHECKS = {"batch_size": AT_LEAST_1, "block_size": AT_LEAST_1, "grad_accum": AT_LEAST_1, "max_iters": AT_LEAST_0,
+    CHECKS = {"batch_size": AT_LEAST_1, "block_size": AT_LEAST_1, "grad_accum": AT_LEAST_0, "max_iters": AT_LEAST_0,
               "lr_decay_iters": AT_LEAST_0, "learning_rate": POSITIVE, "min_lr": AT_LEAST_0, "warmup_iters": AT_LEAST_0,
               "weight_decay": AT_LEAST_0, "beta1": FRACTION, "beta2": FRACTION, "grad_clip": AT_LEAST_0,
               "eval_interval": AT_LEAST_1, "eval_iters": AT_LEAST_1, "log_interval": AT_LEAST_1}
@@ -255,28 +257,71 @@ def read_records(data_dir, name, split, vocab_size):
 # ----------------------------------------------------------------------------------------------
 # Devices, optimizer, schedule.
 
-def setup_device(cfg):
-    """Returns (device, autocast context, ddp rank, world size); starts DDP when run under torchrun."""
-    device = cfg.device
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(device="auto", dtype="float32"):
+    """--device and --dtype, checked -> (device, autocast context). auto: cuda, then mps, then cpu.
+
+    A device that is not there, or a dtype it cannot run, is a one-line UserError, the same in every script.
+    """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
-        raise UserError(f"--device={device}: use auto, cpu, cuda or mps")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device=cuda but no CUDA GPU is available; use --device=cpu")
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if cfg.dtype not in dtypes:
-        raise UserError(f"--dtype={cfg.dtype}: use one of {', '.join(dtypes)}")
-    rank, world = 0, 1
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and not (kind == "cuda" and index.isdigit())):
+        raise UserError(f"--device={device}: use auto, cpu, cuda, cuda:N or mps")
+    if kind == "cuda" and not torch.cuda.is_available():
+        why = "this torch is a CPU-only build" if torch.version.cuda is None else "torch sees no CUDA GPU"
+        raise UserError(f"--device={device} but {why}; use --device=cpu (or auto)")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise UserError(f"--device={device} but this machine has {torch.cuda.device_count()} GPU(s), cuda:0 and on")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device=mps but torch sees no Apple GPU here; use --device=cpu (or auto)")
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype={dtype}: use one of {', '.join(DTYPES)}")
+    if dtype == "float16" and kind != "cuda":
+        raise UserError(f"--dtype=float16 needs loss scaling, which nanoMoA does on CUDA only; on {kind} use "
+                        "--dtype=bfloat16 or float32")
+    if kind == "cuda":
+        if dtype == "bfloat16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+            raise UserError(f"--dtype=bfloat16 but the {torch.cuda.get_device_name(device)} has no bfloat16 units; "
+                            "use --dtype=float16 (loss-scaled) or float32")
+        # float32 matmuls on TF32 tensor cores (a 10-bit mantissa, as nanoGPT does): several times faster from
+        # Ampere on, and training does not notice. Under autocast the matmuls run in bfloat16 / float16 anyway.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device, nullcontext() if dtype == "float32" else torch.autocast(kind, dtype=DTYPES[dtype])
+
+
+def processes():
+    """(rank, world size) of this process: torchrun puts them in the environment; (0, 1) without it."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return 0, 1
+
+
+def micro_batches(cfg):
+    """Micro-batches per optimizer step, over all processes: --grad_accum, or (0, the default) one per process."""
+    return cfg.grad_accum or processes()[1]
+
+
+def setup_device(cfg):
+    """-> (device, autocast context, rank, world size). Under torchrun each process takes the GPU of its
+    local rank first, then joins the process group (NCCL binds to the current GPU; gloo runs on CPUs)."""
+    rank, world = processes()
+    device, ctx = pick_device(cfg.device, cfg.dtype)
+    if world > 1:
+        if device.startswith("mps"):
+            raise UserError("torchrun runs DDP on cuda (NCCL) or cpu (gloo), not on mps: use one process")
+        if device.startswith("cuda"):
+            local, gpus = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+            if local >= gpus:
+                raise UserError(f"torchrun started more processes on this machine than its {gpus} GPU(s): "
+                                f"use --nproc_per_node={gpus}")
+            device = f"cuda:{local}"
+            torch.cuda.set_device(device)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-        if device.startswith("cuda"):
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-            torch.cuda.set_device(device)
-    device_type = "cuda" if device.startswith("cuda") else device
-    ctx = nullcontext() if cfg.dtype == "float32" else torch.autocast(device_type, dtype=dtypes[cfg.dtype])
     return device, ctx, rank, world
 
 
@@ -335,30 +380,40 @@ def default_loss(model, batch):
     return model(batch.x, batch.y)[1]
 
 
-def train(cfg, model, data, evaluate, loss_fn=default_loss, meta=None, lr_scales=None):
+def micro_seed(seed, step, micro):
+    """The seed of every random draw of one micro-batch (its records, its dropout masks): a function of the run's
+    seed, the step and the micro-batch's index in the step, and of nothing else. So N processes draw what one
+    process draws with the same global batch, and a resumed run needs the step number, not a saved random state."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{step}/{micro}".encode()).digest()[:8], "little")
+
+
+def train(cfg, model, data, evaluate, loss_fn=default_loss, meta=None, lr_scales=None, finish=None):
     """Trains `model`'s trainable parameters for cfg.max_iters steps; returns the per-step losses.
 
     evaluate(model) -> {name: float} runs at every eval_interval and at the last step; each result is
     a line of out_dir/log.jsonl and the checkpoint out_dir/ckpt.pt is rewritten after it. `meta`
     (JSON-able) is stored in the checkpoint beside the config, e.g. the model's architecture.
-    lr_scales: see make_optimizer. While it runs, out_dir is locked (files.locked): a second run on the
-    same out_dir stops with an error before it touches anything there.
+    lr_scales: see make_optimizer. finish(model) runs once after the last step, e.g. to write the expert.
+    While it runs, out_dir is locked (files.locked): a second run on the same out_dir stops with an error
+    before it touches anything there.
+
+    Under torchrun, process r computes micro-batches r, r + N, ... of each step (N processes), and only
+    process 0 evaluates, logs, checkpoints and runs finish; the others wait for it at the end.
     """
-    first = os.environ.get("RANK", "0") == "0"  # under torchrun, process 0 holds the lock for all
-    with locked(cfg.out_dir) if first else nullcontext():
-        return train_loop(cfg, model, data, evaluate, loss_fn, meta, lr_scales)
+    with locked(cfg.out_dir) if processes()[0] == 0 else nullcontext():  # process 0 holds the lock for all
+        return train_loop(cfg, model, data, evaluate, loss_fn, meta, lr_scales, finish)
 
 
-def train_loop(cfg, model, data, evaluate, loss_fn, meta, lr_scales):
+def train_loop(cfg, model, data, evaluate, loss_fn, meta, lr_scales, finish):
     """The loop of `train`, its out_dir locked."""
     device, ctx, rank, world = setup_device(cfg)
-    if cfg.grad_accum % world:
-        raise UserError(f"grad_accum={cfg.grad_accum} must be a multiple of the {world} processes")
+    n_micro = micro_batches(cfg)
+    if n_micro % world:
+        raise UserError(f"--grad_accum={cfg.grad_accum} must be a multiple of the {world} processes (or 0: one each)")
     master = rank == 0
-    torch.manual_seed(cfg.seed)
     model.to(device)
     optimizer = make_optimizer(model, cfg, device, lr_scales)
-    batch_rng = torch.Generator().manual_seed(cfg.seed)  # the same batches on every process
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.dtype == "float16")  # float16 runs on CUDA only
     ckpt_path, log_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "log.jsonl")
     step = 0
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -370,9 +425,9 @@ def train_loop(cfg, model, data, evaluate, loss_fn, meta, lr_scales):
         try:
             model.load_state_dict(ckpt["model"], strict=False)
             optimizer.load_state_dict(ckpt["optimizer"])
-            batch_rng.set_state(ckpt["batch_rng"])
-            torch.set_rng_state(ckpt["torch_rng"])
-        except (RuntimeError, ValueError, TypeError, KeyError) as e:
+            if ckpt.get("scaler"):  # a float16 run's loss scale, where it had got to
+                scaler.load_state_dict(ckpt["scaler"])
+        except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as e:
             raise UserError(f"{ckpt_path} does not match this model: {str(e).splitlines()[0]}") from None
         step = ckpt["meta"].get("step")
         if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= cfg.max_iters:
@@ -386,15 +441,18 @@ def train_loop(cfg, model, data, evaluate, loss_fn, meta, lr_scales):
         model = torch.compile(model)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
-    scaler = torch.amp.GradScaler(enabled=cfg.dtype == "float16" and device.startswith("cuda"))
 
     def checkpoint(metrics):
         state = {"model": trainable_state(raw_model), "optimizer": optimizer.state_dict(),
-                 "batch_rng": batch_rng.get_state(), "torch_rng": torch.get_rng_state(),
+                 "scaler": scaler.state_dict(),  # empty unless float16
                  "meta": json.dumps({"step": step, "config": asdict(cfg), "metrics": metrics, **(meta or {})})}
         save_checkpoint(ckpt_path, state)
 
-    losses, t0 = [], time.time()
+    losses, t0 = [], time.time()  # losses: one 0-dim tensor per step, read only when logged (no sync per step)
+
+    def recent_loss():
+        return float(torch.stack(losses[-cfg.log_interval:]).mean()) if losses else None
+
     bar = None
     if master and cfg.progress:
         from tqdm import tqdm
@@ -406,8 +464,8 @@ def train_loop(cfg, model, data, evaluate, loss_fn, meta, lr_scales):
             with ctx:
                 metrics = evaluate(raw_model)
             raw_model.train()
-            record = {"step": step, "train_loss": float(np.mean(losses[-cfg.log_interval:])) if losses else None,
-                      "lr": learning_rate(step, cfg), "time_s": round(time.time() - t0, 2), **metrics}
+            record = {"step": step, "train_loss": recent_loss(), "lr": learning_rate(step, cfg),
+                      "time_s": round(time.time() - t0, 2), **metrics}
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             checkpoint(metrics)
@@ -418,21 +476,20 @@ def train_loop(cfg, model, data, evaluate, loss_fn, meta, lr_scales):
         lr = learning_rate(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
-        total = 0.0
-        for micro in range(cfg.grad_accum):
-            batch = data.batch(cfg.batch_size, batch_rng)
-            if micro % world != rank:
-                continue  # this micro-batch belongs to another process
-            batch = batch.to(device)
-            sync = micro + world >= cfg.grad_accum  # DDP: all-reduce gradients on the last micro-batch only
+        total = torch.zeros((), device=device)  # this process's share of the step's loss
+        for micro in range(rank, n_micro, world):  # this process's micro-batches; the others compute the rest
+            # The global generator, reseeded: the micro-batch's records are drawn from it, then its dropout masks
+            # (on a GPU from CUDA's generator, which manual_seed reseeds too).
+            generator = torch.manual_seed(micro_seed(cfg.seed, step, micro))
+            batch = data.batch(cfg.batch_size, generator).to(device)
+            sync = micro + world >= n_micro  # DDP: all-reduce gradients on the last micro-batch only
             with (nullcontext() if sync or world == 1 else model.no_sync()), ctx:
-                loss = loss_fn(model, batch) / (cfg.grad_accum // world)
+                loss = loss_fn(model, batch) / (n_micro // world)
             scaler.scale(loss).backward()
-            total += loss.item()
+            total += loss.detach()
         if world > 1:
-            t = torch.tensor([total], device=device)
-            dist.all_reduce(t)
-            total = t.item() / world
+            dist.all_reduce(total)  # the sum of every process's mean
+            total /= world
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
@@ -444,9 +501,12 @@ def train_loop(cfg, model, data, evaluate, loss_fn, meta, lr_scales):
         if bar is not None:
             bar.update(1)
             if step % cfg.log_interval == 0:
-                bar.set_postfix(loss=f"{np.mean(losses[-cfg.log_interval:]):.4f}", lr=f"{lr:.1e}")
+                bar.set_postfix(loss=f"{recent_loss():.4f}", lr=f"{lr:.1e}")
     if bar is not None:
         bar.close()
+    if master and finish is not None:
+        finish(raw_model)
     if world > 1:
-        dist.barrier()
-    return losses
+        dist.barrier()  # the others wait until process 0 has written everything
+        dist.destroy_process_group()
+    return torch.stack(losses).tolist() if losses else []

@@ -2,9 +2,11 @@
 
 Both take a few seconds on a CPU, so every test file can train and evaluate real models. The models
 are tiny, so one thread is fastest; with more, a busy machine makes each matmul wait for a core.
-Also registers the markers assignment1..5, which select the tests that grade each course assignment.
+Also registers the markers assignment1..5, which select the tests that grade each course assignment,
+and `torchrun` for the tests that run scripts on 2 processes (gloo, on the CPU).
 """
 import os
+import subprocess
 import sys
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # also for the subprocesses the tests start
@@ -72,3 +74,32 @@ def tiny_base(tiny_data, tmp_path_factory):
     train_base.main(TINY_BASE_ARGS + ["--max_iters=100", "--eval_interval=50", f"--data_dir={tiny_data}",
                                       f"--out_dir={out}"])
     return os.path.join(out, "ckpt.pt")
+
+
+GLOO_PROBE = """import torch.distributed as dist
+dist.init_process_group("gloo")
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def torchrun(*args):
+    """Runs `torchrun --standalone --nproc_per_node=2 *args` in the repo, one thread per process -> the finished
+    process."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args],
+                          capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="session")
+def gloo(tmp_path_factory):
+    """Skips the tests that use it unless a trivial 2-process gloo run (init, barrier) works here, probed once per
+    session; after that, any failure of theirs fails."""
+    probe = tmp_path_factory.mktemp("probe") / "probe.py"
+    probe.write_text(GLOO_PROBE)
+    try:
+        probed = torchrun(str(probe))
+    except subprocess.TimeoutExpired:
+        pytest.skip("torchrun's 2-process gloo probe (init, barrier) did not finish in 300 s")
+    if probed.returncode != 0:
+        pytest.skip(f"torchrun cannot run 2 gloo processes here: {(probed.stderr.strip().splitlines() or ['?'])[-1]}")

@@ -15,6 +15,7 @@ DATA = ("tests/test_data.py",)
 TASKS = ("tests/test_tasks.py",)
 RESUME = ("tests/test_train.py", "-k", "resume")
 TORCHRUN = ("tests/test_train.py", "-k", "torchrun")
+GPU_PATHS = ("tests/test_gpu_paths.py",)
 FLAGS = ("tests/test_flags.py",)
 FAULTS = ("tests/test_faults.py",)
 OUTPUTS = ("tests/test_outputs.py",)
@@ -82,7 +83,7 @@ MUTANTS = [
     Mutant("stop-when-any", "generation ends when any sample stopped, not all", "model.py", "done.all()",
            "done.any()", SAMPLING),
     Mutant("sample-cli-unseeded", "sample.py does not seed its generator (--seed has no effect)", "sample.py",
-           "generator=torch.Generator(cfg.device).manual_seed(cfg.seed)", "generator=None", SAMPLING),
+           "generator=torch.Generator(device).manual_seed(cfg.seed)", "generator=None", SAMPLING),
     Mutant("expert-file-unrouted", "the base + one expert loader (sample.py --expert, export.py) never routes to it",
            "files.py", "    set_route(model, 0)\n    return meta", "    return meta", ("tests/test_lora.py", "-k", "sample")),
 
@@ -134,23 +135,60 @@ MUTANTS = [
            "clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)",
            "clip_grad_value_(raw_model.parameters(), cfg.grad_clip)", CORE),
     Mutant("grad-accum-unscaled", "micro-batch losses are not divided by grad_accum: the gradient is their sum",
-           "trainer.py", "loss = loss_fn(model, batch) / (cfg.grad_accum // world)", "loss = loss_fn(model, batch)",
+           "trainer.py", "loss = loss_fn(model, batch) / (n_micro // world)", "loss = loss_fn(model, batch)",
            CORE),
     Mutant("zero-grad-missing", "gradients are never zeroed: each step adds to the last ones", "trainer.py",
            "        optimizer.zero_grad(set_to_none=True)\n", "", CORE),
-    Mutant("resume-torch-rng", "resume does not restore the torch RNG (dropout masks differ)", "trainer.py",
-           '            torch.set_rng_state(ckpt["torch_rng"])\n', "", RESUME),
-    Mutant("resume-batch-rng", "resume does not restore the batch generator (it replays the first batches)",
-           "trainer.py", '            batch_rng.set_state(ckpt["batch_rng"])\n', "", RESUME),
-    Mutant("ddp-batches-per-rank", "each process seeds its batch generator with its rank: the global batch differs",
-           "trainer.py", "batch_rng = torch.Generator().manual_seed(cfg.seed)",
-           "batch_rng = torch.Generator().manual_seed(cfg.seed + rank)", TORCHRUN),
+    Mutant("dropout-not-reseeded", "only a micro-batch's records come from its seed; dropout draws on from the "
+           "global stream (a resumed run, or another process, draws other masks)", "trainer.py",
+           "generator = torch.manual_seed(micro_seed(cfg.seed, step, micro))",
+           "generator = torch.Generator().manual_seed(micro_seed(cfg.seed, step, micro))", RESUME),
+    Mutant("resume-from-step-zero", "resume restores the weights but counts steps from 0 again", "trainer.py",
+           '        step = ckpt["meta"].get("step")\n', "", RESUME),
+    Mutant("micro-seed-ignores-step", "a micro-batch's seed ignores the step: every step draws the same records",
+           "trainer.py", 'f"{seed}/{step}/{micro}"', 'f"{seed}/{micro}"', ("tests/test_gpu_paths.py", "-k", "seed")),
+    Mutant("ddp-batches-per-rank", "each process adds its rank to the seed: the global batch differs from 1 process's",
+           "trainer.py", "micro_seed(cfg.seed, step, micro)", "micro_seed(cfg.seed + rank, step, micro)", TORCHRUN),
+    Mutant("ddp-same-stream-every-rank", "each process numbers its own micro-batches from 0: every process draws the "
+           "same records and dropout masks", "trainer.py", "micro_seed(cfg.seed, step, micro)",
+           "micro_seed(cfg.seed, step, micro // world)", ("tests/test_gpu_paths.py", "-k", "router")),
     Mutant("ddp-loss-not-reduced", "the logged loss of a step is not all-reduced over processes", "trainer.py",
-           "            dist.all_reduce(t)\n", "", TORCHRUN),
+           "            dist.all_reduce(total)  # the sum of every process's mean\n", "", TORCHRUN),
     Mutant("ddp-no-sync-crash", "no_sync is called on the unwrapped model (AttributeError under DDP)", "trainer.py",
            "else model.no_sync()", "else raw_model.no_sync()", TORCHRUN),
     Mutant("ddp-sync-first", "DDP all-reduces the first micro-batch, not the last: later ones stay local",
-           "trainer.py", "sync = micro + world >= cfg.grad_accum", "sync = micro < world", TORCHRUN),
+           "trainer.py", "sync = micro + world >= n_micro", "sync = micro < world", TORCHRUN),
+
+    # ---- trainer.py and moa.py: devices, dtypes, processes (the paths a first GPU user runs)
+    Mutant("every-rank-finishes", "every process, not only process 0, writes the final expert or bundle",
+           "trainer.py", "if master and finish is not None:", "if finish is not None:",
+           ("tests/test_gpu_paths.py", "-k", "readme")),
+    Mutant("grad-accum-default-one", "--grad_accum defaults to 1 micro-batch, which 2 processes cannot share",
+           "trainer.py", "return cfg.grad_accum or processes()[1]", "return cfg.grad_accum or 1",
+           ("tests/test_gpu_paths.py", "-k", "readme")),
+    Mutant("scaler-not-restored", "resume does not restore the loss scale of a float16 run", "trainer.py",
+           '            if ckpt.get("scaler"):  # a float16 run\'s loss scale, where it had got to\n'
+           '                scaler.load_state_dict(ckpt["scaler"])\n', "",
+           ("tests/test_gpu_paths.py", "-k", "loss_scale")),
+    Mutant("tf32-off", "float32 matmuls on a GPU run without TF32", "trainer.py",
+           "        torch.backends.cuda.matmul.allow_tf32 = True\n", "", ("tests/test_gpu_paths.py", "-k", "dtypes")),
+    Mutant("bf16-emulated", "bfloat16 is accepted on a GPU that only emulates it", "trainer.py",
+           "is_bf16_supported(including_emulation=False)", "is_bf16_supported()",
+           ("tests/test_gpu_paths.py", "-k", "dtypes")),
+    Mutant("float16-unscaled-off-cuda", "float16 is accepted on the CPU, where nothing scales the loss", "trainer.py",
+           'if dtype == "float16" and kind != "cuda":', 'if dtype == "float16" and kind == "mps":', GPU_PATHS),
+    Mutant("auto-prefers-mps", "--device=auto tries mps before cuda", "trainer.py",
+           'device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"',
+           'device = "mps" if torch.backends.mps.is_available() else "cuda" if torch.cuda.is_available() else "cpu"',
+           ("tests/test_gpu_paths.py", "-k", "auto")),
+    Mutant("routers-on-cpu", "MoA makes its routers on the CPU, whatever device the GPT is on", "moa.py",
+           "nn.Linear(C, K, device=device)", "nn.Linear(C, K)", ("tests/test_gpu_paths.py", "-k", "device")),
+    Mutant("expert-on-cpu", "a new expert's A is made on the CPU, whatever device its layer is on", "moa.py",
+           "A = torch.empty(self.rank, self.base.in_features, device=self.base.weight.device)",
+           "A = torch.empty(self.rank, self.base.in_features)", ("tests/test_gpu_paths.py", "-k", "device")),
+    Mutant("card-peak-substring", "bench.py matches a card's name as a substring: an A10G gets the A10's peak",
+           "bench.py", 're.search(rf"\\b{key}\\b", name, re.IGNORECASE)', "key.lower() in name.lower()",
+           ("tests/test_gpu_paths.py", "-k", "peak")),
 
     # ---- files: atomic writes, safetensors, checkpoints
     Mutant("atomic-write-in-place", "atomic_write writes straight into the destination", "files.py",
@@ -220,7 +258,7 @@ MUTANTS = [
            "prompt[b, :min(len(p), n)] = True", "prompt[b, :min(len(p), n) - 1] = True", DATA),
     Mutant("left-pad-right", "left_pad pads on the right", "evaluate.py",
            "        idx[i, T - len(r):] = torch.tensor(r, dtype=torch.long)\n        mask[i, T - len(r):] = True",
-           "        idx[i, :len(r)] = torch.tensor(r, dtype=torch.long)\n        mask[i, :len(r)] = True", CORE),
+           "        idx[i, :len(r)] = torch.tensor(r, dtype=torch.long)\n        mask[i, :len(r)] = True", CORE + TASKS),
 
     # ---- export.py: PEFT adapters, Hugging Face folders, routers.json
     Mutant("peft-fan-in-fan-out", "adapter_config.json says fan_in_fan_out false (GPT-2's maps are Conv1D)",
@@ -280,7 +318,7 @@ MUTANTS = [
            "files.py", "if os.path.commonpath([out, os.path.realpath(given)]) == out:",
            "if os.path.realpath(given) == out:", ("tests/test_outputs.py", "-k", "never")),
     Mutant("lock-not-taken", "train() runs without locking its out_dir", "trainer.py",
-           "with locked(cfg.out_dir) if first else nullcontext():", "with nullcontext():", OUTPUTS),
+           "with locked(cfg.out_dir) if processes()[0] == 0 else nullcontext():", "with nullcontext():", OUTPUTS),
     Mutant("lock-not-exclusive", "the lock file is opened without O_EXCL: a second run takes it over", "files.py",
            "os.O_CREAT | os.O_EXCL | os.O_WRONLY", "os.O_CREAT | os.O_WRONLY", OUTPUTS),
     Mutant("lock-never-stale", "a lock whose process is gone is never taken over", "files.py",

@@ -27,7 +27,7 @@ CONFIGS = {"train_base": train_base.BaseConfig, "train_lora": train_lora.LoRACon
            "results": results.ResultsConfig, "demo": demo.DemoConfig, "bench": bench.BenchConfig,
            "prepare": PrepareConfig, "make": KitConfig, "export": export.ExportConfig}
 
-TRAINING = ["--batch_size=0", "--batch_size=-4", "--grad_accum=0", "--max_iters=-1", "--lr_decay_iters=-1",
+TRAINING = ["--batch_size=0", "--batch_size=-4", "--grad_accum=-1", "--max_iters=-1", "--lr_decay_iters=-1",
             "--learning_rate=0", "--learning_rate=-1e-3", "--learning_rate=nan", "--learning_rate=inf",
             "--min_lr=-1", "--min_lr=nan", "--warmup_iters=-5", "--weight_decay=-0.1", "--weight_decay=inf",
             "--beta1=1", "--beta1=-0.1", "--beta2=1.5", "--beta2=nan", "--grad_clip=-1", "--grad_clip=inf",
@@ -104,8 +104,9 @@ def snapshot(folder):
     return out
 
 
-@pytest.mark.parametrize("script, flag", [("train_base.py", "--learning_rate=nan"), ("train_base.py", "--grad_accum=0"),
-                                          ("data/prepare.py", "--records=0"), ("sample.py", "--top_p=2")])
+@pytest.mark.parametrize("script, flag", [("train_base.py", "--learning_rate=nan"),
+                                          ("train_base.py", "--grad_accum=-2"), ("data/prepare.py", "--records=0"),
+                                          ("sample.py", "--top_p=2")])
 def test_bad_flag_from_the_command_line_changes_nothing(tiny_base, script, flag, tmp_path):
     """From the command line, a bad flag exits 1 with one line naming it, and an existing output folder (a run's
     checkpoint and log, a data set) is left byte-identical."""

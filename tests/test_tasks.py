@@ -236,3 +236,13 @@ def test_calibration_fits_the_routers_temperature(tiny_data, tmp_path):
         loaded(idx, mode="last")
     expected = torch.softmax(loaded.routing["logits"][-1] / T, -1)[0, loaded.routing["decision"][0]]
     assert loaded.routing["confidence"][0].item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_left_and_right_padding():
+    """left_pad puts each row at the right end of a (B, T_max) batch, right_pad at the left end, pad_id elsewhere;
+    the mask is True exactly on the rows' tokens."""
+    from evaluate import left_pad, right_pad
+    idx, mask = left_pad([[1, 2, 3], [4]], 0)
+    assert idx.tolist() == [[1, 2, 3], [0, 0, 4]] and mask.tolist() == [[True] * 3, [False, False, True]]
+    idx, mask = right_pad([[1, 2, 3], [4]], 9)
+    assert idx.tolist() == [[1, 2, 3], [4, 9, 9]] and mask.tolist() == [[True] * 3, [True, False, False]]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train_base
-from conftest import REPO_ROOT, TINY_BASE_ARGS, assert_one_line_error
+from conftest import REPO_ROOT, TINY_BASE_ARGS, assert_one_line_error, torchrun
 from config import UserError, parse_config
 from trainer import TrainConfig
 
@@ -128,32 +128,10 @@ def test_cli_errors_are_one_line(case, tiny_data, tmp_path):
     assert_one_line_error(run_train_base(*args), *words)
 
 
-PROBE = """import torch.distributed as dist
-dist.init_process_group("gloo")
-dist.barrier()
-dist.destroy_process_group()
-"""
-
-
-def torchrun(*args):
-    """Runs `torchrun --standalone --nproc_per_node=2 *args` on one thread per process -> the finished process."""
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args],
-                          capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
-def test_torchrun_two_processes_match_one(tiny_data, tmp_path):
+def test_torchrun_two_processes_match_one(gloo, tiny_data, tmp_path):
     """2 processes (torchrun, gloo) log the same train and val losses (1e-5) as 1 process with the same global batch,
     with 2 micro-batches per process (the first under no_sync). Skipped only when a trivial 2-process gloo probe
-    (init and barrier) cannot run here; after that, any failure fails."""
-    probe = tmp_path / "probe.py"
-    probe.write_text(PROBE)
-    try:
-        probed = torchrun(str(probe))
-    except subprocess.TimeoutExpired:
-        pytest.skip("torchrun's 2-process gloo probe (init, barrier) did not finish in 120 s")
-    if probed.returncode != 0:
-        pytest.skip(f"torchrun cannot run 2 gloo processes here: {(probed.stderr.strip().splitlines() or ['?'])[-1]}")
+    (init and barrier) cannot run here (the fixture gloo); after that, any failure fails."""
     args = TINY_BASE_ARGS + [f"--data_dir={tiny_data}", "--grad_accum=4", "--max_iters=6", "--eval_interval=3",
                              "--log_interval=1"]
     result = torchrun(os.path.join(REPO_ROOT, "train_base.py"), *args, f"--out_dir={tmp_path / 'ddp'}")
