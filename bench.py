@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import fast
-from config import UserError, parse_config, run
+from config import AT_LEAST_0, AT_LEAST_1, UserError, parse_config, run
 from files import expert_tensors, write_text
 from model import GPT, GPTConfig
 from moa import LoRALinear, MoA, add_experts, lora_layers, set_route
@@ -52,6 +52,8 @@ class BenchConfig:
     quick: bool = False  # smoke run: 2 repeats, mid-size batch 4, 64 new tokens
     threads: int = 0  # torch threads; 0 keeps torch's default (one per core)
     stage: str = ""  # internal: run one stage's step in this process and print its peak memory
+
+    CHECKS = {"repeats": AT_LEAST_1, "threads": AT_LEAST_0}
 
 
 DEFAULT = {k: getattr(BaseConfig, k) for k in ("n_layer", "n_head", "n_embd", "block_size")}  # train_base.py's

@@ -3,14 +3,19 @@
 Each script declares its settings as a dataclass with typed defaults. `parse_config` fills one from
 JSON config files (applied in order) and then `--key=value` flags (`--flag` alone switches a bool
 on; a `list` field takes its flag once per item). An unknown key or a value of the wrong type is an
-error that lists the valid keys. `run(main)` is how a script starts: a `UserError` (a mistake the
-user can fix: a bad flag, a missing file) prints as one line `error: ...` and exits with status 1.
-It also picks how many CPU threads torch uses (`cpu_threads`).
+error that lists the valid keys. Every number must be finite (no nan or inf) and every int fit in 64 bits;
+a class may also bound its fields in a `CHECKS = {field: bound}` mapping (AT_LEAST_1, FRACTION, one_of(...)
+below), enforced once everything is parsed, before a script writes or deletes anything.
+`run(main)` is how a script starts: a `UserError` (a mistake the user can fix: a bad flag, a missing file)
+prints as one line `error: ...` and exits with status 1, and so does an OSError (a read-only folder, a full
+disk, a folder where a file should be), naming its file. It also picks how many CPU threads torch uses
+(`cpu_threads`).
 
 Read next: model.py.
 """
 
 import json
+import math
 import os
 import sys
 from dataclasses import fields
@@ -42,25 +47,46 @@ def run(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except OSError as e:  # the file system's faults: read-only, full, a folder where a file should be...
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is intact; continue with --init_from=resume", file=sys.stderr)
         sys.exit(130)
 
 
-def parse_value(text, kind, key):
+# Bounds a config class may give its fields, as CHECKS = {field: bound}: (what the value must be, its test).
+AT_LEAST_0 = (">= 0", lambda v: v >= 0)
+AT_LEAST_1 = (">= 1", lambda v: v >= 1)  # sizes, steps, intervals, counts
+POSITIVE = ("> 0", lambda v: v > 0)  # learning rates
+PROBABILITY = ("in [0, 1]", lambda v: 0 <= v <= 1)
+FRACTION = ("in [0, 1)", lambda v: 0 <= v < 1)  # dropout rates, Adam's betas
+
+
+def one_of(*choices):
+    return ("one of " + ", ".join(map(str, choices)), lambda v: v in choices)
+
+
+def setting(key, value, source):
+    """A setting as an error names it: the flag as the user wrote it, or the key and value of a config file."""
+    return f"--{key}={value}" if source == "the command line" else f"{key}={value!r} in {source}"
+
+
+def parse_value(text, kind, key, source="the command line"):
     """A flag's text -> a value of the field's type (bool, int, float, str; a list item is a str)."""
     if kind is bool:
         if text.lower() in ("1", "true", "yes"):
             return True
         if text.lower() in ("0", "false", "no"):
             return False
-        raise UserError(f"--{key}={text}: expected a bool (True/False)")
+        raise UserError(f"{setting(key, text, source)}: expected a bool (True/False)")
     if kind is list:
         return text
     try:
         return kind(text)
     except ValueError:
-        raise UserError(f"--{key}={text}: expected {kind.__name__}") from None
+        raise UserError(f"{setting(key, text, source)}: expected {kind.__name__}") from None
 
 
 def parse_config(cls, argv):
@@ -68,6 +94,7 @@ def parse_config(cls, argv):
     cfg = cls()
     kinds = {f.name: f.type for f in fields(cls)}
     given = set()  # list fields given on the command line: their first item replaces the default
+    sources = {}  # key -> where its value came from, for the bound checks' messages
 
     def assign(key, value, source):
         if key not in kinds:
@@ -77,7 +104,7 @@ def parse_config(cls, argv):
             value = (getattr(cfg, key) if key in given else []) + [value]
             given.add(key)
         elif isinstance(value, str):
-            value = parse_value(value, kind, key)
+            value = parse_value(value, kind, key, source)
         elif kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if kind is list and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
@@ -85,10 +112,11 @@ def parse_config(cls, argv):
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise UserError(f"{key}={value!r} in {source}: expected {kind.__name__}")
         setattr(cfg, key, value)
+        sources[key] = source
 
     for arg in [a for a in argv if not a.startswith("--")]:  # files first, so flags always win
         try:
-            with open(arg) as f:
+            with open(arg, encoding="utf-8") as f:
                 overrides = json.load(f)
         except (OSError, ValueError) as e:
             raise UserError(f"cannot read config file {arg}: {e}") from None
@@ -105,5 +133,25 @@ def parse_config(cls, argv):
         elif not eq:
             raise UserError(f"{arg}: write --{key}=VALUE")
         assign(key, value, "the command line")
+    check_bounds(cfg, sources)
     return cfg
+
+
+def check_bounds(cfg, sources):
+    """Every float finite, every int within 64 bits, and each field within the bound its class's CHECKS gives it
+    (a subclass's CHECKS add to and override its bases')."""
+    checks = {}
+    for klass in reversed(type(cfg).__mro__):
+        checks.update(vars(klass).get("CHECKS", {}))
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.type is float and not math.isfinite(value):
+            what = "a finite number"
+        elif f.type is int and not -2 ** 63 <= value < 2 ** 63:
+            what = "an integer of at most 64 bits"
+        elif f.name in checks and not checks[f.name][1](value):
+            what = checks[f.name][0]
+        else:
+            continue
+        raise UserError(f"{setting(f.name, value, sources.get(f.name, 'the defaults'))}: must be {what}")
 

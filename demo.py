@@ -25,7 +25,7 @@ import results
 import train_base
 import train_lora
 import train_router
-from config import UserError, parse_config, run
+from config import AT_LEAST_1, parse_config, run
 from evaluate import answers, rouge_l
 from files import add_expert_file, load_base, load_bundle
 from tokenizer import encode, get_tokenizer
@@ -42,6 +42,8 @@ class DemoConfig:
     stage1_iters: int = 300  # per expert
     stage2_iters: int = 300
     device: str = "auto"  # every step's: auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
+
+    CHECKS = {"seeds": AT_LEAST_1, "base_iters": AT_LEAST_1, "stage1_iters": AT_LEAST_1, "stage2_iters": AT_LEAST_1}
 
 
 def step(title, output, script, args):
@@ -132,8 +134,6 @@ def examples(cfg, out, tasks, per_task=2):
 def main(argv=None):
     cfg = parse_config(DemoConfig, argv or [])
     cfg.device = pick_device(cfg.device)[0]  # auto -> the device; one that is not here: an error now
-    if cfg.seeds < 1:
-        raise UserError(f"--seeds={cfg.seeds}: run at least one seed")
     out = f"{cfg.out}/quick" if cfg.quick else cfg.out
     if cfg.quick:
         cfg.base_iters, cfg.stage1_iters, cfg.stage2_iters = 200, 60, 60

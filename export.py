@@ -25,8 +25,9 @@ import torch
 import torch.nn as nn
 
 from config import UserError, parse_config, run
-from files import (add_expert_file, atomic_write, expert_tensors, fingerprint, load_base, load_bundle,
-                   read_safetensors, save_expert, write_safetensors)
+from files import (add_expert_file, atomic_write, base_files, check_outputs, expert_tensors, file_shapes, fingerprint,
+                   is_number, is_size, load_base, load_bundle, read_json, read_safetensors, save_expert,
+                   write_safetensors)
 from moa import TARGETS, add_experts, lora_layers
 
 CONV1D = tuple(f"{t}.weight" for t in TARGETS)  # stored (in, out) in GPT-2's checkpoints
@@ -140,6 +141,14 @@ def peft_targets(target_modules, model, where):
         return list(TARGETS)
     if not target_modules:
         raise UserError(f"{where} names no target_modules")
+    if not isinstance(target_modules, str) and not (isinstance(target_modules, list) and
+                                                    all(isinstance(t, str) for t in target_modules)):
+        raise UserError(f"{where}: target_modules must be a string or a list of strings, got {target_modules!r}")
+    if isinstance(target_modules, str):
+        try:
+            re.compile(target_modules)
+        except re.error as e:
+            raise UserError(f"{where}: target_modules {target_modules!r} is not a valid regex ({e})") from None
 
     def chosen(name):  # PEFT's own rule
         if isinstance(target_modules, str):
@@ -167,39 +176,51 @@ def import_peft(cfg):
         if not os.path.isfile(path):
             raise UserError(f"{path} not found: a PEFT LoRA folder holds adapter_config.json and "
                             "adapter_model.safetensors (save it with safe_serialization=True)")
-    with open(config_path) as f:
-        pc = json.load(f)
+    pc = read_json(config_path)
     if pc.get("peft_type") != "LORA" or pc.get("bias", "none") != "none":
         raise UserError(f"{config_path}: only plain LoRA (peft_type LORA, bias none) can become a nanoMoA expert")
     for key in PEFT_UNSUPPORTED:
         if pc.get(key):
             raise UserError(f"{config_path}: {key}={pc[key]!r} is not supported: a nanoMoA expert is plain LoRA "
                             "with one rank and alpha on every block")
+    rank, alpha = pc.get("r", 8), pc.get("lora_alpha", 8)  # PEFT's defaults
+    if not is_size(rank) or not is_number(alpha):
+        raise UserError(f"{config_path}: r must be an integer >= 1 and lora_alpha a number, got {rank!r}, {alpha!r}")
     model, tokenizer = load_base(cfg.base)
     base = fingerprint(model)
     targets = peft_targets(pc.get("target_modules"), model, config_path)
-    rank, alpha = pc.get("r", 8), float(pc.get("lora_alpha", 8))  # PEFT's defaults
-    add_experts(model, 1, rank, alpha, targets=targets)
-    ours = expert_tensors(model, 0)  # views of the new expert's parameters
     theirs = {n.removeprefix(PEFT_PREFIX).removesuffix(".weight"): t  # -> our names, as expert_tensors
               for n, t in read_safetensors(weights_path)[0].items()}
-    if set(theirs) != set(ours):
+    wanted = file_shapes(model, {"rank": rank, "targets": targets}, "expert")  # before allocating rank-r experts
+    if set(theirs) != set(wanted):
         raise UserError(f"{weights_path} does not hold LoRA A and B for exactly the layers its config names "
-                        f"(e.g. {sorted(set(theirs) ^ set(ours))[0]})")
+                        f"(e.g. {sorted(set(theirs) ^ set(wanted))[0]})")
+    for name, t in theirs.items():
+        if tuple(t.shape) != wanted[name] or not t.is_floating_point():
+            raise UserError(f"{weights_path}: {name} is {t.dtype} {tuple(t.shape)}, {cfg.base} with r={rank} wants "
+                            f"{wanted[name]}: another base, or another rank")
+    add_experts(model, 1, rank, float(alpha), targets=targets)
     with torch.no_grad():
-        for name, t in theirs.items():
-            if t.shape != ours[name].shape:
-                raise UserError(f"{weights_path}: {name} is {tuple(t.shape)}, {cfg.base} with r={rank} wants "
-                                f"{tuple(ours[name].shape)}: another base, or another rank")
-            ours[name].copy_(t)
+        for name, t in expert_tensors(model, 0).items():  # views of the new expert's parameters
+            t.copy_(theirs[name])
     save_expert(cfg.out, model, 0, cfg.domain, tokenizer, base, {"imported_from": cfg.peft})
 
 
 # ----------------------------------------------------------------------------------------------
 
-def check_free(path, force):
-    if os.path.exists(path) and not force and not (os.path.isdir(path) and not os.listdir(path)):
+EXPORTED = ("adapter_config.json", "config.json", "routers.json")  # one of them is in every folder export.py writes
+
+
+def check_free(path, force, folder):
+    """The output may be written: new, an empty folder, or with --force one export.py wrote (never another folder,
+    which would be replaced whole)."""
+    if not os.path.lexists(path) or (os.path.isdir(path) and not os.listdir(path)):
+        return
+    if not force:
         raise UserError(f"{path} already exists; pass --force to replace it")
+    if folder != os.path.isdir(path) or folder and not any(os.path.isfile(os.path.join(path, f)) for f in EXPORTED):
+        raise UserError(f"{path} is not {'a folder export.py wrote' if folder else 'a file'}: --force replaces only "
+                        f"those; remove it yourself or choose another --out")
 
 
 def main(argv=None):
@@ -210,11 +231,14 @@ def main(argv=None):
     missing = [key for key in COMMANDS[command] if not getattr(cfg, key)]
     if missing:
         raise UserError(f"export.py {command} needs " + " ".join(f"--{key}=..." for key in missing))
+    inputs = base_files(cfg.base) + [p for p in (cfg.expert, cfg.bundle) if p] + \
+        ([os.path.join(cfg.peft, "adapter_config.json"), os.path.join(cfg.peft, "adapter_model.safetensors")]
+         if command == "import-peft" else [])
+    check_outputs([cfg.out], inputs)
+    check_free(cfg.out, cfg.force, folder=command != "import-peft")
     if command == "import-peft":
-        check_free(cfg.out, cfg.force)
         import_peft(cfg)
     else:
-        check_free(cfg.out, cfg.force)
         export = {"peft": export_peft, "hf": export_hf, "bundle": export_bundle}[command]
         atomic_write(cfg.out, lambda tmp: export(cfg, tmp), folder=True)  # a crash never leaves half a folder
     print(f"wrote {cfg.out}")

@@ -11,18 +11,23 @@ checked when read. A first reading can skip this file: the method is in moa.py.
 
 Tensor files are read and written by the `safetensors` package (the format's own implementation);
 whatever it refuses becomes a one-line UserError naming the file. Metadata is type-checked, and its
-rank and targets checked against the stored tensors, before any model is built from it. Every write
-goes to a temporary file first and is renamed into place: a crash never leaves half a file.
+sizes checked against the stored tensors, before any model is built from it: a file cannot make us
+allocate more than it holds. Every write goes to a temporary file first and is renamed into place: a
+crash never leaves half a file, and what a killed run left behind is cleared by the next write there.
+No output may replace an input (check_outputs), and a folder being trained into is locked (locked).
 
 Read next: trainer.py.
 """
 
 import hashlib
+import io
 import json
 import math
 import os
+import re
 import shutil
-from dataclasses import asdict
+from contextlib import contextmanager
+from dataclasses import asdict, fields
 
 import torch
 
@@ -31,28 +36,128 @@ from model import GPT, GPTConfig
 from moa import TARGETS, LoRALinear, MoA, add_experts, lora_layers, set_route
 
 # ----------------------------------------------------------------------------------------------
-# Writing atomically, reading tensors
+# Writing atomically, locking a run's folder, checking outputs against inputs
 
 
 def atomic_write(path, write, folder=False):
     """Calls write(tmp), then puts tmp in the place of path: readers see the old file (or folder) or
-    the new one, never half of one. tmp is a file path, or with folder=True a fresh empty folder."""
+    the new one, never half of one. tmp is a file path, or with folder=True a fresh empty folder.
+    A file-system fault (read-only, full, a folder in the way) is a UserError naming path."""
     path = os.path.normpath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp, old = f"{path}.tmp{os.getpid()}", f"{path}.old{os.getpid()}"
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        clear_stale(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
         if folder:
             os.makedirs(tmp)
         write(tmp)
         if folder and os.path.isdir(path):  # a folder is not replaced in one rename: the old one steps aside first
             os.replace(path, old)
         os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         for leftover in (tmp, old):
-            if os.path.isdir(leftover):
-                shutil.rmtree(leftover)
-            elif os.path.exists(leftover):
-                os.remove(leftover)
+            remove(leftover)
+
+
+def remove(path):
+    """Deletes a file or a folder, if there."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def pid_alive(pid):
+    """Whether process `pid` still runs: a lock or temporary file whose process is gone was left by a killed run."""
+    if os.name == "nt":  # Windows has no harmless probe (os.kill ends the process): assume it runs
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0 only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
+def clear_stale(folder, name=None):
+    """Removes what atomic_write calls of killed processes left in folder (of `name` only, if given):
+    <name>.tmp<pid> half-written, and <name>.old<pid>, put back in place of <name> if <name> is missing (the kill
+    came between the old one stepping aside and the new one moving in)."""
+    for entry in sorted(os.listdir(folder)):
+        stale = re.fullmatch(r"(.+)\.(tmp|old)(\d+)", entry)
+        if not stale or (name is not None and stale[1] != name) or pid_alive(int(stale[3])):
+            continue
+        target = os.path.join(folder, stale[1])
+        if stale[2] == "old" and not os.path.lexists(target):
+            os.replace(os.path.join(folder, entry), target)
+        else:
+            remove(os.path.join(folder, entry))
+
+
+@contextmanager
+def locked(folder):
+    """Holds folder/lock, holding this process's id, while a run writes into folder: a second run on the same
+    folder refuses before it touches anything there. The lock of a killed run (its process gone) is taken over,
+    and the temporary files it left are cleared."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "lock")
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # atomic: one of two runs creates it
+            break
+        except FileExistsError:
+            try:
+                with open(path, "rb") as f:
+                    text = f.read().decode(errors="replace").strip()
+            except FileNotFoundError:  # released meanwhile: try again
+                continue
+            owner = int(text) if text.isdigit() and int(text) > 0 else None
+            if owner is None or pid_alive(owner):
+                raise UserError(f"{folder} is in use by process {owner or '(unknown)'}, whose lock is {path}: wait for "
+                                f"that run to end, or delete the lock if no run is using {folder}") from None
+            os.remove(path)  # its process is gone: a killed run's lock
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        clear_stale(folder)
+        yield
+    finally:
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def check_outputs(outputs, inputs):
+    """No output (a file, or a folder that is replaced whole) is or holds one of the inputs, the paths compared
+    after resolving links and "..": else a UserError, raised before anything is written."""
+    for path in outputs:
+        out = os.path.realpath(path)
+        for given in inputs:
+            if os.path.commonpath([out, os.path.realpath(given)]) == out:
+                raise UserError(f"the output {path} would overwrite the input {given}: write it somewhere else")
+
+
+def read_json(path):
+    """The JSON object in the file at path; a missing, unreadable, non-UTF-8, empty or malformed file, or one that
+    does not hold an object, is a UserError naming it."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found" if not os.path.exists(path) else f"{path} is not a file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    except ValueError as e:  # not UTF-8, not JSON
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} does not hold a JSON object")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading and writing tensors
 
 
 def write_text(path, text):
@@ -65,11 +170,17 @@ def write_text(path, text):
 
 def write_safetensors(path, tensors, metadata=None):
     """Writes {name: tensor} and metadata (values written as str) as a .safetensors file, atomically."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     metadata = None if metadata is None else {str(k): str(v) for k, v in metadata.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata))
+    data = save(tensors, metadata)  # in memory first: a full disk is then an OSError of our own write
+    atomic_write(path, lambda tmp: write_bytes(tmp, data))
+
+
+def write_bytes(path, data):
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def read_safetensors(path):
@@ -92,18 +203,25 @@ def read_safetensors(path):
 
 def save_checkpoint(path, state):
     """state: a dict of tensors, plain containers and JSON text (no objects to unpickle later)."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    buffer = io.BytesIO()
+    torch.save(state, buffer)  # in memory first: a full disk is then an OSError of our own write, not torch's
+    atomic_write(path, lambda tmp: write_bytes(tmp, buffer.getbuffer()))
 
 
 def load_checkpoint(path):
-    """Loads a checkpoint written by trainer.train (weights_only: no pickled code is executed)."""
+    """Loads a checkpoint written by trainer.train (weights_only: no pickled code is executed): its "model"
+    tensors by name and its "meta" JSON object, checked to be there."""
     if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} not found")
+        raise UserError(f"checkpoint {path} {'is not a file' if os.path.exists(path) else 'not found'}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         ckpt["meta"] = json.loads(ckpt["meta"])
     except Exception as e:
         raise UserError(f"checkpoint {path} is corrupt or not a nanoMoA checkpoint ({type(e).__name__})") from None
+    model = ckpt.get("model")
+    if not isinstance(ckpt["meta"], dict) or not isinstance(model, dict) or \
+            not all(isinstance(t, torch.Tensor) for t in model.values()):
+        raise UserError(f"checkpoint {path} is not a nanoMoA checkpoint: no meta object or no model tensors")
     return ckpt
 
 
@@ -124,16 +242,36 @@ def fingerprint(model):
     return {"config": asdict(gpt.config), "sha256": digest.hexdigest()}
 
 
+def base_checkpoint(path):
+    """The checkpoint file of --base=path if it names a train_base.py checkpoint (ckpt.pt, or its folder), else None."""
+    if path.endswith(".pt") or os.path.isfile(os.path.join(path, "ckpt.pt")):
+        return path if path.endswith(".pt") else os.path.join(path, "ckpt.pt")
+    return None
+
+
+def base_files(path):
+    """The files load_base(path) reads (for check_outputs): a checkpoint, or a GPT-2 folder's (none for a hub name)."""
+    if base_checkpoint(path):
+        return [base_checkpoint(path)]
+    return [os.path.join(path, f) for f in ("config.json", "model.safetensors", "pytorch_model.bin")] \
+        if os.path.isdir(path) else []
+
+
 def load_base(path):
     """The frozen base for later stages: a train_base.py checkpoint (ckpt.pt or its folder), or GPT-2
     weights (a hub name or a local folder). Returns (model, tokenizer name)."""
-    if path.endswith(".pt") or os.path.isfile(os.path.join(path, "ckpt.pt")):
-        ckpt_path = path if path.endswith(".pt") else os.path.join(path, "ckpt.pt")
+    ckpt_path = base_checkpoint(path)
+    if ckpt_path:
         ckpt = load_checkpoint(ckpt_path)
         if ckpt["meta"].get("kind") != "base":
             raise UserError(f"{ckpt_path} is not a base checkpoint (kind: {ckpt['meta'].get('kind')})")
-        model = GPT(GPTConfig(**ckpt["meta"]["model"]))
-        missing = model.load_state_dict(ckpt["model"], strict=False).missing_keys
+        if not isinstance(ckpt["meta"].get("tokenizer"), str):
+            raise UserError(f"{ckpt_path} names no tokenizer: not a checkpoint written by train_base.py")
+        model = GPT(gpt_config(ckpt["meta"].get("model"), ckpt["model"], ckpt_path))
+        try:
+            missing = model.load_state_dict(ckpt["model"], strict=False).missing_keys
+        except RuntimeError as e:  # a tensor of another shape
+            raise UserError(f"{ckpt_path} does not match its own config: {str(e).splitlines()[-1].strip()}") from None
         if missing != ["lm_head.weight"]:  # lm_head is tied to wte, saved once
             raise UserError(f"{ckpt_path} does not match its own config: missing {missing[:3]}")
         return model, ckpt["meta"]["tokenizer"]
@@ -143,13 +281,47 @@ def load_base(path):
         raise UserError(str(e)) from None
 
 
+def gpt_config(values, tensors, where):
+    """GPTConfig(**values) for values read from a file (a checkpoint's config, GPT-2's config.json), checked before
+    any model is built from them: every field there and of its type, heads that divide the width, one block per
+    block of the file, and no more parameters than the file's tensors hold: a file cannot make us allocate more
+    than it holds."""
+    names = [f.name for f in fields(GPTConfig)]
+    if not isinstance(values, dict) or sorted(values) != sorted(names):
+        raise UserError(f"{where}: its model config must have exactly the keys {', '.join(names)}")
+    kinds = {"dropout": ("a number in [0, 1)", lambda v: is_number(v) and 0 <= v < 1),
+             "bias": ("a bool", lambda v: isinstance(v, bool))}
+    for key in names:
+        what, ok = kinds.get(key, ("an integer >= 1", is_size))
+        if not ok(values[key]):
+            raise UserError(f"{where}: {key} must be {what}, got {values[key]!r}")
+    if values["n_embd"] % values["n_head"]:
+        raise UserError(f"{where}: n_embd={values['n_embd']} is not a multiple of n_head={values['n_head']}")
+    blocks = {int(m[1]) for m in (re.match(r"(?:transformer\.)?h\.(\d+)\.", name) for name in tensors) if m}
+    if len(blocks) != values["n_layer"] or max(blocks, default=-1) != values["n_layer"] - 1:  # blocks 0..n_layer-1
+        raise UserError(f"{where}: its config says {values['n_layer']} blocks, its weights hold {len(blocks)}")
+    config = GPTConfig(**values)
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        wanted = GPT(config).num_params()
+    held = sum(t.numel() for t in tensors.values())
+    if wanted > held:
+        raise UserError(f"{where}: its config needs {wanted:,} parameters, its weights hold {held:,}")
+    return config
+
+
 def read_hf_weights(folder):
     """The tensors of a Hugging Face checkpoint folder, as a dict name -> tensor."""
     st, pt = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
     if os.path.isfile(st):
         return read_safetensors(st)[0]
     if os.path.isfile(pt):
-        return torch.load(pt, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(pt, map_location="cpu", weights_only=True)  # no pickled code is executed
+        except Exception as e:
+            raise UserError(f"cannot read {pt}: corrupt, or not a PyTorch state dict ({type(e).__name__})") from None
+        if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+            raise UserError(f"{pt} does not hold a dict of tensors")
+        return state
     raise ValueError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
 
 
@@ -198,8 +370,12 @@ def is_number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def is_size(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
 META_CHECKS = {  # key -> (what it must be, the check), for both kinds of file
-    "rank": ("an integer >= 1", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+    "rank": ("an integer >= 1", is_size),
     "alpha": ("a finite number", is_number),
     "targets": (f"a non-empty list of {', '.join(TARGETS)}",
                 lambda v: isinstance(v, list) and v and all(t in TARGETS for t in v) and len(set(v)) == len(v)),
@@ -215,10 +391,15 @@ KIND_CHECKS = {
                "temperature": ("a positive number", lambda v: is_number(v) and v > 0)},
 }
 OPTIONAL = {"temperature": 1.0}  # a bundle written before its routers' confidence was calibrated has none
+OPTIONAL_CHECKS = {  # keys some files have (train_router.py's settings, training records seen...)
+    "top_k": ("an integer >= 1", is_size), "mode": ("a string", lambda v: isinstance(v, str)),
+    "samples": ("an integer >= 0", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+}
 
 
-def read_meta(path, kind):
-    """Reads an expert or bundle file -> (tensors, metadata), its metadata checked key by key."""
+def read_meta(path, kind, gpt=None):
+    """Reads an expert or bundle file -> (tensors, metadata), its metadata checked key by key; given the GPT it is
+    for, also its tensors (check_tensors), so that the metadata can size a model."""
     tensors, meta = read_safetensors(path)
     if "nanomoa" not in meta:
         raise UserError(f"{path} has no nanoMoA metadata: not an expert or bundle written by nanoMoA")
@@ -235,6 +416,11 @@ def read_meta(path, kind):
     for key, (what, ok) in {**META_CHECKS, **KIND_CHECKS[kind]}.items():
         if key not in meta or not ok(meta[key]):
             raise UserError(f"{path}: metadata {key!r} must be {what}, got {meta.get(key)!r}")
+    for key, (what, ok) in OPTIONAL_CHECKS.items():
+        if key in meta and not ok(meta[key]):
+            raise UserError(f"{path}: metadata {key!r} must be {what}, got {meta[key]!r}")
+    if gpt is not None:
+        check_tensors(path, tensors, meta, kind, gpt)
     return tensors, meta
 
 
@@ -269,11 +455,16 @@ def file_shapes(gpt, meta, kind):
 
 def check_tensors(path, tensors, meta, kind, gpt):
     """The file holds exactly the floating-point tensors its metadata describes for `gpt`, each of its shape."""
-    expected = file_shapes(gpt, meta, kind)
+    if meta["base"]["config"] != asdict(gpt.config):  # then the shapes differ: say why
+        raise UserError(f"{path} was trained on another base model (config {meta['base']['config']}); use the base "
+                        f"it was trained on")
+    K, L = len(meta["domains"]) if kind == "bundle" else 1, gpt.config.n_layer
+    count = 2 * L * len(meta["targets"]) * K + (2 * L if kind == "bundle" else 0)
+    expected = file_shapes(gpt, meta, kind) if len(tensors) == count else {}  # counted first: names cost memory
     if set(tensors) != set(expected):
-        what = f"{len(meta['domains'])} experts and routers" if kind == "bundle" else "an expert"
-        raise UserError(f"{path} does not hold {what} for this model as its metadata says "
-                        f"(e.g. {sorted(set(tensors) ^ set(expected))[0]})")
+        what = f"{K} experts and routers" if kind == "bundle" else "an expert"
+        odd = sorted(set(tensors) ^ set(expected))[0] if expected else f"{len(tensors)} tensors, not {count}"
+        raise UserError(f"{path} does not hold {what} for this model as its metadata says (e.g. {odd})")
     for name, t in tensors.items():
         if tuple(t.shape) != expected[name] or not t.is_floating_point():
             raise UserError(f"{path}: {name} is {t.dtype} {tuple(t.shape)}, its metadata says {expected[name]}")
@@ -300,6 +491,7 @@ def add_expert_file(model, path, tokenizer, dropout=0.0):
     expert, every sample routed to it. Returns the file's metadata."""
     base = fingerprint(model)
     tensors, meta = read_meta(path, "expert")
+    check_base(path, meta, base, tokenizer)
     check_tensors(path, tensors, meta, "expert", model)  # before add_experts allocates what meta says
     add_experts(model, 1, meta["rank"], meta["alpha"], dropout, meta["targets"])
     load_expert(path, model, 0, base, tokenizer)

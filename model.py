@@ -15,7 +15,6 @@ recomputing the whole context gives.
 
 Read next: moa.py (the method: LoRA experts and routers).
 """
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -232,14 +231,13 @@ class GPT(nn.Module):
         """OpenAI's GPT-2 weights, from a local folder (config.json + model.safetensors or
         pytorch_model.bin) or, when online, from the Hugging Face hub (gpt2, gpt2-medium, -large, -xl)."""
         folder = name_or_path if os.path.isdir(name_or_path) else download_gpt2(name_or_path)
-        with open(os.path.join(folder, "config.json")) as f:
-            hf = json.load(f)
-        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                           n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout, bias=True)
-        from files import read_hf_weights  # files.py imports this file: import it here, when needed
+        from files import gpt_config, read_hf_weights, read_json  # files.py imports this file: import it here
 
+        hf = read_json(os.path.join(folder, "config.json"))
+        sizes = {"block_size": hf.get("n_positions"), "vocab_size": hf.get("vocab_size"), "n_layer": hf.get("n_layer"),
+                 "n_head": hf.get("n_head"), "n_embd": hf.get("n_embd"), "dropout": dropout, "bias": True}
         state = read_hf_weights(folder)
-        model = cls(config)
+        model = cls(gpt_config(sizes, state, os.path.join(folder, "config.json")))  # sizes checked against the weights
         ours = model.state_dict()
         conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         for key in ours:

@@ -36,7 +36,7 @@ import torch
 
 import fast
 from baselines import Arrow, ClassifierRouted, PromptClassifier
-from config import UserError, parse_config, run
+from config import AT_LEAST_1, UserError, one_of, parse_config, run
 from evaluate import evaluate_tasks, left_pad
 from files import add_expert_file, fingerprint, load_base, load_bundle, load_expert, read_meta, write_text
 from moa import MoA
@@ -68,6 +68,8 @@ class ResultsConfig:
     fast: bool = True  # fast.py's speed paths (False: the plain method of moa.py; the same numbers)
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
 
+    CHECKS = {"records": AT_LEAST_1, "batch_size": AT_LEAST_1, "mode": one_of("last", "vote", "layer")}
+
 
 def variants(cfg, K):
     """(row name, kind, file in the run folder, forward kwargs) of every main row, in the paper's order."""
@@ -95,7 +97,7 @@ def build(kind, path, run_dir, cfg, domains):
         paths = [os.path.join(run_dir, "experts", f"{d}.safetensors") for d in domains]
         if not all(os.path.isfile(p) for p in paths):
             return None
-        metas = [read_meta(p, "expert")[1] for p in paths]
+        metas = [read_meta(p, "expert", gpt)[1] for p in paths]  # tensors checked: metas[0] sizes the MoA
         base = fingerprint(gpt)
         model = MoA(gpt, domains, metas[0]["rank"], metas[0]["alpha"], targets=metas[0]["targets"])
         for k, p in enumerate(paths):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 import fast
-from config import UserError, parse_config, run
+from config import AT_LEAST_0, AT_LEAST_1, PROBABILITY, UserError, one_of, parse_config, run
 from evaluate import left_pad
 from files import add_expert_file, load_base, load_bundle
 from moa import MODES
@@ -50,14 +50,20 @@ class SampleConfig:
     fast: bool = True  # fast.py's speed paths (False: the plain method of moa.py)
     trace: int = 0  # with a bundle: print each block's route at prefill and in this many greedy decoding steps
 
+    CHECKS = {"mode": one_of(*MODES), "num_samples": AT_LEAST_1, "max_new_tokens": AT_LEAST_1,
+              "temperature": AT_LEAST_0, "top_k": AT_LEAST_0, "top_p": PROBABILITY, "trace": AT_LEAST_0}
+
 
 def read_prompts(text):
     if text.startswith("FILE:"):
         path = text[len("FILE:"):]
         if not os.path.isfile(path):
             raise UserError(f"prompt file {path} not found")
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except ValueError:  # not UTF-8
+            raise UserError(f"prompt file {path} is not UTF-8 text") from None
     prompts = [p.replace("\\n", "\n") for p in text.split("||")]
     if not all(prompts):
         raise UserError("empty prompt: give text, or several separated by ||")
@@ -73,8 +79,6 @@ def load_model(cfg):
         add_expert_file(model, cfg.expert, tokenizer)
     if cfg.bundle:
         model = load_bundle(cfg.bundle, model, tokenizer)[0]
-        if cfg.mode not in MODES:
-            raise UserError(f"--mode={cfg.mode}: choose one of {', '.join(MODES)}")
         if cfg.mode == "label" and cfg.domain not in model.domains:
             raise UserError(f"--mode=label needs --domain=NAME, one of {', '.join(model.domains)}")
     return fast.enable(model, cfg.fast), tokenizer, {"mode": cfg.mode} if cfg.bundle else {}

@@ -17,8 +17,8 @@ import torch
 
 from evaluate import corpus_losses, unigram_entropy
 from model import GPT, GPTConfig
-from config import UserError, parse_config, run
-from files import load_checkpoint
+from config import AT_LEAST_1, FRACTION, UserError, parse_config, run
+from files import gpt_config, load_checkpoint
 from trainer import CorpusData, TrainConfig, train
 
 
@@ -33,15 +33,20 @@ class BaseConfig(TrainConfig):
     dropout: float = 0.0
     bias: bool = True
 
+    CHECKS = {"n_layer": AT_LEAST_1, "n_head": AT_LEAST_1, "n_embd": AT_LEAST_1, "dropout": FRACTION}
+
 
 def build_model(cfg, vocab_size):
     """A fresh GPT, GPT-2 weights, or (for resume) the architecture saved in the checkpoint."""
     if cfg.init_from == "scratch":
+        if cfg.n_embd % cfg.n_head:
+            raise UserError(f"--n_embd={cfg.n_embd} must be a multiple of --n_head={cfg.n_head}: heads split the width")
         return GPT(GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer,
                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias))
     if cfg.init_from == "resume":
-        meta = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))["meta"]
-        return GPT(GPTConfig(**meta["model"]))
+        path = os.path.join(cfg.out_dir, "ckpt.pt")
+        ckpt = load_checkpoint(path)
+        return GPT(gpt_config(ckpt["meta"].get("model"), ckpt["model"], path))  # its sizes checked against its tensors
     try:
         model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
     except ValueError as e:

@@ -21,9 +21,9 @@ from dataclasses import dataclass, replace
 import torch
 
 import fast
-from config import UserError, parse_config, run
+from config import AT_LEAST_1, FRACTION, UserError, parse_config, run
 from evaluate import evaluate_tasks
-from files import add_expert_file, fingerprint, load_base, save_expert
+from files import add_expert_file, base_files, check_outputs, fingerprint, load_base, save_expert
 from moa import TARGETS, add_experts, count_params, set_route
 from trainer import TaskConfig, TaskData, micro_batches, task_block_size, train
 
@@ -47,12 +47,17 @@ class LoRAConfig(TaskConfig):
     warmup_iters: int = 20
     weight_decay: float = 0.0
 
+    CHECKS = {"rank": AT_LEAST_1, "lora_dropout": FRACTION}
+
 
 def main(argv=None):
     cfg = parse_config(LoRAConfig, argv or [])
     if not cfg.domain:
         raise UserError("say which task the expert learns: --domain=NAME (or --domain=all)")
     name = cfg.name or cfg.domain
+    path, run_dir = os.path.join(cfg.out_dir, f"{name}.safetensors"), os.path.join(cfg.out_dir, name)
+    check_outputs([path, os.path.join(run_dir, "ckpt.pt"), os.path.join(run_dir, "log.jsonl")],
+                  base_files(cfg.base) + ([cfg.init_expert] if cfg.init_expert else []))
     model, tokenizer = load_base(cfg.base)
     block_size = task_block_size(cfg, model)
     train_data = TaskData(cfg.data_dir, "all" if cfg.domain == "all" else cfg.domain, block_size, cfg.prompt_loss)
@@ -79,14 +84,13 @@ def main(argv=None):
         return evaluate_tasks(m, eval_data, cfg.eval_iters * cfg.batch_size, cfg.batch_size, generate=False,
                               served=False)
 
-    path = os.path.join(cfg.out_dir, f"{name}.safetensors")
     samples = cfg.max_iters * cfg.batch_size * micro_batches(cfg)  # training records seen, for fair comparisons
 
     def finish(m):  # once training is over (under torchrun: on process 0 only)
         save_expert(path, m, 0, cfg.domain, tokenizer, base, {"trained_on": train_data.domains, "samples": samples})
         print(f"saved {path} ({os.path.getsize(path) / 1e3:.0f} kB)")
 
-    losses = train(replace(cfg, out_dir=os.path.join(cfg.out_dir, name)), model, train_data, evaluate,
+    losses = train(replace(cfg, out_dir=run_dir), model, train_data, evaluate,
                    meta={"kind": "expert", "domain": cfg.domain}, finish=finish)
     return model, losses
 

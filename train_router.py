@@ -24,15 +24,16 @@ retrains every row instead: the old domains' routing may then move, see the resu
 
 Read next: sample.py, then results.py.
 """
+import glob
 import os
 from dataclasses import dataclass, replace
 
 import torch
 
 import fast
-from config import UserError, parse_config, run
+from config import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, UserError, one_of, parse_config, run
 from evaluate import evaluate_tasks, fit_temperature
-from files import fingerprint, load_base, load_bundle, load_expert, read_meta, save_bundle
+from files import base_files, check_outputs, fingerprint, load_base, load_bundle, load_expert, read_meta, save_bundle
 from moa import TARGETS, MoA, count_params, lora_layers
 from trainer import TaskConfig, TaskData, micro_batches, task_block_size, train
 
@@ -66,18 +67,18 @@ class RouterConfig(TaskConfig):
     warmup_iters: int = 20
     weight_decay: float = 0.0
 
+    CHECKS = {"eta": AT_LEAST_0, "mode": one_of("label", "token", "layer"), "top_k": AT_LEAST_1,
+              "pooling": one_of("mean", "last"), "expert_init": one_of("stage1", "random"), "rank": AT_LEAST_1,
+              "lora_dropout": FRACTION, "router_lr": POSITIVE}
+
 
 SETTINGS = ("mode", "top_k", "eta", "train_experts", "expert_init", "max_iters")  # kept in a bundle
 
 
 def check_choices(cfg):
-    for key, allowed in (("mode", ("label", "token", "layer")), ("expert_init", ("stage1", "random"))):
-        if getattr(cfg, key) not in allowed:
-            raise UserError(f"--{key}={getattr(cfg, key)}: choose one of {', '.join(allowed)}")
+    """What the flags' bounds (RouterConfig.CHECKS) cannot say alone."""
     if cfg.add_domain and cfg.mode != "label":
         raise UserError("--add_domain trains a MoA bundle's routers on domain labels: leave --mode=label")
-    if cfg.learning_rate <= 0 or cfg.router_lr <= 0:
-        raise UserError("--learning_rate and --router_lr must be positive")
     if cfg.add_domain and not cfg.train_old_rows and cfg.weight_decay:
         raise UserError("--weight_decay would shrink the frozen old router rows; use 0, or --train_old_rows")
     if (cfg.add_domain or cfg.remove_domain) and not cfg.bundle:
@@ -112,7 +113,7 @@ def build(cfg, gpt, tokenizer, base, data_domains):
         # END ASSIGNMENT 5
     rank, alpha = cfg.rank, cfg.alpha
     if cfg.expert_init == "stage1":  # the experts' files say their rank and alpha
-        meta = read_meta(expert_path(cfg, data_domains[0]), "expert")[1]
+        meta = read_meta(expert_path(cfg, data_domains[0]), "expert", gpt)[1]  # tensors checked: meta sizes the MoA
         rank, alpha, targets = meta["rank"], meta["alpha"], meta["targets"]
     else:
         targets = TARGETS
@@ -139,14 +140,15 @@ def samples_before(cfg, domains):
 def main(argv=None):
     cfg = parse_config(RouterConfig, argv or [])
     check_choices(cfg)
-    gpt, tokenizer = load_base(cfg.base)
-    base = fingerprint(gpt)
     stem = os.path.splitext(os.path.basename(cfg.bundle))[0]
     name = cfg.name or (f"{stem}+{cfg.add_domain}" if cfg.add_domain else
                         f"{stem}-{cfg.remove_domain}" if cfg.remove_domain else "moa")
-    path = os.path.join(cfg.out_dir, f"{name}.safetensors")
-    if cfg.bundle and os.path.abspath(path) == os.path.abspath(cfg.bundle):
-        raise UserError(f"the new bundle would overwrite its input {cfg.bundle}; pick another --name")
+    path, run_dir = os.path.join(cfg.out_dir, f"{name}.safetensors"), os.path.join(cfg.out_dir, name)
+    check_outputs([path, os.path.join(run_dir, "ckpt.pt"), os.path.join(run_dir, "log.jsonl")],  # --name picks them
+                  base_files(cfg.base) + ([cfg.bundle] if cfg.bundle else []) +
+                  glob.glob(os.path.join(cfg.experts, "*.safetensors")))
+    gpt, tokenizer = load_base(cfg.base)
+    base = fingerprint(gpt)
 
     if cfg.remove_domain:  # nothing to train: drop the expert and the routers' row
         moa, meta = load_bundle(cfg.bundle, gpt, tokenizer, base)
@@ -159,6 +161,8 @@ def main(argv=None):
     domains = TaskData(cfg.data_dir, cfg.domains, block_size).domains
     if cfg.add_domain:
         domains = read_meta(cfg.bundle, "bundle")[1]["domains"] + [cfg.add_domain]
+    if cfg.mode == "token" and cfg.top_k > len(domains):
+        raise UserError(f"--top_k={cfg.top_k}: more than the {len(domains)} experts to choose from")
     torch.manual_seed(cfg.seed)  # new experts and routers start the same for the same seed
     moa = build(cfg, gpt, tokenizer, base, domains)
     fast.enable(moa, cfg.fast)
@@ -190,7 +194,7 @@ def main(argv=None):
         print(f"saved {path}")
 
     meta = {"kind": "bundle", "domains": moa.domains}
-    losses = train(replace(cfg, out_dir=os.path.join(cfg.out_dir, name)), moa, data, evaluate, loss_fn, meta,
+    losses = train(replace(cfg, out_dir=run_dir), moa, data, evaluate, loss_fn, meta,
                    lr_scales={"routers.": cfg.router_lr / cfg.learning_rate}, finish=finish)
     return moa, losses
 

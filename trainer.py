@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from config import UserError
-from files import load_checkpoint, save_checkpoint
+from config import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, UserError, one_of
+from files import atomic_write, load_checkpoint, locked, read_json, save_checkpoint, write_bytes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -57,6 +57,12 @@ class TrainConfig:
     log_interval: int = 50
     progress: bool = True  # tqdm progress bar
 
+    # each field's bound, enforced by config.parse_config
+    CHECKS = {"batch_size": AT_LEAST_1, "block_size": AT_LEAST_1, "grad_accum": AT_LEAST_0, "max_iters": AT_LEAST_0,
+              "lr_decay_iters": AT_LEAST_0, "learning_rate": POSITIVE, "min_lr": AT_LEAST_0, "warmup_iters": AT_LEAST_0,
+              "weight_decay": AT_LEAST_0, "beta1": FRACTION, "beta2": FRACTION, "grad_clip": AT_LEAST_0,
+              "eval_interval": AT_LEAST_1, "eval_iters": AT_LEAST_1, "log_interval": AT_LEAST_1}
+
 
 @dataclass
 class TaskConfig(TrainConfig):
@@ -65,6 +71,8 @@ class TaskConfig(TrainConfig):
     domains: str = "all"  # comma-separated tasks, or "all" (every prepared task but the held-back ones)
     prompt_loss: bool = False  # also take the loss on the prompt's tokens (default: the response's only)
     block_size: int = 0  # longest record in tokens (longer ones are cut); 0: the base's context
+
+    CHECKS = {"init_from": one_of("scratch", "resume"), "block_size": AT_LEAST_0}
 
 
 def task_block_size(cfg, model):
@@ -90,16 +98,31 @@ class Batch(NamedTuple):
 
 
 def read_data_meta(data_dir):
+    """<data_dir>/meta.json, checked: what every reader of the data relies on is there, of its type."""
     path = os.path.join(data_dir, "meta.json")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise UserError(f"{path} not found: run `python data/prepare.py` first")
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-        assert all(isinstance(meta[k], dict) for k in ("corpus", "tasks")) and isinstance(meta["tokenizer"], str)
-    except (ValueError, KeyError, TypeError, AssertionError):
-        raise UserError(f"{path} is not a meta.json written by data/prepare.py; run it again") from None
+    meta = read_json(path)
+    if not (all(isinstance(meta.get(k), dict) for k in ("corpus", "tasks")) and isinstance(meta.get("tokenizer"), str)
+            and all(isinstance(meta.get(k), int) for k in ("vocab_size", "eot")) and 1 <= meta["vocab_size"] <= 2 ** 16
+            and 0 <= meta["eot"] < meta["vocab_size"] and isinstance(meta.get("held_back", []), list)):
+        raise UserError(f"{path} is not a meta.json written by data/prepare.py; run it again")
     return meta
+
+
+def read_tokens(path, vocab_size):
+    """A .bin file of uint16 token ids, memory-mapped, checked: a whole number of ids, each below vocab_size."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found: run `python data/prepare.py` again")
+    size = os.path.getsize(path)
+    if size % 2:
+        raise UserError(f"{path} is corrupt ({size} bytes, not a whole number of uint16 token ids); run "
+                        f"`python data/prepare.py` again")
+    tokens = np.memmap(path, dtype=np.uint16, mode="r") if size else np.zeros(0, np.uint16)  # mmap: not empty
+    if size and tokens.max() >= vocab_size:
+        raise UserError(f"{path} holds token id {tokens.max()}, beyond the vocabulary of {vocab_size} of its "
+                        f"meta.json; run `python data/prepare.py` again")
+    return tokens
 
 
 def choose(names, known, held_back, kind):
@@ -127,9 +150,7 @@ class CorpusData:
         for name in self.domains:
             for split in ("train", "val"):
                 path = os.path.join(data_dir, "corpus", name, f"{split}.bin")
-                if not os.path.isfile(path):
-                    raise UserError(f"{path} not found: run `python data/prepare.py` again")
-                tokens = np.memmap(path, dtype=np.uint16, mode="r")
+                tokens = read_tokens(path, self.vocab_size)
                 if len(tokens) < block_size + 2:
                     raise UserError(f"{path} has {len(tokens)} tokens, fewer than one block of {block_size + 1}")
                 self.splits[name, split] = tokens
@@ -178,7 +199,8 @@ class TaskData:
         for name in self.domains:
             for split in ("train", "val", "calib"):  # calib: the built-in tasks' held-out phrasing, if there
                 if split != "calib" or os.path.isfile(os.path.join(data_dir, "tasks", name, "calib.idx")):
-                    self.tokens[name, split], self.index[name, split] = read_records(data_dir, name, split)
+                    self.tokens[name, split], self.index[name, split] = read_records(data_dir, name, split,
+                                                                                     self.vocab_size)
 
     def count(self, name, split):
         return len(self.index[name, split]) if (name, split) in self.index else 0
@@ -215,14 +237,13 @@ class TaskData:
         return self.pad(records, d)
 
 
-def read_records(data_dir, name, split):
+def read_records(data_dir, name, split, vocab_size):
     """A task split's tokens (uint16, memory-mapped) and index (N, 3): start, prompt length, length; checked."""
     folder = os.path.join(data_dir, "tasks", name)
     bin_path, idx_path = os.path.join(folder, f"{split}.bin"), os.path.join(folder, f"{split}.idx")
-    for path in (bin_path, idx_path):
-        if not os.path.isfile(path):
-            raise UserError(f"{path} not found: run `python data/prepare.py` again")
-    tokens = np.memmap(bin_path, dtype=np.uint16, mode="r") if os.path.getsize(bin_path) else np.zeros(0, np.uint16)
+    if not os.path.isfile(idx_path):
+        raise UserError(f"{idx_path} not found: run `python data/prepare.py` again")
+    tokens = read_tokens(bin_path, vocab_size)
     size = os.path.getsize(idx_path)
     if size == 0 or size % 24:
         raise UserError(f"{idx_path} is corrupt ({size} bytes, not rows of 3 int64); run `python data/prepare.py` again")
@@ -335,6 +356,23 @@ def trainable_state(model):
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
 
+def trim_log(path, step):
+    """Keeps the log's lines up to `step`, the checkpoint's. A run killed after logging a step but before its
+    checkpoint was saved would log that step again when resumed; a half-written last line is dropped too."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8", errors="replace") as f:
+        kept = []
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                kept.append(line)
+    atomic_write(path, lambda tmp: write_bytes(tmp, "".join(kept).encode()))
+
+
 # ----------------------------------------------------------------------------------------------
 # The loop.
 
@@ -356,10 +394,18 @@ def train(cfg, model, data, evaluate, loss_fn=default_loss, meta=None, lr_scales
     a line of out_dir/log.jsonl and the checkpoint out_dir/ckpt.pt is rewritten after it. `meta`
     (JSON-able) is stored in the checkpoint beside the config, e.g. the model's architecture.
     lr_scales: see make_optimizer. finish(model) runs once after the last step, e.g. to write the expert.
+    While it runs, out_dir is locked (files.locked): a second run on the same out_dir stops with an error
+    before it touches anything there.
 
     Under torchrun, process r computes micro-batches r, r + N, ... of each step (N processes), and only
     process 0 evaluates, logs, checkpoints and runs finish; the others wait for it at the end.
     """
+    with locked(cfg.out_dir) if processes()[0] == 0 else nullcontext():  # process 0 holds the lock for all
+        return train_loop(cfg, model, data, evaluate, loss_fn, meta, lr_scales, finish)
+
+
+def train_loop(cfg, model, data, evaluate, loss_fn, meta, lr_scales, finish):
+    """The loop of `train`, its out_dir locked."""
     device, ctx, rank, world = setup_device(cfg)
     n_micro = micro_batches(cfg)
     if n_micro % world:
@@ -379,11 +425,15 @@ def train(cfg, model, data, evaluate, loss_fn=default_loss, meta=None, lr_scales
         try:
             model.load_state_dict(ckpt["model"], strict=False)
             optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError) as e:
+            if ckpt.get("scaler"):  # a float16 run's loss scale, where it had got to
+                scaler.load_state_dict(ckpt["scaler"])
+        except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as e:
             raise UserError(f"{ckpt_path} does not match this model: {str(e).splitlines()[0]}") from None
-        if ckpt.get("scaler"):  # a float16 run's loss scale, where it had got to
-            scaler.load_state_dict(ckpt["scaler"])
-        step = ckpt["meta"]["step"]
+        step = ckpt["meta"].get("step")
+        if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= cfg.max_iters:
+            raise UserError(f"{ckpt_path} is at step {step!r}; resuming needs 0 to --max_iters={cfg.max_iters}")
+        if master:
+            trim_log(log_path, step)
     elif master and os.path.exists(log_path):
         os.remove(log_path)  # a fresh run starts a fresh log
     raw_model = model

@@ -56,8 +56,8 @@ import numpy as np
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
-from config import UserError, parse_config, run  # noqa: E402  (these need the repo root on the path)
-from files import atomic_write  # noqa: E402
+from config import AT_LEAST_1, UserError, parse_config, run  # noqa: E402  (these need the repo root on the path)
+from files import atomic_write, check_outputs  # noqa: E402
 from tokenizer import encode, get_tokenizer  # noqa: E402
 
 CORPUS = {  # built-in corpus source -> where its text comes from
@@ -99,14 +99,30 @@ class PrepareConfig:
     text: list = field(default_factory=list)  # NAME=GLOB, once per corpus source of your own
     held_back: str = "auto"  # tasks left for adding later (comma list); auto: the built-in count, if built
 
+    CHECKS = {"max_tokens": AT_LEAST_1, "records": AT_LEAST_1, "val_records": AT_LEAST_1}
+
 
 # ----------------------------------------------------------------------------------------------
 # The corpus
 
 
-def read_text(path):
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return f.read()
+def read_text(path, user=False):
+    """A text file's contents. A built-in source's stray bytes are replaced; a user's file must be UTF-8 text
+    without NUL bytes, or it is a UserError naming it (binary data would train as if it were text)."""
+    if not user:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    if b"\0" in data:
+        raise UserError(f"{path} is binary, not text (it holds NUL bytes)")
+    try:
+        return data.decode("utf-8-sig")  # -sig: a byte-order mark some editors write is not text
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}); convert it to UTF-8, e.g. with iconv") from None
 
 
 def corpus_documents(name):
@@ -126,11 +142,7 @@ def corpus_documents(name):
 
 def jsonl(path):
     """(line number, record) of every non-blank line of a .jsonl file; invalid JSON is a UserError at file:line."""
-    try:
-        lines = read_text(path).splitlines()
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
-    for i, line in enumerate(lines, start=1):
+    for i, line in enumerate(read_text(path, user=True).splitlines(), start=1):
         if line.strip():  # blank lines between records are allowed
             try:
                 yield i, json.loads(line)
@@ -145,7 +157,7 @@ def user_documents(name, pattern):
         raise UserError(f"--text={name}={pattern}: matches no files")
     docs = []
     for path in paths:
-        texts = [read_text(path)]
+        texts = [read_text(path, user=True)]
         if path.endswith(".jsonl"):
             texts = [r.get("text") if isinstance(r, dict) else None for _, r in jsonl(path)]
             bad = next((i for (i, _), t in zip(jsonl(path), texts) if not isinstance(t, str)), None)
@@ -312,12 +324,24 @@ def read_sources(cfg):
     return corpus, tasks
 
 
+def check_out_dir(cfg):
+    """OUT is replaced whole when the new data set is complete: it must be new, empty or an earlier data set, and
+    hold none of the inputs."""
+    out = cfg.out_dir
+    earlier = os.path.isdir(out) and (not os.listdir(out) or os.path.isfile(os.path.join(out, "meta.json")))
+    if os.path.exists(out) and not earlier:
+        raise UserError(f"--out_dir={out} is not a data set written by prepare.py (no meta.json), and would be "
+                        f"replaced whole: choose a new folder")
+    inputs = [path for _, path in read_specs(cfg.task, "task")]
+    inputs += [p for _, pattern in read_specs(cfg.text, "text") for p in glob.glob(pattern, recursive=True)]
+    inputs += [cfg.tokenizer] if os.path.isdir(cfg.tokenizer) else []  # a folder with GPT-2's tokenizer files
+    check_outputs([out], inputs)
+
+
 def main(argv=None):
     cfg = parse_config(PrepareConfig, argv or [])
     t0 = time.time()
-    for key in ("max_tokens", "records", "val_records"):
-        if getattr(cfg, key) < 1:
-            raise UserError(f"--{key} must be positive, got {getattr(cfg, key)}")
+    check_out_dir(cfg)
     enc = get_tokenizer(cfg.tokenizer)
     if enc.n_vocab > 2 ** 16:
         raise UserError(f"tokenizer {cfg.tokenizer!r} has {enc.n_vocab} tokens; the .bin files hold uint16 ids")

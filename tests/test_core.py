@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from config import UserError
 from evaluate import corpus_losses, per_sample_loss
 from files import atomic_write, fingerprint, read_safetensors, write_safetensors
 from model import GPT, GPTConfig
@@ -24,10 +25,11 @@ from moa import MoA, add_experts, lora_layers
 from trainer import Batch, CorpusData, TrainConfig, learning_rate, make_optimizer, train
 
 
-def write_data(folder, streams):
+def write_data(folder, streams, vocab_size=257):
     """A prepared data folder written by hand: corpus streams {source: (train tokens, val tokens)}, laid out as
     data/prepare.py lays it out (corpus/<source>/{train,val}.bin as uint16, and meta.json)."""
-    meta = {"tokenizer": "bytes", "vocab_size": 257, "eot": 256, "held_back": [], "corpus": {}, "tasks": {}}
+    meta = {"tokenizer": "bytes", "vocab_size": vocab_size, "eot": vocab_size - 1, "held_back": [], "corpus": {},
+            "tasks": {}}
     for name, (train_tokens, val_tokens) in streams.items():
         os.makedirs(folder / "corpus" / name)
         for split, tokens in (("train", train_tokens), ("val", val_tokens)):
@@ -42,7 +44,7 @@ def three_domains(folder, block_size=8):
     10000 (i + 1) + 0, 1, 2, ..., its val stream 10000 (i + 1) + 5000, 5001, ..."""
     streams = {name: (10000 * (i + 1) + np.arange(300), 10000 * (i + 1) + 5000 + np.arange(120))
                for i, name in enumerate("abc")}
-    return CorpusData(write_data(folder, streams), "a,b,c", block_size)
+    return CorpusData(write_data(folder, streams, vocab_size=2 ** 16), "a,b,c", block_size)  # ids up to 35119
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,10 +267,10 @@ def failing_writer(tmp):
 
 def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
     """A writer that fails half-way leaves the old file byte-identical and no temporary file, and its error
-    reaches the caller; a writer that succeeds replaces the file whole."""
+    reaches the caller as one line naming the file; a writer that succeeds replaces the file whole."""
     path = tmp_path / "ckpt.pt"
     path.write_bytes(b"old contents")
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(UserError, match=f"cannot write {path}: disk full"):
         atomic_write(str(path), failing_writer)
     assert path.read_bytes() == b"old contents" and os.listdir(tmp_path) == ["ckpt.pt"]
     atomic_write(str(path), lambda tmp: open(tmp, "wb").write(b"new contents"))
@@ -287,7 +289,7 @@ def test_atomic_folder_write_keeps_the_old_folder_when_the_writer_fails(tmp_path
             f.write(b"half")
         raise OSError("disk full")
 
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(UserError, match="disk full"):
         atomic_write(str(out), failing, folder=True)
     assert os.listdir(tmp_path) == ["data"] and os.listdir(out) == ["meta.json"]
     atomic_write(str(out), lambda tmp: open(os.path.join(tmp, "new.bin"), "wb").write(b"x"), folder=True)

@@ -297,14 +297,21 @@ def test_bundle_export(gpt2, tmp_path):
 
 
 def test_refuses_to_overwrite(gpt2, tmp_path):
-    """An existing non-empty output folder is kept unless --force; a missing flag is a UserError."""
+    """An existing non-empty output folder is kept unless --force, and --force replaces only a folder export.py
+    wrote (a folder is replaced whole: never one of the user's); a missing flag is a UserError."""
     out = tmp_path / "hf"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(UserError, match="--force"):
         export.main(["hf", f"--base={gpt2}", f"--out={out}"])
-    assert (out / "keep.txt").read_text() == "mine"
+    with pytest.raises(UserError, match="not a folder export.py wrote"):
+        export.main(["hf", f"--base={gpt2}", f"--out={out}", "--force=True"])
+    assert os.listdir(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    os.remove(out / "keep.txt")
+    export.main(["hf", f"--base={gpt2}", f"--out={out}"])
+    (out / "config.json").write_text("{}")
     export.main(["hf", f"--base={gpt2}", f"--out={out}", "--force=True"])
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert json.loads((out / "config.json").read_text())["n_layer"] == 2  # replaced
     with pytest.raises(UserError, match="--expert"):
         export.main(["peft", f"--base={gpt2}", f"--out={tmp_path / 'p'}"])
