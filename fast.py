@@ -84,9 +84,13 @@ class FastLoRALinear(LoRALinear):
             return LoRAFunction.apply(x, self.base.weight, self.base.bias, self.lora_A[route], self.lora_B[route],
                                       self.scale)
         if torch.is_tensor(route) and not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
-            y = self.forward_runs(x, route)
-            if y is not None:
-                return y
+            experts, counts = (t.tolist() for t in torch.unique_consecutive(route, return_counts=True))
+            if len(experts) == 1:  # every sample uses one expert (a single request, say): the one-expert path
+                route = experts[0]
+            else:
+                y = self.forward_runs(x, experts, counts)
+                if y is not None:
+                    return y
         y = self.base(x)  # (B, T, out), fresh: nothing saved it, so the update may go into it in place
         # In-place ops escape autocast, hence B in y's dtype (bfloat16 under autocast, like z).
         if isinstance(route, int):
@@ -97,12 +101,11 @@ class FastLoRALinear(LoRALinear):
         z = torch.bmm(x, A[route].transpose(1, 2))  # (B, T, r)
         return y.baddbmm_(z, B[route].transpose(1, 2).to(y.dtype), alpha=self.scale)  # y += z @ B^T * scale
 
-    def forward_runs(self, x, route):
-        """Inference on (B,) expert ids as one full matmul per run of consecutive samples that share an
-        expert, with that expert's merged weight W + s B_k A_k, written straight into the run's rows of
-        the output. Merging costs K (out x in x r), nothing next to the rows; the gather costs thin
-        matmuls and a second pass over the output. None when the runs are too short to pay."""
-        experts, counts = (t.tolist() for t in torch.unique_consecutive(route, return_counts=True))
+    def forward_runs(self, x, experts, counts):
+        """Inference on a batch sorted by expert, runs of counts[j] consecutive samples using experts[j], as
+        one full matmul per run with that expert's merged weight W + s B_k A_k, written straight into the
+        run's rows of the output. Merging costs K (out x in x r), nothing next to the rows; the gather costs
+        thin matmuls and a second pass over the output. None when the runs are too short to pay."""
         T = x.size(1)
         if x.size(0) * T < self.min_run_rows * len(experts):
             return None
@@ -142,17 +145,23 @@ class FastMoA(MoA):
 
     def decode(self, idx, pad_mask, cache):
         if cache.merged is None:  # the first decoding step: merge each block's one expert, once per generation
-            cache.merged = [self.merged_weights(i, route) for i, route in enumerate(cache.route)]
+            cache.merged = []
+            for i, route in enumerate(cache.route):
+                weights = self.merged_weights(i, route)
+                cache.merged.append(None if weights is None else
+                                    [(layer.__dict__, w) for layer, w in zip(self.blocks[i], weights)])
         x, attn_mask = self.gpt.embed(idx, pad_mask, cache)
-        for i, weights in enumerate(cache.merged):
-            if weights is None:  # samples of this block use different experts: the gather
+        for i, (block, merged) in enumerate(zip(self.gpt.transformer.h, cache.merged)):
+            if merged is None:  # samples of this block use different experts: the gather
                 x = self.run_block(i, x, cache.route[i], attn_mask, cache)
                 continue
-            for layer, w in zip(self.blocks[i], weights):  # a plain attribute: straight into __dict__, without
-                layer.__dict__["merged_weight"] = w  # nn.Module.__setattr__'s checks (16% of a decoding step)
-            x = self.gpt.transformer.h[i](x, attn_mask, cache, i)
-            for layer in self.blocks[i]:
-                layer.__dict__["merged_weight"] = None
+            # merged: (layer.__dict__, weight) pairs. A plain attribute goes straight into __dict__, without
+            # nn.Module.__setattr__'s checks (16% of a decoding step).
+            for attributes, w in merged:
+                attributes["merged_weight"] = w
+            x = block(x, attn_mask, cache, i)
+            for attributes, _ in merged:
+                attributes["merged_weight"] = None
         return self.gpt.head(x)
 
     def merged_weights(self, i, route):
