@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import GPT
 from moa import lora_layers
+from model import GPT
 
 
 def count_features(rows, bins):

@@ -18,6 +18,7 @@ measured per stage in a fresh subprocess (`--stage=NAME`), which reports its own
 
 Read next: README.md (the figures, and the machine they were measured on).
 """
+
 import copy
 import json
 import operator
@@ -36,8 +37,8 @@ import torch
 import fast
 from config import AT_LEAST_0, AT_LEAST_1, UserError, parse_config, run
 from files import expert_tensors, write_text
-from model import GPT, GPTConfig
 from moa import LoRALinear, MoA, add_experts, lora_layers, set_route
+from model import GPT, GPTConfig
 from train_base import BaseConfig
 from trainer import TrainConfig, make_optimizer, pick_device
 
@@ -61,9 +62,19 @@ MID = dict(n_layer=6, n_head=6, n_embd=384, block_size=256)
 GPT2_SMALL = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024)  # on a GPU: a model that can fill it
 # Dense (without sparsity) bfloat16 tensor-core peaks in FLOP/s, from NVIDIA's data sheets. The first name found
 # as a word in torch.cuda.get_device_name() is the card; for any other card bench.py measures a bfloat16 matmul.
-BF16_PEAKS = [("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12),  # "H100": the SXM card
-              ("H200 NVL", 835e12), ("H200", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12),
-              ("A10", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12)]
+BF16_PEAKS = [
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # "H100": the SXM card
+    ("H200 NVL", 835e12),
+    ("H200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10", 125e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+]
 VOCAB, BATCH = 257, BaseConfig.batch_size
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt, "==": operator.eq}
@@ -118,16 +129,17 @@ def autocast(device, dtype):
     return nullcontext() if dtype == "float32" else torch.autocast(device.split(":")[0], dtype=DTYPES[dtype])
 
 
-def train_step(model, x, y, ctx=nullcontext(), forward=lambda m, x, y: m(x, y)[1]):
+def train_step(model, x, y, ctx=None, forward=lambda m, x, y: m(x, y)[1]):
     """One AdamW step (as trainer.py builds it) of model's trainable parameters on (x, y), as a function."""
     opt = make_optimizer(model, TrainConfig(), str(x.device))
 
     def step():
-        with ctx:
+        with ctx or nullcontext():
             loss = forward(model, x, y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -173,8 +185,16 @@ def model_flops(model, T):
 def row(rows, metric, value, unit="x", op=None, bound=None, plain=None):
     """One figure; `plain` is the same figure with the plain method when `value` is the speed paths'."""
     ok = None if op is None else bool(OPS[op](value, bound))
-    rows.append({"metric": metric, "value": value, "plain": plain, "unit": unit,
-                 "target": "" if op is None else f"{op} {bound:g}", "pass": ok})
+    rows.append(
+        {
+            "metric": metric,
+            "value": value,
+            "plain": plain,
+            "unit": unit,
+            "target": "" if op is None else f"{op} {bound:g}",
+            "pass": ok,
+        }
+    )
 
 
 def bench_base(cfg, rows):
@@ -186,7 +206,7 @@ def bench_base(cfg, rows):
     if cfg.compile:
         fns.append(train_step(torch.compile(model), *tokens(B, T, cfg.device), autocast(cfg.device, cfg.dtype)))
     t_mm, t_step, *t_compiled = timeit(fns, cfg.repeats, cfg.device)
-    peak = 2 * n ** 3 / t_mm
+    peak = 2 * n**3 / t_mm
     row(rows, f"matmul peak {n}^3 ({cfg.dtype})", peak / 1e9, "GFLOP/s")
     row(rows, "base training step", B * T / t_step, "tokens/s")
     cpu = cfg.device == "cpu"  # the target is the CPU's: on a GPU, see bench_gpu
@@ -208,7 +228,7 @@ def bench_gpu(cfg, rows):
     if peak is None:  # a card not in BF16_PEAKS: a big bfloat16 matmul stands in for its data sheet
         n = 8192
         a, b = (torch.randn(n, n, device=cfg.device, dtype=torch.bfloat16) for _ in range(2))
-        peak, name = 2 * n ** 3 / timeit([lambda: a @ b], cfg.repeats, cfg.device)[0], f"{name} (measured)"
+        peak, name = 2 * n**3 / timeit([lambda: a @ b], cfg.repeats, cfg.device)[0], f"{name} (measured)"
     row(rows, f"{name}: dense bfloat16 peak", peak / 1e12, "TFLOP/s")
     for label, shape, batch in (("default model", DEFAULT, BATCH), ("GPT-2 small shape", GPT2_SMALL, 8)):
         model, T = gpt(shape, cfg.device), shape["block_size"]
@@ -235,12 +255,25 @@ def bench_autocast(cfg, rows, steps):
 def bench_lora(cfg, rows, shape, batch, bound):
     """A LoRA step, plain and fast, against a full fine-tuning step of the same model on the same batch."""
     x, y = tokens(batch, shape["block_size"], cfg.device)
-    t_full, t_plain, t_fast = timeit([train_step(gpt(shape, cfg.device), x, y),
-                                      train_step(lora(shape, cfg.device, False), x, y),
-                                      train_step(lora(shape, cfg.device), x, y)], cfg.repeats, cfg.device)
+    t_full, t_plain, t_fast = timeit(
+        [
+            train_step(gpt(shape, cfg.device), x, y),
+            train_step(lora(shape, cfg.device, False), x, y),
+            train_step(lora(shape, cfg.device), x, y),
+        ],
+        cfg.repeats,
+        cfg.device,
+    )
     name = "/".join(str(shape[k]) for k in ("n_layer", "n_embd", "block_size"))
-    row(rows, f"LoRA / full fine-tuning step, L/C/T {name}, B {batch}", t_fast / t_full, "x", "<=", bound,
-        t_plain / t_full)
+    row(
+        rows,
+        f"LoRA / full fine-tuning step, L/C/T {name}, B {batch}",
+        t_fast / t_full,
+        "x",
+        "<=",
+        bound,
+        t_plain / t_full,
+    )
 
 
 @torch.no_grad()
@@ -265,20 +298,29 @@ def bench_moa(cfg, rows):
         return moa(x, domain=labels, mode="label")[0]
 
     def one_at_a_time(moa):
-        return [moa(x[i:i + 1], domain=labels[i:i + 1], mode="label") for i in range(len(x))]
+        return [moa(x[i : i + 1], domain=labels[i : i + 1], mode="label") for i in range(len(x))]
 
     with exact_float32():
         for check in (mixed(quick), mixed(quick, runs=False), loop(looped)):  # the same numbers
             torch.testing.assert_close(check, mixed(plain), rtol=1e-4, atol=1e-4)
-    times = timeit([lambda: base(x), lambda: mixed(plain), lambda: mixed(quick), lambda: mixed(quick, runs=False),
-                    lambda: loop(looped), lambda: one_at_a_time(plain), lambda: one_at_a_time(quick)], cfg.repeats,
-                   cfg.device)
+    times = timeit(
+        [
+            lambda: base(x),
+            lambda: mixed(plain),
+            lambda: mixed(quick),
+            lambda: mixed(quick, runs=False),
+            lambda: loop(looped),
+            lambda: one_at_a_time(plain),
+            lambda: one_at_a_time(quick),
+        ],
+        cfg.repeats,
+        cfg.device,
+    )
     t_base, t_plain, t_fast, t_gather, t_loop, t_single_plain, t_single_fast = times
     row(rows, "MoA mixed batch / base model (B 32, 4 experts)", t_fast / t_base, "x", "<=", 1.15, t_plain / t_base)
     row(rows, "  the same without sorted runs (the gather) / base", t_gather / t_base, "x", plain=t_plain / t_base)
     row(rows, "loop over experts in each layer / MoA mixed batch", t_loop / t_fast, "x", ">", 1.0, t_loop / t_plain)
-    row(rows, "one sample at a time / MoA mixed batch", t_single_fast / t_fast, "x", ">", 1.0,
-        t_single_plain / t_plain)
+    row(rows, "one sample at a time / MoA mixed batch", t_single_fast / t_fast, "x", ">", 1.0, t_single_plain / t_plain)
 
 
 @torch.no_grad()
@@ -300,12 +342,21 @@ def bench_generate(cfg, rows, new_tokens, prompt_len=32):
     with exact_float32():
         assert torch.equal(generate(True), generate(False)), "the KV cache changed the greedy tokens"
         assert torch.equal(generate_moa(plain), generate_moa(quick)), "the speed paths changed the greedy tokens"
-    t_cache, t_full, t_plain, t_fast = timeit([lambda: generate(True), lambda: generate(False),
-                                               lambda: generate_moa(plain), lambda: generate_moa(quick)],
-                                              cfg.repeats, cfg.device)
+    t_cache, t_full, t_plain, t_fast = timeit(
+        [lambda: generate(True), lambda: generate(False), lambda: generate_moa(plain), lambda: generate_moa(quick)],
+        cfg.repeats,
+        cfg.device,
+    )
     row(rows, f"recompute / KV cache, {new_tokens} new tokens (same tokens)", t_full / t_cache, "x", ">=", 5.0)
-    row(rows, "MoA generation (4 experts, mode last) / base, KV cache", t_fast / t_cache, "x", "<=", 1.10,
-        t_plain / t_cache)
+    row(
+        rows,
+        "MoA generation (4 experts, mode last) / base, KV cache",
+        t_fast / t_cache,
+        "x",
+        "<=",
+        1.10,
+        t_plain / t_cache,
+    )
 
 
 STAGES = {  # device -> the step whose peak memory is measured (None: importing torch and nanoMoA only)
@@ -313,8 +364,9 @@ STAGES = {  # device -> the step whose peak memory is measured (None: importing 
     "base training": lambda device: train_step(gpt(DEFAULT, device), *tokens(BATCH, DEFAULT["block_size"], device)),
     "LoRA training": lambda device: train_step(lora(DEFAULT, device), *tokens(BATCH, DEFAULT["block_size"], device)),
     "MoA training (B 32, 4 experts)": lambda device: moa_training_step(device),
-    "generation, KV cache": lambda device: lambda: gpt(DEFAULT, device).eval().generate(
-        tokens(1, 32, device)[0], 96, temperature=0),
+    "generation, KV cache": lambda device: (
+        lambda: gpt(DEFAULT, device).eval().generate(tokens(1, 32, device)[0], 96, temperature=0)
+    ),
 }
 
 
@@ -326,8 +378,13 @@ def moa_training_step(device):
 def bench_memory(cfg, rows):
     """Peak resident memory of each stage, each in a fresh process; bytes of one expert against the base."""
     for stage in STAGES:
-        args = [sys.executable, os.path.abspath(__file__), f"--stage={stage}", f"--device={cfg.device}",
-                f"--threads={cfg.threads}"]
+        args = [
+            sys.executable,
+            os.path.abspath(__file__),
+            f"--stage={stage}",
+            f"--device={cfg.device}",
+            f"--threads={cfg.threads}",
+        ]
         done = subprocess.run(args, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"stage {stage!r} failed:\n{done.stderr}")
@@ -345,7 +402,7 @@ def run_stage(cfg):
     with open("/proc/self/status") as f:  # VmHWM, the peak RSS of this process image (ru_maxrss survives exec)
         peak_mb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024  # kB -> MB
     if cfg.device.startswith("cuda"):
-        peak_mb = torch.cuda.max_memory_allocated() / 2 ** 20  # on a GPU, the GPU's memory is what runs out
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20  # on a GPU, the GPU's memory is what runs out
     print(json.dumps({"peak_mb": peak_mb}))
 
 
@@ -355,8 +412,15 @@ def machine(cfg):
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     gpu = torch.cuda.get_device_name() if cfg.device.startswith("cuda") else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
-            "torch": torch.__version__, "python": platform.python_version(), "load_average": os.getloadavg()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load_average": os.getloadavg(),
+    }
 
 
 def main(argv=None):
@@ -384,8 +448,10 @@ def main(argv=None):
     bench_memory(cfg, rows)
 
     info = machine(cfg)
-    print(f"{info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads, {info['gpu'] or 'no GPU'}, "
-          f"torch {info['torch']}, load average {info['load_average'][0]:.2f}, {time.time() - t0:.0f} s")
+    print(
+        f"{info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads, {info['gpu'] or 'no GPU'}, "
+        f"torch {info['torch']}, load average {info['load_average'][0]:.2f}, {time.time() - t0:.0f} s"
+    )
     print(f"{'metric':<58} {'plain':>8} {'fast / value':>16} {'target':>8}  ok")
     for r in rows:
         value = f"{r['value']:.3g} {r['unit']}".strip()
@@ -393,8 +459,12 @@ def main(argv=None):
         ok = "-" if r["pass"] is None else "yes" if r["pass"] else "NO"
         print(f"{r['metric']:<58} {plain:>8} {value:>16} {r['target']:>8}  {ok}")
     path = os.path.join(cfg.out_dir, "bench.json")
-    write_text(path, json.dumps({"machine": info, "config": asdict(cfg), "seconds": round(time.time() - t0, 1),
-                                 "rows": rows}, indent=1))
+    write_text(
+        path,
+        json.dumps(
+            {"machine": info, "config": asdict(cfg), "seconds": round(time.time() - t0, 1), "rows": rows}, indent=1
+        ),
+    )
     print(f"wrote {path}")
     return rows
 

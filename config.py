@@ -147,11 +147,10 @@ def check_bounds(cfg, sources):
         value = getattr(cfg, f.name)
         if f.type is float and not math.isfinite(value):
             what = "a finite number"
-        elif f.type is int and not -2 ** 63 <= value < 2 ** 63:
+        elif f.type is int and not -(2**63) <= value < 2**63:
             what = "an integer of at most 64 bits"
         elif f.name in checks and not checks[f.name][1](value):
             what = checks[f.name][0]
         else:
             continue
         raise UserError(f"{setting(f.name, value, sources.get(f.name, 'the defaults'))}: must be {what}")
-

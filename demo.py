@@ -72,29 +72,71 @@ def seed_run(cfg, out, seed, tasks, added):
     step("stage 2: MoA (joint)", f"{bundles}/moa.safetensors", train_router, router)
     if cfg.quick:
         return
-    step("baseline: one LoRA on every task", f"{experts}/all.safetensors", train_lora,
-         lora + ["--domain=all", same_compute, f"--eval_interval={S1}"])
-    step(f"baseline: one LoRA, rank {8 * K}", f"{experts}/all_r{K}.safetensors", train_lora,  # alpha stays 16:
-         lora + ["--domain=all", same_compute, f"--eval_interval={S1}", f"--rank={8 * K}", f"--name=all_r{K}"])
-    step("MoA, routers only", f"{bundles}/moa_routers.safetensors", train_router,
-         router + ["--train_experts=False", "--name=moa_routers"])
-    step("ablation: MoE-LoRA", f"{bundles}/moe_lora.safetensors", train_router,
-         router + ["--mode=token", "--eta=0", "--name=moe_lora"])
-    step("ablation: MoE-LoRA naive", f"{bundles}/moe_lora_naive.safetensors", train_router,
-         router + ["--mode=token", "--eta=0", "--expert_init=random", "--name=moe_lora_naive", same_compute])
+    step(
+        "baseline: one LoRA on every task",
+        f"{experts}/all.safetensors",
+        train_lora,
+        lora + ["--domain=all", same_compute, f"--eval_interval={S1}"],
+    )
+    step(
+        f"baseline: one LoRA, rank {8 * K}",
+        f"{experts}/all_r{K}.safetensors",
+        train_lora,  # alpha stays 16:
+        lora + ["--domain=all", same_compute, f"--eval_interval={S1}", f"--rank={8 * K}", f"--name=all_r{K}"],
+    )
+    step(
+        "MoA, routers only",
+        f"{bundles}/moa_routers.safetensors",
+        train_router,
+        router + ["--train_experts=False", "--name=moa_routers"],
+    )
+    step(
+        "ablation: MoE-LoRA",
+        f"{bundles}/moe_lora.safetensors",
+        train_router,
+        router + ["--mode=token", "--eta=0", "--name=moe_lora"],
+    )
+    step(
+        "ablation: MoE-LoRA naive",
+        f"{bundles}/moe_lora_naive.safetensors",
+        train_router,
+        router + ["--mode=token", "--eta=0", "--expert_init=random", "--name=moe_lora_naive", same_compute],
+    )
     if added is None:  # no held-back task in the data
         return
-    step(f"adding a task: the {added} expert", f"{experts}/{added}.safetensors", train_lora,
-         lora + [f"--domain={added}"])
-    step(f"adding a task: MoA + {added}", f"{bundles}/moa+{added}.safetensors", train_router,
-         router + [f"--add_domain={added}", f"--bundle={bundles}/moa.safetensors"])
-    step("adding a task, every router row retrained", f"{bundles}/moa+{added}_allrows.safetensors", train_router,
-         router + [f"--add_domain={added}", f"--bundle={bundles}/moa.safetensors", "--train_old_rows=True",
-                   f"--name=moa+{added}_allrows"])
-    step(f"alternative: the mixed LoRA trained on {added}", f"{experts}/all+{added}.safetensors", train_lora,
-         lora + [f"--domain={added}", f"--init_expert={experts}/all.safetensors", f"--name=all+{added}"])
-    step(f"alternative: MoA retrained on {K + 1} tasks", f"{bundles}/moa_all.safetensors", train_router,
-         router + [f"--domains={','.join(tasks + [added])}", "--name=moa_all"])
+    step(
+        f"adding a task: the {added} expert", f"{experts}/{added}.safetensors", train_lora, lora + [f"--domain={added}"]
+    )
+    step(
+        f"adding a task: MoA + {added}",
+        f"{bundles}/moa+{added}.safetensors",
+        train_router,
+        router + [f"--add_domain={added}", f"--bundle={bundles}/moa.safetensors"],
+    )
+    step(
+        "adding a task, every router row retrained",
+        f"{bundles}/moa+{added}_allrows.safetensors",
+        train_router,
+        router
+        + [
+            f"--add_domain={added}",
+            f"--bundle={bundles}/moa.safetensors",
+            "--train_old_rows=True",
+            f"--name=moa+{added}_allrows",
+        ],
+    )
+    step(
+        f"alternative: the mixed LoRA trained on {added}",
+        f"{experts}/all+{added}.safetensors",
+        train_lora,
+        lora + [f"--domain={added}", f"--init_expert={experts}/all.safetensors", f"--name=all+{added}"],
+    )
+    step(
+        f"alternative: MoA retrained on {K + 1} tasks",
+        f"{bundles}/moa_all.safetensors",
+        train_router,
+        router + [f"--domains={','.join(tasks + [added])}", "--name=moa_all"],
+    )
 
 
 @torch.no_grad()
@@ -114,21 +156,27 @@ def examples(cfg, out, tasks, per_task=2):
     enc, data = get_tokenizer(tokenizer), TaskData(cfg.data_dir, ",".join(tasks))
     rows = []  # (task, prompt tokens, answer text, hand-written?)
     for name in tasks:
-        rows += [(name, p, enc.decode(r[:-1]), False) for p, r in (data.record(name, "val", i) for i in range(per_task))]
+        rows += [
+            (name, p, enc.decode(r[:-1]), False) for p, r in (data.record(name, "val", i) for i in range(per_task))
+        ]
         rows += [(name, encode(enc, p), a, True) for p, a in results.HAND_WRITTEN.get(name, [])[:1]]
     prompts = [p for _, p, _, _ in rows]
     longest = max(len(encode(enc, a)) for _, _, a, _ in rows) + 1
     routed = answers(moa, prompts, longest, data.eot, mode="last")
     decision, confidence = moa.routing["decision"].tolist(), moa.routing["confidence"].tolist()
     plain = answers(mixed, prompts, longest, data.eot) if mixed else [None] * len(rows)
-    print("\n[examples] MoA (mode last) against one LoRA on every task: validation prompts, and one hand-written "
-          "prompt per task (marked *)")
+    print(
+        "\n[examples] MoA (mode last) against one LoRA on every task: validation prompts, and one hand-written "
+        "prompt per task (marked *)"
+    )
     for (task, prompt, answer, hand), got, other, k, p in zip(rows, routed, plain, decision, confidence):
-        mark = lambda text: f"{'+' if text == answer else '-'} {text!r}"  # noqa: E731
+        mark = lambda text, answer=answer: f"{'+' if text == answer else '-'} {text!r}"  # noqa: E731
         print(f"{'*' if hand else ' '} {task:>8} | {enc.decode(prompt)!r}")
-        print(f"           -> expert {moa.domains[k]} ({p:.2f}): {mark(enc.decode(got))}"
-              + (f"   mixed LoRA: {mark(enc.decode(other))}" if other is not None else "")
-              + f"   (answer {answer!r}, ROUGE-L {rouge_l(enc.decode(got), answer):.2f})")
+        print(
+            f"           -> expert {moa.domains[k]} ({p:.2f}): {mark(enc.decode(got))}"
+            + (f"   mixed LoRA: {mark(enc.decode(other))}" if other is not None else "")
+            + f"   (answer {answer!r}, ROUGE-L {rouge_l(enc.decode(got), answer):.2f})"
+        )
 
 
 def main(argv=None):
@@ -141,13 +189,26 @@ def main(argv=None):
     step("data", f"{cfg.data_dir}/meta.json", data.prepare, [f"--out_dir={cfg.data_dir}"])
     meta = TaskData(cfg.data_dir).meta
     tasks, added = [t for t in meta["tasks"] if t not in meta["held_back"]], (meta["held_back"] or [None])[0]
-    step("base", f"{out}/base/ckpt.pt", train_base,
-         [f"--data_dir={cfg.data_dir}", f"--out_dir={out}/base", f"--max_iters={cfg.base_iters}",
-          f"--device={cfg.device}"])
+    step(
+        "base",
+        f"{out}/base/ckpt.pt",
+        train_base,
+        [
+            f"--data_dir={cfg.data_dir}",
+            f"--out_dir={out}/base",
+            f"--max_iters={cfg.base_iters}",
+            f"--device={cfg.device}",
+        ],
+    )
     for seed in range(1, cfg.seeds + 1):
         seed_run(cfg, out, seed, tasks, added)
-    step("results", None, results, [f"--out={out}", f"--data_dir={cfg.data_dir}", f"--device={cfg.device}"] +
-         (["--records=32", "--plots=False"] if cfg.quick else []))
+    step(
+        "results",
+        None,
+        results,
+        [f"--out={out}", f"--data_dir={cfg.data_dir}", f"--device={cfg.device}"]
+        + (["--records=32", "--plots=False"] if cfg.quick else []),
+    )
     examples(cfg, out, tasks)
     print(f"\ndemo finished in {(time.time() - t0) / 60:.1f} min; the tables are in {out}/results/results.md")
 

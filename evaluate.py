@@ -38,7 +38,7 @@ def corpus_losses(model, data, n_windows, batch_size, device="cpu"):
         starts = data.eval_starts(name, n_windows)
         total = 0.0
         for i in range(0, n_windows, batch_size):
-            x, y = data.windows(name, "val", starts[i:i + batch_size])
+            x, y = data.windows(name, "val", starts[i : i + batch_size])
             total += per_sample_loss(model(x.to(device))[0], y.to(device)).sum().item()
         out[f"val/{name}"] = total / n_windows
     out["val_mean"] = sum(out.values()) / len(data.domains)
@@ -59,8 +59,8 @@ def left_pad(rows, pad_id):
     idx = torch.full((len(rows), T), pad_id, dtype=torch.long)
     mask = torch.zeros(len(rows), T, dtype=torch.bool)
     for i, r in enumerate(rows):
-        idx[i, T - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, T - len(r):] = True
+        idx[i, T - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, T - len(r) :] = True
     return idx, mask
 
 
@@ -118,9 +118,10 @@ def answers(model, prompts, max_new_tokens, eot, **kwargs):
     """Greedy answers to prompts (token lists), each cut at its first EOT -> [token list]."""
     device = next(model.parameters()).device
     idx, mask = left_pad(prompts, eot)
-    out = model.generate(idx.to(device), max_new_tokens, temperature=0, pad_mask=mask.to(device), stop_token=eot,
-                         **kwargs)[:, idx.size(1):].tolist()
-    return [tokens[:tokens.index(eot)] if eot in tokens else tokens for tokens in out]
+    out = model.generate(
+        idx.to(device), max_new_tokens, temperature=0, pad_mask=mask.to(device), stop_token=eot, **kwargs
+    )[:, idx.size(1) :].tolist()
+    return [tokens[: tokens.index(eot)] if eot in tokens else tokens for tokens in out]
 
 
 @torch.no_grad()
@@ -141,10 +142,14 @@ def evaluate_tasks(model, data, n=None, batch_size=64, generate=True, split="val
         ids = list(range(min(n or data.count(name, split), data.count(name, split))))
         row = torch.zeros(len(getattr(model, "domains", [])), dtype=torch.long)
         for start in range(0, len(ids), batch_size):
-            prompts, responses = fit(*zip(*(data.record(name, split, i) for i in ids[start:start + batch_size])),
-                                     model.config.block_size)
-            kw = {**kwargs, "domain": torch.full((len(prompts),), label, device=next(model.parameters()).device)} \
-                if kwargs.get("mode") == "label" else kwargs
+            prompts, responses = fit(
+                *zip(*(data.record(name, split, i) for i in ids[start : start + batch_size])), model.config.block_size
+            )
+            kw = (
+                {**kwargs, "domain": torch.full((len(prompts),), label, device=next(model.parameters()).device)}
+                if kwargs.get("mode") == "label"
+                else kwargs
+            )
             if routed:
                 model.routing = {}
             nll, count = response_loss(model, prompts, responses, eot, served, **kw)
@@ -180,7 +185,7 @@ def evaluate_tasks(model, data, n=None, batch_size=64, generate=True, split="val
 def fit(prompts, responses, block_size):
     """A batch of records cut to fit the model's context once left-padded: each prompt to its last block_size - 1
     tokens, each response to the room the longest prompt leaves."""
-    prompts = [p[-(block_size - 1):] for p in prompts]
+    prompts = [p[-(block_size - 1) :] for p in prompts]
     room = block_size - max(map(len, prompts))
     return prompts, [r[:room] for r in responses]
 
@@ -194,7 +199,7 @@ def fit_temperature(moa, data, split="calib"):
     for label, name in enumerate(data.domains):
         prompts = [data.record(name, split, i)[0] for i in range(data.count(name, split))]
         for start in range(0, len(prompts), 64):
-            idx, mask = left_pad(prompts[start:start + 64], data.eot)
+            idx, mask = left_pad(prompts[start : start + 64], data.eot)
             device = next(moa.parameters()).device
             moa(idx.to(device), pad_mask=mask.to(device), mode="last")
             logits.append(moa.routing["logits"][-1].float().cpu())

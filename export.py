@@ -16,6 +16,7 @@ Nothing here imports transformers or peft; tests/test_export.py loads every outp
 
 Read next: tests/test_export.py.
 """
+
 import json
 import os
 import re
@@ -25,19 +26,47 @@ import torch
 import torch.nn as nn
 
 from config import UserError, parse_config, run
-from files import (add_expert_file, atomic_write, base_files, check_outputs, expert_tensors, file_shapes, fingerprint,
-                   is_number, is_size, load_base, load_bundle, read_json, read_safetensors, save_expert,
-                   write_safetensors)
+from files import (
+    add_expert_file,
+    atomic_write,
+    base_files,
+    check_outputs,
+    expert_tensors,
+    file_shapes,
+    fingerprint,
+    is_number,
+    is_size,
+    load_base,
+    load_bundle,
+    read_json,
+    read_safetensors,
+    save_expert,
+    write_safetensors,
+)
 from moa import TARGETS, add_experts, lora_layers
 
 CONV1D = tuple(f"{t}.weight" for t in TARGETS)  # stored (in, out) in GPT-2's checkpoints
 PEFT_PREFIX = "base_model.model."
 # adapter_config.json settings a nanoMoA expert cannot express: each must be absent, empty or false
-PEFT_UNSUPPORTED = ("rank_pattern", "alpha_pattern", "use_dora", "use_rslora", "lora_bias", "modules_to_save",
-                    "layers_to_transform", "layer_replication", "exclude_modules", "target_parameters",
-                    "trainable_token_indices")
-COMMANDS = {"peft": ("expert", "out"), "import-peft": ("peft", "domain", "out"), "hf": ("out",),
-            "bundle": ("bundle", "out")}  # each command's required flags
+PEFT_UNSUPPORTED = (
+    "rank_pattern",
+    "alpha_pattern",
+    "use_dora",
+    "use_rslora",
+    "lora_bias",
+    "modules_to_save",
+    "layers_to_transform",
+    "layer_replication",
+    "exclude_modules",
+    "target_parameters",
+    "trainable_token_indices",
+)
+COMMANDS = {
+    "peft": ("expert", "out"),
+    "import-peft": ("peft", "domain", "out"),
+    "hf": ("out",),
+    "bundle": ("bundle", "out"),
+}  # each command's required flags
 
 
 @dataclass
@@ -54,6 +83,7 @@ class ExportConfig:
 # ----------------------------------------------------------------------------------------------
 # nanoMoA -> PEFT and Hugging Face
 
+
 def load_with_expert(cfg):
     """The base, with --expert as its one expert (checked to be trained on this base)."""
     model, tokenizer = load_base(cfg.base)
@@ -62,16 +92,28 @@ def load_with_expert(cfg):
 
 def write_peft(folder, tensors, meta, base):
     """One expert, {"transformer.h.0.attn.c_attn.lora_A": (r, in), ...}, as a PEFT LoRA folder."""
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
-              "r": meta["rank"], "lora_alpha": meta["alpha"],
-              "target_modules": list(meta["targets"]),  # suffixes: "attn.c_proj" never matches mlp.c_proj
-              "fan_in_fan_out": True, "bias": "none", "lora_dropout": 0.0, "use_rslora": False, "use_dora": False,
-              "inference_mode": True}
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base,
+        "r": meta["rank"],
+        "lora_alpha": meta["alpha"],
+        "target_modules": list(meta["targets"]),  # suffixes: "attn.c_proj" never matches mlp.c_proj
+        "fan_in_fan_out": True,
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+    }
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    write_safetensors(os.path.join(folder, "adapter_model.safetensors"),
-                     {f"{PEFT_PREFIX}{name}.weight": t for name, t in tensors.items()}, {"format": "pt"})
+    write_safetensors(
+        os.path.join(folder, "adapter_model.safetensors"),
+        {f"{PEFT_PREFIX}{name}.weight": t for name, t in tensors.items()},
+        {"format": "pt"},
+    )
 
 
 def export_peft(cfg, folder):
@@ -95,13 +137,25 @@ def hf_state(gpt):
 
 def hf_config(config, dtype):
     """config.json of a GPT2LMHeadModel with the architecture of our GPTConfig."""
-    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
-            "n_positions": config.block_size, "n_embd": config.n_embd, "n_layer": config.n_layer,
-            "n_head": config.n_head, "n_inner": None, "activation_function": "gelu_new",  # tanh GELU, as model.py
-            "layer_norm_epsilon": 1e-5, "resid_pdrop": config.dropout, "embd_pdrop": config.dropout,
-            "attn_pdrop": config.dropout, "tie_word_embeddings": True,
-            "bos_token_id": config.vocab_size - 1, "eos_token_id": config.vocab_size - 1,  # <|endoftext|>: last id
-            "dtype": str(dtype).removeprefix("torch.")}
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,
+        "activation_function": "gelu_new",  # tanh GELU, as model.py
+        "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "tie_word_embeddings": True,
+        "bos_token_id": config.vocab_size - 1,
+        "eos_token_id": config.vocab_size - 1,  # <|endoftext|>: last id
+        "dtype": str(dtype).removeprefix("torch."),
+    }
 
 
 def export_hf(cfg, folder):
@@ -123,11 +177,15 @@ def export_bundle(cfg, folder):
     moa, meta = load_bundle(cfg.bundle, gpt, tokenizer)
     for k, domain in enumerate(moa.domains):
         write_peft(os.path.join(folder, domain), expert_tensors(moa, k), meta, cfg.base)
-    routers = {"domains": moa.domains, "pooling": moa.pooling,  # domain k's adapter is the folder <domain k>/
-               "reads": "router i: logits = weight @ pool(hidden_states[i]) + bias; hidden_states[i] as in "
-                        "transformers' output_hidden_states, the input of block i, pooled over real prompt tokens",
-               "routers": [{"hidden_state": i, "weight": r.weight.tolist(), "bias": r.bias.tolist()}
-                           for i, r in enumerate(moa.routers)]}  # weight (K, n_embd), bias (K,)
+    routers = {
+        "domains": moa.domains,
+        "pooling": moa.pooling,  # domain k's adapter is the folder <domain k>/
+        "reads": "router i: logits = weight @ pool(hidden_states[i]) + bias; hidden_states[i] as in "
+        "transformers' output_hidden_states, the input of block i, pooled over real prompt tokens",
+        "routers": [
+            {"hidden_state": i, "weight": r.weight.tolist(), "bias": r.bias.tolist()} for i, r in enumerate(moa.routers)
+        ],
+    }  # weight (K, n_embd), bias (K,)
     with open(os.path.join(folder, "routers.json"), "w") as f:
         json.dump(routers, f)
 
@@ -135,14 +193,16 @@ def export_bundle(cfg, folder):
 # ----------------------------------------------------------------------------------------------
 # PEFT -> nanoMoA
 
+
 def peft_targets(target_modules, model, where):
     """PEFT's target_modules (names or name suffixes, or one regex) -> our targets, e.g. ["attn.c_attn"]."""
     if target_modules == "all-linear":  # PEFT's shorthand: every linear map but the output layer
         return list(TARGETS)
     if not target_modules:
         raise UserError(f"{where} names no target_modules")
-    if not isinstance(target_modules, str) and not (isinstance(target_modules, list) and
-                                                    all(isinstance(t, str) for t in target_modules)):
+    if not isinstance(target_modules, str) and not (
+        isinstance(target_modules, list) and all(isinstance(t, str) for t in target_modules)
+    ):
         raise UserError(f"{where}: target_modules must be a string or a list of strings, got {target_modules!r}")
     if isinstance(target_modules, str):
         try:
@@ -160,12 +220,13 @@ def peft_targets(target_modules, model, where):
     for name in names:
         block = re.fullmatch(r"transformer\.h\.\d+\.(.+)", name)  # "transformer.h.3.mlp.c_fc" -> "mlp.c_fc"
         if not block or block[1] not in TARGETS:
-            raise UserError(f"{where}: LoRA on {name} is not supported; nanoMoA experts sit on "
-                            f"{', '.join(TARGETS)}")
+            raise UserError(f"{where}: LoRA on {name} is not supported; nanoMoA experts sit on {', '.join(TARGETS)}")
         targets.add(block[1])
     if not names or len(names) != len(targets) * model.config.n_layer:
-        raise UserError(f"{where}: target_modules {target_modules!r} must choose some of {', '.join(TARGETS)} in "
-                        f"every block; here they choose {len(names)} layers")
+        raise UserError(
+            f"{where}: target_modules {target_modules!r} must choose some of {', '.join(TARGETS)} in "
+            f"every block; here they choose {len(names)} layers"
+        )
     return sorted(targets, key=TARGETS.index)
 
 
@@ -174,31 +235,41 @@ def import_peft(cfg):
     weights_path = os.path.join(cfg.peft, "adapter_model.safetensors")
     for path in (config_path, weights_path):
         if not os.path.isfile(path):
-            raise UserError(f"{path} not found: a PEFT LoRA folder holds adapter_config.json and "
-                            "adapter_model.safetensors (save it with safe_serialization=True)")
+            raise UserError(
+                f"{path} not found: a PEFT LoRA folder holds adapter_config.json and "
+                "adapter_model.safetensors (save it with safe_serialization=True)"
+            )
     pc = read_json(config_path)
     if pc.get("peft_type") != "LORA" or pc.get("bias", "none") != "none":
         raise UserError(f"{config_path}: only plain LoRA (peft_type LORA, bias none) can become a nanoMoA expert")
     for key in PEFT_UNSUPPORTED:
         if pc.get(key):
-            raise UserError(f"{config_path}: {key}={pc[key]!r} is not supported: a nanoMoA expert is plain LoRA "
-                            "with one rank and alpha on every block")
+            raise UserError(
+                f"{config_path}: {key}={pc[key]!r} is not supported: a nanoMoA expert is plain LoRA "
+                "with one rank and alpha on every block"
+            )
     rank, alpha = pc.get("r", 8), pc.get("lora_alpha", 8)  # PEFT's defaults
     if not is_size(rank) or not is_number(alpha):
         raise UserError(f"{config_path}: r must be an integer >= 1 and lora_alpha a number, got {rank!r}, {alpha!r}")
     model, tokenizer = load_base(cfg.base)
     base = fingerprint(model)
     targets = peft_targets(pc.get("target_modules"), model, config_path)
-    theirs = {n.removeprefix(PEFT_PREFIX).removesuffix(".weight"): t  # -> our names, as expert_tensors
-              for n, t in read_safetensors(weights_path)[0].items()}
+    theirs = {
+        n.removeprefix(PEFT_PREFIX).removesuffix(".weight"): t  # -> our names, as expert_tensors
+        for n, t in read_safetensors(weights_path)[0].items()
+    }
     wanted = file_shapes(model, {"rank": rank, "targets": targets}, "expert")  # before allocating rank-r experts
     if set(theirs) != set(wanted):
-        raise UserError(f"{weights_path} does not hold LoRA A and B for exactly the layers its config names "
-                        f"(e.g. {sorted(set(theirs) ^ set(wanted))[0]})")
+        raise UserError(
+            f"{weights_path} does not hold LoRA A and B for exactly the layers its config names "
+            f"(e.g. {sorted(set(theirs) ^ set(wanted))[0]})"
+        )
     for name, t in theirs.items():
         if tuple(t.shape) != wanted[name] or not t.is_floating_point():
-            raise UserError(f"{weights_path}: {name} is {t.dtype} {tuple(t.shape)}, {cfg.base} with r={rank} wants "
-                            f"{wanted[name]}: another base, or another rank")
+            raise UserError(
+                f"{weights_path}: {name} is {t.dtype} {tuple(t.shape)}, {cfg.base} with r={rank} wants "
+                f"{wanted[name]}: another base, or another rank"
+            )
     add_experts(model, 1, rank, float(alpha), targets=targets)
     with torch.no_grad():
         for name, t in expert_tensors(model, 0).items():  # views of the new expert's parameters
@@ -219,8 +290,10 @@ def check_free(path, force, folder):
     if not force:
         raise UserError(f"{path} already exists; pass --force to replace it")
     if folder != os.path.isdir(path) or folder and not any(os.path.isfile(os.path.join(path, f)) for f in EXPORTED):
-        raise UserError(f"{path} is not {'a folder export.py wrote' if folder else 'a file'}: --force replaces only "
-                        f"those; remove it yourself or choose another --out")
+        raise UserError(
+            f"{path} is not {'a folder export.py wrote' if folder else 'a file'}: --force replaces only "
+            f"those; remove it yourself or choose another --out"
+        )
 
 
 def main(argv=None):
@@ -231,9 +304,15 @@ def main(argv=None):
     missing = [key for key in COMMANDS[command] if not getattr(cfg, key)]
     if missing:
         raise UserError(f"export.py {command} needs " + " ".join(f"--{key}=..." for key in missing))
-    inputs = base_files(cfg.base) + [p for p in (cfg.expert, cfg.bundle) if p] + \
-        ([os.path.join(cfg.peft, "adapter_config.json"), os.path.join(cfg.peft, "adapter_model.safetensors")]
-         if command == "import-peft" else [])
+    inputs = (
+        base_files(cfg.base)
+        + [p for p in (cfg.expert, cfg.bundle) if p]
+        + (
+            [os.path.join(cfg.peft, "adapter_config.json"), os.path.join(cfg.peft, "adapter_model.safetensors")]
+            if command == "import-peft"
+            else []
+        )
+    )
     check_outputs([cfg.out], inputs)
     check_free(cfg.out, cfg.force, folder=command != "import-peft")
     if command == "import-peft":

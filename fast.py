@@ -77,12 +77,17 @@ class FastLoRALinear(LoRALinear):
         route = self.route
         if self.merged_weight is not None:  # decoding with the expert merged: the base's cost
             return F.linear(x, self.merged_weight, self.base.bias)
-        if route is None or self.merged is not None or (self.training and self.lora_dropout.p > 0) \
-                or (torch.is_tensor(route) and route.dim() == 3):
+        if (
+            route is None
+            or self.merged is not None
+            or (self.training and self.lora_dropout.p > 0)
+            or (torch.is_tensor(route) and route.dim() == 3)
+        ):
             return super().forward(x)
         if isinstance(route, int) and torch.is_grad_enabled():  # training one expert
-            return LoRAFunction.apply(x, self.base.weight, self.base.bias, self.lora_A[route], self.lora_B[route],
-                                      self.scale)
+            return LoRAFunction.apply(
+                x, self.base.weight, self.base.bias, self.lora_A[route], self.lora_B[route], self.scale
+            )
         if torch.is_tensor(route) and not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
             experts, counts = (t.tolist() for t in torch.unique_consecutive(route, return_counts=True))
             if len(experts) == 1:  # every sample uses one expert (a single request, say): the one-expert path
@@ -111,8 +116,10 @@ class FastLoRALinear(LoRALinear):
             return None
         W, bias = self.base.weight, self.base.bias
         # BEGIN ASSIGNMENT 6: each run of samples (experts[j], counts[j] samples) as one matmul with its merged weight
-        merged = {k: torch.addmm(W, self.lora_B[k], self.lora_A[k], alpha=self.scale).t()  # (in, out)
-                  for k in set(experts)}
+        merged = {
+            k: torch.addmm(W, self.lora_B[k], self.lora_A[k], alpha=self.scale).t()  # (in, out)
+            for k in set(experts)
+        }
         x2d = x.reshape(-1, x.size(-1))
         y = x.new_empty(x2d.size(0), W.size(0))  # (B*T, out)
         start = 0
@@ -135,12 +142,14 @@ class FastMoA(MoA):
         if not sortable or not bool((domain[1:] < domain[:-1]).any()):  # nothing to sort
             return super().forward(idx, targets, pad_mask, cache, domain, mode, router_mask)
         order = domain.argsort(stable=True)  # each expert's samples side by side: one run of rows each
-        idx, targets, pad_mask, router_mask = (None if t is None else t[order]
-                                               for t in (idx, targets, pad_mask, router_mask))
+        idx, targets, pad_mask, router_mask = (
+            None if t is None else t[order] for t in (idx, targets, pad_mask, router_mask)
+        )
         logits, loss = super().forward(idx, targets, pad_mask, None, domain[order], mode, router_mask)
         inverse = order.argsort()  # back to the caller's order: batch is dim 0, or dim 1 behind the layers
-        self.routing = {k: v if v.dim() == 0 else v[inverse] if v.dim() == 1 else v[:, inverse]
-                        for k, v in self.routing.items()}
+        self.routing = {
+            k: v if v.dim() == 0 else v[inverse] if v.dim() == 1 else v[:, inverse] for k, v in self.routing.items()
+        }
         return logits[inverse], loss
 
     def decode(self, idx, pad_mask, cache):
@@ -148,8 +157,9 @@ class FastMoA(MoA):
             cache.merged = []
             for i, route in enumerate(cache.route):
                 weights = self.merged_weights(i, route)
-                cache.merged.append(None if weights is None else
-                                    [(layer.__dict__, w) for layer, w in zip(self.blocks[i], weights)])
+                cache.merged.append(
+                    None if weights is None else [(layer.__dict__, w) for layer, w in zip(self.blocks[i], weights)]
+                )
         x, attn_mask = self.gpt.embed(idx, pad_mask, cache)
         for i, (block, merged) in enumerate(zip(self.gpt.transformer.h, cache.merged)):
             if merged is None:  # samples of this block use different experts: the gather
@@ -171,8 +181,10 @@ class FastMoA(MoA):
             return None
         # BEGIN ASSIGNMENT 6: the merged weight of each LoRA layer of block i for its one expert k
         k = experts[0]
-        return [torch.addmm(layer.base.weight, layer.lora_B[k], layer.lora_A[k], alpha=layer.scale)
-                for layer in self.blocks[i]]
+        return [
+            torch.addmm(layer.base.weight, layer.lora_B[k], layer.lora_A[k], alpha=layer.scale)
+            for layer in self.blocks[i]
+        ]
         # END ASSIGNMENT 6
 
 

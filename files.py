@@ -32,8 +32,8 @@ from dataclasses import asdict, fields
 import torch
 
 from config import UserError
-from model import GPT, GPTConfig
 from moa import TARGETS, LoRALinear, MoA, add_experts, lora_layers, set_route
+from model import GPT, GPTConfig
 
 # ----------------------------------------------------------------------------------------------
 # Writing atomically, locking a run's folder, checking outputs against inputs
@@ -116,8 +116,10 @@ def locked(folder):
                 continue
             owner = int(text) if text.isdigit() and int(text) > 0 else None
             if owner is None or pid_alive(owner):
-                raise UserError(f"{folder} is in use by process {owner or '(unknown)'}, whose lock is {path}: wait for "
-                                f"that run to end, or delete the lock if no run is using {folder}") from None
+                raise UserError(
+                    f"{folder} is in use by process {owner or '(unknown)'}, whose lock is {path}: wait for "
+                    f"that run to end, or delete the lock if no run is using {folder}"
+                ) from None
             os.remove(path)  # its process is gone: a killed run's lock
     try:
         with os.fdopen(fd, "w") as f:
@@ -162,9 +164,11 @@ def read_json(path):
 
 def write_text(path, text):
     """Writes a text file (a results table, a JSON report) atomically."""
+
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
+
     atomic_write(path, write)
 
 
@@ -219,8 +223,11 @@ def load_checkpoint(path):
     except Exception as e:
         raise UserError(f"checkpoint {path} is corrupt or not a nanoMoA checkpoint ({type(e).__name__})") from None
     model = ckpt.get("model")
-    if not isinstance(ckpt["meta"], dict) or not isinstance(model, dict) or \
-            not all(isinstance(t, torch.Tensor) for t in model.values()):
+    if (
+        not isinstance(ckpt["meta"], dict)
+        or not isinstance(model, dict)
+        or not all(isinstance(t, torch.Tensor) for t in model.values())
+    ):
         raise UserError(f"checkpoint {path} is not a nanoMoA checkpoint: no meta object or no model tensors")
     return ckpt
 
@@ -253,8 +260,11 @@ def base_files(path):
     """The files load_base(path) reads (for check_outputs): a checkpoint, or a GPT-2 folder's (none for a hub name)."""
     if base_checkpoint(path):
         return [base_checkpoint(path)]
-    return [os.path.join(path, f) for f in ("config.json", "model.safetensors", "pytorch_model.bin")] \
-        if os.path.isdir(path) else []
+    return (
+        [os.path.join(path, f) for f in ("config.json", "model.safetensors", "pytorch_model.bin")]
+        if os.path.isdir(path)
+        else []
+    )
 
 
 def load_base(path):
@@ -289,8 +299,10 @@ def gpt_config(values, tensors, where):
     names = [f.name for f in fields(GPTConfig)]
     if not isinstance(values, dict) or sorted(values) != sorted(names):
         raise UserError(f"{where}: its model config must have exactly the keys {', '.join(names)}")
-    kinds = {"dropout": ("a number in [0, 1)", lambda v: is_number(v) and 0 <= v < 1),
-             "bias": ("a bool", lambda v: isinstance(v, bool))}
+    kinds = {
+        "dropout": ("a number in [0, 1)", lambda v: is_number(v) and 0 <= v < 1),
+        "bias": ("a bool", lambda v: isinstance(v, bool)),
+    }
     for key in names:
         what, ok = kinds.get(key, ("an integer >= 1", is_size))
         if not ok(values[key]):
@@ -342,14 +354,21 @@ def expert_tensors(model, k):
 def expert_targets(model):
     """The linear maps that carry experts, e.g. ["attn.c_attn", "mlp.c_fc"], in TARGETS' order."""
     names = [n.removeprefix("gpt.") for n, m in model.named_modules() if isinstance(m, LoRALinear)]
-    return sorted({n.split(".", 3)[3] for n in names}, key=TARGETS.index)  # "transformer.h.0.attn.c_attn" -> "attn.c_attn"
+    return sorted(
+        {n.split(".", 3)[3] for n in names}, key=TARGETS.index
+    )  # "transformer.h.0.attn.c_attn" -> "attn.c_attn"
 
 
 def expert_meta(model, tokenizer, base):
     """What every expert and bundle file says about its experts and the base they belong to."""
     layer = lora_layers(model)[0]
-    return {"rank": layer.rank, "alpha": layer.alpha, "targets": expert_targets(model), "tokenizer": tokenizer,
-            "base": base}
+    return {
+        "rank": layer.rank,
+        "alpha": layer.alpha,
+        "targets": expert_targets(model),
+        "tokenizer": tokenizer,
+        "base": base,
+    }
 
 
 def save_expert(path, model, k, domain, tokenizer, base, extra=None):
@@ -360,8 +379,14 @@ def save_expert(path, model, k, domain, tokenizer, base, extra=None):
 
 def save_bundle(path, moa, tokenizer, base, extra=None):
     """Writes every expert, the routers and the domain names of `moa` as one .safetensors file."""
-    meta = {"kind": "bundle", "domains": moa.domains, "pooling": moa.pooling, "temperature": moa.temperature,
-            **expert_meta(moa, tokenizer, base), **(extra or {})}
+    meta = {
+        "kind": "bundle",
+        "domains": moa.domains,
+        "pooling": moa.pooling,
+        "temperature": moa.temperature,
+        **expert_meta(moa, tokenizer, base),
+        **(extra or {}),
+    }
     tensors = {name: p for name, p in moa.named_parameters() if "lora_" in name or name.startswith("routers.")}
     write_safetensors(path, tensors, {"nanomoa": json.dumps(meta)})
 
@@ -377,22 +402,31 @@ def is_size(v):
 META_CHECKS = {  # key -> (what it must be, the check), for both kinds of file
     "rank": ("an integer >= 1", is_size),
     "alpha": ("a finite number", is_number),
-    "targets": (f"a non-empty list of {', '.join(TARGETS)}",
-                lambda v: isinstance(v, list) and v and all(t in TARGETS for t in v) and len(set(v)) == len(v)),
+    "targets": (
+        f"a non-empty list of {', '.join(TARGETS)}",
+        lambda v: isinstance(v, list) and v and all(t in TARGETS for t in v) and len(set(v)) == len(v),
+    ),
     "tokenizer": ("a string", lambda v: isinstance(v, str)),
-    "base": ("a fingerprint {config, sha256}",
-             lambda v: isinstance(v, dict) and isinstance(v.get("config"), dict) and isinstance(v.get("sha256"), str)),
+    "base": (
+        "a fingerprint {config, sha256}",
+        lambda v: isinstance(v, dict) and isinstance(v.get("config"), dict) and isinstance(v.get("sha256"), str),
+    ),
 }
 KIND_CHECKS = {
     "expert": {"domain": ("a string", lambda v: isinstance(v, str) and v)},
-    "bundle": {"domains": ("a list of distinct names", lambda v: isinstance(v, list) and v and
-                           all(isinstance(d, str) and d for d in v) and len(set(v)) == len(v)),
-               "pooling": ("mean or last", lambda v: v in ("mean", "last")),
-               "temperature": ("a positive number", lambda v: is_number(v) and v > 0)},
+    "bundle": {
+        "domains": (
+            "a list of distinct names",
+            lambda v: isinstance(v, list) and v and all(isinstance(d, str) and d for d in v) and len(set(v)) == len(v),
+        ),
+        "pooling": ("mean or last", lambda v: v in ("mean", "last")),
+        "temperature": ("a positive number", lambda v: is_number(v) and v > 0),
+    },
 }
 OPTIONAL = {"temperature": 1.0}  # a bundle written before its routers' confidence was calibrated has none
 OPTIONAL_CHECKS = {  # keys some files have (train_router.py's settings, training records seen...)
-    "top_k": ("an integer >= 1", is_size), "mode": ("a string", lambda v: isinstance(v, str)),
+    "top_k": ("an integer >= 1", is_size),
+    "mode": ("a string", lambda v: isinstance(v, str)),
     "samples": ("an integer >= 0", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
 }
 
@@ -410,8 +444,11 @@ def read_meta(path, kind, gpt=None):
     if not isinstance(meta, dict):
         raise UserError(f"{path}: its nanoMoA metadata is not a JSON object")
     if meta.get("kind") != kind:
-        raise UserError(f"{path} is a {meta.get('kind')!r} file, not an {kind}" if kind == "expert" else
-                        f"{path} is a {meta.get('kind')!r} file, not a {kind}")
+        raise UserError(
+            f"{path} is a {meta.get('kind')!r} file, not an {kind}"
+            if kind == "expert"
+            else f"{path} is a {meta.get('kind')!r} file, not a {kind}"
+        )
     meta = {**OPTIONAL, **meta} if kind == "bundle" else meta
     for key, (what, ok) in {**META_CHECKS, **KIND_CHECKS[kind]}.items():
         if key not in meta or not ok(meta[key]):
@@ -429,8 +466,10 @@ def check_base(path, meta, base, tokenizer):
     if meta["tokenizer"] != tokenizer:
         raise UserError(f"{path} was trained with tokenizer {meta['tokenizer']!r}, this base uses {tokenizer!r}")
     if meta["base"] != base:
-        raise UserError(f"{path} was trained on another base model (fingerprint {meta['base']['sha256'][:12]} "
-                        f"!= {base['sha256'][:12]}); use the base it was trained on")
+        raise UserError(
+            f"{path} was trained on another base model (fingerprint {meta['base']['sha256'][:12]} "
+            f"!= {base['sha256'][:12]}); use the base it was trained on"
+        )
 
 
 def file_shapes(gpt, meta, kind):
@@ -456,8 +495,10 @@ def file_shapes(gpt, meta, kind):
 def check_tensors(path, tensors, meta, kind, gpt):
     """The file holds exactly the floating-point tensors its metadata describes for `gpt`, each of its shape."""
     if meta["base"]["config"] != asdict(gpt.config):  # then the shapes differ: say why
-        raise UserError(f"{path} was trained on another base model (config {meta['base']['config']}); use the base "
-                        f"it was trained on")
+        raise UserError(
+            f"{path} was trained on another base model (config {meta['base']['config']}); use the base "
+            f"it was trained on"
+        )
     K, L = len(meta["domains"]) if kind == "bundle" else 1, gpt.config.n_layer
     count = 2 * L * len(meta["targets"]) * K + (2 * L if kind == "bundle" else 0)
     expected = file_shapes(gpt, meta, kind) if len(tensors) == count else {}  # counted first: names cost memory
@@ -478,8 +519,10 @@ def load_expert(path, model, k, base, tokenizer):
     check_tensors(path, tensors, meta, "expert", gpt)
     layer = lora_layers(model)[0]
     if (meta["rank"], meta["targets"]) != (layer.rank, expert_targets(model)):
-        raise UserError(f"{path} holds a rank-{meta['rank']} expert on {', '.join(meta['targets'])}; the model's "
-                        f"experts are rank {layer.rank} on {', '.join(expert_targets(model))}")
+        raise UserError(
+            f"{path} holds a rank-{meta['rank']} expert on {', '.join(meta['targets'])}; the model's "
+            f"experts are rank {layer.rank} on {', '.join(expert_targets(model))}"
+        )
     with torch.no_grad():
         for name, t in expert_tensors(model, k).items():
             t.copy_(tensors[name])
@@ -504,8 +547,15 @@ def load_bundle(path, gpt, tokenizer, base=None):
     tensors, meta = read_meta(path, "bundle")
     check_base(path, meta, base or fingerprint(gpt), tokenizer)
     check_tensors(path, tensors, meta, "bundle", gpt)  # before MoA allocates what meta says
-    moa = MoA(gpt, meta["domains"], meta["rank"], meta["alpha"], targets=meta["targets"], pooling=meta["pooling"],
-              top_k=meta.get("top_k", 1))
+    moa = MoA(
+        gpt,
+        meta["domains"],
+        meta["rank"],
+        meta["alpha"],
+        targets=meta["targets"],
+        pooling=meta["pooling"],
+        top_k=meta.get("top_k", 1),
+    )
     moa.load_state_dict(tensors, strict=False)
     moa.temperature = meta["temperature"]
     for p in moa.parameters():

@@ -182,8 +182,9 @@ class MoA(nn.Module):
     so there is no second pass. `self.routing` tells what the last prefill (or full forward) chose.
     """
 
-    def __init__(self, gpt: GPT, domains, rank=8, alpha=16.0, dropout=0.0, targets=TARGETS, pooling="mean",
-                 eta=1.0, top_k=1):
+    def __init__(
+        self, gpt: GPT, domains, rank=8, alpha=16.0, dropout=0.0, targets=TARGETS, pooling="mean", eta=1.0, top_k=1
+    ):
         super().__init__()
         if pooling not in ("mean", "last"):
             raise UserError(f"pooling must be mean or last, got {pooling!r}")
@@ -289,8 +290,13 @@ class MoA(nn.Module):
         predicted = router_logits.argmax(-1)  # (L, B): each router's own choice, whatever routed this pass
         decision = {"last": predicted[-1], "vote": vote(predicted, probs)}.get(mode, routes[-1])  # (B,)
         confidence = F.softmax(router_logits[-1].float() / self.temperature, dim=-1)  # (B, K)
-        return {"logits": router_logits.detach(), "predicted": predicted, "routes": routes, "decision": decision,
-                "confidence": confidence.gather(1, decision[:, None]).squeeze(1)}
+        return {
+            "logits": router_logits.detach(),
+            "predicted": predicted,
+            "routes": routes,
+            "decision": decision,
+            "confidence": confidence.gather(1, decision[:, None]).squeeze(1),
+        }
 
     # ------------------------------------------------------------------------------------------
     # Changing the set of domains. Old experts and old router rows are never touched.

@@ -15,6 +15,7 @@ recomputing the whole context gives.
 
 Read next: moa.py (the method: LoRA experts and routers).
 """
+
 import math
 import os
 from dataclasses import dataclass
@@ -65,10 +66,10 @@ class KVCache:
                 if n:
                     buffer[:, :, :n] = store[layer][:, :, :n]
                 store[layer] = buffer
-        self.k[layer][:, :, n:n + T] = k
-        self.v[layer][:, :, n:n + T] = v
+        self.k[layer][:, :, n : n + T] = k
+        self.v[layer][:, :, n : n + T] = v
         self.seen[layer] = n + T
-        return self.k[layer][:, :, :n + T], self.v[layer][:, :, :n + T]
+        return self.k[layer][:, :, : n + T], self.v[layer][:, :, : n + T]
 
 
 class CausalSelfAttention(nn.Module):
@@ -123,13 +124,15 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-        ))
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied embeddings
         self.apply(self._init_weights)
@@ -192,8 +195,19 @@ class GPT(nn.Module):
         return logits, loss
 
     @torch.inference_mode()  # no_grad, and no view or version-counter tracking: less work in every small op
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, pad_mask=None,
-                 use_cache=True, stop_token=None, generator=None, **forward_kwargs):
+    def generate(
+        self,
+        idx,
+        max_new_tokens,
+        temperature=1.0,
+        top_k=None,
+        top_p=None,
+        pad_mask=None,
+        use_cache=True,
+        stop_token=None,
+        generator=None,
+        **forward_kwargs,
+    ):
         """Continues idx (B, T) by max_new_tokens tokens; temperature 0 is greedy decoding.
 
         With use_cache the prompt runs once (prefill) and each step feeds one token. Without it every
@@ -211,8 +225,8 @@ class GPT(nn.Module):
         step_in, step_mask = idx, pad_mask
         for _ in range(max_new_tokens):
             if not use_cache:  # recompute everything, cropping the context to block_size
-                step_in = idx[:, -config.block_size:]
-                step_mask = None if pad_mask is None else pad_mask[:, -config.block_size:]
+                step_in = idx[:, -config.block_size :]
+                step_mask = None if pad_mask is None else pad_mask[:, -config.block_size :]
             logits, _ = self(step_in, pad_mask=step_mask, cache=cache, **forward_kwargs)
             next_id = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)  # (B, 1)
             if stop_token is not None:
@@ -234,8 +248,15 @@ class GPT(nn.Module):
         from files import gpt_config, read_hf_weights, read_json  # files.py imports this file: import it here
 
         hf = read_json(os.path.join(folder, "config.json"))
-        sizes = {"block_size": hf.get("n_positions"), "vocab_size": hf.get("vocab_size"), "n_layer": hf.get("n_layer"),
-                 "n_head": hf.get("n_head"), "n_embd": hf.get("n_embd"), "dropout": dropout, "bias": True}
+        sizes = {
+            "block_size": hf.get("n_positions"),
+            "vocab_size": hf.get("vocab_size"),
+            "n_layer": hf.get("n_layer"),
+            "n_head": hf.get("n_head"),
+            "n_embd": hf.get("n_embd"),
+            "dropout": dropout,
+            "bias": True,
+        }
         state = read_hf_weights(folder)
         model = cls(gpt_config(sizes, state, os.path.join(folder, "config.json")))  # sizes checked against the weights
         ours = model.state_dict()
@@ -243,7 +264,7 @@ class GPT(nn.Module):
         for key in ours:
             if key == "lm_head.weight":
                 continue  # tied to wte
-            src = state.get(key, state.get(key[len("transformer."):]))  # some files drop the prefix
+            src = state.get(key, state.get(key[len("transformer.") :]))  # some files drop the prefix
             if src is None:
                 raise ValueError(f"{folder}: weight {key} missing: not a GPT-2 checkpoint")
             if key.endswith(conv1d):
@@ -281,9 +302,12 @@ def download_gpt2(name):
         raise ValueError(f"{name!r} is neither a folder nor one of {', '.join(GPT2_NAMES)}")
     try:
         from huggingface_hub import snapshot_download
-        return snapshot_download(f"openai-community/{name}", allow_patterns=["config.json", "model.safetensors",
-                                                                            "vocab.json", "merges.txt"])
-    except Exception as e:
-        raise ValueError(f"cannot download {name} ({type(e).__name__}): with network, `pip install huggingface_hub`; "
-                         f"offline, copy the hub folder (config.json + model.safetensors) here and pass its path") from None
 
+        return snapshot_download(
+            f"openai-community/{name}", allow_patterns=["config.json", "model.safetensors", "vocab.json", "merges.txt"]
+        )
+    except Exception as e:
+        raise ValueError(
+            f"cannot download {name} ({type(e).__name__}): with network, `pip install huggingface_hub`; "
+            f"offline, copy the hub folder (config.json + model.safetensors) here and pass its path"
+        ) from None

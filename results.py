@@ -44,15 +44,27 @@ from tokenizer import encode, get_tokenizer
 from trainer import TaskData, pick_device
 
 HAND_WRITTEN = {  # what a user might type, phrased unlike the generated prompts: (prompt, answer)
-    "upper": [("make this word uppercase: river\n", "RIVER"), ("Write forest in capital letters.\n", "FOREST"),
-              ("caps lock on: music\n", "MUSIC")],
-    "double": [("Repeat each letter two times: cat\n", "ccaatt"), ("write every character twice: moon\n", "mmoooonn"),
-               ("Stutter the word dog\n", "ddoogg")],
-    "reverse": [("please reverse: garden\n", "nedrag"), ("what is 'window' spelled backwards?\n", "wodniw"),
-                ("Flip the letters of planet around.\n", "tenalp")],
+    "upper": [
+        ("make this word uppercase: river\n", "RIVER"),
+        ("Write forest in capital letters.\n", "FOREST"),
+        ("caps lock on: music\n", "MUSIC"),
+    ],
+    "double": [
+        ("Repeat each letter two times: cat\n", "ccaatt"),
+        ("write every character twice: moon\n", "mmoooonn"),
+        ("Stutter the word dog\n", "ddoogg"),
+    ],
+    "reverse": [
+        ("please reverse: garden\n", "nedrag"),
+        ("what is 'window' spelled backwards?\n", "wodniw"),
+        ("Flip the letters of planet around.\n", "tenalp"),
+    ],
     "arith": [("How much is 45 plus 7?\n", "52"), ("Calculate 81-6.\n", "75"), ("Add 30 and 9.\n", "39")],
-    "count": [("length of 'table'?\n", "5"), ("How long is the word sun?\n", "3"),
-              ("number of letters in dragon\n", "6")],
+    "count": [
+        ("length of 'table'?\n", "5"),
+        ("How long is the word sun?\n", "3"),
+        ("number of letters in dragon\n", "6"),
+    ],
 }
 
 
@@ -74,17 +86,19 @@ class ResultsConfig:
 def variants(cfg, K):
     """(row name, kind, file in the run folder, forward kwargs) of every main row, in the paper's order."""
     routed = {"mode": cfg.mode}
-    return [("base", "base", None, {}),
-            ("Single-LoRA (label given)", "experts", None, {"mode": "label"}),
-            ("one LoRA, mixed tasks (rank r)", "expert", "experts/all.safetensors", {}),
-            (f"one LoRA, mixed tasks (rank {K}r)", "expert", f"experts/all_r{K}.safetensors", {}),
-            ("MoE-LoRA (no label loss, token top-2)", "bundle", "moa/moe_lora.safetensors", {"mode": "token"}),
-            ("MoE-LoRA naive (random experts)", "bundle", "moa/moe_lora_naive.safetensors", {"mode": "token"}),
-            ("MoA, routers only", "bundle", "moa/moa_routers.safetensors", routed),
-            ("MoA (joint)", "bundle", "moa/moa.safetensors", routed),
-            ("MoA experts alone (label given)", "bundle", "moa/moa.safetensors", {"mode": "label"}),
-            ("Classifier + LoRAs", "classifier", None, {}),
-            ("Arrow (no labels, no training)", "arrow", None, {})]
+    return [
+        ("base", "base", None, {}),
+        ("Single-LoRA (label given)", "experts", None, {"mode": "label"}),
+        ("one LoRA, mixed tasks (rank r)", "expert", "experts/all.safetensors", {}),
+        (f"one LoRA, mixed tasks (rank {K}r)", "expert", f"experts/all_r{K}.safetensors", {}),
+        ("MoE-LoRA (no label loss, token top-2)", "bundle", "moa/moe_lora.safetensors", {"mode": "token"}),
+        ("MoE-LoRA naive (random experts)", "bundle", "moa/moe_lora_naive.safetensors", {"mode": "token"}),
+        ("MoA, routers only", "bundle", "moa/moa_routers.safetensors", routed),
+        ("MoA (joint)", "bundle", "moa/moa.safetensors", routed),
+        ("MoA experts alone (label given)", "bundle", "moa/moa.safetensors", {"mode": "label"}),
+        ("Classifier + LoRAs", "classifier", None, {}),
+        ("Arrow (no labels, no training)", "arrow", None, {}),
+    ]
 
 
 def build(kind, path, run_dir, cfg, domains):
@@ -131,8 +145,9 @@ def score(model, kwargs, data, cfg):
     if "route_mean" not in row:
         return row
     if all(data.count(d, "calib") for d in data.domains):
-        row["unseen_mean"] = evaluate_tasks(model, data, cfg.records, cfg.batch_size, False, "calib",
-                                            **kwargs)["route_mean"]
+        row["unseen_mean"] = evaluate_tasks(model, data, cfg.records, cfg.batch_size, False, "calib", **kwargs)[
+            "route_mean"
+        ]
     enc = get_tokenizer(data.tokenizer)
     rows, truth = [], []
     for label, name in enumerate(data.domains):
@@ -204,22 +219,44 @@ def em_error(r, n_records, K):
 
 def main_tables(rows, domains, cfg):
     K = len(domains)
-    about = [("params", lambda r: f"{int(r['params'][0]):,}"), ("samples trained", lambda r: f"{int(r['samples'][0]):,}"),
-             ("routing", lambda r: r["routing"])]
-    return "\n\n".join([
-        "Response loss (nats per token; perplexity is its exp):\n\n" + table(rows, domains, "loss", extra=about),
-        "Exact match of the greedy answer (the last column: one run's standard error of the mean):\n\n" +
-        table(rows, domains, "em", True, [("s.e.", lambda r: f"{100 * em_error(r, cfg.records, K):.1f}")]),
-        "ROUGE-L of the greedy answer against the reference, over characters:\n\n" + table(rows, domains, "rouge", True),
-        f"Routing accuracy from the prompt (validation prompts; mode {cfg.mode} for MoA), on prompts in a phrasing no "
-        f"split trains on (calib), and on {sum(len(v) for v in HAND_WRITTEN.values()) // len(HAND_WRITTEN)} "
-        "hand-written prompts per task, with the last router's mean confidence in right and wrong routes there:\n\n" +
-        table(rows, domains, "route", True, [
-            ("unseen phrasing", lambda r: cell(r["unseen_mean"], True) if "unseen_mean" in r else "-"),
-            ("hand-written", lambda r: cell(r["hand_mean"], True)),
-            ("confidence right / wrong", lambda r: " / ".join(f"{r[k][0]:.2f}" if k in r else "-" for k in (
-                "hand_confidence_right", "hand_confidence_wrong")) if "hand_confidence_right" in r or
-             "hand_confidence_wrong" in r else "-")])])
+    about = [
+        ("params", lambda r: f"{int(r['params'][0]):,}"),
+        ("samples trained", lambda r: f"{int(r['samples'][0]):,}"),
+        ("routing", lambda r: r["routing"]),
+    ]
+    return "\n\n".join(
+        [
+            "Response loss (nats per token; perplexity is its exp):\n\n" + table(rows, domains, "loss", extra=about),
+            "Exact match of the greedy answer (the last column: one run's standard error of the mean):\n\n"
+            + table(rows, domains, "em", True, [("s.e.", lambda r: f"{100 * em_error(r, cfg.records, K):.1f}")]),
+            "ROUGE-L of the greedy answer against the reference, over characters:\n\n"
+            + table(rows, domains, "rouge", True),
+            f"Routing accuracy from the prompt (validation prompts; mode {cfg.mode} for MoA), on prompts in a phrasing "
+            f"no split trains on (calib), and on {sum(len(v) for v in HAND_WRITTEN.values()) // len(HAND_WRITTEN)} "
+            "hand-written prompts per task, with the last router's mean confidence in right and wrong routes there:\n\n"
+            + table(
+                rows,
+                domains,
+                "route",
+                True,
+                [
+                    ("unseen phrasing", lambda r: cell(r["unseen_mean"], True) if "unseen_mean" in r else "-"),
+                    ("hand-written", lambda r: cell(r["hand_mean"], True)),
+                    (
+                        "confidence right / wrong",
+                        lambda r: (
+                            " / ".join(
+                                f"{r[k][0]:.2f}" if k in r else "-"
+                                for k in ("hand_confidence_right", "hand_confidence_wrong")
+                            )
+                            if "hand_confidence_right" in r or "hand_confidence_wrong" in r
+                            else "-"
+                        ),
+                    ),
+                ],
+            ),
+        ]
+    )
 
 
 def adaptation(cfg, run_dir, old, new):
@@ -228,21 +265,22 @@ def adaptation(cfg, run_dir, old, new):
     data = TaskData(cfg.data_dir, ",".join(old + [new]))
     before, mixed = "MoA before", "mixed LoRA before"
     for name, path, kwargs, reference in [
-            (before, "moa/moa.safetensors", {"mode": cfg.mode}, None),
-            (f"MoA + {new} (new router row only)", f"moa/moa+{new}.safetensors", {"mode": cfg.mode}, before),
-            (f"MoA + {new} (every router row retrained)", f"moa/moa+{new}_allrows.safetensors", {"mode": cfg.mode},
-             before),
-            (f"{new} expert alone", f"experts/{new}.safetensors", {}, None),
-            (mixed, "experts/all.safetensors", {}, None),
-            (f"mixed LoRA, trained on {new}", f"experts/all+{new}.safetensors", {}, mixed),
-            (f"MoA retrained on K+1 tasks", "moa/moa_all.safetensors", {"mode": cfg.mode}, before)]:
+        (before, "moa/moa.safetensors", {"mode": cfg.mode}, None),
+        (f"MoA + {new} (new router row only)", f"moa/moa+{new}.safetensors", {"mode": cfg.mode}, before),
+        (f"MoA + {new} (every router row retrained)", f"moa/moa+{new}_allrows.safetensors", {"mode": cfg.mode}, before),
+        (f"{new} expert alone", f"experts/{new}.safetensors", {}, None),
+        (mixed, "experts/all.safetensors", {}, None),
+        (f"mixed LoRA, trained on {new}", f"experts/all+{new}.safetensors", {}, mixed),
+        ("MoA retrained on K+1 tasks", "moa/moa_all.safetensors", {"mode": cfg.mode}, before),
+    ]:
         built = build("expert" if path.startswith("experts") else "bundle", path, run_dir, cfg, data.domains)
         if built is None:
             return None
         model = built[0]
         if isinstance(model, MoA) and new not in model.domains:  # a K-task bundle scores the K old tasks
-            row = evaluate_tasks(model.eval(), TaskData(cfg.data_dir, ",".join(old)), cfg.records, cfg.batch_size,
-                                 **kwargs)
+            row = evaluate_tasks(
+                model.eval(), TaskData(cfg.data_dir, ",".join(old)), cfg.records, cfg.batch_size, **kwargs
+            )
         else:
             row = evaluate_tasks(model.eval(), data, cfg.records, cfg.batch_size, **kwargs)
         row["old_loss"] = sum(row[f"loss/{d}"] for d in old) / len(old)
@@ -259,13 +297,22 @@ def adaptation(cfg, run_dir, old, new):
 
 
 def adaptation_table(rows, domains, new):
-    columns = [("old tasks' loss", lambda r: cell(r["old_loss"])), ("worst old task", lambda r: cell(
-        r["worst_old"], True) if "worst_old" in r else "-"), ("old EM", lambda r: cell(r["old_em"], True)),
-               ("old routing", lambda r: cell(r["old_route"], True) if "old_route" in r else "-"),
-               ("change (points)", lambda r: cell(tuple(100 * v if i < 2 else v for i, v in enumerate(
-                   r["old_route_change"])), digits=1) if "old_route_change" in r else "-"),
-               (f"{new} routing", lambda r: cell(r[f"route/{new}"], True) if f"route/{new}" in r else "-"),
-               (f"{new} EM", lambda r: cell(r[f"em/{new}"], True) if f"em/{new}" in r else "-")]
+    columns = [
+        ("old tasks' loss", lambda r: cell(r["old_loss"])),
+        ("worst old task", lambda r: cell(r["worst_old"], True) if "worst_old" in r else "-"),
+        ("old EM", lambda r: cell(r["old_em"], True)),
+        ("old routing", lambda r: cell(r["old_route"], True) if "old_route" in r else "-"),
+        (
+            "change (points)",
+            lambda r: (
+                cell(tuple(100 * v if i < 2 else v for i, v in enumerate(r["old_route_change"])), digits=1)
+                if "old_route_change" in r
+                else "-"
+            ),
+        ),
+        (f"{new} routing", lambda r: cell(r[f"route/{new}"], True) if f"route/{new}" in r else "-"),
+        (f"{new} EM", lambda r: cell(r[f"em/{new}"], True) if f"em/{new}" in r else "-"),
+    ]
     return table(rows, domains, "loss", extra=columns)
 
 
@@ -287,23 +334,33 @@ def main(argv=None):
                 print(f"{os.path.basename(run_dir)}: skipped {name}: files not found")
                 continue
             model, params, samples = built
-            rows[name] = {**score(model, kwargs, data, cfg), "params": params, "samples": samples,
-                          "routing": kwargs.get("mode", "classifier" if kind == "classifier" else
-                                                "arrow" if kind == "arrow" else "none")}
-            print(f"{os.path.basename(run_dir)}: {name}: loss {rows[name]['loss_mean']:.4f}, "
-                  f"exact match {100 * rows[name]['em_mean']:.1f}%")
+            rows[name] = {
+                **score(model, kwargs, data, cfg),
+                "params": params,
+                "samples": samples,
+                "routing": kwargs.get(
+                    "mode", "classifier" if kind == "classifier" else "arrow" if kind == "arrow" else "none"
+                ),
+            }
+            print(
+                f"{os.path.basename(run_dir)}: {name}: loss {rows[name]['loss_mean']:.4f}, "
+                f"exact match {100 * rows[name]['em_mean']:.1f}%"
+            )
         per_run.append(rows)
         added = adaptation(cfg, run_dir, data.domains, cfg.added) if cfg.added in data.meta["tasks"] else None
         if added is not None:
             adapted.append(added)
     rows = aggregate(per_run)
-    text = (f"{len(per_run)} run(s): {', '.join(os.path.basename(r) for r in run_dirs)}; {cfg.records} validation "
-            f"records per task.\n\n" + main_tables(rows, data.domains, cfg))
+    text = (
+        f"{len(per_run)} run(s): {', '.join(os.path.basename(r) for r in run_dirs)}; {cfg.records} validation "
+        f"records per task.\n\n" + main_tables(rows, data.domains, cfg)
+    )
     results = {"runs": run_dirs, "variants": per_run}
     if adapted:
         results["adaptation"] = adapted
-        text += (f"\n\nAdding the task {cfg.added} (loss per task; routing in mode {cfg.mode}):\n\n" +
-                 adaptation_table(aggregate(adapted), data.domains + [cfg.added], cfg.added))
+        text += f"\n\nAdding the task {cfg.added} (loss per task; routing in mode {cfg.mode}):\n\n" + adaptation_table(
+            aggregate(adapted), data.domains + [cfg.added], cfg.added
+        )
     folder = os.path.join(cfg.out, "results")
     os.makedirs(folder, exist_ok=True)
     write_text(os.path.join(folder, "results.json"), json.dumps(results, indent=1))
@@ -325,8 +382,18 @@ def pictures(cfg, rows, domains, run_dir):
         print("no pictures: `pip install matplotlib` for them")
         return
     folder = os.path.join(cfg.out, "results")
-    main = [n for n in ("base", "Single-LoRA (label given)", "one LoRA, mixed tasks (rank r)", "MoA (joint)",
-                        "Classifier + LoRAs", "Arrow (no labels, no training)") if n in rows]
+    main = [
+        n
+        for n in (
+            "base",
+            "Single-LoRA (label given)",
+            "one LoRA, mixed tasks (rank r)",
+            "MoA (joint)",
+            "Classifier + LoRAs",
+            "Arrow (no labels, no training)",
+        )
+        if n in rows
+    ]
     fig, axes = plt.subplots(1, 2, figsize=(14, 4))
     for ax, metric, label in ((axes[0], "em", "exact match"), (axes[1], "loss", "response loss (nats/token)")):
         width = 0.8 / len(main)
@@ -334,16 +401,20 @@ def pictures(cfg, rows, domains, run_dir):
             means = [rows[name][f"{metric}/{d}"][0] for d in domains]
             errs = [rows[name][f"{metric}/{d}"][1] for d in domains]
             ax.bar([j + i * width for j in range(len(domains))], means, width, yerr=errs, label=name)
-        ax.set(xticks=[j + 0.4 - width / 2 for j in range(len(domains))], xticklabels=domains, ylabel=label,
-               title=f"{label} per task")
+        ax.set(
+            xticks=[j + 0.4 - width / 2 for j in range(len(domains))],
+            xticklabels=domains,
+            ylabel=label,
+            title=f"{label} per task",
+        )
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(folder, "tasks.png"), dpi=100)
 
     fig, axes = plt.subplots(1, len(domains), figsize=(4 * len(domains), 3.5), squeeze=False)
     for ax, d in zip(axes[0], domains):
-        for run, label in ((d, f"{d} expert"), ("all", "mixed LoRA")):
-            log = os.path.join(run_dir, "experts", run, "log.jsonl")
+        for expert, label in ((d, f"{d} expert"), ("all", "mixed LoRA")):
+            log = os.path.join(run_dir, "experts", expert, "log.jsonl")
             if os.path.isfile(log):
                 with open(log) as f:
                     points = [json.loads(line) for line in f]
@@ -360,9 +431,15 @@ def pictures(cfg, rows, domains, run_dir):
         for i, counts in enumerate(moa["confusion"]):
             for j, n in enumerate(counts):
                 ax.text(j, i, n, ha="center", va="center")
-        ax.set(title=f"MoA: where each task's prompts went (mode {cfg.mode})", xticks=range(len(domains)),
-               yticks=range(len(domains)), xticklabels=domains, yticklabels=domains, xlabel="expert",
-               ylabel="task")
+        ax.set(
+            title=f"MoA: where each task's prompts went (mode {cfg.mode})",
+            xticks=range(len(domains)),
+            yticks=range(len(domains)),
+            xticklabels=domains,
+            yticklabels=domains,
+            xlabel="expert",
+            ylabel="task",
+        )
         fig.tight_layout()
         fig.savefig(os.path.join(folder, "routing.png"), dpi=100)
     print(f"pictures in {folder}")

@@ -18,6 +18,7 @@ cache: no router runs while decoding).
 
 Read next: results.py.
 """
+
 import os
 from dataclasses import dataclass
 
@@ -50,13 +51,20 @@ class SampleConfig:
     fast: bool = True  # fast.py's speed paths (False: the plain method of moa.py)
     trace: int = 0  # with a bundle: print each block's route at prefill and in this many greedy decoding steps
 
-    CHECKS = {"mode": one_of(*MODES), "num_samples": AT_LEAST_1, "max_new_tokens": AT_LEAST_1,
-              "temperature": AT_LEAST_0, "top_k": AT_LEAST_0, "top_p": PROBABILITY, "trace": AT_LEAST_0}
+    CHECKS = {
+        "mode": one_of(*MODES),
+        "num_samples": AT_LEAST_1,
+        "max_new_tokens": AT_LEAST_1,
+        "temperature": AT_LEAST_0,
+        "top_k": AT_LEAST_0,
+        "top_p": PROBABILITY,
+        "trace": AT_LEAST_0,
+    }
 
 
 def read_prompts(text):
     if text.startswith("FILE:"):
-        path = text[len("FILE:"):]
+        path = text[len("FILE:") :]
         if not os.path.isfile(path):
             raise UserError(f"prompt file {path} not found")
         try:
@@ -95,8 +103,13 @@ def trace(moa, idx, mask, enc, steps, mode):
     print(f"prefill ({idx.size(1)} positions, left-padded), mode {mode}: each block's router, its choice (probability)")
     for b in range(idx.size(0)):
         print(f"  prompt {b + 1} {enc.decode(idx[b][mask[b]].tolist())!r}")
-        print("    routers: " + "  ".join(f"block {i}: {names[k]} ({probs[i, b, k]:.2f})"
-                                         for i, k in enumerate(moa.routing["predicted"][:, b].tolist())))
+        print(
+            "    routers: "
+            + "  ".join(
+                f"block {i}: {names[k]} ({probs[i, b, k]:.2f})"
+                for i, k in enumerate(moa.routing["predicted"][:, b].tolist())
+            )
+        )
         print("    kept:    " + "  ".join(f"block {i}: {names[k]}" for i, k in enumerate(cache.route[:, b].tolist())))
     for step in range(1, steps + 1):
         token = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1) greedy
@@ -105,8 +118,10 @@ def trace(moa, idx, mask, enc, steps, mode):
         assert not moa.routing, "a router ran while decoding"
         print(f"decoding step {step}: no router runs; block i uses cache.route[i]")
         for b in range(idx.size(0)):
-            print(f"  prompt {b + 1} gets {enc.decode(token[b].tolist())!r}: " +
-                  "  ".join(f"block {i}: {names[k]}" for i, k in enumerate(cache.route[:, b].tolist())))
+            print(
+                f"  prompt {b + 1} gets {enc.decode(token[b].tolist())!r}: "
+                + "  ".join(f"block {i}: {names[k]}" for i, k in enumerate(cache.route[:, b].tolist()))
+            )
 
 
 @torch.no_grad()
@@ -120,16 +135,26 @@ def main(argv=None):
     rows = [encode(enc, p) for p in prompts for _ in range(cfg.num_samples)]
     idx, mask = left_pad(rows, enc.eot_token)
     if idx.size(1) + cfg.max_new_tokens > model.config.block_size:
-        raise UserError(f"prompt ({idx.size(1)} tokens) + max_new_tokens exceed the context of {model.config.block_size}")
+        raise UserError(
+            f"prompt ({idx.size(1)} tokens) + max_new_tokens exceed the context of {model.config.block_size}"
+        )
     if kwargs.get("mode") == "label":
         kwargs["domain"] = torch.full((len(rows),), model.domains.index(cfg.domain), device=device)
     if cfg.trace:
         if not cfg.bundle or cfg.mode not in ("layer", "last", "vote"):
             raise UserError("--trace needs --bundle and a routing mode that decides at prefill: layer, last or vote")
         return trace(model, idx.to(device), mask.to(device), enc, cfg.trace, cfg.mode)
-    out = model.generate(idx.to(device), cfg.max_new_tokens, cfg.temperature, cfg.top_k or None,
-                         cfg.top_p if cfg.top_p < 1 else None, pad_mask=mask.to(device), stop_token=enc.eot_token,
-                         generator=torch.Generator(device).manual_seed(cfg.seed), **kwargs)
+    out = model.generate(
+        idx.to(device),
+        cfg.max_new_tokens,
+        cfg.temperature,
+        cfg.top_k or None,
+        cfg.top_p if cfg.top_p < 1 else None,
+        pad_mask=mask.to(device),
+        stop_token=enc.eot_token,
+        generator=torch.Generator(device).manual_seed(cfg.seed),
+        **kwargs,
+    )
     routing = getattr(model, "routing", {})
     for i, tokens in enumerate(out.tolist()):
         head = f"--- prompt {i // cfg.num_samples + 1}, sample {i % cfg.num_samples + 1}"
@@ -137,9 +162,12 @@ def main(argv=None):
             k = int(routing["decision"][i])
             head += f" -> expert {model.domains[k]!r} (last router's confidence {routing['confidence'][i]:.2f})"
         print(head)
-        text = tokens[idx.size(1) - len(rows[i]):]  # the prompt and its continuation, up to <|endoftext|>
-        print(enc.decode(text[:text.index(enc.eot_token, len(rows[i]))] if enc.eot_token in text[len(rows[i]):]
-                         else text))
+        text = tokens[idx.size(1) - len(rows[i]) :]  # the prompt and its continuation, up to <|endoftext|>
+        print(
+            enc.decode(
+                text[: text.index(enc.eot_token, len(rows[i]))] if enc.eot_token in text[len(rows[i]) :] else text
+            )
+        )
     return out
 
 

@@ -9,6 +9,7 @@
 
 Read next: model.py.
 """
+
 import hashlib
 import os
 
@@ -24,8 +25,7 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 
 def byte_tokenizer() -> tiktoken.Encoding:
     ranks = {bytes([i]): i for i in range(256)}
-    return tiktoken.Encoding("bytes", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                             special_tokens={EOT: 256})
+    return tiktoken.Encoding("bytes", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: 256})
 
 
 def gpt2_from_folder(folder: str) -> tiktoken.Encoding:
@@ -35,19 +35,26 @@ def gpt2_from_folder(folder: str) -> tiktoken.Encoding:
         if not os.path.isfile(f):
             raise UserError(f"{f} not found: a GPT-2 tokenizer folder needs vocab.json and merges.txt")
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks  # reads local paths without network
+
     # tiktoken caches files by path; passing the contents' hashes makes it re-read edited files
     sha256 = {}
     for f in (vocab, merges):
         with open(f, "rb") as fh:
             sha256[f] = hashlib.sha256(fh.read()).hexdigest()
     try:
-        ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=merges, encoder_json_file=vocab,
-                                                vocab_bpe_hash=sha256[merges], encoder_json_hash=sha256[vocab])
+        ranks = data_gym_to_mergeable_bpe_ranks(
+            vocab_bpe_file=merges,
+            encoder_json_file=vocab,
+            vocab_bpe_hash=sha256[merges],
+            encoder_json_hash=sha256[vocab],
+        )
     except (AssertionError, KeyError, ValueError) as e:  # tiktoken asserts that the two files agree
-        raise UserError(f"{folder}: vocab.json and merges.txt are not a valid GPT-2 BPE pair "
-                             f"({type(e).__name__})") from None
-    return tiktoken.Encoding("gpt2-local", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                             special_tokens={EOT: len(ranks)})
+        raise UserError(
+            f"{folder}: vocab.json and merges.txt are not a valid GPT-2 BPE pair ({type(e).__name__})"
+        ) from None
+    return tiktoken.Encoding(
+        "gpt2-local", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: len(ranks)}
+    )
 
 
 def get_tokenizer(name: str) -> tiktoken.Encoding:
@@ -63,7 +70,8 @@ def get_tokenizer(name: str) -> tiktoken.Encoding:
             raise UserError(
                 f"cannot load the GPT-2 BPE ({type(e).__name__}): run once with network, or point "
                 f"TIKTOKEN_CACHE_DIR at a folder holding tiktoken's cached gpt2 files, or pass a "
-                f"folder with vocab.json + merges.txt") from None
+                f"folder with vocab.json + merges.txt"
+            ) from None
     raise UserError(f"unknown tokenizer {name!r}: use 'bytes', 'gpt2' or a folder with vocab.json + merges.txt")
 
 

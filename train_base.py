@@ -10,15 +10,16 @@ The loop itself lives in trainer.py; this file only builds the model and says ho
 
 Read next: moa.py (LoRA experts), then train_lora.py.
 """
+
 import os
 from dataclasses import asdict, dataclass
 
 import torch
 
-from evaluate import corpus_losses, unigram_entropy
-from model import GPT, GPTConfig
 from config import AT_LEAST_1, FRACTION, UserError, parse_config, run
+from evaluate import corpus_losses, unigram_entropy
 from files import gpt_config, load_checkpoint
+from model import GPT, GPTConfig
 from trainer import CorpusData, TrainConfig, train
 
 
@@ -41,8 +42,17 @@ def build_model(cfg, vocab_size):
     if cfg.init_from == "scratch":
         if cfg.n_embd % cfg.n_head:
             raise UserError(f"--n_embd={cfg.n_embd} must be a multiple of --n_head={cfg.n_head}: heads split the width")
-        return GPT(GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer,
-                             n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias))
+        return GPT(
+            GPTConfig(
+                block_size=cfg.block_size,
+                vocab_size=vocab_size,
+                n_layer=cfg.n_layer,
+                n_head=cfg.n_head,
+                n_embd=cfg.n_embd,
+                dropout=cfg.dropout,
+                bias=cfg.bias,
+            )
+        )
     if cfg.init_from == "resume":
         path = os.path.join(cfg.out_dir, "ckpt.pt")
         ckpt = load_checkpoint(path)
@@ -52,7 +62,9 @@ def build_model(cfg, vocab_size):
     except ValueError as e:
         raise UserError(str(e)) from None
     if cfg.block_size > model.config.block_size:
-        raise UserError(f"block_size {cfg.block_size} > {model.config.block_size}, the longest context of {cfg.init_from}")
+        raise UserError(
+            f"block_size {cfg.block_size} > {model.config.block_size}, the longest context of {cfg.init_from}"
+        )
     return model
 
 
@@ -62,21 +74,30 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)  # the initial weights are part of the run: same seed, same model, on every process
     model = build_model(cfg, data.vocab_size)
     if model.config.vocab_size < data.vocab_size:
-        raise UserError(f"the data's tokenizer ({data.tokenizer}, {data.vocab_size} tokens) does not fit the model's "
-                        f"{model.config.vocab_size}; for GPT-2 weights run `python data/prepare.py --tokenizer=gpt2`")
+        raise UserError(
+            f"the data's tokenizer ({data.tokenizer}, {data.vocab_size} tokens) does not fit the model's "
+            f"{model.config.vocab_size}; for GPT-2 weights run `python data/prepare.py --tokenizer=gpt2`"
+        )
     print(f"base GPT: {model.num_params() / 1e6:.2f}M parameters, corpus: {', '.join(data.domains)}")
 
     def evaluate(m):
         return corpus_losses(m, data, cfg.eval_iters * cfg.batch_size, cfg.batch_size, next(m.parameters()).device)
 
-    meta = {"kind": "base", "model": asdict(model.config), "tokenizer": data.tokenizer, "corpus": data.domains,
-            "init_from": cfg.init_from}
+    meta = {
+        "kind": "base",
+        "model": asdict(model.config),
+        "tokenizer": data.tokenizer,
+        "corpus": data.domains,
+        "init_from": cfg.init_from,
+    }
 
     def finish(m):  # once training is over (under torchrun: on process 0 only)
         final = evaluate(m.eval())
         for name in data.domains:
-            print(f"{name:>8}: val loss {final[f'val/{name}']:.3f} nats/token, "
-                  f"unigram entropy {unigram_entropy(data, name):.3f}")
+            print(
+                f"{name:>8}: val loss {final[f'val/{name}']:.3f} nats/token, "
+                f"unigram entropy {unigram_entropy(data, name):.3f}"
+            )
         print(f"saved {os.path.join(cfg.out_dir, 'ckpt.pt')}")
 
     losses = train(cfg, model, data, evaluate, meta=meta, finish=finish)

@@ -56,8 +56,10 @@ def main(argv=None):
         raise UserError("say which task the expert learns: --domain=NAME (or --domain=all)")
     name = cfg.name or cfg.domain
     path, run_dir = os.path.join(cfg.out_dir, f"{name}.safetensors"), os.path.join(cfg.out_dir, name)
-    check_outputs([path, os.path.join(run_dir, "ckpt.pt"), os.path.join(run_dir, "log.jsonl")],
-                  base_files(cfg.base) + ([cfg.init_expert] if cfg.init_expert else []))
+    check_outputs(
+        [path, os.path.join(run_dir, "ckpt.pt"), os.path.join(run_dir, "log.jsonl")],
+        base_files(cfg.base) + ([cfg.init_expert] if cfg.init_expert else []),
+    )
     model, tokenizer = load_base(cfg.base)
     block_size = task_block_size(cfg, model)
     train_data = TaskData(cfg.data_dir, "all" if cfg.domain == "all" else cfg.domain, block_size, cfg.prompt_loss)
@@ -65,8 +67,10 @@ def main(argv=None):
     if cfg.domain != "all" and cfg.domain not in eval_data.domains:  # e.g. the held-back task
         eval_data = TaskData(cfg.data_dir, ",".join(eval_data.domains + [cfg.domain]), block_size)
     if tokenizer != train_data.tokenizer:
-        raise UserError(f"the base uses tokenizer {tokenizer!r} but {cfg.data_dir} was prepared with "
-                        f"{train_data.tokenizer!r}; prepare the data with --tokenizer={tokenizer}")
+        raise UserError(
+            f"the base uses tokenizer {tokenizer!r} but {cfg.data_dir} was prepared with "
+            f"{train_data.tokenizer!r}; prepare the data with --tokenizer={tokenizer}"
+        )
     torch.manual_seed(cfg.seed)  # the expert's initial A is part of the run
     base = fingerprint(model)
     if cfg.init_expert:  # go on training an existing expert, with its rank, alpha and targets
@@ -77,12 +81,15 @@ def main(argv=None):
         set_route(model, 0)  # every sample uses the one expert
     fast.enable(model, cfg.fast)
     trainable, total = count_params(model)
-    print(f"expert {name!r} on {', '.join(train_data.domains)}: {trainable:,} trainable of {total:,} parameters "
-          f"({100 * trainable / (total - trainable):.2f}% of the base)")
+    print(
+        f"expert {name!r} on {', '.join(train_data.domains)}: {trainable:,} trainable of {total:,} parameters "
+        f"({100 * trainable / (total - trainable):.2f}% of the base)"
+    )
 
     def evaluate(m):
-        return evaluate_tasks(m, eval_data, cfg.eval_iters * cfg.batch_size, cfg.batch_size, generate=False,
-                              served=False)
+        return evaluate_tasks(
+            m, eval_data, cfg.eval_iters * cfg.batch_size, cfg.batch_size, generate=False, served=False
+        )
 
     samples = cfg.max_iters * cfg.batch_size * micro_batches(cfg)  # training records seen, for fair comparisons
 
@@ -90,8 +97,14 @@ def main(argv=None):
         save_expert(path, m, 0, cfg.domain, tokenizer, base, {"trained_on": train_data.domains, "samples": samples})
         print(f"saved {path} ({os.path.getsize(path) / 1e3:.0f} kB)")
 
-    losses = train(replace(cfg, out_dir=run_dir), model, train_data, evaluate,
-                   meta={"kind": "expert", "domain": cfg.domain}, finish=finish)
+    losses = train(
+        replace(cfg, out_dir=run_dir),
+        model,
+        train_data,
+        evaluate,
+        meta={"kind": "expert", "domain": cfg.domain},
+        finish=finish,
+    )
     return model, losses
 
 

@@ -24,6 +24,7 @@ retrains every row instead: the old domains' routing may then move, see the resu
 
 Read next: sample.py, then results.py.
 """
+
 import glob
 import os
 from dataclasses import dataclass, replace
@@ -67,9 +68,16 @@ class RouterConfig(TaskConfig):
     warmup_iters: int = 20
     weight_decay: float = 0.0
 
-    CHECKS = {"eta": AT_LEAST_0, "mode": one_of("label", "token", "layer"), "top_k": AT_LEAST_1,
-              "pooling": one_of("mean", "last"), "expert_init": one_of("stage1", "random"), "rank": AT_LEAST_1,
-              "lora_dropout": FRACTION, "router_lr": POSITIVE}
+    CHECKS = {
+        "eta": AT_LEAST_0,
+        "mode": one_of("label", "token", "layer"),
+        "top_k": AT_LEAST_1,
+        "pooling": one_of("mean", "last"),
+        "expert_init": one_of("stage1", "random"),
+        "rank": AT_LEAST_1,
+        "lora_dropout": FRACTION,
+        "router_lr": POSITIVE,
+    }
 
 
 SETTINGS = ("mode", "top_k", "eta", "train_experts", "expert_init", "max_iters")  # kept in a bundle
@@ -98,7 +106,7 @@ def build(cfg, gpt, tokenizer, base, data_domains):
         moa, meta = load_bundle(cfg.bundle, gpt, tokenizer, base)  # everything frozen
         if meta.get("mode", "label") == "token":
             raise UserError(f"{cfg.bundle} routes per token (MoE-LoRA): adding a domain needs a MoA bundle")
-        # BEGIN ASSIGNMENT 5: add the domain, load its expert into the new slot; the routers' new row (maybe all rows, maybe the expert) trains
+        # BEGIN ASSIGNMENT 5: add the domain, its expert in the new slot; the new router row trains (maybe more)
         moa.add_domain(cfg.add_domain)
         load_expert(expert_path(cfg, cfg.add_domain), moa, len(moa.domains) - 1, base, tokenizer)
         for layer in lora_layers(moa):
@@ -130,8 +138,9 @@ def build(cfg, gpt, tokenizer, base, data_domains):
 def samples_before(cfg, domains):
     """Training records the starting point saw: the stage-1 experts' (or the bundle's and the new expert's)."""
     if cfg.add_domain:
-        return read_meta(cfg.bundle, "bundle")[1].get("samples", 0) + \
-            read_meta(expert_path(cfg, cfg.add_domain), "expert")[1].get("samples", 0)
+        return read_meta(cfg.bundle, "bundle")[1].get("samples", 0) + read_meta(
+            expert_path(cfg, cfg.add_domain), "expert"
+        )[1].get("samples", 0)
     if cfg.expert_init == "random":
         return 0
     return sum(read_meta(expert_path(cfg, d), "expert")[1].get("samples", 0) for d in domains)
@@ -141,12 +150,16 @@ def main(argv=None):
     cfg = parse_config(RouterConfig, argv or [])
     check_choices(cfg)
     stem = os.path.splitext(os.path.basename(cfg.bundle))[0]
-    name = cfg.name or (f"{stem}+{cfg.add_domain}" if cfg.add_domain else
-                        f"{stem}-{cfg.remove_domain}" if cfg.remove_domain else "moa")
+    name = cfg.name or (
+        f"{stem}+{cfg.add_domain}" if cfg.add_domain else f"{stem}-{cfg.remove_domain}" if cfg.remove_domain else "moa"
+    )
     path, run_dir = os.path.join(cfg.out_dir, f"{name}.safetensors"), os.path.join(cfg.out_dir, name)
-    check_outputs([path, os.path.join(run_dir, "ckpt.pt"), os.path.join(run_dir, "log.jsonl")],  # --name picks them
-                  base_files(cfg.base) + ([cfg.bundle] if cfg.bundle else []) +
-                  glob.glob(os.path.join(cfg.experts, "*.safetensors")))
+    check_outputs(
+        [path, os.path.join(run_dir, "ckpt.pt"), os.path.join(run_dir, "log.jsonl")],  # --name picks them
+        base_files(cfg.base)
+        + ([cfg.bundle] if cfg.bundle else [])
+        + glob.glob(os.path.join(cfg.experts, "*.safetensors")),
+    )
     gpt, tokenizer = load_base(cfg.base)
     base = fingerprint(gpt)
 
@@ -177,8 +190,15 @@ def main(argv=None):
         return m(batch.x, batch.y, domain=batch.domain, mode=cfg.mode, router_mask=batch.prompt)[1]
 
     def evaluate(m):  # no labels: each block's router decides from the prompt (results.py also scores last, vote)
-        return evaluate_tasks(m, data, cfg.eval_iters * cfg.batch_size, cfg.batch_size, generate=False, served=False,
-                              mode="token" if cfg.mode == "token" else "layer")
+        return evaluate_tasks(
+            m,
+            data,
+            cfg.eval_iters * cfg.batch_size,
+            cfg.batch_size,
+            generate=False,
+            served=False,
+            mode="token" if cfg.mode == "token" else "layer",
+        )
 
     samples = samples_before(cfg, moa.domains) + cfg.max_iters * cfg.batch_size * micro_batches(cfg)  # in all
 
@@ -187,15 +207,26 @@ def main(argv=None):
         if cfg.mode != "token" and all(data.count(d, "calib") for d in m.domains):  # the built-in tasks have one
             m.temperature, accuracy = fit_temperature(m.eval(), data)
             calibration = {"calib_route_acc": accuracy}
-            print(f"confidence calibrated on prompts phrased unlike training: temperature {m.temperature:.3g}, "
-                  f"routed right {100 * accuracy:.1f}%")
-        save_bundle(path, m, tokenizer, base, {**{k: getattr(cfg, k) for k in SETTINGS}, "samples": samples,
-                                               **calibration})
+            print(
+                f"confidence calibrated on prompts phrased unlike training: temperature {m.temperature:.3g}, "
+                f"routed right {100 * accuracy:.1f}%"
+            )
+        save_bundle(
+            path, m, tokenizer, base, {**{k: getattr(cfg, k) for k in SETTINGS}, "samples": samples, **calibration}
+        )
         print(f"saved {path}")
 
     meta = {"kind": "bundle", "domains": moa.domains}
-    losses = train(replace(cfg, out_dir=run_dir), moa, data, evaluate, loss_fn, meta,
-                   lr_scales={"routers.": cfg.router_lr / cfg.learning_rate}, finish=finish)
+    losses = train(
+        replace(cfg, out_dir=run_dir),
+        moa,
+        data,
+        evaluate,
+        loss_fn,
+        meta,
+        lr_scales={"routers.": cfg.router_lr / cfg.learning_rate},
+        finish=finish,
+    )
     return moa, losses
 
 

@@ -9,6 +9,7 @@ every script turns --device and --dtype into a device (auto: cuda, then mps, the
 
 Read next: evaluate.py, then train_base.py.
 """
+
 import hashlib
 import json
 import math
@@ -16,7 +17,7 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -25,13 +26,14 @@ import torch.distributed as dist
 from config import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, UserError, one_of
 from files import atomic_write, load_checkpoint, locked, read_json, save_checkpoint, write_bytes
 
-
 # ----------------------------------------------------------------------------------------------
 # Settings: each script's config dataclass extends this one (config.py parses the flags).
+
 
 @dataclass
 class TrainConfig:
     """Fields every stage has; each script subclasses it with its own."""
+
     out_dir: str = "out/run"
     data_dir: str = "data/default"
     init_from: str = "scratch"  # scratch | resume (continue out_dir/ckpt.pt)
@@ -58,15 +60,29 @@ class TrainConfig:
     progress: bool = True  # tqdm progress bar
 
     # each field's bound, enforced by config.parse_config
-    CHECKS = {"batch_size": AT_LEAST_1, "block_size": AT_LEAST_1, "grad_accum": AT_LEAST_0, "max_iters": AT_LEAST_0,
-              "lr_decay_iters": AT_LEAST_0, "learning_rate": POSITIVE, "min_lr": AT_LEAST_0, "warmup_iters": AT_LEAST_0,
-              "weight_decay": AT_LEAST_0, "beta1": FRACTION, "beta2": FRACTION, "grad_clip": AT_LEAST_0,
-              "eval_interval": AT_LEAST_1, "eval_iters": AT_LEAST_1, "log_interval": AT_LEAST_1}
+    CHECKS = {
+        "batch_size": AT_LEAST_1,
+        "block_size": AT_LEAST_1,
+        "grad_accum": AT_LEAST_0,
+        "max_iters": AT_LEAST_0,
+        "lr_decay_iters": AT_LEAST_0,
+        "learning_rate": POSITIVE,
+        "min_lr": AT_LEAST_0,
+        "warmup_iters": AT_LEAST_0,
+        "weight_decay": AT_LEAST_0,
+        "beta1": FRACTION,
+        "beta2": FRACTION,
+        "grad_clip": AT_LEAST_0,
+        "eval_interval": AT_LEAST_1,
+        "eval_iters": AT_LEAST_1,
+        "log_interval": AT_LEAST_1,
+    }
 
 
 @dataclass
 class TaskConfig(TrainConfig):
     """Fields of the stages that train on tasks (experts and routers) beside a frozen base."""
+
     base: str = "out/base"  # a train_base.py output folder / ckpt.pt, or GPT-2 weights (gpt2, or a folder)
     domains: str = "all"  # comma-separated tasks, or "all" (every prepared task but the held-back ones)
     prompt_loss: bool = False  # also take the loss on the prompt's tokens (default: the response's only)
@@ -91,7 +107,7 @@ class Batch(NamedTuple):
     x: torch.Tensor  # (B, T) input token ids
     y: torch.Tensor  # (B, T) targets: the next token, -1 where no loss is taken
     domain: torch.Tensor  # (B,) each sample's domain label (task, or corpus source)
-    prompt: Optional[torch.Tensor] = None  # (B, T) bool, True on a record's prompt: what the routers may read
+    prompt: torch.Tensor | None = None  # (B, T) bool, True on a record's prompt: what the routers may read
 
     def to(self, device):
         return Batch(*(None if t is None else t.to(device) for t in self))
@@ -103,9 +119,14 @@ def read_data_meta(data_dir):
     if not os.path.exists(path):
         raise UserError(f"{path} not found: run `python data/prepare.py` first")
     meta = read_json(path)
-    if not (all(isinstance(meta.get(k), dict) for k in ("corpus", "tasks")) and isinstance(meta.get("tokenizer"), str)
-            and all(isinstance(meta.get(k), int) for k in ("vocab_size", "eot")) and 1 <= meta["vocab_size"] <= 2 ** 16
-            and 0 <= meta["eot"] < meta["vocab_size"] and isinstance(meta.get("held_back", []), list)):
+    if not (
+        all(isinstance(meta.get(k), dict) for k in ("corpus", "tasks"))
+        and isinstance(meta.get("tokenizer"), str)
+        and all(isinstance(meta.get(k), int) for k in ("vocab_size", "eot"))
+        and 1 <= meta["vocab_size"] <= 2**16
+        and 0 <= meta["eot"] < meta["vocab_size"]
+        and isinstance(meta.get("held_back", []), list)
+    ):
         raise UserError(f"{path} is not a meta.json written by data/prepare.py; run it again")
     return meta
 
@@ -116,19 +137,26 @@ def read_tokens(path, vocab_size):
         raise UserError(f"{path} not found: run `python data/prepare.py` again")
     size = os.path.getsize(path)
     if size % 2:
-        raise UserError(f"{path} is corrupt ({size} bytes, not a whole number of uint16 token ids); run "
-                        f"`python data/prepare.py` again")
+        raise UserError(
+            f"{path} is corrupt ({size} bytes, not a whole number of uint16 token ids); run "
+            f"`python data/prepare.py` again"
+        )
     tokens = np.memmap(path, dtype=np.uint16, mode="r") if size else np.zeros(0, np.uint16)  # mmap: not empty
     if size and tokens.max() >= vocab_size:
-        raise UserError(f"{path} holds token id {tokens.max()}, beyond the vocabulary of {vocab_size} of its "
-                        f"meta.json; run `python data/prepare.py` again")
+        raise UserError(
+            f"{path} holds token id {tokens.max()}, beyond the vocabulary of {vocab_size} of its "
+            f"meta.json; run `python data/prepare.py` again"
+        )
     return tokens
 
 
 def choose(names, known, held_back, kind):
     """--domains-style selection: "all" is every known name but the held-back ones; else a comma list."""
-    chosen = [n for n in known if n not in held_back] if names == "all" else \
-        [n.strip() for n in names.split(",") if n.strip()]
+    chosen = (
+        [n for n in known if n not in held_back]
+        if names == "all"
+        else [n.strip() for n in names.split(",") if n.strip()]
+    )
     for name in chosen:
         if name not in known:
             raise UserError(f"unknown {kind} {name!r}; prepared: {', '.join(known) or 'none'}")
@@ -158,8 +186,8 @@ class CorpusData:
     def windows(self, name, split, starts):
         """Token windows starting at `starts` -> x, y (len(starts), block_size) int64, y = x shifted by one."""
         data, T = self.splits[name, split], self.block_size
-        x = torch.from_numpy(np.stack([data[s:s + T].astype(np.int64) for s in starts]))
-        y = torch.from_numpy(np.stack([data[s + 1:s + 1 + T].astype(np.int64) for s in starts]))
+        x = torch.from_numpy(np.stack([data[s : s + T].astype(np.int64) for s in starts]))
+        y = torch.from_numpy(np.stack([data[s + 1 : s + 1 + T].astype(np.int64) for s in starts]))
         return x, y
 
     def batch(self, batch_size, generator, split="train"):
@@ -199,8 +227,9 @@ class TaskData:
         for name in self.domains:
             for split in ("train", "val", "calib"):  # calib: the built-in tasks' held-out phrasing, if there
                 if split != "calib" or os.path.isfile(os.path.join(data_dir, "tasks", name, "calib.idx")):
-                    self.tokens[name, split], self.index[name, split] = read_records(data_dir, name, split,
-                                                                                     self.vocab_size)
+                    self.tokens[name, split], self.index[name, split] = read_records(
+                        data_dir, name, split, self.vocab_size
+                    )
 
     def count(self, name, split):
         return len(self.index[name, split]) if (name, split) in self.index else 0
@@ -208,12 +237,12 @@ class TaskData:
     def record(self, name, split, i):
         """Record i -> (prompt token ids, response token ids ending with EOT), as lists."""
         start, n_prompt, length = self.index[name, split][i].tolist()
-        tokens = self.tokens[name, split][start:start + length].tolist()
+        tokens = self.tokens[name, split][start : start + length].tolist()
         return tokens[:n_prompt], tokens[n_prompt:]
 
     def pad(self, records, domain):
         """[(prompt, response)] -> a right-padded Batch; records longer than block_size + 1 tokens are cut."""
-        rows = [(p + r)[:self.block_size + 1] for p, r in records]
+        rows = [(p + r)[: self.block_size + 1] for p, r in records]
         T = max(len(row) for row in rows) - 1
         x = torch.full((len(rows), T), self.eot, dtype=torch.long)
         y = torch.full((len(rows), T), -1, dtype=torch.long)
@@ -221,9 +250,9 @@ class TaskData:
         for b, (row, (p, _)) in enumerate(zip(rows, records)):
             n = len(row) - 1
             x[b, :n], y[b, :n] = torch.tensor(row[:-1]), torch.tensor(row[1:])
-            prompt[b, :min(len(p), n)] = True
+            prompt[b, : min(len(p), n)] = True
             if not self.prompt_loss:
-                y[b, :len(p) - 1] = -1  # targets that are prompt tokens: no loss
+                y[b, : len(p) - 1] = -1  # targets that are prompt tokens: no loss
         return Batch(x, y, domain, prompt)
 
     def batch(self, batch_size, generator, split="train"):
@@ -232,8 +261,9 @@ class TaskData:
         records = []
         for label in d.tolist():
             name = self.domains[label]
-            records.append(self.record(name, split, int(torch.randint(self.count(name, split), (1,),
-                                                                      generator=generator))))
+            records.append(
+                self.record(name, split, int(torch.randint(self.count(name, split), (1,), generator=generator)))
+            )
         return self.pad(records, d)
 
 
@@ -246,7 +276,9 @@ def read_records(data_dir, name, split, vocab_size):
     tokens = read_tokens(bin_path, vocab_size)
     size = os.path.getsize(idx_path)
     if size == 0 or size % 24:
-        raise UserError(f"{idx_path} is corrupt ({size} bytes, not rows of 3 int64); run `python data/prepare.py` again")
+        raise UserError(
+            f"{idx_path} is corrupt ({size} bytes, not rows of 3 int64); run `python data/prepare.py` again"
+        )
     index = np.fromfile(idx_path, dtype=np.int64).reshape(-1, 3)
     start, n_prompt, length = index.T
     if (start < 0).any() or (n_prompt < 1).any() or (length <= n_prompt).any() or (start + length > len(tokens)).any():
@@ -280,12 +312,16 @@ def pick_device(device="auto", dtype="float32"):
     if dtype not in DTYPES:
         raise UserError(f"--dtype={dtype}: use one of {', '.join(DTYPES)}")
     if dtype == "float16" and kind != "cuda":
-        raise UserError(f"--dtype=float16 needs loss scaling, which nanoMoA does on CUDA only; on {kind} use "
-                        "--dtype=bfloat16 or float32")
+        raise UserError(
+            f"--dtype=float16 needs loss scaling, which nanoMoA does on CUDA only; on {kind} use "
+            "--dtype=bfloat16 or float32"
+        )
     if kind == "cuda":
         if dtype == "bfloat16" and not torch.cuda.is_bf16_supported(including_emulation=False):
-            raise UserError(f"--dtype=bfloat16 but the {torch.cuda.get_device_name(device)} has no bfloat16 units; "
-                            "use --dtype=float16 (loss-scaled) or float32")
+            raise UserError(
+                f"--dtype=bfloat16 but the {torch.cuda.get_device_name(device)} has no bfloat16 units; "
+                "use --dtype=float16 (loss-scaled) or float32"
+            )
         # float32 matmuls on TF32 tensor cores (a 10-bit mantissa, as nanoGPT does): several times faster from
         # Ampere on, and training does not notice. Under autocast the matmuls run in bfloat16 / float16 anyway.
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -316,8 +352,10 @@ def setup_device(cfg):
         if device.startswith("cuda"):
             local, gpus = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
             if local >= gpus:
-                raise UserError(f"torchrun started more processes on this machine than its {gpus} GPU(s): "
-                                f"use --nproc_per_node={gpus}")
+                raise UserError(
+                    f"torchrun started more processes on this machine than its {gpus} GPU(s): "
+                    f"use --nproc_per_node={gpus}"
+                )
             device = f"cuda:{local}"
             torch.cuda.set_device(device)
         if not dist.is_initialized():
@@ -375,6 +413,7 @@ def trim_log(path, step):
 
 # ----------------------------------------------------------------------------------------------
 # The loop.
+
 
 def default_loss(model, batch):
     return model(batch.x, batch.y)[1]
@@ -440,23 +479,31 @@ def train_loop(cfg, model, data, evaluate, loss_fn, meta, lr_scales, finish):
     if cfg.compile:
         model = torch.compile(model)
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.startswith("cuda") else None
+        )
 
     def checkpoint(metrics):
-        state = {"model": trainable_state(raw_model), "optimizer": optimizer.state_dict(),
-                 "scaler": scaler.state_dict(),  # empty unless float16
-                 "meta": json.dumps({"step": step, "config": asdict(cfg), "metrics": metrics, **(meta or {})})}
+        state = {
+            "model": trainable_state(raw_model),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),  # empty unless float16
+            "meta": json.dumps({"step": step, "config": asdict(cfg), "metrics": metrics, **(meta or {})}),
+        }
         save_checkpoint(ckpt_path, state)
 
     losses, t0 = [], time.time()  # losses: one 0-dim tensor per step, read only when logged (no sync per step)
 
     def recent_loss():
-        return float(torch.stack(losses[-cfg.log_interval:]).mean()) if losses else None
+        return float(torch.stack(losses[-cfg.log_interval :]).mean()) if losses else None
 
     bar = None
     if master and cfg.progress:
         from tqdm import tqdm
-        bar = tqdm(total=cfg.max_iters, initial=step, desc=os.path.basename(cfg.out_dir.rstrip("/")), dynamic_ncols=True)
+
+        bar = tqdm(
+            total=cfg.max_iters, initial=step, desc=os.path.basename(cfg.out_dir.rstrip("/")), dynamic_ncols=True
+        )
     while True:
         last_step = step == cfg.max_iters
         if master and (step % cfg.eval_interval == 0 or last_step) and not (cfg.init_from == "resume" and not losses):
@@ -464,8 +511,13 @@ def train_loop(cfg, model, data, evaluate, loss_fn, meta, lr_scales, finish):
             with ctx:
                 metrics = evaluate(raw_model)
             raw_model.train()
-            record = {"step": step, "train_loss": recent_loss(), "lr": learning_rate(step, cfg),
-                      "time_s": round(time.time() - t0, 2), **metrics}
+            record = {
+                "step": step,
+                "train_loss": recent_loss(),
+                "lr": learning_rate(step, cfg),
+                "time_s": round(time.time() - t0, 2),
+                **metrics,
+            }
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             checkpoint(metrics)
@@ -483,7 +535,7 @@ def train_loop(cfg, model, data, evaluate, loss_fn, meta, lr_scales, finish):
             generator = torch.manual_seed(micro_seed(cfg.seed, step, micro))
             batch = data.batch(cfg.batch_size, generator).to(device)
             sync = micro + world >= n_micro  # DDP: all-reduce gradients on the last micro-batch only
-            with (nullcontext() if sync or world == 1 else model.no_sync()), ctx:
+            with nullcontext() if sync or world == 1 else model.no_sync(), ctx:
                 loss = loss_fn(model, batch) / (n_micro // world)
             scaler.scale(loss).backward()
             total += loss.detach()

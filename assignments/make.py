@@ -9,9 +9,11 @@
 
 The copy holds the files git would commit (tracked, or untracked and not ignored; without git: the
 tree minus .git, out/, prepared data and virtual environments), minus the instructor's side (this script,
-tests/test_assignments.py and the mutation check, tests/mutate.py). Marker lines never reach it: solved regions keep their code, unmarked.
+tests/test_assignments.py and the mutation check, tests/mutate.py). Marker lines never reach it: solved
+regions keep their code, unmarked.
 The handout is assignments/README.md; assignment N is graded by `python -m pytest -q tests -m assignmentN`.
 """
+
 import ast
 import json
 import os
@@ -25,8 +27,14 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 from config import UserError, parse_config, run  # noqa: E402  (needs the repo root on the path)
 
-KIT = {"assignments/make.py", "assignments/mutants.py", "tests/test_assignments.py",  # the instructor's side: not
-       "tests/mutate.py", "tests/mutants_core.py", "tests/test_mutants.py"}  # in the student copy
+KIT = {
+    "assignments/make.py",
+    "assignments/mutants.py",
+    "tests/test_assignments.py",  # the instructor's side: not
+    "tests/mutate.py",
+    "tests/mutants_core.py",
+    "tests/test_mutants.py",
+}  # in the student copy
 REQUIRED, OPTIONAL = (1, 2, 3, 4, 5), (6,)  # 6: the speed paths of fast.py, an optional last chapter
 BEGIN = re.compile(r"^(\s*)# BEGIN ASSIGNMENT (\d+): (.+)$")
 END = re.compile(r"^\s*# END ASSIGNMENT (\d+)\s*$")
@@ -43,15 +51,25 @@ def repo_files(root):
     """Paths, relative to root, of the files the student copy is made from: what git would commit, never a
     virtual environment (any folder holding a pyvenv.cfg, wherever it is and whatever its name)."""
     try:
-        listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
-                                capture_output=True, text=True, check=True).stdout.split("\0")
+        listed = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split("\0")
         files = [p for p in listed if p and os.path.isfile(os.path.join(root, p))]  # skip deleted files
     except (OSError, subprocess.CalledProcessError):  # no git, or not a checkout
         files = []
         for folder, dirs, names in os.walk(root):
             rel = os.path.relpath(folder, root)
-            dirs[:] = [d for d in dirs if rel != "data" and d not in (".git", "out", "__pycache__", ".pytest_cache")
-                       and not os.path.isfile(os.path.join(folder, d, "pyvenv.cfg"))]  # data/<name>/: prepared data
+            dirs[:] = [
+                d
+                for d in dirs
+                if rel != "data"
+                and d not in (".git", "out", "__pycache__", ".pytest_cache")
+                and not os.path.isfile(os.path.join(folder, d, "pyvenv.cfg"))
+            ]  # data/<name>/: prepared data
             files += [os.path.normpath(os.path.join(rel, n)) for n in names if not n.endswith(".pyc")]
     venvs = tuple(os.path.dirname(p) + "/" for p in files if p.endswith("/pyvenv.cfg"))  # untracked, not ignored
     return sorted(p for p in files if not p.startswith(venvs))
@@ -95,8 +113,13 @@ def main(argv=None):
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not args.force:
         raise UserError(f"{args.out_dir} is not empty: choose a new folder, or add --force to write into it")
     try:
-        todo = set(REQUIRED + OPTIONAL) if args.assignments == "all" else \
-            {int(n) for n in args.assignments.split(",")} if args.assignments else set(REQUIRED)
+        todo = (
+            set(REQUIRED + OPTIONAL)
+            if args.assignments == "all"
+            else {int(n) for n in args.assignments.split(",")}
+            if args.assignments
+            else set(REQUIRED)
+        )
     except ValueError:
         raise UserError(f"--assignments={args.assignments}: write numbers separated by commas, e.g. 3,4,5") from None
 
@@ -124,8 +147,10 @@ def main(argv=None):
         else:
             shutil.copy2(os.path.join(REPO_ROOT, path), target)
     done = sorted({n for _, n, _ in blanked})
-    print(f"wrote {args.out_dir}: {len(files)} files; {len(blanked)} regions of assignments "
-          f"{', '.join(map(str, done))} to implement (handout: assignments/README.md)")
+    print(
+        f"wrote {args.out_dir}: {len(files)} files; {len(blanked)} regions of assignments "
+        f"{', '.join(map(str, done))} to implement (handout: assignments/README.md)"
+    )
     return blanked
 
 

@@ -79,8 +79,12 @@ UNSEEN = {  # one more phrasing per task, in no task's style and never trained o
     "arith": "{a} {opname} {b} equals?\n",
     "count": "letters in {w}?\n",
 }
-ANSWERS = {"upper": str.upper, "double": lambda w: "".join(c + c for c in w), "reverse": lambda w: w[::-1],
-           "count": lambda w: str(len(w))}
+ANSWERS = {
+    "upper": str.upper,
+    "double": lambda w: "".join(c + c for c in w),
+    "reverse": lambda w: w[::-1],
+    "count": lambda w: str(len(w)),
+}
 HELD_BACK = ["count"]
 ALPACA = "### Instruction:\n{instruction}\n\n{given}### Response:\n"  # given: "### Input:\n{input}\n\n" or ""
 MAX_DOC_CHARS = 20000  # longer corpus documents are cut, so one big file cannot dominate a source
@@ -241,13 +245,18 @@ def builtin_records(name, cfg):
     words or pairs in the task's UNSEEN phrasing."""
     n_calib = max(1, cfg.val_records // 2)
     if name == "arith":
-        return {"train": arith_problems(cfg.records, cfg.seed), "val": arith_problems(cfg.val_records, cfg.seed, True),
-                "calib": arith_problems(n_calib, cfg.seed + 1, True, [UNSEEN["arith"]])}
+        return {
+            "train": arith_problems(cfg.records, cfg.seed),
+            "val": arith_problems(cfg.val_records, cfg.seed, True),
+            "calib": arith_problems(n_calib, cfg.seed + 1, True, [UNSEEN["arith"]]),
+        }
     train_words, val_words = task_words(cfg.seed)
     rng = random.Random(f"{cfg.seed}:{name}")  # a str seed is stable across runs, independent per task
-    return {"train": word_task_records(name, train_words, cfg.records, rng),
-            "val": word_task_records(name, val_words, cfg.val_records, rng),
-            "calib": word_task_records(name, val_words, n_calib, rng, [UNSEEN[name]])}
+    return {
+        "train": word_task_records(name, train_words, cfg.records, rng),
+        "val": word_task_records(name, val_words, cfg.val_records, rng),
+        "calib": word_task_records(name, val_words, n_calib, rng, [UNSEEN[name]]),
+    }
 
 
 def user_records(name, path, seed):
@@ -258,13 +267,18 @@ def user_records(name, path, seed):
     for i, r in jsonl(path):
         if isinstance(r, dict) and isinstance(r.get("prompt"), str) and isinstance(r.get("response"), str):
             prompt, response = r["prompt"], r["response"]
-        elif isinstance(r, dict) and all(isinstance(r.get(k), str) for k in ("instruction", "output")) \
-                and isinstance(r.get("input", ""), str):
+        elif (
+            isinstance(r, dict)
+            and all(isinstance(r.get(k), str) for k in ("instruction", "output"))
+            and isinstance(r.get("input", ""), str)
+        ):
             given = f"### Input:\n{r['input']}\n\n" if r.get("input") else ""
             prompt, response = ALPACA.format(instruction=r["instruction"], given=given), r["output"]
         else:
-            raise UserError(f'{path}:{i}: a record needs "prompt" and "response", or "instruction" and "output" '
-                            f'(and optionally "input"), each a string')
+            raise UserError(
+                f'{path}:{i}: a record needs "prompt" and "response", or "instruction" and "output" '
+                f'(and optionally "input"), each a string'
+            )
         if not prompt.strip() or not response:
             raise UserError(f"{path}:{i}: empty {'prompt' if not prompt.strip() else 'response'}")
         records.append((prompt, response))
@@ -304,16 +318,24 @@ def read_sources(cfg):
     """Reads and generates everything before anything is written, so bad input leaves old data untouched.
     -> ({corpus name: (documents, source)}, {task name: (records by split, source)})"""
     builtin = list(CORPUS) + list(TEMPLATES)
-    names = builtin if cfg.only == "all" else [] if cfg.only == "none" else \
-        [n.strip() for n in cfg.only.split(",") if n.strip()]
+    names = (
+        builtin
+        if cfg.only == "all"
+        else []
+        if cfg.only == "none"
+        else [n.strip() for n in cfg.only.split(",") if n.strip()]
+    )
     for name in names:
         if name not in builtin:
             raise UserError(f"--only: unknown built-in {name!r}; choose from {', '.join(builtin)} (or all, none)")
     corpus = {n: (corpus_documents(n), CORPUS[n]) for n in names if n in CORPUS}
     for name, pattern in read_specs(cfg.text, "text"):
         corpus[name] = (user_documents(name, pattern), f"user files {pattern}")
-    tasks = {n: (builtin_records(n, cfg), f"generated: {TEMPLATES[n][0]!r} and 2 other phrasings")
-             for n in names if n in TEMPLATES}
+    tasks = {
+        n: (builtin_records(n, cfg), f"generated: {TEMPLATES[n][0]!r} and 2 other phrasings")
+        for n in names
+        if n in TEMPLATES
+    }
     for name, path in read_specs(cfg.task, "task"):
         tasks[name] = (user_records(name, path, cfg.seed), f"user records {path}")
     for name, (docs, _) in corpus.items():
@@ -330,8 +352,10 @@ def check_out_dir(cfg):
     out = cfg.out_dir
     earlier = os.path.isdir(out) and (not os.listdir(out) or os.path.isfile(os.path.join(out, "meta.json")))
     if os.path.exists(out) and not earlier:
-        raise UserError(f"--out_dir={out} is not a data set written by prepare.py (no meta.json), and would be "
-                        f"replaced whole: choose a new folder")
+        raise UserError(
+            f"--out_dir={out} is not a data set written by prepare.py (no meta.json), and would be "
+            f"replaced whole: choose a new folder"
+        )
     inputs = [path for _, path in read_specs(cfg.task, "task")]
     inputs += [p for _, pattern in read_specs(cfg.text, "text") for p in glob.glob(pattern, recursive=True)]
     inputs += [cfg.tokenizer] if os.path.isdir(cfg.tokenizer) else []  # a folder with GPT-2's tokenizer files
@@ -343,13 +367,21 @@ def main(argv=None):
     t0 = time.time()
     check_out_dir(cfg)
     enc = get_tokenizer(cfg.tokenizer)
-    if enc.n_vocab > 2 ** 16:
+    if enc.n_vocab > 2**16:
         raise UserError(f"tokenizer {cfg.tokenizer!r} has {enc.n_vocab} tokens; the .bin files hold uint16 ids")
     corpus, tasks = read_sources(cfg)
     names = HELD_BACK if cfg.held_back == "auto" else [n.strip() for n in cfg.held_back.split(",") if n.strip()]
     held_back = [n for n in names if n in tasks and (cfg.held_back != "auto" or tasks[n][1].startswith("generated"))]
-    meta = {"tokenizer": cfg.tokenizer, "vocab_size": enc.n_vocab, "eot": enc.eot_token, "seed": cfg.seed,
-            "corpus": {}, "tasks": {}, "held_back": held_back, "template": ALPACA}
+    meta = {
+        "tokenizer": cfg.tokenizer,
+        "vocab_size": enc.n_vocab,
+        "eot": enc.eot_token,
+        "seed": cfg.seed,
+        "corpus": {},
+        "tasks": {},
+        "held_back": held_back,
+        "template": ALPACA,
+    }
 
     def build(folder):
         for name, (docs, source) in corpus.items():
@@ -358,8 +390,13 @@ def main(argv=None):
             for split, (tokens, _) in splits.items():
                 tokens.tofile(os.path.join(folder, "corpus", name, f"{split}.bin"))
             (train, n_train), (val, n_val) = splits["train"], splits["val"]
-            meta["corpus"][name] = {"train_tokens": len(train), "val_tokens": len(val), "train_docs": n_train,
-                                    "val_docs": n_val, "source": source}
+            meta["corpus"][name] = {
+                "train_tokens": len(train),
+                "val_tokens": len(val),
+                "train_docs": n_train,
+                "val_docs": n_val,
+                "source": source,
+            }
             print(f"corpus {name:>8}: docs {n_train}/{n_val}, tokens {len(train):,}/{len(val):,} (train/val)")
         for name, (records, source) in tasks.items():
             os.makedirs(os.path.join(folder, "tasks", name))
@@ -368,12 +405,19 @@ def main(argv=None):
                 tokens, index = encode_records(rows, enc)
                 tokens.tofile(os.path.join(folder, "tasks", name, f"{split}.bin"))
                 index.tofile(os.path.join(folder, "tasks", name, f"{split}.idx"))
-                info.update({f"{split}_records": len(rows), f"{split}_tokens": len(tokens),
-                             f"{split}_longest": int(index[:, 2].max())})
+                info.update(
+                    {
+                        f"{split}_records": len(rows),
+                        f"{split}_tokens": len(tokens),
+                        f"{split}_longest": int(index[:, 2].max()),
+                    }
+                )
             meta["tasks"][name] = info
-            print(f"task {name:>10}: records {info['train_records']}/{info['val_records']}, longest "
-                  f"{max(info['train_longest'], info['val_longest'])} tokens"
-                  f"{' (held back)' if name in held_back else ''}")
+            print(
+                f"task {name:>10}: records {info['train_records']}/{info['val_records']}, longest "
+                f"{max(info['train_longest'], info['val_longest'])} tokens"
+                f"{' (held back)' if name in held_back else ''}"
+            )
         with open(os.path.join(folder, "meta.json"), "w") as f:
             json.dump(meta, f, indent=2)
 

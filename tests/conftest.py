@@ -5,6 +5,7 @@ are tiny, so one thread is fastest; with more, a busy machine makes each matmul 
 Also registers the markers assignment1..5, which select the tests that grade each course assignment,
 and `torchrun` for the tests that run scripts on 2 processes (gloo, on the CPU).
 """
+
 import os
 import subprocess
 import sys
@@ -19,12 +20,14 @@ sys.path.insert(0, REPO_ROOT)
 torch.set_num_threads(1)
 
 # The course (assignments/README.md): `python -m pytest -q tests -m assignmentN` grades assignment N.
-ASSIGNMENTS = {1: "the LoRA layer: one expert's forward and its merge",
-               2: "a mixed batch: each sample through its own expert",
-               3: "the routers and their domain-label loss L_cls",
-               4: "routing at inference: the decision made at prefill, kept while decoding",
-               5: "adding and removing a domain",
-               6: "optional: the speed paths of fast.py"}
+ASSIGNMENTS = {
+    1: "the LoRA layer: one expert's forward and its merge",
+    2: "a mixed batch: each sample through its own expert",
+    3: "the routers and their domain-label loss L_cls",
+    4: "routing at inference: the decision made at prefill, kept while decoding",
+    5: "adding and removing a domain",
+    6: "optional: the speed paths of fast.py",
+}
 
 
 def pytest_configure(config):
@@ -45,6 +48,7 @@ def assert_one_line_error(result, *words):
 def randomize_B(model, seed=1, std=0.1):
     """Gives every expert a non-zero B, so the experts actually change the output."""
     from moa import lora_layers
+
     torch.manual_seed(seed)
     with torch.no_grad():
         for layer in lora_layers(model):
@@ -52,8 +56,16 @@ def randomize_B(model, seed=1, std=0.1):
                 B.normal_(0.0, std)
 
 
-TINY_BASE_ARGS = ["--n_layer=2", "--n_embd=32", "--n_head=2", "--block_size=64", "--batch_size=8",
-                  "--eval_iters=1", "--progress=False", "--device=cpu"]
+TINY_BASE_ARGS = [
+    "--n_layer=2",
+    "--n_embd=32",
+    "--n_head=2",
+    "--block_size=64",
+    "--batch_size=8",
+    "--eval_iters=1",
+    "--progress=False",
+    "--device=cpu",
+]
 
 
 @pytest.fixture(scope="session")
@@ -61,6 +73,7 @@ def tiny_data(tmp_path_factory):
     """A data folder with the built-in corpus (python, cpp, prose: ~20k tokens each) and tasks (upper, double,
     reverse, arith, held-back count: 2000 training and 64 validation records each)."""
     from data.prepare import main as prepare
+
     out = str(tmp_path_factory.mktemp("data"))
     prepare([f"--out_dir={out}", "--max_tokens=20000", "--records=2000", "--val_records=64"])
     return out
@@ -70,9 +83,11 @@ def tiny_data(tmp_path_factory):
 def tiny_base(tiny_data, tmp_path_factory):
     """Path of the ckpt.pt of a 2-layer base (context 64) trained for 30 steps on tiny_data's corpus."""
     import train_base
+
     out = str(tmp_path_factory.mktemp("base"))
-    train_base.main(TINY_BASE_ARGS + ["--max_iters=100", "--eval_interval=50", f"--data_dir={tiny_data}",
-                                      f"--out_dir={out}"])
+    train_base.main(
+        TINY_BASE_ARGS + ["--max_iters=100", "--eval_interval=50", f"--data_dir={tiny_data}", f"--out_dir={out}"]
+    )
     return os.path.join(out, "ckpt.pt")
 
 
@@ -86,9 +101,14 @@ dist.destroy_process_group()
 def torchrun(*args):
     """Runs `torchrun --standalone --nproc_per_node=2 *args` in the repo, one thread per process -> the finished
     process."""
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args],
-                          capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO_ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ wrong variant survived, a correct one was rejected, or a variant did not apply.
 
 Read next: tests/mutants_core.py, the list for the core (model, trainer, data, evaluation, export).
 """
+
 import argparse
 import importlib.util
 import os
@@ -88,8 +89,9 @@ def run_tests(folder, tests, timeout, mutant_id=""):
     """Runs pytest in folder -> ("passed" | "failed" | "timeout" | "broken", its last output line)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1", "NANOMOA_MUTANT": mutant_id}
     try:
-        result = subprocess.run([sys.executable, *PYTEST, *tests], cwd=folder, env=env, capture_output=True,
-                                text=True, timeout=timeout)
+        result = subprocess.run(
+            [sys.executable, *PYTEST, *tests], cwd=folder, env=env, capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired:
         return "timeout", f"no result after {timeout} s"
     last = (result.stdout.strip().splitlines() or result.stderr.strip().splitlines() or [""])[-1]
@@ -137,16 +139,21 @@ def main(argv=None):
                     f.write(text)
                 status, last = run_tests(folder, selection[m.id], args.timeout, m.id)
                 shutil.rmtree(folder)
-                verdicts = {"failed": "REJECTED", "timeout": "REJECTED", "passed": "accepted"} if m.correct else \
-                    {"failed": "caught", "timeout": "caught", "passed": "SURVIVED"}
+                verdicts = (
+                    {"failed": "REJECTED", "timeout": "REJECTED", "passed": "accepted"}
+                    if m.correct
+                    else {"failed": "caught", "timeout": "caught", "passed": "SURVIVED"}
+                )
                 status = verdicts.get(status, status)
             rows.append((m, status))
             why = f"\n{'':16}{last}" if status == "broken" else ""
             print(f"{status:8} {time.time() - t0:5.0f}s  {m.id:32} {m.what}{why}", flush=True)
 
     wrong, right = [r for r in rows if not r[0].correct], [r for r in rows if r[0].correct]
-    print(f"\ncaught {sum(s == 'caught' for _, s in wrong)} of {len(wrong)}" +
-          (f"; accepted {sum(s == 'accepted' for _, s in right)} of {len(right)} correct variants" if right else ""))
+    print(
+        f"\ncaught {sum(s == 'caught' for _, s in wrong)} of {len(wrong)}"
+        + (f"; accepted {sum(s == 'accepted' for _, s in right)} of {len(right)} correct variants" if right else "")
+    )
     for label in ("SURVIVED", "REJECTED", "broken"):
         ids = [m.id for m, s in rows if s == label]
         if ids:

@@ -3,6 +3,7 @@
 One module fixture trains stage-1 arith, reverse and count experts and a bundle over arith and reverse
 (the two domains a tiny router tells apart, see test_moa.py), then adds the held-back count domain.
 """
+
 import os
 import shutil
 import subprocess
@@ -11,14 +12,14 @@ import sys
 import pytest
 import torch
 
-from conftest import assert_one_line_error
 import train_lora
 import train_router
-from evaluate import evaluate_tasks, left_pad
-from model import GPT, GPTConfig
 from config import UserError
+from conftest import assert_one_line_error
+from evaluate import evaluate_tasks, left_pad
 from files import load_base, load_bundle, read_safetensors
 from moa import MoA, lora_layers
+from model import GPT, GPTConfig
 from trainer import TaskData
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,18 +30,37 @@ ROUTER = ["--learning_rate=0.1", "--min_lr=0.01", "--warmup_iters=5", "--max_ite
 
 @pytest.fixture(scope="module")
 def adapted(tiny_data, tiny_base, tmp_path_factory):
-    """Paths: the bundle over arith, reverse ("bundle"), it + count ("added"), the experts folder and the common flags."""
+    """Paths: the bundle over arith, reverse ("bundle"), it + count ("added"), the experts folder, the common flags."""
     out = tmp_path_factory.mktemp("adapt")
-    flags = COMMON + [f"--data_dir={tiny_data}", f"--base={tiny_base}", f"--experts={out / 'experts'}",
-                      f"--out_dir={out}"]
+    flags = COMMON + [
+        f"--data_dir={tiny_data}",
+        f"--base={tiny_base}",
+        f"--experts={out / 'experts'}",
+        f"--out_dir={out}",
+    ]
     for domain in ("arith", "reverse", "count"):
-        train_lora.main(COMMON + [f"--data_dir={tiny_data}", f"--base={tiny_base}", f"--out_dir={out / 'experts'}",
-                                  f"--domain={domain}", "--max_iters=20", "--eval_interval=20", "--warmup_iters=2"])
+        train_lora.main(
+            COMMON
+            + [
+                f"--data_dir={tiny_data}",
+                f"--base={tiny_base}",
+                f"--out_dir={out / 'experts'}",
+                f"--domain={domain}",
+                "--max_iters=20",
+                "--eval_interval=20",
+                "--warmup_iters=2",
+            ]
+        )
     train_router.main(flags + ROUTER + ["--domains=arith,reverse", "--train_experts=False"])
     bundle = str(out / "moa.safetensors")
     train_router.main(flags + ROUTER + ["--add_domain=count", f"--bundle={bundle}"])
-    return {"bundle": bundle, "added": str(out / "moa+count.safetensors"), "experts": str(out / "experts"),
-            "flags": flags, "out": out}
+    return {
+        "bundle": bundle,
+        "added": str(out / "moa+count.safetensors"),
+        "experts": str(out / "experts"),
+        "flags": flags,
+        "out": out,
+    }
 
 
 def expert_tensors_of(path):
@@ -89,8 +109,9 @@ def test_add_domain_grows_every_expert_and_router():
         torch.testing.assert_close(r(x)[:, 2], b.mean().expand(5), rtol=0, atol=1e-6)
     with torch.no_grad():
         torch.testing.assert_close(moa(idx, domain=old_labels, mode="label")[0], old_logits, rtol=0, atol=1e-6)
-        torch.testing.assert_close(moa(idx, domain=torch.full((3,), 2), mode="label")[0], base_logits,
-                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            moa(idx, domain=torch.full((3,), 2), mode="label")[0], base_logits, rtol=0, atol=1e-6
+        )
 
 
 @pytest.mark.assignment5
@@ -118,7 +139,8 @@ def test_remove_domain_drops_one_expert_and_router_row(domains, gone):
 
 @pytest.mark.assignment5
 def test_adding_a_domain_keeps_old_experts_bit_identical(adapted):
-    """After --add_domain, the old experts' tensors equal the original bundle's bit for bit, and the new one is the stage-1 expert."""
+    """After --add_domain, the old experts' tensors equal the original bundle's bit for bit, and the new one is the
+    stage-1 expert."""
     old, new = expert_tensors_of(adapted["bundle"]), expert_tensors_of(adapted["added"])
     assert len(new) == len(old) * 3 // 2
     for name, t in old.items():
@@ -133,8 +155,11 @@ def test_adding_a_domain_trains_only_the_new_router_row(adapted):
     """After --add_domain the routers' old rows equal the original bundle's bit for bit while the new row has learned
     (its weights are no longer zero); with --train_old_rows=True the old rows move too."""
     old, new = read_safetensors(adapted["bundle"])[0], read_safetensors(adapted["added"])[0]
-    train_router.main(adapted["flags"] + ROUTER + ["--add_domain=count", f"--bundle={adapted['bundle']}",
-                                                   "--train_old_rows=True", "--name=allrows"])
+    train_router.main(
+        adapted["flags"]
+        + ROUTER
+        + ["--add_domain=count", f"--bundle={adapted['bundle']}", "--train_old_rows=True", "--name=allrows"]
+    )
     allrows = read_safetensors(str(adapted["out"] / "allrows.safetensors"))[0]
     names = [n for n in old if n.startswith("routers.")]
     assert len(names) == 2 * 2  # weight and bias of 2 routers (tiny base: 2 layers)
@@ -150,8 +175,11 @@ def test_adding_a_domain_trains_only_the_new_router_row(adapted):
 def test_train_new_expert_tunes_the_new_expert_only(adapted):
     """With --train_new_expert the added domain's expert moves away from its stage-1 file while every old expert
     stays bit-identical; without it (the default) the new expert is exactly its stage-1 file."""
-    moa, _ = train_router.main(adapted["flags"] + ROUTER + ["--add_domain=count", f"--bundle={adapted['bundle']}",
-                                                            "--train_new_expert=True", "--name=tuned"])
+    moa, _ = train_router.main(
+        adapted["flags"]
+        + ROUTER
+        + ["--add_domain=count", f"--bundle={adapted['bundle']}", "--train_new_expert=True", "--name=tuned"]
+    )
     old, tuned = expert_tensors_of(adapted["bundle"]), expert_tensors_of(str(adapted["out"] / "tuned.safetensors"))
     for name, t in old.items():
         assert torch.equal(tuned[name], t), name
@@ -165,35 +193,47 @@ def test_train_new_expert_tunes_the_new_expert_only(adapted):
 def test_add_domain_with_weight_decay_on_frozen_rows_is_an_error(adapted):
     """Weight decay would shrink the frozen old router rows, so --add_domain with --weight_decay > 0 is a UserError."""
     with pytest.raises(UserError, match="--weight_decay would shrink the frozen old router rows"):
-        train_router.main(adapted["flags"] + ["--add_domain=count", f"--bundle={adapted['bundle']}",
-                                              "--weight_decay=0.1", "--name=decayed"])
+        train_router.main(
+            adapted["flags"]
+            + ["--add_domain=count", f"--bundle={adapted['bundle']}", "--weight_decay=0.1", "--name=decayed"]
+        )
 
 
 @pytest.mark.assignment5
 def test_old_domains_still_routed_after_adding(adapted, tiny_data, tiny_base):
-    """After adding count, the routers still send >90% of validation prompts of arith and reverse to their own expert."""
+    """After adding count, the routers still send >90% of validation prompts of arith and reverse to their own
+    expert."""
     base, tokenizer = load_base(tiny_base)
     moa, _ = load_bundle(adapted["added"], base, tokenizer)
     assert moa.domains == ["arith", "reverse", "count"]
-    result = evaluate_tasks(moa.eval(), TaskData(tiny_data, ",".join(moa.domains)), 64, 32, generate=False, served=False,
-                            mode="last")
+    result = evaluate_tasks(
+        moa.eval(), TaskData(tiny_data, ",".join(moa.domains)), 64, 32, generate=False, served=False, mode="last"
+    )
     assert result["route/arith"] > 0.9 and result["route/reverse"] > 0.9, result["confusion"]
 
 
 @pytest.mark.assignment5
 def test_add_then_remove_without_training_restores_the_bundle(adapted, tiny_base):
-    """Adding count with 0 training steps and removing it again gives the original bundle: equal tensors, equal logits."""
+    """Adding count with 0 training steps and removing it again gives the original bundle: equal tensors, equal
+    logits."""
     flags = adapted["flags"]
-    train_router.main(flags + ["--max_iters=0", "--add_domain=count", f"--bundle={adapted['bundle']}",
-                               "--name=zero"])
-    train_router.main(flags + ["--remove_domain=count", f"--bundle={adapted['out'] / 'zero.safetensors'}",
-                               "--name=back"])
-    original, back = read_safetensors(adapted["bundle"])[0], read_safetensors(str(adapted["out"] / "back.safetensors"))[0]
+    train_router.main(flags + ["--max_iters=0", "--add_domain=count", f"--bundle={adapted['bundle']}", "--name=zero"])
+    train_router.main(
+        flags + ["--remove_domain=count", f"--bundle={adapted['out'] / 'zero.safetensors'}", "--name=back"]
+    )
+    original, back = (
+        read_safetensors(adapted["bundle"])[0],
+        read_safetensors(str(adapted["out"] / "back.safetensors"))[0],
+    )
     assert set(back) == set(original)
     for name, t in original.items():
         assert torch.equal(back[name], t), name
-    torch.testing.assert_close(logits(str(adapted["out"] / "back.safetensors"), tiny_base, "layer"),
-                               logits(adapted["bundle"], tiny_base, "layer"), rtol=0, atol=0)
+    torch.testing.assert_close(
+        logits(str(adapted["out"] / "back.safetensors"), tiny_base, "layer"),
+        logits(adapted["bundle"], tiny_base, "layer"),
+        rtol=0,
+        atol=0,
+    )
 
 
 @pytest.mark.assignment5
@@ -208,20 +248,37 @@ def test_add_trained_then_remove_gives_back_the_bundle(adapted, tiny_base):
     for name, t in original.items():
         assert torch.equal(back[name], t), name
     labels = torch.tensor([0, 1])
-    torch.testing.assert_close(logits(removed, tiny_base, "label", labels),
-                               logits(adapted["bundle"], tiny_base, "label", labels), rtol=0, atol=0)
-    torch.testing.assert_close(logits(removed, tiny_base, "layer"), logits(adapted["bundle"], tiny_base, "layer"),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        logits(removed, tiny_base, "label", labels),
+        logits(adapted["bundle"], tiny_base, "label", labels),
+        rtol=0,
+        atol=0,
+    )
+    torch.testing.assert_close(
+        logits(removed, tiny_base, "layer"), logits(adapted["bundle"], tiny_base, "layer"), rtol=0, atol=0
+    )
 
 
 @pytest.mark.assignment5
 def test_adding_twice_chains_k_to_k_plus_2(adapted, tiny_data, tiny_base):
-    """A second add (upper onto arith, reverse + count) keeps all three earlier experts and router rows bit-identical."""
+    """A second add (upper onto arith, reverse + count) keeps all three earlier experts and router rows
+    bit-identical."""
     out = adapted["out"]
-    train_lora.main(COMMON + [f"--data_dir={tiny_data}", f"--base={tiny_base}", f"--out_dir={out / 'experts'}",
-                              "--domain=upper", "--max_iters=5", "--eval_interval=5", "--warmup_iters=2"])
-    moa, _ = train_router.main(adapted["flags"] + ROUTER + ["--max_iters=10", "--add_domain=upper",
-                                                           f"--bundle={adapted['added']}"])
+    train_lora.main(
+        COMMON
+        + [
+            f"--data_dir={tiny_data}",
+            f"--base={tiny_base}",
+            f"--out_dir={out / 'experts'}",
+            "--domain=upper",
+            "--max_iters=5",
+            "--eval_interval=5",
+            "--warmup_iters=2",
+        ]
+    )
+    moa, _ = train_router.main(
+        adapted["flags"] + ROUTER + ["--max_iters=10", "--add_domain=upper", f"--bundle={adapted['added']}"]
+    )
     assert moa.domains == ["arith", "reverse", "count", "upper"]
     before, after = read_safetensors(adapted["added"])[0], read_safetensors(str(out / "moa+count+upper.safetensors"))[0]
     for name, t in before.items():
@@ -236,20 +293,33 @@ def test_adding_an_existing_domain_is_an_error(adapted):
 
 
 def test_adding_a_domain_without_expert_or_data_is_an_error(adapted, tmp_path):
-    """--add_domain of a domain without an expert file says to train it with train_lora.py; with an expert but no data it names the prepared domains."""
+    """--add_domain of a domain without an expert file says to train it with train_lora.py; with an expert but no
+    data it names the prepared domains."""
     with pytest.raises(UserError, match=r"train the expert first, `python train_lora.py --domain=klingon`"):
         train_router.main(adapted["flags"] + ["--add_domain=klingon", f"--bundle={adapted['bundle']}"])
     experts = tmp_path / "experts"
     shutil.copytree(adapted["experts"], experts)
     shutil.copy(experts / "count.safetensors", experts / "klingon.safetensors")
     with pytest.raises(UserError, match="unknown domain 'klingon'; prepared"):
-        train_router.main(adapted["flags"] + ["--add_domain=klingon", f"--bundle={adapted['bundle']}",
-                                              f"--experts={experts}"])
+        train_router.main(
+            adapted["flags"] + ["--add_domain=klingon", f"--bundle={adapted['bundle']}", f"--experts={experts}"]
+        )
 
 
 def test_add_domain_without_bundle_cli_error(tiny_data, tiny_base, tmp_path):
     """train_router.py --add_domain without --bundle exits 1 with one stderr line starting "error:" and no traceback."""
-    proc = subprocess.run([sys.executable, "train_router.py", "--add_domain=count", f"--data_dir={tiny_data}",
-                           f"--base={tiny_base}", f"--out_dir={tmp_path}"],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "train_router.py",
+            "--add_domain=count",
+            f"--data_dir={tiny_data}",
+            f"--base={tiny_base}",
+            f"--out_dir={tmp_path}",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert_one_line_error(proc, "--bundle")

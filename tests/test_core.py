@@ -5,6 +5,7 @@ safetensors layout, the base fingerprint, and the evaluation metrics.
 
 Everything runs on hand-made token streams and tiny models: no session fixture, no real training.
 """
+
 import copy
 import json
 import math
@@ -20,16 +21,22 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from config import UserError
 from evaluate import corpus_losses, per_sample_loss
 from files import atomic_write, fingerprint, read_safetensors, write_safetensors
-from model import GPT, GPTConfig
 from moa import MoA, add_experts, lora_layers
+from model import GPT, GPTConfig
 from trainer import Batch, CorpusData, TrainConfig, learning_rate, make_optimizer, train
 
 
 def write_data(folder, streams, vocab_size=257):
     """A prepared data folder written by hand: corpus streams {source: (train tokens, val tokens)}, laid out as
     data/prepare.py lays it out (corpus/<source>/{train,val}.bin as uint16, and meta.json)."""
-    meta = {"tokenizer": "bytes", "vocab_size": vocab_size, "eot": vocab_size - 1, "held_back": [], "corpus": {},
-            "tasks": {}}
+    meta = {
+        "tokenizer": "bytes",
+        "vocab_size": vocab_size,
+        "eot": vocab_size - 1,
+        "held_back": [],
+        "corpus": {},
+        "tasks": {},
+    }
     for name, (train_tokens, val_tokens) in streams.items():
         os.makedirs(folder / "corpus" / name)
         for split, tokens in (("train", train_tokens), ("val", val_tokens)):
@@ -42,13 +49,16 @@ def write_data(folder, streams, vocab_size=257):
 def three_domains(folder, block_size=8):
     """Domains a, b, c whose token values tell where they come from: domain i's train stream is
     10000 (i + 1) + 0, 1, 2, ..., its val stream 10000 (i + 1) + 5000, 5001, ..."""
-    streams = {name: (10000 * (i + 1) + np.arange(300), 10000 * (i + 1) + 5000 + np.arange(120))
-               for i, name in enumerate("abc")}
-    return CorpusData(write_data(folder, streams, vocab_size=2 ** 16), "a,b,c", block_size)  # ids up to 35119
+    streams = {
+        name: (10000 * (i + 1) + np.arange(300), 10000 * (i + 1) + 5000 + np.arange(120))
+        for i, name in enumerate("abc")
+    }
+    return CorpusData(write_data(folder, streams, vocab_size=2**16), "a,b,c", block_size)  # ids up to 35119
 
 
 # ----------------------------------------------------------------------------------------------
 # Data windows and batches
+
 
 def test_windows_targets_are_the_inputs_shifted_by_one(tmp_path):
     """windows(starts) gives, for each start s, inputs tokens[s : s+T] and targets tokens[s+1 : s+T+1]: the
@@ -109,13 +119,20 @@ SCHEDULE = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=4, max_iters=
 HALF_AMPLITUDE = 0.45  # (learning_rate - min_lr) / 2
 
 
-@pytest.mark.parametrize("step, expected", [
-    (0, 1 / 5), (1, 2 / 5), (3, 4 / 5),  # warmup: (step + 1) / (warmup + 1) of the rate, never 0
-    (4, 1.0),  # the peak, where warmup ends
-    (8, 0.1 + HALF_AMPLITUDE * (1 + math.sqrt(0.5))),  # a quarter into the cosine: cos(pi / 4)
-    (12, 0.1 + HALF_AMPLITUDE),  # halfway: cos(pi / 2) = 0
-    (20, 0.1), (25, 0.1), (1000, 0.1),  # at and after lr_decay_iters (here max_iters): min_lr
-])
+@pytest.mark.parametrize(
+    "step, expected",
+    [
+        (0, 1 / 5),
+        (1, 2 / 5),
+        (3, 4 / 5),  # warmup: (step + 1) / (warmup + 1) of the rate, never 0
+        (4, 1.0),  # the peak, where warmup ends
+        (8, 0.1 + HALF_AMPLITUDE * (1 + math.sqrt(0.5))),  # a quarter into the cosine: cos(pi / 4)
+        (12, 0.1 + HALF_AMPLITUDE),  # halfway: cos(pi / 2) = 0
+        (20, 0.1),
+        (25, 0.1),
+        (1000, 0.1),  # at and after lr_decay_iters (here max_iters): min_lr
+    ],
+)
 def test_schedule_corners(step, expected):
     """Linear warmup to learning_rate at warmup_iters, cosine to min_lr at lr_decay_iters (0: max_iters), then
     min_lr."""
@@ -150,11 +167,26 @@ def test_decay_groups_hold_matrices_only():
         by_decay.setdefault(group["weight_decay"], set()).update(names[id(p)] for p in group["params"])
     block = "h.0."
     assert by_decay == {
-        0.25: {"wte.weight", "wpe.weight", block + "attn.c_attn.weight", block + "attn.c_proj.weight",
-               block + "mlp.c_fc.weight", block + "mlp.c_proj.weight"},
-        0.0: {block + "ln_1.weight", block + "ln_1.bias", block + "attn.c_attn.bias", block + "attn.c_proj.bias",
-              block + "ln_2.weight", block + "ln_2.bias", block + "mlp.c_fc.bias", block + "mlp.c_proj.bias",
-              "ln_f.bias"}}  # ln_f.weight is frozen: in no group
+        0.25: {
+            "wte.weight",
+            "wpe.weight",
+            block + "attn.c_attn.weight",
+            block + "attn.c_proj.weight",
+            block + "mlp.c_fc.weight",
+            block + "mlp.c_proj.weight",
+        },
+        0.0: {
+            block + "ln_1.weight",
+            block + "ln_1.bias",
+            block + "attn.c_attn.bias",
+            block + "attn.c_proj.bias",
+            block + "ln_2.weight",
+            block + "ln_2.bias",
+            block + "mlp.c_fc.bias",
+            block + "mlp.c_proj.bias",
+            "ln_f.bias",
+        },
+    }  # ln_f.weight is frozen: in no group
     assert all(g["betas"] == (0.8, 0.95) and g["lr"] == 0.5 for g in optimizer.param_groups)
 
 
@@ -171,15 +203,28 @@ class FixedBatches:
 
 def random_batches(n, seed=0, B=4, T=8, vocab=11):
     g = torch.Generator().manual_seed(seed)
-    return [Batch(torch.randint(vocab, (B, T), generator=g), torch.randint(vocab, (B, T), generator=g),
-                  torch.zeros(B, dtype=torch.long)) for _ in range(n)]
+    return [
+        Batch(
+            torch.randint(vocab, (B, T), generator=g),
+            torch.randint(vocab, (B, T), generator=g),
+            torch.zeros(B, dtype=torch.long),
+        )
+        for _ in range(n)
+    ]
 
 
 def train_and_watch(tmp_path, model, batches, lr_scales=None, **overrides):
     """Runs trainer.train on `batches` and records, just before each optimizer step, every group's rate (by its
     lr_scale) and every parameter's gradient -> [(rates {lr_scale: lr}, grads {name: tensor})] per step."""
-    settings = dict(out_dir=str(tmp_path / "run"), device="cpu", progress=False, batch_size=4, block_size=8,
-                    eval_interval=1000, warmup_iters=0)
+    settings = dict(
+        out_dir=str(tmp_path / "run"),
+        device="cpu",
+        progress=False,
+        batch_size=4,
+        block_size=8,
+        eval_interval=1000,
+        warmup_iters=0,
+    )
     cfg = TrainConfig(**{**settings, **overrides})
     names = {id(p): n for n, p in model.named_parameters()}
     seen = []
@@ -212,8 +257,16 @@ def total_norm(grads):
 def test_each_step_runs_at_the_scheduled_rate_times_its_scale(tmp_path):
     """The optimizer steps at learning_rate(step) for steps 0..4 (warmup 2, cosine to 0.1 at 5), and a group
     given an lr_scale at that rate times its scale."""
-    seen = train_and_watch(tmp_path, tiny_gpt(), random_batches(1), lr_scales={"transformer.h.": 0.5},
-                           max_iters=5, warmup_iters=2, learning_rate=1.0, min_lr=0.1)
+    seen = train_and_watch(
+        tmp_path,
+        tiny_gpt(),
+        random_batches(1),
+        lr_scales={"transformer.h.": 0.5},
+        max_iters=5,
+        warmup_iters=2,
+        learning_rate=1.0,
+        min_lr=0.1,
+    )
     by_hand = [1 / 3, 2 / 3, 1.0, 0.1 + 0.45 * 1.5, 0.1 + 0.45 * 0.5]  # cosine 0, 1/3, 2/3 of the way: 1, 0.5, -0.5
     assert [rates[1.0] for rates, _ in seen] == pytest.approx(by_hand, abs=1e-12)
     assert [rates[0.5] for rates, _ in seen] == pytest.approx([r / 2 for r in by_hand], abs=1e-12)
@@ -228,7 +281,7 @@ def test_clipping_scales_the_total_gradient_norm(tmp_path, clip_ratio):
     expected = mean_gradient(model, batches)
     norm = total_norm(expected)
     clip = clip_ratio * norm
-    (_, grads), = train_and_watch(tmp_path, model, batches, max_iters=1, grad_clip=clip)
+    ((_, grads),) = train_and_watch(tmp_path, model, batches, max_iters=1, grad_clip=clip)
     factor = min(1.0, clip / norm) if clip else 1.0
     assert sorted(grads) == sorted(expected)
     for name, g in grads.items():
@@ -241,7 +294,7 @@ def test_accumulation_averages_the_micro_batches(tmp_path):
     model = tiny_gpt()
     batches = random_batches(3, seed=1)
     expected = mean_gradient(model, batches)
-    (_, grads), = train_and_watch(tmp_path, model, batches, max_iters=1, grad_accum=3, grad_clip=0.0)
+    ((_, grads),) = train_and_watch(tmp_path, model, batches, max_iters=1, grad_accum=3, grad_clip=0.0)
     for name, g in grads.items():
         torch.testing.assert_close(g, expected[name], atol=1e-7, rtol=1e-5, msg=name)
 
@@ -258,6 +311,7 @@ def test_each_step_starts_from_zero_gradients(tmp_path):
 
 # ----------------------------------------------------------------------------------------------
 # Files: atomic writes and the safetensors layout
+
 
 def failing_writer(tmp):
     with open(tmp, "wb") as f:
@@ -300,24 +354,30 @@ def test_safetensors_layout_read_by_hand(tmp_path):
     """write_safetensors writes an 8-byte little-endian header length, a JSON header padded so that the data
     starts 8-byte aligned, with each tensor's dtype name, shape and [start, end) byte range, the ranges tiling
     the data; each range holds the tensor's little-endian bytes; read_safetensors gives back every tensor."""
-    tensors = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3),
-               "b": torch.tensor([1, -2, 3], dtype=torch.int16),
-               "h": torch.tensor([0.5, -2.0], dtype=torch.float16),
-               "bf": torch.tensor([[1.5], [-3.0]], dtype=torch.bfloat16)}
+    tensors = {
+        "a": torch.arange(6, dtype=torch.float32).reshape(2, 3),
+        "b": torch.tensor([1, -2, 3], dtype=torch.int16),
+        "h": torch.tensor([0.5, -2.0], dtype=torch.float16),
+        "bf": torch.tensor([[1.5], [-3.0]], dtype=torch.bfloat16),
+    }
     path = tmp_path / "t.safetensors"
     write_safetensors(path, tensors, {"note": "x"})
     raw = path.read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]
     assert (8 + n) % 8 == 0
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     assert header.pop("__metadata__") == {"note": "x"}
     assert {k: (v["dtype"], v["shape"]) for k, v in header.items()} == {
-        "a": ("F32", [2, 3]), "b": ("I16", [3]), "h": ("F16", [2]), "bf": ("BF16", [2, 1])}
+        "a": ("F32", [2, 3]),
+        "b": ("I16", [3]),
+        "h": ("F16", [2]),
+        "bf": ("BF16", [2, 1]),
+    }
     ranges = sorted(v["data_offsets"] for v in header.values())
     assert ranges[0][0] == 0 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])) and ranges[-1][1] == 38
-    data = raw[8 + n:]
+    data = raw[8 + n :]
     assert len(data) == 38
-    part = {k: data[v["data_offsets"][0]:v["data_offsets"][1]] for k, v in header.items()}
+    part = {k: data[v["data_offsets"][0] : v["data_offsets"][1]] for k, v in header.items()}
     assert part["a"] == np.arange(6, dtype="<f4").tobytes() and part["b"] == np.array([1, -2, 3], "<i2").tobytes()
     assert part["h"] == np.array([0.5, -2.0], "<f2").tobytes()
     assert part["bf"] == bytes([0xC0, 0x3F, 0x40, 0xC0])  # bfloat16 1.5 = 0x3FC0, -3.0 = 0xC040, little-endian
@@ -331,6 +391,7 @@ def test_safetensors_layout_read_by_hand(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # The base fingerprint
 
+
 def random_base(seed=0):
     torch.manual_seed(seed)
     gpt = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16))
@@ -340,13 +401,21 @@ def random_base(seed=0):
     return gpt
 
 
-@pytest.mark.parametrize("name", [
-    "transformer.wte.weight", "transformer.wpe.weight",  # token and position embeddings
-    "transformer.h.1.attn.c_attn.weight", "transformer.h.0.mlp.c_proj.weight",  # weights
-    "transformer.h.1.attn.c_attn.bias", "transformer.h.0.mlp.c_fc.bias",  # biases
-    "transformer.h.0.ln_1.weight", "transformer.h.1.ln_2.bias",  # LayerNorm gains and biases
-    "transformer.ln_f.weight", "transformer.ln_f.bias",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "transformer.wte.weight",
+        "transformer.wpe.weight",  # token and position embeddings
+        "transformer.h.1.attn.c_attn.weight",
+        "transformer.h.0.mlp.c_proj.weight",  # weights
+        "transformer.h.1.attn.c_attn.bias",
+        "transformer.h.0.mlp.c_fc.bias",  # biases
+        "transformer.h.0.ln_1.weight",
+        "transformer.h.1.ln_2.bias",  # LayerNorm gains and biases
+        "transformer.ln_f.weight",
+        "transformer.ln_f.bias",
+    ],
+)
 def test_fingerprint_changes_with_any_base_tensor(name):
     """Changing one value of any single base tensor (an embedding, a weight, a bias, a LayerNorm gain or bias)
     changes the fingerprint, so an expert never loads onto a base that differs from its own."""
@@ -378,6 +447,7 @@ def test_fingerprint_ignores_experts_and_knows_the_config():
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation metrics
+
 
 def test_per_sample_loss_by_hand():
     """per_sample_loss is, for each sequence, the mean over its tokens of -log p(target): logits built so that

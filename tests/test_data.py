@@ -1,5 +1,6 @@
 """data/prepare.py, trainer.py's readers and tokenizer.py: split hygiene, meta.json, task records and batches,
 tokenizer round trips, and one-line errors."""
+
 import json
 import os
 import re
@@ -12,14 +13,16 @@ import torch
 
 from config import UserError
 from conftest import assert_one_line_error
-from data.prepare import ANSWERS, TEMPLATES, arith_problems, is_test_pair, task_words
+from data.prepare import ANSWERS, TEMPLATES, is_test_pair, task_words
 from data.prepare import main as prepare
 from tokenizer import EOT, encode, get_tokenizer
 from trainer import TaskData
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HARD_TEXT = ("naïve café — e\u0301 (combining acute), 日本語のテキスト, 한국어, emoji 🦜🧪👩‍🔬, math ∑∫√, "
-             "RTL עברית, a literal <|endoftext|> in the text, tabs\tand\nnewlines  ")
+HARD_TEXT = (
+    "naïve café — e\u0301 (combining acute), 日本語のテキスト, 한국어, emoji 🦜🧪👩‍🔬, math ∑∫√, "
+    "RTL עברית, a literal <|endoftext|> in the text, tabs\tand\nnewlines  "
+)
 
 
 def documents(data_dir, source, split, enc):
@@ -63,9 +66,10 @@ def test_split_documents_sends_each_document_to_one_side():
     import random
 
     from data.prepare import split_documents
+
     enc = get_tokenizer("bytes")
     docs = [f"document {i} " * (i % 3 + 1) for i in range(30)]
-    splits = split_documents(docs, enc, 10 ** 6, random.Random(0))
+    splits = split_documents(docs, enc, 10**6, random.Random(0))
     texts = {}
     for split, (tokens, n) in splits.items():
         parts = enc.decode(tokens.tolist()).split(EOT)
@@ -84,7 +88,9 @@ def test_meta_counts_equal_file_sizes(tiny_data):
     assert set(meta["tasks"]) == {"upper", "double", "reverse", "arith", "count"}
     for name, info in meta["corpus"].items():
         for split in ("train", "val"):
-            assert os.path.getsize(os.path.join(tiny_data, "corpus", name, f"{split}.bin")) == 2 * info[f"{split}_tokens"]
+            assert (
+                os.path.getsize(os.path.join(tiny_data, "corpus", name, f"{split}.bin")) == 2 * info[f"{split}_tokens"]
+            )
     for name, info in meta["tasks"].items():
         for split, n in (("train", 2000), ("val", 64)):
             folder = os.path.join(tiny_data, "tasks", name)
@@ -124,8 +130,11 @@ def test_padded_batch_takes_the_loss_on_responses_only(tiny_data):
         T = batch.x.size(1)
         for b in range(7):
             name = data.domains[int(batch.domain[b])]
-            record = next((p, r) for p, r in (data.record(name, "train", i) for i in range(data.count(name, "train")))
-                          if (p + r)[:-1] == batch.x[b, :len(p) + len(r) - 1].tolist())
+            record = next(
+                (p, r)
+                for p, r in (data.record(name, "train", i) for i in range(data.count(name, "train")))
+                if (p + r)[:-1] == batch.x[b, : len(p) + len(r) - 1].tolist()
+            )
             p, r = record
             n = len(p) + len(r) - 1
             assert batch.x[b, n:].tolist() == [data.eot] * (T - n)
@@ -138,8 +147,10 @@ def test_user_task_jsonl_forms(tmp_path):
     """A user task from .jsonl: {"prompt","response"} records are kept as they are, Alpaca records become the fixed
     template (no Input section when input is empty); records split into train and val with none in both."""
     records = [{"prompt": f"Q{i}: ", "response": f"A{i}"} for i in range(12)]
-    records += [{"instruction": "Say hi", "input": "", "output": "hi"},
-                {"instruction": "Add", "input": "2 and 3", "output": "5"}]
+    records += [
+        {"instruction": "Say hi", "input": "", "output": "hi"},
+        {"instruction": "Add", "input": "2 and 3", "output": "5"},
+    ]
     path = tmp_path / "mine.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n\n")  # blank lines are allowed
     prepare([f"--out_dir={tmp_path / 'out'}", "--only=none", f"--task=mine={path}"])
@@ -152,8 +163,19 @@ def test_user_task_jsonl_forms(tmp_path):
     assert ("### Instruction:\nAdd\n\n### Input:\n2 and 3\n\n### Response:\n", "5") in got
 
 
-@pytest.mark.parametrize("a, b, reserved", [(10, 9, True), (0, 0, True), (55, 5, True), (91, 1, True),
-                                           (19, 1, False), (5, 5, False), (9, 1, False), (99, 9, False)])
+@pytest.mark.parametrize(
+    "a, b, reserved",
+    [
+        (10, 9, True),
+        (0, 0, True),
+        (55, 5, True),
+        (91, 1, True),
+        (19, 1, False),
+        (5, 5, False),
+        (9, 1, False),
+        (99, 9, False),
+    ],
+)
 def test_reserved_pairs_follow_the_tens_digit(a, b, reserved):
     """An (a, b) pair is reserved for evaluation exactly when a's tens digit plus b ends in 0, by hand."""
     assert is_test_pair(a, b) is reserved
@@ -252,26 +274,38 @@ def test_gpt2_tokenizer_offline(tmp_path, monkeypatch):
 
 
 def run_prepare(*args):
-    return subprocess.run([sys.executable, os.path.join(REPO_ROOT, "data", "prepare.py"), *args],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO_ROOT, "data", "prepare.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_prepare_cli_missing_files(tmp_path):
     """prepare.py with a --text glob that matches nothing exits 1 with one line on stderr and writes nothing."""
-    result = run_prepare(f"--out_dir={tmp_path / 'out'}", "--only=arith", "--records=20", "--val_records=2",
-                         f"--text=mine={tmp_path}/*.txt")
+    result = run_prepare(
+        f"--out_dir={tmp_path / 'out'}",
+        "--only=arith",
+        "--records=20",
+        "--val_records=2",
+        f"--text=mine={tmp_path}/*.txt",
+    )
     assert_one_line_error(result, "matches no files")
     assert not os.path.exists(tmp_path / "out")
 
 
-@pytest.mark.parametrize("content, words", [
-    ('{"prompt": "a", "response": "b"}\n{not json\n', [":2:", "not valid JSON"]),
-    ('{"prompt": "a", "response": "b"}\n{"title": "no text"}\n', [":2:", '"prompt" and "response"']),
-    ('{"prompt": "  ", "response": "b"}\n{"prompt": "a", "response": "b"}\n', [":1:", "empty prompt"]),
-    ('{"prompt": "a", "response": ""}\n', [":1:", "empty response"]),
-    ('{"instruction": "a", "input": 3, "output": "b"}\n', [":1:", "each a string"]),
-    ('{"prompt": "a", "response": "b"}\n', ["1 record"]),
-])
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        ('{"prompt": "a", "response": "b"}\n{not json\n', [":2:", "not valid JSON"]),
+        ('{"prompt": "a", "response": "b"}\n{"title": "no text"}\n', [":2:", '"prompt" and "response"']),
+        ('{"prompt": "  ", "response": "b"}\n{"prompt": "a", "response": "b"}\n', [":1:", "empty prompt"]),
+        ('{"prompt": "a", "response": ""}\n', [":1:", "empty response"]),
+        ('{"instruction": "a", "input": 3, "output": "b"}\n', [":1:", "each a string"]),
+        ('{"prompt": "a", "response": "b"}\n', ["1 record"]),
+    ],
+)
 def test_prepare_bad_jsonl(tmp_path, content, words):
     """A bad .jsonl record stops prepare.py with a one-line UserError naming the file and line, and writes nothing."""
     path = tmp_path / "bad.jsonl"

@@ -3,6 +3,7 @@
 All on a tiny random GPT-2 (2 layers, n_embd 32, vocab 300) saved with transformers' save_pretrained,
 which nanoMoA loads as it loads OpenAI's GPT-2.
 """
+
 import json
 import os
 import re
@@ -16,11 +17,19 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # standalone runs
 
 import export  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
 from config import UserError  # noqa: E402
-from files import (add_expert_file, expert_tensors, fingerprint, load_base, load_expert, read_meta,  # noqa: E402
-                   read_safetensors, save_bundle, save_expert)
-from moa import MoA, TARGETS, add_experts, lora_layers, set_route  # noqa: E402
+from files import (
+    add_expert_file,
+    expert_tensors,
+    fingerprint,
+    load_base,
+    read_meta,  # noqa: E402
+    read_safetensors,
+    save_bundle,
+    save_expert,
+)
+from moa import TARGETS, MoA, add_experts, lora_layers  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -35,8 +44,9 @@ IDX = torch.randint(300, (3, 12), generator=torch.Generator().manual_seed(0))  #
 def gpt2(tmp_path_factory):
     """A folder holding a random GPT-2 as transformers saves it, weights made large enough to matter."""
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=300,
-                                     bos_token_id=299, eos_token_id=299)
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=300, bos_token_id=299, eos_token_id=299
+    )
     model = transformers.GPT2LMHeadModel(config)
     with torch.no_grad():
         for p in model.parameters():
@@ -98,10 +108,20 @@ def test_peft_export_writes_every_field(gpt2, tmp_path):
     export.main(["peft", f"--expert={expert}", f"--base={gpt2}", f"--out={out}"])
     with open(os.path.join(out, "adapter_config.json")) as f:
         config = json.load(f)
-    assert config == {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": gpt2, "r": 4,
-                      "lora_alpha": 12.0, "target_modules": ["attn.c_proj", "mlp.c_fc"], "fan_in_fan_out": True,
-                      "bias": "none", "lora_dropout": 0.0, "use_rslora": False, "use_dora": False,
-                      "inference_mode": True}
+    assert config == {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": gpt2,
+        "r": 4,
+        "lora_alpha": 12.0,
+        "target_modules": ["attn.c_proj", "mlp.c_fc"],
+        "fan_in_fan_out": True,
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+    }
     tensors, metadata = read_safetensors(os.path.join(out, "adapter_model.safetensors"))
     assert metadata == {"format": "pt"}
     ours = read_safetensors(expert)[0]  # {"transformer.h.0.attn.c_proj.lora_A": (r, in), ...}
@@ -115,8 +135,9 @@ def test_peft_export_writes_every_field(gpt2, tmp_path):
 def peft_folder(base, folder, target_modules, rank=4, alpha=12):
     """A LoRA adapter written by peft itself, with random B's."""
     torch.manual_seed(2)
-    model = peft.get_peft_model(hf_model(base), peft.LoraConfig(r=rank, lora_alpha=alpha, fan_in_fan_out=True,
-                                                                target_modules=target_modules))
+    model = peft.get_peft_model(
+        hf_model(base), peft.LoraConfig(r=rank, lora_alpha=alpha, fan_in_fan_out=True, target_modules=target_modules)
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -125,10 +146,13 @@ def peft_folder(base, folder, target_modules, rank=4, alpha=12):
     return folder
 
 
-@pytest.mark.parametrize("target_modules, targets", [
-    (r".*\.(attn\.c_attn|mlp\.c_proj)", ["attn.c_attn", "mlp.c_proj"]),  # a regex
-    (["c_attn", "c_proj"], ["attn.c_attn", "attn.c_proj", "mlp.c_proj"]),  # suffixes: c_proj is both
-])
+@pytest.mark.parametrize(
+    "target_modules, targets",
+    [
+        (r".*\.(attn\.c_attn|mlp\.c_proj)", ["attn.c_attn", "mlp.c_proj"]),  # a regex
+        (["c_attn", "c_proj"], ["attn.c_attn", "attn.c_proj", "mlp.c_proj"]),  # suffixes: c_proj is both
+    ],
+)
 def test_peft_import_matches(gpt2, tmp_path, target_modules, targets):
     """An adapter saved by peft, imported as an expert file, gives PeftModel's logits in nanoMoA, with
     target_modules read by PEFT's rule."""
@@ -148,13 +172,23 @@ def valid_peft(gpt2, tmp_path_factory):
     return peft_folder(gpt2, str(tmp_path_factory.mktemp("valid") / "peft"), ["c_attn"])
 
 
-@pytest.mark.parametrize("change, reason", [
-    ({"use_dora": True}, "use_dora"), ({"use_rslora": True}, "use_rslora"), ({"bias": "all"}, "bias none"),
-    ({"rank_pattern": {"c_attn": 2}}, "rank_pattern"), ({"alpha_pattern": {"c_attn": 2}}, "alpha_pattern"),
-    ({"target_modules": ["wte"]}, "transformer.wte"), ({"target_modules": ["lm_head"]}, "lm_head"),
-    ({"target_modules": ["ln_1"]}, "0 layers"), ({"target_modules": r"transformer\.h\.0\.attn\.c_attn"}, "1 layers"),
-    ({"layers_to_transform": [0]}, "layers_to_transform"), ({"target_modules": ["c_fc"]}, "exactly the layers"),
-    ({"r": 8}, "r=8")])
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"use_dora": True}, "use_dora"),
+        ({"use_rslora": True}, "use_rslora"),
+        ({"bias": "all"}, "bias none"),
+        ({"rank_pattern": {"c_attn": 2}}, "rank_pattern"),
+        ({"alpha_pattern": {"c_attn": 2}}, "alpha_pattern"),
+        ({"target_modules": ["wte"]}, "transformer.wte"),
+        ({"target_modules": ["lm_head"]}, "lm_head"),
+        ({"target_modules": ["ln_1"]}, "0 layers"),
+        ({"target_modules": r"transformer\.h\.0\.attn\.c_attn"}, "1 layers"),
+        ({"layers_to_transform": [0]}, "layers_to_transform"),
+        ({"target_modules": ["c_fc"]}, "exactly the layers"),
+        ({"r": 8}, "r=8"),
+    ],
+)
 def test_peft_import_rejects_unsupported(gpt2, valid_peft, tmp_path, change, reason):
     """An adapter nanoMoA cannot represent (DoRA, rsLoRA, per-layer ranks, biases, other modules, some
     blocks only, a config that doesn't fit its tensors) is one UserError, and nothing is written."""
@@ -211,11 +245,25 @@ def test_hf_export_writes_every_field(gpt2, tmp_path):
     export.main(["hf", f"--base={gpt2}", f"--out={out}"])
     with open(os.path.join(out, "config.json")) as f:
         config = json.load(f)
-    assert config == {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": 300,
-                      "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_inner": None,
-                      "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "resid_pdrop": 0.0,
-                      "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": True, "bos_token_id": 299,
-                      "eos_token_id": 299, "dtype": "float32"}
+    assert config == {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": 300,
+        "n_positions": 64,
+        "n_embd": 32,
+        "n_layer": 2,
+        "n_head": 4,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "tie_word_embeddings": True,
+        "bos_token_id": 299,
+        "eos_token_id": 299,
+        "dtype": "float32",
+    }
     ours, metadata = read_safetensors(os.path.join(out, "model.safetensors"))
     theirs = read_safetensors(os.path.join(gpt2, "model.safetensors"))[0]
     assert metadata == {"format": "pt"} and sorted(ours) == sorted(theirs)
@@ -232,8 +280,9 @@ def test_bundle_export_writes_every_field(gpt2, tmp_path):
     torch.manual_seed(5)
     gpt, tokenizer = load_base(gpt2)
     base_fp = fingerprint(gpt)
-    moa = MoA(gpt, ["python", "prose", "arith"], rank=2, alpha=6.0, targets=["attn.c_attn", "mlp.c_proj"],
-              pooling="last")
+    moa = MoA(
+        gpt, ["python", "prose", "arith"], rank=2, alpha=6.0, targets=["attn.c_attn", "mlp.c_proj"], pooling="last"
+    )
     with torch.no_grad():
         for name, p in moa.named_parameters():
             if "lora_B" in name or name.startswith("routers."):
@@ -255,8 +304,12 @@ def test_bundle_export_writes_every_field(gpt2, tmp_path):
     for k, domain in enumerate(moa.domains):
         with open(os.path.join(out, domain, "adapter_config.json")) as f:
             config = json.load(f)
-        assert (config["r"], config["lora_alpha"], config["target_modules"], config["base_model_name_or_path"]) == \
-            (2, 6.0, ["attn.c_attn", "mlp.c_proj"], gpt2)
+        assert (config["r"], config["lora_alpha"], config["target_modules"], config["base_model_name_or_path"]) == (
+            2,
+            6.0,
+            ["attn.c_attn", "mlp.c_proj"],
+            gpt2,
+        )
         tensors = read_safetensors(os.path.join(out, domain, "adapter_model.safetensors"))[0]
         expected = expert_tensors(moa, k)
         assert sorted(tensors) == sorted(f"base_model.model.{name}.weight" for name in expected)

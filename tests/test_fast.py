@@ -17,12 +17,16 @@ import train_lora
 import train_router
 from conftest import randomize_B
 from evaluate import left_pad
-from model import GPT, GPTConfig, KVCache
 from moa import LoRALinear, MoA, lora_layers
+from model import GPT, GPTConfig, KVCache
 
-ROUTES = {"none": None, "one expert": 2, "per sample": torch.tensor([2, 0, 1, 2]),
-          "per sample, all one expert": torch.tensor([1, 1, 1, 1]),  # a single request, say: the one-expert path
-          "per token": F.softmax(torch.randn(4, 5, 3, generator=torch.Generator().manual_seed(3)), dim=-1)}
+ROUTES = {
+    "none": None,
+    "one expert": 2,
+    "per sample": torch.tensor([2, 0, 1, 2]),
+    "per sample, all one expert": torch.tensor([1, 1, 1, 1]),  # a single request, say: the one-expert path
+    "per token": F.softmax(torch.randn(4, 5, 3, generator=torch.Generator().manual_seed(3)), dim=-1),
+}
 
 
 def layer_pair(dropout=0.0):
@@ -55,8 +59,11 @@ def test_fast_layer_equals_plain_for_every_route(kind, grad, dtype):
         xi = x.clone().requires_grad_(grad)
         with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
             y = layer(xi)
-        grads = torch.autograd.grad(y.float().square().mean(), [xi, *layer.lora_A, *layer.lora_B],
-                                    allow_unused=True) if grad else []
+        grads = (
+            torch.autograd.grad(y.float().square().mean(), [xi, *layer.lora_A, *layer.lora_B], allow_unused=True)
+            if grad
+            else []
+        )
         results.append((y, grads))
     (y_plain, g_plain), (y_fast, g_fast) = results
     close(y_fast, y_plain, dtype)
@@ -134,8 +141,9 @@ def test_sorted_runs_equal_plain_in_the_callers_order(bias, monkeypatch):
     labels = torch.tensor([1, 0, 2, 0])  # sorted: runs (0: 2 samples), (1: 1), (2: 1), 12 tokens each
     ran = []
     forward_runs = fast.FastLoRALinear.forward_runs
-    monkeypatch.setattr(fast.FastLoRALinear, "forward_runs",
-                        lambda self, *args: ran.append(forward_runs(self, *args)) or ran[-1])
+    monkeypatch.setattr(
+        fast.FastLoRALinear, "forward_runs", lambda self, *args: ran.append(forward_runs(self, *args)) or ran[-1]
+    )
     with torch.no_grad():
         expected, _ = plain(idx, pad_mask=mask, domain=labels, mode="label")
         routing = plain.routing
@@ -210,8 +218,16 @@ def test_enable_swaps_classes_and_keeps_every_parameter():
     assert type(moa) is MoA and all(type(m) is LoRALinear for m in lora_layers(moa))
 
 
-COMMON = ["--batch_size=8", "--eval_iters=1", "--progress=False", "--device=cpu", "--seed=1",
-          "--max_iters=4", "--eval_interval=4", "--warmup_iters=1"]
+COMMON = [
+    "--batch_size=8",
+    "--eval_iters=1",
+    "--progress=False",
+    "--device=cpu",
+    "--seed=1",
+    "--max_iters=4",
+    "--eval_interval=4",
+    "--warmup_iters=1",
+]
 
 
 def test_scripts_train_alike_with_and_without_fast(tiny_data, tiny_base, tmp_path):
@@ -233,4 +249,6 @@ def test_scripts_train_alike_with_and_without_fast(tiny_data, tiny_base, tmp_pat
     labels = torch.tensor([0, 1, 0, 1])
     with torch.no_grad():
         torch.testing.assert_close(e1.eval()(idx)[0], e0.eval()(idx)[0], rtol=0, atol=1e-4)
-        torch.testing.assert_close(m1.eval()(idx, domain=labels)[0], m0.eval()(idx, domain=labels)[0], rtol=0, atol=1e-4)
+        torch.testing.assert_close(
+            m1.eval()(idx, domain=labels)[0], m0.eval()(idx, domain=labels)[0], rtol=0, atol=1e-4
+        )

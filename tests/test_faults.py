@@ -5,6 +5,7 @@ file claims before it is checked against what the file holds.
 The loaders: expert and bundle files, checkpoints (a base, a resumed run), a data set's meta.json, .bin and
 .idx files, GPT-2 folders, PEFT folders, config files, a user's .jsonl and text files, prompt files.
 """
+
 import io
 import json
 import os
@@ -29,8 +30,8 @@ from config import UserError, parse_config
 from conftest import REPO_ROOT, TINY_BASE_ARGS
 from data.prepare import main as prepare
 from files import add_expert_file, expert_tensors, fingerprint, load_base, load_bundle, save_bundle, save_expert
-from model import GPT, GPTConfig
 from moa import MoA, add_experts
+from model import GPT, GPTConfig
 from trainer import CorpusData, TaskData, TrainConfig
 
 
@@ -80,14 +81,14 @@ def valid(tiny_base, tmp_path_factory):
     gpt2 = tiny_hf_folder(folder / "gpt2")
     peft = str(folder / "peft")
     model = add_experts(load_base(gpt2)[0], 1, rank=2)
-    export.write_peft(peft, expert_tensors(model, 0), {"rank": 2, "alpha": 4.0, "targets": list(export.TARGETS)},
-                      gpt2)
+    export.write_peft(peft, expert_tensors(model, 0), {"rank": 2, "alpha": 4.0, "targets": list(export.TARGETS)}, gpt2)
     return {"base": tiny_base, "expert": expert, "bundle": bundle, "gpt2": gpt2, "peft": peft}
 
 
 def read_st(path):
     """-> (tensors, nanoMoA metadata dict) of a valid file, read with the safetensors package itself."""
     from safetensors import safe_open
+
     with safe_open(path, framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["nanomoa"])
 
@@ -105,18 +106,22 @@ def header(entries, metadata=None):
 # bytes to write, or None to write nothing (the path is then missing, or a folder when the id says so).
 def edit_meta(**changes):
     """A maker: the valid file with these metadata keys changed (None: removed)."""
+
     def make(raw, tensors, meta):
         meta = {k: v for k, v in {**meta, **changes}.items() if v is not None}
         return safetensors_bytes(tensors, {"nanomoa": json.dumps(meta)})
+
     return make
 
 
 def edit_tensors(change):
     """A maker: the valid file with its tensors changed by change(tensors) (in place)."""
+
     def make(raw, tensors, meta):
         tensors = dict(tensors)
         change(tensors)
         return safetensors_bytes(tensors, {"nanomoa": json.dumps(meta)})
+
     return make
 
 
@@ -135,14 +140,14 @@ SAFETENSORS_CORRUPT = [  # what any .safetensors file can be
     ("a folder", lambda raw, t, m: None),
     ("empty", lambda raw, t, m: b""),
     ("random bytes", lambda raw, t, m: bytes(range(256)) * 4),
-    ("truncated", lambda raw, t, m: raw[:len(raw) // 2]),
+    ("truncated", lambda raw, t, m: raw[: len(raw) // 2]),
     ("data cut by one byte", lambda raw, t, m: raw[:-1]),
-    ("header length beyond the file", lambda raw, t, m: struct.pack("<Q", 2 ** 60) + raw[8:]),
+    ("header length beyond the file", lambda raw, t, m: struct.pack("<Q", 2**60) + raw[8:]),
     ("header length zero", lambda raw, t, m: struct.pack("<Q", 0) + raw[8:]),
     ("header not JSON", lambda raw, t, m: struct.pack("<Q", 9) + b"not json{"),
     ("header a JSON list", lambda raw, t, m: struct.pack("<Q", 2) + b"[]"),
     ("tensor beyond the file", lambda raw, t, m: header({"a": ("F32", [4], [0, 16])})),
-    ("huge tensor claimed", lambda raw, t, m: header({"a": ("F32", [10 ** 6, 10 ** 6], [0, 4 * 10 ** 12])})),
+    ("huge tensor claimed", lambda raw, t, m: header({"a": ("F32", [10**6, 10**6], [0, 4 * 10**12])})),
     ("unknown dtype", lambda raw, t, m: header({"a": ("Q7", [1], [0, 0])})),
     ("a pickle", lambda raw, t, m: pickle.dumps({"tensors": list(t)})),
     ("a torch.save file", lambda raw, t, m: torch_bytes(t)),
@@ -156,7 +161,7 @@ META_CORRUPT = [  # an expert or bundle whose nanoMoA metadata is wrong
     ("rank a string", edit_meta(rank="2")),
     ("rank zero", edit_meta(rank=0)),
     ("rank a bool", edit_meta(rank=True)),
-    ("rank huge", edit_meta(rank=10 ** 9)),
+    ("rank huge", edit_meta(rank=10**9)),
     ("rank not the tensors'", edit_meta(rank=3)),
     ("alpha a string", edit_meta(alpha="x")),
     ("alpha nan", edit_meta(alpha=float("nan"))),
@@ -176,21 +181,29 @@ META_CORRUPT = [  # an expert or bundle whose nanoMoA metadata is wrong
     ("a tensor of another shape", edit_tensors(lambda t: t.update({first(t): torch.zeros(3, 3)}))),
     ("a tensor of integers", edit_tensors(lambda t: t.update({first(t): t[first(t)].long()}))),
 ]
-EXPERT_CORRUPT = SAFETENSORS_CORRUPT + META_CORRUPT + [
-    ("kind bundle", edit_meta(kind="bundle")),
-    ("domain empty", edit_meta(domain="")),
-    ("domain a number", edit_meta(domain=3)),
-]
-BUNDLE_CORRUPT = SAFETENSORS_CORRUPT + META_CORRUPT + [
-    ("kind expert", edit_meta(kind="expert")),
-    ("domains a string", edit_meta(domains="arith")),
-    ("domains repeated", edit_meta(domains=["arith", "arith"])),
-    ("domains more than the experts", edit_meta(domains=["arith", "upper", "reverse"])),
-    ("domains a thousand", edit_meta(domains=[f"d{i}" for i in range(1000)])),
-    ("pooling unknown", edit_meta(pooling="max")),
-    ("top_k zero", edit_meta(top_k=0)),
-    ("top_k a string", edit_meta(top_k="2")),
-]
+EXPERT_CORRUPT = (
+    SAFETENSORS_CORRUPT
+    + META_CORRUPT
+    + [
+        ("kind bundle", edit_meta(kind="bundle")),
+        ("domain empty", edit_meta(domain="")),
+        ("domain a number", edit_meta(domain=3)),
+    ]
+)
+BUNDLE_CORRUPT = (
+    SAFETENSORS_CORRUPT
+    + META_CORRUPT
+    + [
+        ("kind expert", edit_meta(kind="expert")),
+        ("domains a string", edit_meta(domains="arith")),
+        ("domains repeated", edit_meta(domains=["arith", "arith"])),
+        ("domains more than the experts", edit_meta(domains=["arith", "upper", "reverse"])),
+        ("domains a thousand", edit_meta(domains=[f"d{i}" for i in range(1000)])),
+        ("pooling unknown", edit_meta(pooling="max")),
+        ("top_k zero", edit_meta(top_k=0)),
+        ("top_k a string", edit_meta(top_k="2")),
+    ]
+)
 
 
 def write_corrupt(path, make, valid_path, case):
@@ -240,14 +253,17 @@ def test_valid_files_load(valid):
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: a base (--base, resume)
 
+
 def edit_ckpt(change):
     """A maker: the valid checkpoint, loaded, changed by change(ckpt) (meta decoded to a dict), and saved."""
+
     def make(ckpt, tmp_path):
         ckpt = {**ckpt, "meta": json.loads(ckpt["meta"]), "model": dict(ckpt["model"])}
         change(ckpt)
         if isinstance(ckpt.get("meta"), dict):
             ckpt["meta"] = json.dumps(ckpt["meta"])
         return ckpt
+
     return make
 
 
@@ -256,8 +272,13 @@ def model_config(**changes):
 
 
 CKPT_CORRUPT = [
-    ("missing", None), ("a folder", None), ("empty", b""), ("random bytes", bytes(range(256)) * 4),
-    ("truncated", "half"), ("a malicious pickle", "pickle"), ("a list", [1, 2]),
+    ("missing", None),
+    ("a folder", None),
+    ("empty", b""),
+    ("random bytes", bytes(range(256)) * 4),
+    ("truncated", "half"),
+    ("a malicious pickle", "pickle"),
+    ("a list", [1, 2]),
     ("meta missing", edit_ckpt(lambda c: c.pop("meta"))),
     ("meta not JSON", lambda ckpt, tmp: {**ckpt, "meta": "{"}),
     ("meta a JSON list", lambda ckpt, tmp: {**ckpt, "meta": "[]"}),
@@ -273,7 +294,7 @@ CKPT_CORRUPT = [
     ("n_embd huge", model_config(n_embd=3200, n_head=2)),
     ("n_head not dividing n_embd", model_config(n_head=3)),
     ("n_layer more than its blocks", model_config(n_layer=40)),
-    ("n_layer a thousand million", model_config(n_layer=10 ** 9)),
+    ("n_layer a thousand million", model_config(n_layer=10**9)),
     ("block_size not its positions", model_config(block_size=65)),
     ("vocab_size not its embedding", model_config(vocab_size=1000)),
     ("dropout 2", model_config(dropout=2.0)),
@@ -288,7 +309,7 @@ def write_ckpt(path, make, valid_ckpt, tmp_path):
     if make == "half":
         with open(valid_ckpt, "rb") as f:
             raw = f.read()
-        path.write_bytes(raw[:len(raw) // 2])
+        path.write_bytes(raw[: len(raw) // 2])
     elif make == "pickle":
         data, marker = malicious_pickle(tmp_path)
         path.write_bytes(data)
@@ -315,35 +336,59 @@ def test_corrupt_base_checkpoint_is_one_error_naming_the_file(valid, tmp_path, c
     assert marker is None or not os.path.exists(marker)
 
 
-@pytest.mark.parametrize("case", ["truncated", "a malicious pickle", "meta a JSON list", "n_embd huge",
-                                  "n_layer a thousand million", "step beyond max_iters", "step a string",
-                                  "optimizer a list", "optimizer missing"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "truncated",
+        "a malicious pickle",
+        "meta a JSON list",
+        "n_embd huge",
+        "n_layer a thousand million",
+        "step beyond max_iters",
+        "step a string",
+        "optimizer a list",
+        "optimizer missing",
+    ],
+)
 def test_corrupt_checkpoint_on_resume_is_one_error(valid, tiny_data, tmp_path, case):
     """train_base.py --init_from=resume over a corrupt out_dir/ckpt.pt is a UserError naming it (a step beyond
     --max_iters would otherwise never reach the last step)."""
     makes = dict(CKPT_CORRUPT)
-    makes.update({"step beyond max_iters": edit_ckpt(lambda c: c["meta"].update(step=10 ** 6)),
-                  "step a string": edit_ckpt(lambda c: c["meta"].update(step="5")),
-                  "optimizer a list": edit_ckpt(lambda c: c.update(optimizer=[1, 2])),
-                  "optimizer missing": edit_ckpt(lambda c: c.pop("optimizer"))})
+    makes.update(
+        {
+            "step beyond max_iters": edit_ckpt(lambda c: c["meta"].update(step=10**6)),
+            "step a string": edit_ckpt(lambda c: c["meta"].update(step="5")),
+            "optimizer a list": edit_ckpt(lambda c: c.update(optimizer=[1, 2])),
+            "optimizer missing": edit_ckpt(lambda c: c.pop("optimizer")),
+        }
+    )
     valid_ckpt = str(tmp_path / "valid.pt")
     shutil.copy(valid["base"], valid_ckpt)
     out = tmp_path / "run"
     out.mkdir()
     path, marker = write_ckpt(out / "ckpt.pt", makes[case], valid_ckpt, tmp_path)
     with one_error("ckpt.pt"):
-        train_base.main(TINY_BASE_ARGS + [f"--data_dir={tiny_data}", f"--out_dir={out}", "--init_from=resume",
-                                          "--max_iters=200"])
+        train_base.main(
+            TINY_BASE_ARGS + [f"--data_dir={tiny_data}", f"--out_dir={out}", "--init_from=resume", "--max_iters=200"]
+        )
     assert marker is None or not os.path.exists(marker)
 
 
 # ----------------------------------------------------------------------------------------------
 # A data set: meta.json, corpus .bin, task .bin and .idx
 
+
 def small_data(folder):
     """A data set written by hand as data/prepare.py lays it out: corpus source c, task t."""
-    meta = {"tokenizer": "bytes", "vocab_size": 257, "eot": 256, "held_back": [], "seed": 1,
-            "corpus": {"c": {}}, "tasks": {"t": {}}}
+    meta = {
+        "tokenizer": "bytes",
+        "vocab_size": 257,
+        "eot": 256,
+        "held_back": [],
+        "seed": 1,
+        "corpus": {"c": {}},
+        "tasks": {"t": {}},
+    }
     for split in ("train", "val"):
         os.makedirs(folder / "corpus" / "c", exist_ok=True)
         (np.arange(300) % 256).astype(np.uint16).tofile(folder / "corpus" / "c" / f"{split}.bin")
@@ -359,11 +404,13 @@ def set_meta(**changes):
         meta = json.loads((folder / "meta.json").read_text())
         meta.update(changes)
         (folder / "meta.json").write_text(json.dumps(meta))
+
     return make
 
 
 def write(rel, data):
     """A maker: file rel of the data set gets these bytes (or becomes a folder, for data=None)."""
+
     def make(folder):
         path = folder / rel
         os.remove(path)
@@ -371,6 +418,7 @@ def write(rel, data):
             path.mkdir()
         else:
             path.write_bytes(data)
+
     return make
 
 
@@ -427,11 +475,13 @@ def test_corrupt_data_is_one_error_naming_the_file(tmp_path, case, make, name):
 # ----------------------------------------------------------------------------------------------
 # GPT-2 folders (--base=FOLDER, train_base.py --init_from=FOLDER)
 
+
 def hf_config(**changes):
     def make(folder):
         config = json.loads((folder / "config.json").read_text())
         config.update(changes)
         (folder / "config.json").write_text(json.dumps(config))
+
     return make
 
 
@@ -445,6 +495,7 @@ def pytorch_bin(content):
             (folder / "pytorch_model.bin").write_bytes(content)
         else:
             torch.save(content, folder / "pytorch_model.bin")
+
     return make
 
 
@@ -460,11 +511,14 @@ GPT2_CORRUPT = [
     ("n_embd huge", hf_config(n_embd=3200), "config.json"),
     ("n_head not dividing n_embd", hf_config(n_head=3), "config.json"),
     ("n_layer more than its blocks", hf_config(n_layer=12), "config.json"),
-    ("n_positions beyond its positions", hf_config(n_positions=10 ** 7), "config.json"),
+    ("n_positions beyond its positions", hf_config(n_positions=10**7), "config.json"),
     ("vocab_size beyond its embedding", hf_config(vocab_size=50257), "config.json"),
     ("weights missing", lambda f: os.remove(f / "model.safetensors"), "model.safetensors"),
-    ("weights truncated", lambda f: (f / "model.safetensors").write_bytes(
-        (f / "model.safetensors").read_bytes()[:100]), "model.safetensors"),
+    (
+        "weights truncated",
+        lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:100]),
+        "model.safetensors",
+    ),
     ("pytorch_model.bin random bytes", pytorch_bin(bytes(range(256))), "pytorch_model.bin"),
     ("pytorch_model.bin a malicious pickle", pytorch_bin("pickle"), "pytorch_model.bin"),
     ("pytorch_model.bin a list", pytorch_bin([1, 2]), "pytorch_model.bin"),
@@ -486,11 +540,13 @@ def test_corrupt_gpt2_folder_is_one_error_naming_the_file(valid, tmp_path, case,
 # ----------------------------------------------------------------------------------------------
 # PEFT folders (export.py import-peft)
 
+
 def adapter_config(**changes):
     def make(folder):
         config = json.loads((folder / "adapter_config.json").read_text())
         config.update(changes)
         (folder / "adapter_config.json").write_text(json.dumps(config))
+
     return make
 
 
@@ -499,11 +555,14 @@ PEFT_CORRUPT = [
     ("adapter_config.json empty", lambda f: (f / "adapter_config.json").write_text(""), "adapter_config.json"),
     ("adapter_config.json not JSON", lambda f: (f / "adapter_config.json").write_text("{r: 2"), "adapter_config.json"),
     ("adapter_config.json a list", lambda f: (f / "adapter_config.json").write_text("[]"), "adapter_config.json"),
-    ("adapter_config.json not UTF-8", lambda f: (f / "adapter_config.json").write_bytes(b'{"r": "\xfe"}'),
-     "adapter_config.json"),
+    (
+        "adapter_config.json not UTF-8",
+        lambda f: (f / "adapter_config.json").write_bytes(b'{"r": "\xfe"}'),
+        "adapter_config.json",
+    ),
     ("r a string", adapter_config(r="2"), "adapter_config.json"),
     ("r zero", adapter_config(r=0), "adapter_config.json"),
-    ("r huge", adapter_config(r=10 ** 9), "adapter_model.safetensors"),
+    ("r huge", adapter_config(r=10**9), "adapter_model.safetensors"),
     ("r not the tensors'", adapter_config(r=3), "adapter_model.safetensors"),
     ("lora_alpha a string", adapter_config(lora_alpha="4"), "adapter_config.json"),
     ("target_modules a number", adapter_config(target_modules=5), "adapter_config.json"),
@@ -511,8 +570,11 @@ PEFT_CORRUPT = [
     ("target_modules a bad regex", adapter_config(target_modules="(c_attn"), "adapter_config.json"),
     ("weights missing", lambda f: os.remove(f / "adapter_model.safetensors"), "adapter_model.safetensors"),
     ("weights empty", lambda f: (f / "adapter_model.safetensors").write_bytes(b""), "adapter_model.safetensors"),
-    ("weights truncated", lambda f: (f / "adapter_model.safetensors").write_bytes(
-        (f / "adapter_model.safetensors").read_bytes()[:200]), "adapter_model.safetensors"),
+    (
+        "weights truncated",
+        lambda f: (f / "adapter_model.safetensors").write_bytes((f / "adapter_model.safetensors").read_bytes()[:200]),
+        "adapter_model.safetensors",
+    ),
 ]
 
 
@@ -533,9 +595,15 @@ def test_corrupt_peft_folder_is_one_error_naming_the_file(valid, tmp_path, case,
 # Config files, a user's text and records, prompt files
 
 CONFIG_CORRUPT = [
-    ("empty", b""), ("not JSON", b"max_iters: 5"), ("a list", b"[5]"), ("not UTF-8", b'{"out_dir": "\xff"}'),
-    ("a folder", None), ("nan", b'{"learning_rate": NaN}'), ("infinity", b'{"min_lr": Infinity}'),
-    ("a negative size", b'{"batch_size": -1}'), ("text that is no int", b'{"max_iters": "five"}'),
+    ("empty", b""),
+    ("not JSON", b"max_iters: 5"),
+    ("a list", b"[5]"),
+    ("not UTF-8", b'{"out_dir": "\xff"}'),
+    ("a folder", None),
+    ("nan", b'{"learning_rate": NaN}'),
+    ("infinity", b'{"min_lr": Infinity}'),
+    ("a negative size", b'{"batch_size": -1}'),
+    ("text that is no int", b'{"max_iters": "five"}'),
 ]
 
 
@@ -636,16 +704,23 @@ def test_huge_sizes_claimed_are_refused_without_allocating(valid, tiny_data, tmp
     checkpoint and a GPT-2 config.json claiming a 1 GB model, a PEFT adapter of r 250,000; each would need
     hundreds of MB or more) are refused, and the loading process's peak memory grows by less than 64 MB."""
     files = []
-    for kind, make in [("expert", edit_meta(rank=250_000)), ("bundle", edit_meta(rank=250_000)),
-                       ("bundle", edit_meta(domains=[f"d{i}" for i in range(200_000)]))]:
+    for kind, make in [
+        ("expert", edit_meta(rank=250_000)),
+        ("bundle", edit_meta(rank=250_000)),
+        ("bundle", edit_meta(domains=[f"d{i}" for i in range(200_000)])),
+    ]:
         files.append((kind, write_corrupt(tmp_path / f"{kind}{len(files)}.safetensors", make, valid[kind], kind)))
     os.makedirs(tmp_path / "experts")
     shutil.copy(files[0][1], tmp_path / "experts" / "arith.safetensors")
     shutil.copy(valid["expert"], tmp_path / "experts" / "upper.safetensors")
     files.append(("router", str(tmp_path / "experts")))
     os.makedirs(tmp_path / "base")
-    files.append(("checkpoint", write_ckpt(tmp_path / "base" / "ckpt.pt", model_config(n_embd=3200, n_head=2),
-                                           valid["base"], tmp_path)[0]))
+    files.append(
+        (
+            "checkpoint",
+            write_ckpt(tmp_path / "base" / "ckpt.pt", model_config(n_embd=3200, n_head=2), valid["base"], tmp_path)[0],
+        )
+    )
     shutil.copytree(valid["gpt2"], tmp_path / "gpt2")
     hf_config(n_embd=3200)(tmp_path / "gpt2")
     files.append(("gpt2", str(tmp_path / "gpt2")))
@@ -653,8 +728,9 @@ def test_huge_sizes_claimed_are_refused_without_allocating(valid, tiny_data, tmp
     adapter_config(r=250_000)(tmp_path / "peft")
     files.append(("peft", str(tmp_path / "peft")))
     cases = json.dumps({"base": valid["base"], "gpt2": valid["gpt2"], "data": tiny_data, "files": files})
-    result = subprocess.run([sys.executable, "-c", MEMORY_PROBE.format(root=REPO_ROOT), cases], capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE.format(root=REPO_ROOT), cases], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     assert len(lines) == len(files) and not any("LOADED" in line for line in lines), result.stdout

@@ -4,6 +4,7 @@ scale across a resume, and the scripts under torchrun with their defaults (2 pro
 
 The tests marked `cuda` run only where torch sees a CUDA GPU (`bash scripts/gpu_check.sh` runs the suite there).
 """
+
 import json
 import os
 import subprocess
@@ -21,8 +22,8 @@ import train_router
 from config import UserError
 from conftest import REPO_ROOT, TINY_BASE_ARGS, assert_one_line_error, randomize_B, torchrun
 from files import read_safetensors
-from model import GPT, GPTConfig
 from moa import MODES, MoA, add_experts, set_route
+from model import GPT, GPTConfig
 from trainer import micro_seed, pick_device
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -65,8 +66,14 @@ def test_every_variant_is_made_on_the_gpts_device(variant, speed):
     B, T = 3, 5
     idx = torch.zeros(B, T, dtype=torch.long, device="meta")
     ones = torch.ones(B, T, dtype=torch.bool, device="meta")
-    calls = [dict(mode=mode, domain=torch.zeros(B, dtype=torch.long, device="meta"), router_mask=ones, pad_mask=ones)
-             for mode in MODES] if isinstance(model, MoA) else [{}, dict(pad_mask=ones)]
+    calls = (
+        [
+            dict(mode=mode, domain=torch.zeros(B, dtype=torch.long, device="meta"), router_mask=ones, pad_mask=ones)
+            for mode in MODES
+        ]
+        if isinstance(model, MoA)
+        else [{}, dict(pad_mask=ones)]
+    )
     for kwargs in calls:
         logits, loss = model(idx, idx, **kwargs)
         loss.backward()
@@ -74,15 +81,18 @@ def test_every_variant_is_made_on_the_gpts_device(variant, speed):
     assert all(p.grad.is_meta for p in model.parameters() if p.grad is not None)
 
 
-@pytest.mark.parametrize("device, dtype, words", [
-    ("tpu", "float32", ["--device=tpu", "auto, cpu, cuda, cuda:N or mps"]),
-    ("cpu:0", "float32", ["--device=cpu:0"]),
-    ("cuda", "float32", ["--device=cuda but", "--device=cpu"]),
-    ("cuda:1", "float32", ["--device=cuda:1 but"]),
-    ("mps", "float32", ["--device=mps but", "--device=cpu"]),
-    ("cpu", "half", ["--dtype=half", "float32, bfloat16, float16"]),
-    ("cpu", "float16", ["--dtype=float16 needs loss scaling", "bfloat16 or float32"]),
-])
+@pytest.mark.parametrize(
+    "device, dtype, words",
+    [
+        ("tpu", "float32", ["--device=tpu", "auto, cpu, cuda, cuda:N or mps"]),
+        ("cpu:0", "float32", ["--device=cpu:0"]),
+        ("cuda", "float32", ["--device=cuda but", "--device=cpu"]),
+        ("cuda:1", "float32", ["--device=cuda:1 but"]),
+        ("mps", "float32", ["--device=mps but", "--device=cpu"]),
+        ("cpu", "half", ["--dtype=half", "float32, bfloat16, float16"]),
+        ("cpu", "float16", ["--dtype=float16 needs loss scaling", "bfloat16 or float32"]),
+    ],
+)
 def test_a_device_or_dtype_that_cannot_run_is_a_user_error(device, dtype, words):
     """--device names a device that is not here (no GPU on the test machine), or --dtype one the device cannot
     run (float16 off CUDA has no loss scaling): a UserError that says so."""
@@ -110,8 +120,8 @@ def fake_gpu(monkeypatch):
 def test_auto_picks_cuda_then_mps_then_cpu(fake_gpu, monkeypatch):
     """--device=auto is cuda when torch sees a GPU, else mps when it sees an Apple GPU, else cpu."""
     for gpu, apple, expected in [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")]:
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
-        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: apple)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda gpu=gpu: gpu)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda apple=apple: apple)
         assert pick_device("auto")[0] == expected
 
 
@@ -128,15 +138,28 @@ def test_gpu_dtypes(fake_gpu):
         pick_device("cuda:1")
 
 
-@pytest.mark.parametrize("name, peak", [
-    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
-    ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100 80GB PCIe", 312e12),
-    ("NVIDIA L40S", 362e12), ("NVIDIA L4", 121e12), ("NVIDIA A10", 125e12), ("NVIDIA GeForce RTX 4090", 165e12),
-    ("NVIDIA A10G", None), ("Tesla T4", None)])
+@pytest.mark.parametrize(
+    "name, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 NVL", 835e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA A100 80GB PCIe", 312e12),
+        ("NVIDIA L40S", 362e12),
+        ("NVIDIA L4", 121e12),
+        ("NVIDIA A10", 125e12),
+        ("NVIDIA GeForce RTX 4090", 165e12),
+        ("NVIDIA A10G", None),
+        ("Tesla T4", None),
+    ],
+)
 def test_bench_names_the_cards_bf16_peak(monkeypatch, name, peak):
     """bench.py finds a card's dense bfloat16 peak by its name as torch reports it; another card has none (bench.py
     then measures one)."""
     import bench
+
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert bench.card_peak("cuda") == (name, peak)
 
@@ -147,29 +170,34 @@ def test_each_micro_batch_has_its_own_seed():
     grid = [(seed, step, micro) for seed in (0, 1, 1337) for step in range(20) for micro in range(8)]
     seeds = [micro_seed(*key) for key in grid]
     assert len(set(seeds)) == len(grid) and seeds == [micro_seed(*key) for key in grid]
-    assert all(0 <= s < 2 ** 64 for s in seeds)
+    assert all(0 <= s < 2**64 for s in seeds)
 
 
 def test_resume_keeps_the_loss_scale(tiny_data, tmp_path, monkeypatch):
     """A float16 run's loss scale is saved in the checkpoint and restored on resume: a resumed run ends with the
     scale of an uninterrupted one. (Here a CPU GradScaler that doubles the scale every step stands in for CUDA's.)"""
     real = torch.amp.GradScaler
-    monkeypatch.setattr(torch.amp, "GradScaler",
-                        lambda device, enabled: real("cpu", init_scale=2.0, growth_interval=1))
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda device, enabled: real("cpu", init_scale=2.0, growth_interval=1))
     args = TINY_BASE_ARGS + [f"--data_dir={tiny_data}", "--eval_interval=3"]
     train_base.main(args + [f"--out_dir={tmp_path / 'a'}", "--max_iters=6"])
     train_base.main(args + [f"--out_dir={tmp_path / 'b'}", "--max_iters=3"])
     train_base.main(args + [f"--out_dir={tmp_path / 'b'}", "--max_iters=6", "--init_from=resume"])
     scales = [torch.load(tmp_path / run / "ckpt.pt", weights_only=True)["scaler"]["scale"] for run in "ab"]
-    assert scales == [2.0 * 2 ** 6] * 2
+    assert scales == [2.0 * 2**6] * 2
 
 
 # ----------------------------------------------------------------------------------------------
 # The scripts: one-line errors, and torchrun with their defaults.
 
+
 def run_script(script, *args):
-    return subprocess.run([sys.executable, os.path.join(REPO_ROOT, script), *args], capture_output=True, text=True,
-                          timeout=120, cwd=REPO_ROOT)
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO_ROOT, script), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO_ROOT,
+    )
 
 
 TASK_ARGS = ["--batch_size=8", "--eval_iters=1", "--progress=False", "--seed=1", "--warmup_iters=1", "--device=cpu"]
@@ -180,8 +208,16 @@ def experts(tiny_data, tiny_base, tmp_path_factory):
     """A folder with two experts (arith, reverse) on tiny_base, 2 steps each."""
     out = tmp_path_factory.mktemp("experts")
     for domain in ("arith", "reverse"):
-        train_lora.main(TASK_ARGS + [f"--data_dir={tiny_data}", f"--base={tiny_base}", f"--out_dir={out}",
-                                     f"--domain={domain}", "--max_iters=2"])
+        train_lora.main(
+            TASK_ARGS
+            + [
+                f"--data_dir={tiny_data}",
+                f"--base={tiny_base}",
+                f"--out_dir={out}",
+                f"--domain={domain}",
+                "--max_iters=2",
+            ]
+        )
     return out
 
 
@@ -190,11 +226,15 @@ def test_every_script_says_in_one_line_that_there_is_no_gpu(tiny_data, tiny_base
     """Every script that runs a model, asked for --device=cuda where there is none, exits with one line
     `error: --device=cuda but ...` (no traceback)."""
     data, base = f"--data_dir={tiny_data}", f"--base={tiny_base}"
-    for script, *args in [("train_base.py", data, f"--out_dir={tmp_path}"),
-                          ("train_lora.py", data, base, "--domain=arith", f"--out_dir={tmp_path}"),
-                          ("train_router.py", data, base, f"--experts={experts}", "--domains=arith,reverse",
-                           f"--out_dir={tmp_path}"),
-                          ("sample.py", base), ("results.py", f"--out={tmp_path}"), ("bench.py",), ("demo.py",)]:
+    for script, *args in [
+        ("train_base.py", data, f"--out_dir={tmp_path}"),
+        ("train_lora.py", data, base, "--domain=arith", f"--out_dir={tmp_path}"),
+        ("train_router.py", data, base, f"--experts={experts}", "--domains=arith,reverse", f"--out_dir={tmp_path}"),
+        ("sample.py", base),
+        ("results.py", f"--out={tmp_path}"),
+        ("bench.py",),
+        ("demo.py",),
+    ]:
         assert_one_line_error(run_script(script, *args, "--device=cuda"), "--device=cuda but")
 
 
@@ -203,8 +243,13 @@ def test_gpu_check_refuses_without_a_gpu():
     """scripts/gpu_check.sh, where torch sees no CUDA GPU, stops at once with one line `error: ...` and status 1."""
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     env.pop("GPU_CHECK_DEVICE", None)
-    result = subprocess.run(["bash", os.path.join(REPO_ROOT, "scripts", "gpu_check.sh")], capture_output=True,
-                            text=True, timeout=120, env=env)
+    result = subprocess.run(
+        ["bash", os.path.join(REPO_ROOT, "scripts", "gpu_check.sh")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert_one_line_error(result, "no CUDA GPU")
     assert result.stdout == ""
 
@@ -217,12 +262,26 @@ def read_log(folder):
 def test_readme_torchrun_commands_run_with_their_defaults(gloo, tiny_data, tiny_base, tmp_path):
     """`torchrun --nproc_per_node=2 train_base.py` and train_lora.py run with the default --grad_accum (one
     micro-batch per process), and only process 0 writes: the checkpoint, the expert, and one 'saved' line each."""
-    base = torchrun("train_base.py", *TINY_BASE_ARGS, f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'base'}",
-                    "--max_iters=2", "--eval_interval=2")
+    base = torchrun(
+        "train_base.py",
+        *TINY_BASE_ARGS,
+        f"--data_dir={tiny_data}",
+        f"--out_dir={tmp_path / 'base'}",
+        "--max_iters=2",
+        "--eval_interval=2",
+    )
     assert base.returncode == 0, base.stderr[-5000:]
     assert base.stdout.count("saved ") == 1 and [r["step"] for r in read_log(tmp_path / "base")] == [0, 2]
-    expert = torchrun("train_lora.py", *TASK_ARGS, f"--data_dir={tiny_data}", f"--base={tiny_base}",
-                      f"--out_dir={tmp_path / 'experts'}", "--domain=arith", "--max_iters=2", "--eval_interval=2")
+    expert = torchrun(
+        "train_lora.py",
+        *TASK_ARGS,
+        f"--data_dir={tiny_data}",
+        f"--base={tiny_base}",
+        f"--out_dir={tmp_path / 'experts'}",
+        "--domain=arith",
+        "--max_iters=2",
+        "--eval_interval=2",
+    )
     assert expert.returncode == 0, expert.stderr[-5000:]
     assert expert.stdout.count("saved ") == 1 and os.path.isfile(tmp_path / "experts" / "arith.safetensors")
 
@@ -231,8 +290,15 @@ def test_train_router_on_two_processes_matches_one(gloo, tiny_data, tiny_base, e
     """train_router.py on 2 processes (torchrun, gloo, default --grad_accum: one micro-batch each) with every random
     draw it makes switched on (the records each micro-batch samples, LoRA dropout) logs the same losses (1e-5) and
     ends with the same bundle (1e-4) as 1 process with --grad_accum=2: the same global batch."""
-    args = TASK_ARGS + [f"--data_dir={tiny_data}", f"--base={tiny_base}", f"--experts={experts}",
-                        "--domains=arith,reverse", "--lora_dropout=0.2", "--max_iters=4", "--eval_interval=1"]
+    args = TASK_ARGS + [
+        f"--data_dir={tiny_data}",
+        f"--base={tiny_base}",
+        f"--experts={experts}",
+        "--domains=arith,reverse",
+        "--lora_dropout=0.2",
+        "--max_iters=4",
+        "--eval_interval=1",
+    ]
     ddp = torchrun("train_router.py", *args, f"--out_dir={tmp_path / 'ddp'}")
     assert ddp.returncode == 0, ddp.stderr[-5000:]
     assert ddp.stdout.count("saved ") == 1
@@ -252,17 +318,24 @@ def test_train_router_on_two_processes_matches_one(gloo, tiny_data, tiny_base, e
 # ----------------------------------------------------------------------------------------------
 # On a CUDA GPU only (scripts/gpu_check.sh runs them).
 
+
 @cuda
 def test_cuda_resume_equals_uninterrupted(tiny_data, tmp_path):
     """On a GPU, stopping at step 5 and resuming, with dropout on, gives the losses of never stopping (1e-4: GPU
     kernels may add in another order), in float32 and in float16 with the loss scale restored."""
     for dtype in ("float32", "float16"):
         args = [a for a in TINY_BASE_ARGS if a != "--device=cpu"] + [
-            f"--data_dir={tiny_data}", "--device=cuda", f"--dtype={dtype}", "--dropout=0.1", "--eval_interval=5"]
+            f"--data_dir={tiny_data}",
+            "--device=cuda",
+            f"--dtype={dtype}",
+            "--dropout=0.1",
+            "--eval_interval=5",
+        ]
         _, losses_a = train_base.main(args + [f"--out_dir={tmp_path / dtype / 'a'}", "--max_iters=10"])
         _, losses_b1 = train_base.main(args + [f"--out_dir={tmp_path / dtype / 'b'}", "--max_iters=5"])
-        _, losses_b2 = train_base.main(args + [f"--out_dir={tmp_path / dtype / 'b'}", "--max_iters=10",
-                                               "--init_from=resume"])
+        _, losses_b2 = train_base.main(
+            args + [f"--out_dir={tmp_path / dtype / 'b'}", "--max_iters=10", "--init_from=resume"]
+        )
         torch.testing.assert_close(torch.tensor(losses_b1 + losses_b2), torch.tensor(losses_a), atol=1e-4, rtol=0)
 
 

@@ -2,6 +2,7 @@
 
 Unit tests use a small random GPT; the rest train one real arith expert on the session's tiny base.
 """
+
 import copy
 import json
 import os
@@ -11,11 +12,11 @@ import torch
 
 import sample
 import train_lora
-from model import GPT, GPTConfig
-from conftest import randomize_B
 from config import UserError, parse_config
+from conftest import randomize_B
 from files import expert_tensors, fingerprint, load_base, load_expert, save_expert
 from moa import LoRALinear, add_experts, count_params, lora_layers, set_route
+from model import GPT, GPTConfig
 
 LORA_ITERS = 60  # arith's drop is the largest for seeds 1..3 (checked); other tasks' losses rise
 
@@ -34,10 +35,22 @@ def tokens(seed=0, B=3, T=12, vocab=50):
 def arith_run(tiny_data, tiny_base, tmp_path_factory):
     """A stage-1 arith expert trained by train_lora.main: (model, out_dir)."""
     out = str(tmp_path_factory.mktemp("experts"))
-    model, _ = train_lora.main([f"--data_dir={tiny_data}", f"--base={tiny_base}", f"--out_dir={out}",
-                                "--domain=arith", f"--max_iters={LORA_ITERS}", f"--eval_interval={LORA_ITERS}",
-                                "--batch_size=8", "--eval_iters=1", "--progress=False",
-                                "--device=cpu", "--seed=1", "--fast=False"])  # graded: the plain method
+    model, _ = train_lora.main(
+        [
+            f"--data_dir={tiny_data}",
+            f"--base={tiny_base}",
+            f"--out_dir={out}",
+            "--domain=arith",
+            f"--max_iters={LORA_ITERS}",
+            f"--eval_interval={LORA_ITERS}",
+            "--batch_size=8",
+            "--eval_iters=1",
+            "--progress=False",
+            "--device=cpu",
+            "--seed=1",
+            "--fast=False",
+        ]
+    )  # graded: the plain method
     return model.eval(), out
 
 
@@ -120,7 +133,8 @@ def test_fresh_expert_changes_nothing():
 
 @pytest.mark.assignment1
 def test_merged_equals_unmerged():
-    """With a non-zero B, merging expert k into the weight gives the unmerged output (1e-5); unmerging restores the weight (1e-6)."""
+    """With a non-zero B, merging expert k into the weight gives the unmerged output (1e-5); unmerging restores
+    the weight (1e-6)."""
     gpt = add_experts(tiny_gpt(), n_experts=2, rank=4)
     randomize_B(gpt)
     idx = tokens()
@@ -151,7 +165,8 @@ def test_eval_never_merges():
 
 
 def test_only_lora_params_train():
-    """After add_experts, count_params counts as trainable exactly the A and B matrices: r * (in + out) per map and expert."""
+    """After add_experts, count_params counts as trainable exactly the A and B matrices: r * (in + out) per map
+    and expert."""
     gpt = tiny_gpt()
     total_before = gpt.num_params()
     add_experts(gpt, n_experts=2, rank=4)
@@ -165,7 +180,8 @@ def test_only_lora_params_train():
 
 @pytest.mark.assignment1
 def test_train_lora_keeps_base_bit_identical(arith_run, tiny_base):
-    """After train_lora.main, every base weight equals the base checkpoint's bit for bit and only the lora tensors changed."""
+    """After train_lora.main, every base weight equals the base checkpoint's bit for bit and only the LoRA
+    tensors changed."""
     model, _ = arith_run
     base, _ = load_base(tiny_base)
     ours = {name.replace(".base.", "."): t for name, t in model.state_dict().items() if "lora_" not in name}

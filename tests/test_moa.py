@@ -3,6 +3,7 @@
 Mixed batches are checked against naive oracles on a small random GPT; routing is checked on a real
 bundle trained by train_router.main on the session's tiny base. tests/test_fast.py checks fast.py.
 """
+
 import copy
 import json
 import os
@@ -13,15 +14,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_one_line_error, randomize_B
 import sample
 import train_lora
 import train_router
-from evaluate import evaluate_tasks, left_pad
-from model import GPT, GPTConfig, KVCache
-from moa import MODES, LoRALinear, MoA, add_experts, lora_layers, pool, set_route, vote
 from config import UserError
+from conftest import assert_one_line_error, randomize_B
+from evaluate import evaluate_tasks, left_pad
 from files import fingerprint, load_base, load_bundle, load_expert, read_safetensors, save_bundle, write_safetensors
+from moa import MODES, LoRALinear, MoA, add_experts, lora_layers, pool, set_route, vote
+from model import GPT, GPTConfig, KVCache
 from trainer import TaskData
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,14 +62,41 @@ def trained(tiny_data, tiny_base, tmp_path_factory):
     out = tmp_path_factory.mktemp("moa")
     experts = str(out / "experts")
     for domain in DOMAINS.split(","):
-        train_lora.main(COMMON + [f"--data_dir={tiny_data}", f"--base={tiny_base}", f"--out_dir={experts}",
-                                  f"--domain={domain}", "--max_iters=20", "--eval_interval=20", "--warmup_iters=2"])
-    moa, losses = train_router.main(COMMON + [
-        f"--data_dir={tiny_data}", f"--base={tiny_base}", f"--experts={experts}", f"--out_dir={out}",
-        f"--domains={DOMAINS}", "--train_experts=False", f"--max_iters={ROUTER_ITERS}",
-        f"--eval_interval={ROUTER_ITERS}", "--learning_rate=0.1", "--min_lr=0.01", "--warmup_iters=5"])
-    return {"moa": moa.eval(), "losses": losses, "out": str(out), "experts": experts,
-            "bundle": str(out / "moa.safetensors")}
+        train_lora.main(
+            COMMON
+            + [
+                f"--data_dir={tiny_data}",
+                f"--base={tiny_base}",
+                f"--out_dir={experts}",
+                f"--domain={domain}",
+                "--max_iters=20",
+                "--eval_interval=20",
+                "--warmup_iters=2",
+            ]
+        )
+    moa, losses = train_router.main(
+        COMMON
+        + [
+            f"--data_dir={tiny_data}",
+            f"--base={tiny_base}",
+            f"--experts={experts}",
+            f"--out_dir={out}",
+            f"--domains={DOMAINS}",
+            "--train_experts=False",
+            f"--max_iters={ROUTER_ITERS}",
+            f"--eval_interval={ROUTER_ITERS}",
+            "--learning_rate=0.1",
+            "--min_lr=0.01",
+            "--warmup_iters=5",
+        ]
+    )
+    return {
+        "moa": moa.eval(),
+        "losses": losses,
+        "out": str(out),
+        "experts": experts,
+        "bundle": str(out / "moa.safetensors"),
+    }
 
 
 def prompts(moa):
@@ -104,8 +132,8 @@ def test_gather_equals_a_loop_over_samples_and_single_expert_models(monkeypatch)
         looped, _ = model(idx, pad_mask=mask)
     torch.testing.assert_close(gathered, looped, rtol=0, atol=1e-5)
     for i, k in enumerate(route.tolist()):
-        alone, _ = single_expert_copy(base, model, k)(idx[i:i + 1], pad_mask=mask[i:i + 1])
-        torch.testing.assert_close(gathered[i:i + 1], alone, rtol=0, atol=1e-5)
+        alone, _ = single_expert_copy(base, model, k)(idx[i : i + 1], pad_mask=mask[i : i + 1])
+        torch.testing.assert_close(gathered[i : i + 1], alone, rtol=0, atol=1e-5)
     assert (gathered[0] - gathered[2]).abs().max() > 0 and (gathered[0] - base(idx[:1])[0][0]).abs().max() > 1e-3
 
 
@@ -180,7 +208,7 @@ def test_routers_reading_a_prefix_see_what_the_prompt_gives():
         moa(idx, mode="layer", router_mask=torch.arange(12) < torch.tensor(lengths)[:, None])
         masked = moa.routing["logits"]  # (L, B, K)
         for b, n in enumerate(lengths):
-            moa(idx[b:b + 1, :n], mode="layer")
+            moa(idx[b : b + 1, :n], mode="layer")
             torch.testing.assert_close(masked[:, b], moa.routing["logits"][:, 0], rtol=0, atol=1e-5)
         moa(idx, mode="layer")
     assert (moa.routing["logits"][:, 0] - masked[:, 0]).abs().max() > 1e-3  # the whole row reads differently
@@ -197,8 +225,12 @@ def test_vote_is_the_majority_and_ties_go_to_probability():
     assert vote(routes[:1], probs[:1]).tolist() == [2, 0, 1]  # one layer: its choice
     # two layers tie between experts 0 and 1 in both samples; the layers' probabilities differ
     routes = torch.tensor([[0, 0], [1, 1]])  # (L=2, B=2)
-    probs = torch.tensor([[[0.9, 0.1, 0.0], [0.6, 0.4, 0.0]],   # layer 0
-                          [[0.2, 0.8, 0.0], [0.1, 0.9, 0.0]]])  # layer 1 (the last)
+    probs = torch.tensor(
+        [
+            [[0.9, 0.1, 0.0], [0.6, 0.4, 0.0]],  # layer 0
+            [[0.2, 0.8, 0.0], [0.1, 0.9, 0.0]],
+        ]
+    )  # layer 1 (the last)
     # mean over layers: sample 0 (0.55, 0.45) -> 0, though the last layer says 1; sample 1 (0.35, 0.65) -> 1, not id 0
     assert vote(routes, probs).tolist() == [0, 1]
 
@@ -215,6 +247,7 @@ def test_router_logits_and_cls_loss_by_hand():
 
     def record(i):
         return lambda module, args: inputs.update({i: args[0]})
+
     hooks = [block.register_forward_pre_hook(record(i)) for i, block in enumerate(moa.gpt.transformer.h)]
     with torch.no_grad():
         moa.eta = 0.0
@@ -289,12 +322,17 @@ def test_router_learns_separable_domains(trained, tiny_data):
     data = TaskData(tiny_data, ",".join(moa.domains))
     for mode in ("layer", "vote"):
         result = evaluate_tasks(moa, data, 64, 32, generate=False, served=False, mode=mode)
-        assert result["route_mean"] > 0.95 and min(result["route_layers"]) > 0.95, (mode, result["route_layers"], result["confusion"])
+        assert result["route_mean"] > 0.95 and min(result["route_layers"]) > 0.95, (
+            mode,
+            result["route_layers"],
+            result["confusion"],
+        )
 
 
 @pytest.mark.assignment3
 def test_every_mode_runs_and_label_mode_gives_each_sample_its_expert(trained):
-    """Every routing mode returns (B, T, vocab) logits, and label mode's logits equal each sample run alone on its label's expert."""
+    """Every routing mode returns (B, T, vocab) logits, and label mode's logits equal each sample run alone on its
+    label's expert."""
     moa = trained["moa"]
     idx, mask, labels = prompts(moa)
     with torch.no_grad():
@@ -305,16 +343,17 @@ def test_every_mode_runs_and_label_mode_gives_each_sample_its_expert(trained):
         labelled, _ = moa(idx, pad_mask=mask, domain=labels.flip(0), mode="label")
         for i, k in enumerate(labels.flip(0).tolist()):
             set_route(moa.gpt, k)
-            alone, _ = moa.gpt(idx[i:i + 1], pad_mask=mask[i:i + 1])
+            alone, _ = moa.gpt(idx[i : i + 1], pad_mask=mask[i : i + 1])
             set_route(moa.gpt, None)
-            torch.testing.assert_close(labelled[i:i + 1], alone, rtol=0, atol=1e-5)
+            torch.testing.assert_close(labelled[i : i + 1], alone, rtol=0, atol=1e-5)
     assert torch.equal(moa.routing["routes"], labels.flip(0).expand(2, -1))
 
 
 @pytest.mark.assignment4
 @pytest.mark.parametrize("mode", ["last", "vote"])
 def test_last_and_vote_fix_one_decision_at_prefill(trained, mode):
-    """With last/vote, prefill stores one decision for every layer in cache.route, and decoding uses it, not the routers."""
+    """With last/vote, prefill stores one decision for every layer in cache.route, and decoding uses it, not the
+    routers."""
     moa = copy.deepcopy(trained["moa"])
     with torch.no_grad():
         moa.routers[-1].bias.copy_(torch.tensor([-100.0, 100.0]))  # the last layer disagrees: always expert 1
@@ -365,15 +404,29 @@ def test_kv_cache_greedy_parity_with_bundle(trained, mode):
 def test_routers_and_experts_learn_at_their_own_rates(trained, tiny_data, tiny_base, tmp_path):
     """One joint step without warmup moves router weights (which start at 0) by at most --router_lr and expert weights
     by at most --learning_rate, each reaching its bound to 2%: Adam's first step is lr * sign(gradient) per weight."""
-    moa, _ = train_router.main(COMMON + [
-        f"--data_dir={tiny_data}", f"--base={tiny_base}", f"--experts={trained['experts']}", f"--out_dir={tmp_path}",
-        f"--domains={DOMAINS}", "--max_iters=1", "--eval_interval=1", "--warmup_iters=0",
-        "--learning_rate=1e-3", "--router_lr=2e-2"])
+    moa, _ = train_router.main(
+        COMMON
+        + [
+            f"--data_dir={tiny_data}",
+            f"--base={tiny_base}",
+            f"--experts={trained['experts']}",
+            f"--out_dir={tmp_path}",
+            f"--domains={DOMAINS}",
+            "--max_iters=1",
+            "--eval_interval=1",
+            "--warmup_iters=0",
+            "--learning_rate=1e-3",
+            "--router_lr=2e-2",
+        ]
+    )
     router_step = max(p.abs().max().item() for p in moa.routers.parameters())
     stage1 = read_safetensors(os.path.join(trained["experts"], "arith.safetensors"))[0]
-    expert_step = max((getattr(layer, part)[0].detach() - stage1[f"{name.removeprefix('gpt.')}.{part}"]).abs().max().item()
-                      for name, layer in moa.named_modules() if name.endswith(("c_attn", "c_proj", "c_fc"))
-                      for part in ("lora_A", "lora_B"))
+    expert_step = max(
+        (getattr(layer, part)[0].detach() - stage1[f"{name.removeprefix('gpt.')}.{part}"]).abs().max().item()
+        for name, layer in moa.named_modules()
+        if name.endswith(("c_attn", "c_proj", "c_fc"))
+        for part in ("lora_A", "lora_B")
+    )
     assert 0.98 * 2e-2 <= router_step <= 2e-2 * 1.0001, router_step
     assert 0.98 * 1e-3 <= expert_step <= 1e-3 * 1.0001, expert_step
 
@@ -409,8 +462,9 @@ def test_bundle_round_trip(trained, tiny_base, tmp_path):
         assert torch.equal(theirs[name], p), name
     idx, mask, _ = prompts(moa)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.eval()(idx, pad_mask=mask, mode="layer")[0],
-                                   moa(idx, pad_mask=mask, mode="layer")[0], rtol=0, atol=0)
+        torch.testing.assert_close(
+            loaded.eval()(idx, pad_mask=mask, mode="layer")[0], moa(idx, pad_mask=mask, mode="layer")[0], rtol=0, atol=0
+        )
 
 
 def test_bundle_refuses_another_base(trained, tiny_base):
@@ -445,16 +499,35 @@ def test_expert_of_another_rank_is_an_error(trained, tiny_base):
 
 def test_unknown_domain_cli_error(tiny_data, tiny_base, tmp_path):
     """train_router.py --domains=nope exits 1 with one stderr line starting "error:" and no traceback."""
-    proc = subprocess.run([sys.executable, "train_router.py", "--domains=nope", f"--data_dir={tiny_data}",
-                           f"--base={tiny_base}", f"--out_dir={tmp_path}", f"--experts={tmp_path}"],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "train_router.py",
+            "--domains=nope",
+            f"--data_dir={tiny_data}",
+            f"--base={tiny_base}",
+            f"--out_dir={tmp_path}",
+            f"--experts={tmp_path}",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert_one_line_error(proc, "nope")
 
 
 def test_sample_with_bundle_names_each_prompts_domain(trained, tiny_base, capsys):
     """sample.py --bundle with "||"-separated prompts prints, above each sample, the domain its router chose."""
-    sample.main([f"--base={tiny_base}", f"--bundle={trained['bundle']}", "--mode=last", "--max_new_tokens=6",
-                 "--prompt=What is 31 plus 8?\\n||Reverse the word table.\\n"])
+    sample.main(
+        [
+            f"--base={tiny_base}",
+            f"--bundle={trained['bundle']}",
+            "--mode=last",
+            "--max_new_tokens=6",
+            "--prompt=What is 31 plus 8?\\n||Reverse the word table.\\n",
+        ]
+    )
     heads = [line for line in capsys.readouterr().out.splitlines() if line.startswith("--- prompt")]
     assert len(heads) == 2
     assert "prompt 1, sample 1 -> expert 'arith'" in heads[0]

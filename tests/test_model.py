@@ -1,12 +1,13 @@
 """model.py: shapes, causality, KV-cache parity, GPT-2 weight loading (against transformers), and the
 safetensors reader/writer in trainer.py (against the safetensors package)."""
+
 import os
 
 import pytest
 import torch
 
-from model import GPT, GPTConfig
 from files import read_safetensors, write_safetensors
+from model import GPT, GPTConfig
 
 TINY = GPTConfig(block_size=64, vocab_size=50, n_layer=2, n_head=2, n_embd=32)
 
@@ -26,8 +27,8 @@ def left_padded(rows, pad_id=0):
     idx = torch.full((len(rows), T), pad_id, dtype=torch.long)
     mask = torch.zeros(len(rows), T, dtype=torch.bool)
     for i, r in enumerate(rows):
-        idx[i, T - len(r):] = torch.tensor(r)
-        mask[i, T - len(r):] = True
+        idx[i, T - len(r) :] = torch.tensor(r)
+        mask[i, T - len(r) :] = True
     return idx, mask
 
 
@@ -108,7 +109,7 @@ def test_kv_cache_parity_left_padded():
     assert torch.equal(with_cache, without)
     for i, row in enumerate(rows):
         alone = model.generate(torch.tensor([row]), 20, temperature=0)
-        assert with_cache[i, idx.size(1):].tolist() == alone[0, len(row):].tolist()
+        assert with_cache[i, idx.size(1) :].tolist() == alone[0, len(row) :].tolist()
 
 
 def random_hf_gpt2(seed=0):
@@ -168,6 +169,7 @@ def test_from_pretrained_offline_hub_name(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     try:
         import huggingface_hub.constants
+
         monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once, at import
     except ImportError:
         pass  # then download_gpt2 reports the missing package, also as a ValueError
@@ -183,10 +185,16 @@ def test_from_pretrained_offline_hub_name(monkeypatch):
 
 def example_tensors():
     g = torch.Generator().manual_seed(0)
-    return {"f32": torch.randn(3, 4, generator=g), "f16": torch.randn(5, generator=g).half(),
-            "bf16": torch.randn(2, 3, generator=g).bfloat16(), "i64": torch.arange(-3, 3),
-            "bool": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4),
-            "u8": torch.arange(7, dtype=torch.uint8)}
+    return {
+        "f32": torch.randn(3, 4, generator=g),
+        "f16": torch.randn(5, generator=g).half(),
+        "bf16": torch.randn(2, 3, generator=g).bfloat16(),
+        "i64": torch.arange(-3, 3),
+        "bool": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+        "u8": torch.arange(7, dtype=torch.uint8),
+    }
 
 
 def assert_same_tensors(a, b):
@@ -197,7 +205,8 @@ def assert_same_tensors(a, b):
 
 
 def test_safetensors_round_trip(tmp_path):
-    """Tensors of every dtype (including 0-d and empty) and metadata written by write_safetensors read back unchanged."""
+    """Tensors of every dtype (including 0-d and empty) and metadata written by write_safetensors read back
+    unchanged."""
     tensors = example_tensors()
     write_safetensors(tmp_path / "a.safetensors", tensors, {"step": 3, "name": "x"})
     loaded, metadata = read_safetensors(tmp_path / "a.safetensors")

@@ -3,6 +3,7 @@ assignment regions, and the runner reports caught, surviving and broken mutants 
 
 The check proper (every mutant caught) takes about 9 minutes: `python tests/mutate.py`, not run here.
 """
+
 import os
 
 import pytest
@@ -39,7 +40,7 @@ def test_core_mutants_apply_outside_the_assignment_regions():
         assert why is None, f"{m.id}: {why}"
         with open(os.path.join(REPO_ROOT, m.file), encoding="utf-8") as f:
             original = f.read()
-        first = original[:original.index(m.find)].count("\n") + 1
+        first = original[: original.index(m.find)].count("\n") + 1
         last = first + m.find.count("\n")
         for begin, end in assignment_regions(original):
             assert last < begin or first > end, f"{m.id} changes {m.file}:{first}, inside the region at {begin}-{end}"
@@ -58,10 +59,13 @@ def test_assignment_variants_apply_inside_their_regions():
         assert mutate.patched(m, REPO_ROOT)[1] is None, m.id
         with open(os.path.join(REPO_ROOT, m.file), encoding="utf-8") as f:
             original = f.read()
-        first = original[:original.index(m.find)].count("\n") + 1
+        first = original[: original.index(m.find)].count("\n") + 1
         last = first + m.find.rstrip("\n").count("\n")  # a find ending with a newline ends on its own line
-        regions = [(b, e) for b, e in assignment_regions(original)
-                   if f"# BEGIN ASSIGNMENT {n}:" in original.splitlines()[b - 1]]
+        regions = [
+            (b, e)
+            for b, e in assignment_regions(original)
+            if f"# BEGIN ASSIGNMENT {n}:" in original.splitlines()[b - 1]
+        ]
         assert any(b < first and last < e for b, e in regions), f"{m.id}: lines {first}-{last} of {m.file}"
 
 
@@ -80,8 +84,9 @@ def test_runner_reports_caught_survived_and_broken(tmp_path, capsys):
     missing is broken; the run exits 1 unless every selected mutant is caught."""
     (tmp_path / "tests").mkdir()
     (tmp_path / "calc.py").write_text("def add(a, b):\n    return a + b\n")
-    (tmp_path / "tests" / "test_calc.py").write_text("from calc import add\n\n\ndef test_add():\n"
-                                                     "    assert add(2, 3) == 5\n")
+    (tmp_path / "tests" / "test_calc.py").write_text(
+        "from calc import add\n\n\ndef test_add():\n    assert add(2, 3) == 5\n"
+    )
     (tmp_path / "mutants.py").write_text(TOY_MUTANTS)
     toy = ["--root", str(tmp_path), "--list", str(tmp_path / "mutants.py"), "--timeout", "120"]
     assert mutate.main(toy) == 1

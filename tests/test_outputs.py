@@ -4,6 +4,7 @@ files, log lines beyond its checkpoint) is cleared or taken over by the next run
 or a file where a folder should be ends in one line naming the path, and a failed data/prepare.py leaves the old
 data set whole.
 """
+
 import json
 import os
 import shutil
@@ -24,8 +25,8 @@ from config import UserError
 from conftest import REPO_ROOT, TINY_BASE_ARGS, assert_one_line_error
 from data.prepare import main as prepare
 from files import atomic_write, fingerprint, load_base, save_bundle, save_expert
-from model import GPT, GPTConfig
 from moa import MoA, add_experts
+from model import GPT, GPTConfig
 from trainer import CorpusData, TrainConfig, train
 
 SMALL_DATA = ["--only=arith", "--records=50", "--val_records=5"]
@@ -77,14 +78,21 @@ def experts(tiny_base, tmp_path_factory):
     gpt, tokenizer = load_base(tiny_base)
     base = fingerprint(gpt)
     for domain in ("arith", "upper"):
-        save_expert(str(folder / f"{domain}.safetensors"), add_experts(load_base(tiny_base)[0], 1, rank=2), 0,
-                    domain, tokenizer, base)
+        save_expert(
+            str(folder / f"{domain}.safetensors"),
+            add_experts(load_base(tiny_base)[0], 1, rank=2),
+            0,
+            domain,
+            tokenizer,
+            base,
+        )
     save_bundle(str(folder.parent / "moa.safetensors"), MoA(gpt, ["arith", "upper"], rank=2), tokenizer, base)
     return folder
 
 
 # ----------------------------------------------------------------------------------------------
 # No output replaces an input
+
 
 @pytest.mark.parametrize("how", ["same path", "through a link", "through .."])
 def test_train_lora_never_overwrites_its_init_expert(experts, tiny_data, tiny_base, tmp_path, how):
@@ -97,8 +105,17 @@ def test_train_lora_never_overwrites_its_init_expert(experts, tiny_data, tiny_ba
     out = {"same path": folder, "through a link": tmp_path / "link", "through ..": folder / "sub" / ".."}[how]
     before = snapshot(folder)
     with pytest.raises(UserError, match="would overwrite the input"):
-        train_lora.main([f"--data_dir={tiny_data}", f"--base={tiny_base}", f"--out_dir={out}", "--domain=arith",
-                         f"--init_expert={folder / 'arith.safetensors'}", "--max_iters=1", "--progress=False"])
+        train_lora.main(
+            [
+                f"--data_dir={tiny_data}",
+                f"--base={tiny_base}",
+                f"--out_dir={out}",
+                "--domain=arith",
+                f"--init_expert={folder / 'arith.safetensors'}",
+                "--max_iters=1",
+                "--progress=False",
+            ]
+        )
     assert snapshot(folder) == before
 
 
@@ -108,8 +125,17 @@ def test_train_lora_never_writes_its_run_over_the_base(tiny_data, tiny_base, tmp
     (tmp_path / "log.jsonl").write_text('{"step": 0}\n')
     before = snapshot(tmp_path)
     with pytest.raises(UserError, match="would overwrite the input"):
-        train_lora.main([f"--data_dir={tiny_data}", f"--base={tmp_path}", f"--out_dir={tmp_path.parent}",
-                         f"--name={tmp_path.name}", "--domain=arith", "--max_iters=1", "--progress=False"])
+        train_lora.main(
+            [
+                f"--data_dir={tiny_data}",
+                f"--base={tmp_path}",
+                f"--out_dir={tmp_path.parent}",
+                f"--name={tmp_path.name}",
+                "--domain=arith",
+                "--max_iters=1",
+                "--progress=False",
+            ]
+        )
     assert snapshot(tmp_path) == before
 
 
@@ -125,8 +151,15 @@ def test_train_router_never_overwrites_an_expert_or_its_bundle(experts, tiny_dat
     with pytest.raises(UserError, match="would overwrite the input"):
         train_router.main(common + [f"--out_dir={folder}", "--name=arith", "--domains=arith,upper"])
     with pytest.raises(UserError, match="would overwrite the input"):
-        train_router.main(common + [f"--out_dir={tmp_path}", "--name=moa", "--remove_domain=upper",
-                                    f"--bundle={tmp_path.parent / (tmp_path.name + '-link')}/moa.safetensors"])
+        train_router.main(
+            common
+            + [
+                f"--out_dir={tmp_path}",
+                "--name=moa",
+                "--remove_domain=upper",
+                f"--bundle={tmp_path.parent / (tmp_path.name + '-link')}/moa.safetensors",
+            ]
+        )
     assert snapshot(tmp_path) == before
 
 
@@ -139,10 +172,18 @@ def test_export_never_replaces_a_folder_holding_its_input(experts, tiny_base, tm
     (out / "adapter_config.json").write_text("{}")  # looks like an earlier export, so --force alone would replace it
     shutil.copy(tiny_base, out / "ckpt.pt")
     before = snapshot(tmp_path)
-    for args in (["peft", f"--expert={out / 'arith.safetensors'}", f"--base={tiny_base}", f"--out={out}", "--force"],
-                 ["hf", f"--base={out / 'ckpt.pt'}", f"--out={out}", "--force"],
-                 ["import-peft", f"--peft={out}", f"--base={tiny_base}", "--domain=x",
-                  f"--out={out / 'adapter_config.json'}", "--force"]):
+    for args in (
+        ["peft", f"--expert={out / 'arith.safetensors'}", f"--base={tiny_base}", f"--out={out}", "--force"],
+        ["hf", f"--base={out / 'ckpt.pt'}", f"--out={out}", "--force"],
+        [
+            "import-peft",
+            f"--peft={out}",
+            f"--base={tiny_base}",
+            "--domain=x",
+            f"--out={out / 'adapter_config.json'}",
+            "--force",
+        ],
+    ):
         with pytest.raises(UserError, match="would overwrite the input"):
             export.main(args)
     assert snapshot(tmp_path) == before
@@ -169,6 +210,7 @@ def test_prepare_never_replaces_a_folder_holding_its_input_or_not_its_own(tmp_pa
 # ----------------------------------------------------------------------------------------------
 # One run per out_dir; a killed run's lock, temporary files and log lines
 
+
 def base_run(tiny_data, out, *args):
     return train_base.main(TINY_BASE_ARGS + [f"--data_dir={tiny_data}", f"--out_dir={out}", *args])
 
@@ -193,8 +235,16 @@ def test_a_locked_out_dir_is_refused_and_left_as_it_was(tiny_data, tmp_path):
 
 def test_the_lock_is_released_when_training_fails(tiny_data, tmp_path):
     """A run that stops with an error releases its lock: the next run on the same out_dir goes ahead."""
-    cfg = TrainConfig(out_dir=str(tmp_path / "run"), data_dir=tiny_data, block_size=16, batch_size=2, max_iters=2,
-                      eval_interval=1, progress=False, device="cpu")
+    cfg = TrainConfig(
+        out_dir=str(tmp_path / "run"),
+        data_dir=tiny_data,
+        block_size=16,
+        batch_size=2,
+        max_iters=2,
+        eval_interval=1,
+        progress=False,
+        device="cpu",
+    )
 
     def failing(model):
         raise UserError("evaluation failed")
@@ -212,18 +262,40 @@ def test_second_run_refused_while_the_first_runs_then_resume_after_sigkill(tiny_
     the first one's log is not truncated (it only grows). After the first is killed (SIGKILL), --init_from=resume
     takes over its lock and goes on from its checkpoint, and the log holds every step once."""
     out = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, "train_base.py", *TINY_BASE_ARGS, f"--data_dir={tiny_data}",
-                              f"--out_dir={out}", "--max_iters=1000000", "--eval_interval=5"], cwd=REPO_ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            "train_base.py",
+            *TINY_BASE_ARGS,
+            f"--data_dir={tiny_data}",
+            f"--out_dir={out}",
+            "--max_iters=1000000",
+            "--eval_interval=5",
+        ],
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 120
         while not (os.path.exists(out / "ckpt.pt") and len(read_steps(out)) >= 2) and time.time() < deadline:
             time.sleep(0.2)
         assert first.poll() is None and os.path.exists(out / "lock"), "the first run did not start"
         log = (out / "log.jsonl").read_text()
-        second = subprocess.run([sys.executable, "train_base.py", *TINY_BASE_ARGS, f"--data_dir={tiny_data}",
-                                 f"--out_dir={out}", "--max_iters=10"], cwd=REPO_ROOT, capture_output=True, text=True,
-                                timeout=120)
+        second = subprocess.run(
+            [
+                sys.executable,
+                "train_base.py",
+                *TINY_BASE_ARGS,
+                f"--data_dir={tiny_data}",
+                f"--out_dir={out}",
+                "--max_iters=10",
+            ],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert_one_line_error(second, f"in use by process {first.pid}")
         assert (out / "log.jsonl").read_text().startswith(log)
     finally:
@@ -268,20 +340,27 @@ def test_leftovers_of_killed_writes_are_cleared_on_the_next_start(tiny_data, tmp
         atomic_write(str(data), disk_full, folder=True)
     assert sorted(os.listdir(tmp_path)) == ["data", "other", "run"] and (data / "meta.json").read_text() == "{}"
     prepare([f"--out_dir={data}"] + SMALL_DATA)
-    assert sorted(os.listdir(tmp_path)) == ["data", "other", "run"] and "arith" in json.loads(
-        (data / "meta.json").read_text())["tasks"]
+    assert (
+        sorted(os.listdir(tmp_path)) == ["data", "other", "run"]
+        and "arith" in json.loads((data / "meta.json").read_text())["tasks"]
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # File-system faults: a full disk, a read-only folder, a file in the way
+
 
 @pytest.fixture
 def small_disk(tmp_path):
     """A folder on a 192 kB tmpfs (a small disk that fills up), or skip where mounting is not allowed."""
     folder = tmp_path / "disk"
     folder.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=192k", "tmpfs", str(folder)],
-                                           capture_output=True).returncode:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=192k", "tmpfs", str(folder)], capture_output=True
+        ).returncode
+    ):
         pytest.skip("mounting a small tmpfs needs root")
     try:
         yield folder
@@ -304,9 +383,21 @@ def test_full_disk_checkpoint_is_one_line(small_disk, tiny_data):
     """train_base.py whose checkpoint does not fit on the disk exits 1 with one line naming ckpt.pt; no temporary
     file and no lock are left."""
     out = small_disk / "run"
-    result = subprocess.run([sys.executable, "train_base.py", *TINY_BASE_ARGS, f"--data_dir={tiny_data}",
-                             f"--out_dir={out}", "--n_embd=64", "--max_iters=1"], cwd=REPO_ROOT, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train_base.py",
+            *TINY_BASE_ARGS,
+            f"--data_dir={tiny_data}",
+            f"--out_dir={out}",
+            "--n_embd=64",
+            "--max_iters=1",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert_one_line_error(result, f"cannot write {out / 'ckpt.pt'}")
     assert sorted(os.listdir(out)) == ["log.jsonl"]
 
@@ -315,11 +406,19 @@ def test_read_only_folder_is_one_line(small_disk, tiny_data, tiny_base):
     """A read-only folder as the output of train_base.py, export.py or data/prepare.py: exit 1, one line naming
     the path."""
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
-    for script, args in [("train_base.py", TINY_BASE_ARGS + [f"--data_dir={tiny_data}"]),
-                         ("export.py", ["hf", f"--base={tiny_base}"]), ("data/prepare.py", SMALL_DATA)]:
+    for script, args in [
+        ("train_base.py", TINY_BASE_ARGS + [f"--data_dir={tiny_data}"]),
+        ("export.py", ["hf", f"--base={tiny_base}"]),
+        ("data/prepare.py", SMALL_DATA),
+    ]:
         flag = "--out" if script == "export.py" else "--out_dir"
-        result = subprocess.run([sys.executable, script, *args, f"{flag}={small_disk / 'out'}"], cwd=REPO_ROOT,
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [sys.executable, script, *args, f"{flag}={small_disk / 'out'}"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert_one_line_error(result, str(small_disk / "out"), "Read-only file system")
 
 
@@ -328,8 +427,13 @@ def test_a_file_in_the_way_is_one_line(tiny_data, tmp_path, where):
     """train_base.py whose --out_dir is a file, or lies under one, exits 1 with one line naming the path."""
     (tmp_path / "file").write_text("mine")
     out = tmp_path / "file" if where == "out_dir a file" else tmp_path / "file" / "run"
-    result = subprocess.run([sys.executable, "train_base.py", *TINY_BASE_ARGS, f"--data_dir={tiny_data}",
-                             f"--out_dir={out}"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "train_base.py", *TINY_BASE_ARGS, f"--data_dir={tiny_data}", f"--out_dir={out}"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert_one_line_error(result, str(tmp_path / "file"))
     assert (tmp_path / "file").read_text() == "mine"
 
@@ -339,6 +443,16 @@ def test_a_folder_where_the_expert_goes_is_one_line(tiny_data, tiny_base, tmp_pa
     (tmp_path / "arith.safetensors").mkdir()
     (tmp_path / "arith.safetensors" / "keep.txt").write_text("mine")
     with pytest.raises(UserError, match=f"cannot write {tmp_path / 'arith.safetensors'}"):
-        train_lora.main([f"--data_dir={tiny_data}", f"--base={tiny_base}", f"--out_dir={tmp_path}", "--domain=arith",
-                         "--max_iters=1", "--batch_size=2", "--eval_iters=1", "--progress=False"])
+        train_lora.main(
+            [
+                f"--data_dir={tiny_data}",
+                f"--base={tiny_base}",
+                f"--out_dir={tmp_path}",
+                "--domain=arith",
+                "--max_iters=1",
+                "--batch_size=2",
+                "--eval_iters=1",
+                "--progress=False",
+            ]
+        )
     assert (tmp_path / "arith.safetensors" / "keep.txt").read_text() == "mine"

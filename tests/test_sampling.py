@@ -1,6 +1,7 @@
 """Sampling and decoding (model.py): sample_next on fixed logits with a seeded generator, GPT.generate's seed,
 top-k and stop token, greedy decoding against a plain loop of full forward passes, and the KV cache across its
 buffer growth (64, 128, 256 positions) up to the full context; sample.py's --seed."""
+
 import pytest
 import torch
 
@@ -32,8 +33,8 @@ def left_padded(rows, pad_id=0):
     idx = torch.full((len(rows), T), pad_id, dtype=torch.long)
     mask = torch.zeros(len(rows), T, dtype=torch.bool)
     for i, r in enumerate(rows):
-        idx[i, T - len(r):] = torch.tensor(r)
-        mask[i, T - len(r):] = True
+        idx[i, T - len(r) :] = torch.tensor(r)
+        mask[i, T - len(r) :] = True
     return idx, mask
 
 
@@ -105,6 +106,7 @@ def test_the_generator_alone_decides():
 # ----------------------------------------------------------------------------------------------
 # generate
 
+
 def test_generate_same_seed_same_tokens():
     """generate with a seeded generator gives the same tokens for the same seed whatever the global RNG does,
     and other tokens for another seed."""
@@ -130,6 +132,7 @@ def test_generate_top_k_one_is_greedy():
 
 class Scripted(torch.nn.Module):
     """Stands in for a GPT in generate: at decoding step i, sample b's last logits put all mass on script[b][i]."""
+
     generate = GPT.generate
 
     def __init__(self, script, vocab_size=10):
@@ -170,6 +173,7 @@ def test_greedy_generate_equals_a_plain_loop():
 
 # ----------------------------------------------------------------------------------------------
 # The KV cache across buffer growth, up to the full context
+
 
 def test_kv_cache_append_returns_everything_appended():
     """KVCache.append returns exactly the concatenation of every key and value appended so far, across each
@@ -216,19 +220,23 @@ def test_kv_cache_parity_left_padded_to_the_full_context():
     assert torch.equal(with_cache, without)
     for i, row in enumerate(rows):
         alone = model.generate(torch.tensor([row]), new, temperature=0)
-        assert with_cache[i, idx.size(1):].tolist() == alone[0, len(row):].tolist()
+        assert with_cache[i, idx.size(1) :].tolist() == alone[0, len(row) :].tolist()
 
 
 # ----------------------------------------------------------------------------------------------
 # sample.py
 
+
 def test_sample_cli_seed_decides_the_text(tiny_base):
     """sample.py with the same --seed prints the same samples whatever the global RNG's state, with another seed
     other ones."""
+
     def run(seed, global_seed):
         torch.manual_seed(global_seed)
-        return sample.main([f"--base={tiny_base}", "--prompt=def ||x = ", "--max_new_tokens=20", "--temperature=1.0",
-                            f"--seed={seed}"])
+        return sample.main(
+            [f"--base={tiny_base}", "--prompt=def ||x = ", "--max_new_tokens=20", "--temperature=1.0", f"--seed={seed}"]
+        )
+
     first = run(1, global_seed=0)
     assert torch.equal(run(1, global_seed=1), first)
     assert not torch.equal(run(2, global_seed=0), first)

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from test_data import write_gpt2_folder
 
 import train_lora
 import train_router
@@ -15,9 +16,8 @@ from conftest import randomize_B
 from data.prepare import main as prepare
 from evaluate import answers, evaluate_tasks, response_loss, rouge_l
 from files import load_base
-from model import GPT, GPTConfig
 from moa import MoA
-from test_data import write_gpt2_folder
+from model import GPT, GPTConfig
 from trainer import TaskData
 
 
@@ -68,10 +68,14 @@ def test_mixed_task_batch_equals_each_record_alone(tiny_data):
         routes = moa.routing["logits"]
         for b in range(6):
             n = int((batch.y[b] != -1).nonzero().max()) + 1  # real positions
-            alone, _ = moa(batch.x[b:b + 1, :n], domain=batch.domain[b:b + 1], mode="label",
-                           router_mask=batch.prompt[b:b + 1, :n])
-            torch.testing.assert_close(logits[b:b + 1, :n], alone, rtol=0, atol=1e-5)
-            torch.testing.assert_close(routes[:, b:b + 1], moa.routing["logits"], rtol=0, atol=1e-5)
+            alone, _ = moa(
+                batch.x[b : b + 1, :n],
+                domain=batch.domain[b : b + 1],
+                mode="label",
+                router_mask=batch.prompt[b : b + 1, :n],
+            )
+            torch.testing.assert_close(logits[b : b + 1, :n], alone, rtol=0, atol=1e-5)
+            torch.testing.assert_close(routes[:, b : b + 1], moa.routing["logits"], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["label", "layer", "token"])
@@ -93,13 +97,19 @@ def test_evaluate_tasks_scores_a_perfect_and_a_useless_answer(tiny_data, monkeyp
     """evaluate_tasks counts exact match and ROUGE-L on the greedy answer: an answerer that returns the reference
     scores 100% on both, one that returns nothing 0%; its loss is the mean over response tokens (nats)."""
     data = TaskData(tiny_data, "upper,arith")
-    reference = {tuple(p): r[:-1] for name in data.domains for p, r in
-                 (data.record(name, "val", i) for i in range(data.count(name, "val")))}
+    reference = {
+        tuple(p): r[:-1]
+        for name in data.domains
+        for p, r in (data.record(name, "val", i) for i in range(data.count(name, "val")))
+    }
     model = GPT(GPTConfig(block_size=64, vocab_size=257, n_layer=1, n_head=1, n_embd=8)).eval()
     import evaluate
-    for answer, expected in ((lambda prompts: [reference[tuple(p)] for p in prompts], 1.0),
-                             (lambda prompts: [[] for _ in prompts], 0.0)):
-        monkeypatch.setattr(evaluate, "answers", lambda m, prompts, n, eot, **kw: answer(prompts))
+
+    for answer, expected in (
+        (lambda prompts: [reference[tuple(p)] for p in prompts], 1.0),
+        (lambda prompts: [[] for _ in prompts], 0.0),
+    ):
+        monkeypatch.setattr(evaluate, "answers", lambda m, prompts, n, eot, answer=answer, **kw: answer(prompts))
         result = evaluate_tasks(model, data, 16, 8)
         assert result["em_mean"] == expected and result["rouge_mean"] == expected, result
     assert 4.0 < result["loss_mean"] < 7.0  # a random model: about log(257) = 5.55 nats per token
@@ -181,17 +191,37 @@ def test_gpt2_path_on_a_tiny_random_gpt2(tmp_path, monkeypatch):
         if k.endswith(("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")):
             state[k] = state[k].t().contiguous()  # GPT-2's Conv1D layout
     from safetensors.torch import save_file
+
     save_file(state, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({"n_positions": 64, "vocab_size": len(vocab), "n_layer": 2,
-                                                    "n_head": 2, "n_embd": 16}))
-    for name, make in (("hello", lambda i: {"prompt": f"say hello {i}\n", "response": "hello"}),
-                       ("count", lambda i: {"instruction": "next", "input": str(i), "output": str(i + 1)})):
+    (folder / "config.json").write_text(
+        json.dumps({"n_positions": 64, "vocab_size": len(vocab), "n_layer": 2, "n_head": 2, "n_embd": 16})
+    )
+    for name, make in (
+        ("hello", lambda i: {"prompt": f"say hello {i}\n", "response": "hello"}),
+        ("count", lambda i: {"instruction": "next", "input": str(i), "output": str(i + 1)}),
+    ):
         (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(make(i)) for i in range(40)))
     data = tmp_path / "data"
-    prepare([f"--out_dir={data}", f"--tokenizer={folder}", "--only=none", f"--task=hello={tmp_path / 'hello.jsonl'}",
-             f"--task=count={tmp_path / 'count.jsonl'}"])
-    common = [f"--data_dir={data}", f"--base={folder}", "--batch_size=4", "--eval_iters=1", "--progress=False",
-              "--device=cpu", "--max_iters=3", "--eval_interval=3", "--warmup_iters=1"]
+    prepare(
+        [
+            f"--out_dir={data}",
+            f"--tokenizer={folder}",
+            "--only=none",
+            f"--task=hello={tmp_path / 'hello.jsonl'}",
+            f"--task=count={tmp_path / 'count.jsonl'}",
+        ]
+    )
+    common = [
+        f"--data_dir={data}",
+        f"--base={folder}",
+        "--batch_size=4",
+        "--eval_iters=1",
+        "--progress=False",
+        "--device=cpu",
+        "--max_iters=3",
+        "--eval_interval=3",
+        "--warmup_iters=1",
+    ]
     for task in ("hello", "count"):
         model, losses = train_lora.main(common + [f"--out_dir={tmp_path / 'experts'}", f"--domain={task}"])
         assert len(losses) == 3
@@ -207,6 +237,7 @@ def test_calibration_fits_the_routers_temperature(tiny_data, tmp_path):
     bundle keeps it, and the confidence a MoA reports is the last router's softmax at that temperature (1e-6)."""
     from evaluate import fit_temperature, left_pad
     from files import fingerprint, load_bundle, save_bundle
+
     data = TaskData(tiny_data, "upper,reverse,arith")
     assert all(data.count(d, "calib") == 32 for d in data.domains)
     prompt, _ = data.record("reverse", "calib", 0)
@@ -228,8 +259,9 @@ def test_calibration_fits_the_routers_temperature(tiny_data, tmp_path):
     path = str(tmp_path / "b.safetensors")
     save_bundle(path, moa, "bytes", fingerprint(moa))
     torch.manual_seed(0)  # the same base as tiny_moa's, built again
-    loaded = load_bundle(path, GPT(GPTConfig(block_size=64, vocab_size=257, n_layer=2, n_head=2, n_embd=16)),
-                         "bytes")[0]
+    loaded = load_bundle(path, GPT(GPTConfig(block_size=64, vocab_size=257, n_layer=2, n_head=2, n_embd=16)), "bytes")[
+        0
+    ]
     assert loaded.temperature == T
     idx = torch.tensor([prompt])
     with torch.no_grad():
@@ -242,6 +274,7 @@ def test_left_and_right_padding():
     """left_pad puts each row at the right end of a (B, T_max) batch, right_pad at the left end, pad_id elsewhere;
     the mask is True exactly on the rows' tokens."""
     from evaluate import left_pad, right_pad
+
     idx, mask = left_pad([[1, 2, 3], [4]], 0)
     assert idx.tolist() == [[1, 2, 3], [0, 0, 4]] and mask.tolist() == [[True] * 3, [False, False, True]]
     idx, mask = right_pad([[1, 2, 3], [4]], 9)

@@ -1,5 +1,6 @@
 """trainer.py and train_base.py: configuration errors, that training learns, exact resume, one-line
 errors from the command line, and a 2-process torchrun run that matches 1 process."""
+
 import json
 import os
 import subprocess
@@ -9,8 +10,8 @@ import pytest
 import torch
 
 import train_base
-from conftest import REPO_ROOT, TINY_BASE_ARGS, assert_one_line_error, torchrun
 from config import UserError, parse_config
+from conftest import REPO_ROOT, TINY_BASE_ARGS, assert_one_line_error, torchrun
 from trainer import TrainConfig
 
 
@@ -26,12 +27,15 @@ def test_unknown_key_lists_valid_keys():
     assert "'max_iter'" in str(e.value) and "max_iters" in str(e.value) and "learning_rate" in str(e.value)
 
 
-@pytest.mark.parametrize("arg, words", [
-    ("--max_iters=abc", "expected int"),
-    ("--learning_rate=fast", "expected float"),
-    ("--compile=maybe", "expected a bool"),
-    ("--max_iters", "write --max_iters=VALUE"),
-])
+@pytest.mark.parametrize(
+    "arg, words",
+    [
+        ("--max_iters=abc", "expected int"),
+        ("--learning_rate=fast", "expected float"),
+        ("--compile=maybe", "expected a bool"),
+        ("--max_iters", "write --max_iters=VALUE"),
+    ],
+)
 def test_wrong_type_is_an_error(arg, words):
     """A value that does not parse as its field's type is an error naming the field."""
     with pytest.raises(UserError, match=words):
@@ -56,13 +60,16 @@ def test_config_files_then_flags(tmp_path):
     assert isinstance(cfg.learning_rate, float)
 
 
-@pytest.mark.parametrize("content, words", [
-    ({"max_iters": 1.5}, "expected int"),
-    ({"max_iters": True}, "expected int"),
-    ({"compile": 1}, "expected bool"),
-    ({"nope": 1}, "valid keys"),
-    ([1, 2], "JSON object"),
-])
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        ({"max_iters": 1.5}, "expected int"),
+        ({"max_iters": True}, "expected int"),
+        ({"compile": 1}, "expected bool"),
+        ({"nope": 1}, "valid keys"),
+        ([1, 2], "JSON object"),
+    ],
+)
 def test_bad_config_file(tmp_path, content, words):
     """A config file with a wrong type, an unknown key or no object is an error naming the file."""
     path = tmp_path / "cfg.json"
@@ -90,8 +97,13 @@ def test_training_lowers_every_domain_loss(tiny_base):
 def test_resume_equals_uninterrupted(tiny_data, tmp_path):
     """Stopping at step 10 and resuming gives the same losses (1e-6) and final weights as never stopping,
     with dropout on, so the RNG state must be restored too."""
-    args = TINY_BASE_ARGS + [f"--data_dir={tiny_data}", "--dropout=0.1", "--lr_decay_iters=20",
-                             "--warmup_iters=5", "--eval_interval=10"]
+    args = TINY_BASE_ARGS + [
+        f"--data_dir={tiny_data}",
+        "--dropout=0.1",
+        "--lr_decay_iters=20",
+        "--warmup_iters=5",
+        "--eval_interval=10",
+    ]
     model_a, losses_a = train_base.main(args + [f"--out_dir={tmp_path / 'a'}", "--max_iters=20"])
     _, losses_b1 = train_base.main(args + [f"--out_dir={tmp_path / 'b'}", "--max_iters=10"])
     model_b, losses_b2 = train_base.main(args + [f"--out_dir={tmp_path / 'b'}", "--max_iters=20", "--init_from=resume"])
@@ -104,8 +116,13 @@ def test_resume_equals_uninterrupted(tiny_data, tmp_path):
 
 
 def run_train_base(*args):
-    return subprocess.run([sys.executable, os.path.join(REPO_ROOT, "train_base.py"), *TINY_BASE_ARGS, *args],
-                          capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO_ROOT, "train_base.py"), *TINY_BASE_ARGS, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO_ROOT,
+    )
 
 
 @pytest.mark.parametrize("case", ["missing checkpoint", "corrupt checkpoint", "missing data", "source under a block"])
@@ -132,8 +149,13 @@ def test_torchrun_two_processes_match_one(gloo, tiny_data, tmp_path):
     """2 processes (torchrun, gloo) log the same train and val losses (1e-5) as 1 process with the same global batch,
     with 2 micro-batches per process (the first under no_sync). Skipped only when a trivial 2-process gloo probe
     (init and barrier) cannot run here (the fixture gloo); after that, any failure fails."""
-    args = TINY_BASE_ARGS + [f"--data_dir={tiny_data}", "--grad_accum=4", "--max_iters=6", "--eval_interval=3",
-                             "--log_interval=1"]
+    args = TINY_BASE_ARGS + [
+        f"--data_dir={tiny_data}",
+        "--grad_accum=4",
+        "--max_iters=6",
+        "--eval_interval=3",
+        "--log_interval=1",
+    ]
     result = torchrun(os.path.join(REPO_ROOT, "train_base.py"), *args, f"--out_dir={tmp_path / 'ddp'}")
     assert result.returncode == 0, result.stderr[-5000:]
     train_base.main(args + [f"--out_dir={tmp_path / 'one'}"])
