@@ -4,18 +4,23 @@
     python demo.py --seeds=3    # everything after the base for seeds 1, 2, 3: the README's tables
     python demo.py --quick      # a first look in a few minutes, into out/quick/ (numbers not meaningful)
 
-Each step calls the `main` of the script a user would run by hand (shown as it starts), and is skipped
+Each step runs the script a user would run by hand (the command is shown as it starts), and is skipped
 when its output already exists, so an interrupted demo goes on where it stopped. The base is trained
 once (out/base); each seed's experts and bundles go to out/runs/seed<N>/. Every baseline trains on as
 many records in all as MoA does: K stage-1 experts of S1 steps plus S2 steps of stage 2, at the same
-batch size.
+batch size. On a CPU, steps that do not wait for each other run side by side, one process per core on
+one thread each (--jobs), their output in out/logs/: at nanoMoA's sizes two one-thread processes do
+nearly twice the work of one two-thread process, and do not collapse when another job shares the cores.
 
 Read next: bench.py.
 """
 
 import os
+import re
+import subprocess
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,7 +30,7 @@ import results
 import train_base
 import train_lora
 import train_router
-from config import AT_LEAST_1, parse_config, run
+from config import AT_LEAST_0, AT_LEAST_1, UserError, parse_config, run
 from evaluate import answers, rouge_l
 from files import add_expert_file, load_base, load_bundle
 from tokenizer import encode, get_tokenizer
@@ -42,101 +47,170 @@ class DemoConfig:
     stage1_iters: int = 300  # per expert
     stage2_iters: int = 300
     device: str = "auto"  # every step's: auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
+    jobs: int = 0  # steps at once, each a process on one thread; 0: one per CPU core on a CPU, 1 on a GPU
 
-    CHECKS = {"seeds": AT_LEAST_1, "base_iters": AT_LEAST_1, "stage1_iters": AT_LEAST_1, "stage2_iters": AT_LEAST_1}
-
-
-def step(title, output, script, args):
-    """Runs script.main(args) unless `output` exists; prints the equivalent command first."""
-    if output and os.path.exists(output):
-        print(f"[skip] {title}: {output} exists")
-        return
-    name = script.__name__.replace(".", "/") + ".py"
-    print(f"\n[{title}] python {name} {' '.join(args)}", flush=True)
-    t0 = time.time()
-    script.main(args)
-    print(f"[{title}] done in {time.time() - t0:.0f}s", flush=True)
+    CHECKS = {
+        "seeds": AT_LEAST_1,
+        "base_iters": AT_LEAST_1,
+        "stage1_iters": AT_LEAST_1,
+        "stage2_iters": AT_LEAST_1,
+        "jobs": AT_LEAST_0,
+    }
 
 
-def seed_run(cfg, out, seed, tasks, added):
-    """Stage 1, stage 2, the baselines and the adding-a-task experiment, for one seed."""
+@dataclass
+class Step:
+    title: str
+    output: str  # the file the step writes last; the step is skipped when it exists
+    script: object  # the module whose file runs, with args
+    args: list
+    needs: list = field(default_factory=list)  # files that must exist before it starts (other steps' outputs)
+
+    def command(self):
+        return ["python", os.path.relpath(self.script.__file__), *self.args]
+
+
+def run_steps(steps, jobs, log_dir):
+    """Runs the steps whose output does not exist yet, each as `python script args` in a process of its own,
+    up to `jobs` at once and each once the files it needs exist. With more than one at a time each runs on
+    one thread with its output in log_dir/<title>.log; alone, it prints as it goes. A failed step stops the
+    others and ends the demo with a one-line error naming its log."""
+    todo = []
+    for s in steps:
+        if os.path.exists(s.output):
+            print(f"[skip] {s.title}: {s.output} exists")
+        else:
+            todo.append(s)
+    running = {}  # process -> (step, start time, log file or None)
+    try:
+        while todo or running:
+            ready = [s for s in todo if all(os.path.exists(n) for n in s.needs)]
+            if not ready and not running:
+                missing = sorted({n for s in todo for n in s.needs if not os.path.exists(n)})
+                raise UserError(f"no step can start: missing {', '.join(missing)}")
+            while ready and len(running) < jobs:
+                s = ready.pop(0)
+                todo.remove(s)
+                alone = jobs == 1
+                print(f"\n[{s.title}] {' '.join(s.command())}", flush=True)
+                log = None
+                if not alone:
+                    os.makedirs(log_dir, exist_ok=True)
+                    log = open(os.path.join(log_dir, re.sub(r"[^\w+.-]+", "_", s.title) + ".log"), "w")
+                env = os.environ if alone else {**os.environ, "OMP_NUM_THREADS": "1"}
+                cmd = [sys.executable, *s.command()[1:]]
+                running[subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT if log else None, env=env)] = (
+                    s,
+                    time.time(),
+                    log,
+                )
+            time.sleep(0.2)
+            for proc in [p for p in running if p.poll() is not None]:
+                s, t0, log = running.pop(proc)
+                if log:
+                    log.close()
+                if proc.returncode != 0:
+                    where = f"; its output: {log.name}" if log else ""
+                    raise UserError(f"step '{s.title}' failed (exit status {proc.returncode}){where}")
+                print(f"[{s.title}] done in {time.time() - t0:.0f}s", flush=True)
+    finally:
+        for proc, (_, _, log) in running.items():  # on a failure or Ctrl-C: stop the others too
+            proc.kill()
+            proc.wait()
+            if log:
+                log.close()
+
+
+def seed_steps(cfg, out, seed, tasks, added):
+    """Stage 1, stage 2, the baselines and the adding-a-task experiment for one seed, each with what it needs."""
     K, S1, S2 = len(tasks), cfg.stage1_iters, cfg.stage2_iters
     run_dir = f"{out}/runs/seed{seed}"
     experts, bundles = f"{run_dir}/experts", f"{run_dir}/moa"
     common = [f"--data_dir={cfg.data_dir}", f"--base={out}/base", f"--seed={seed}", f"--device={cfg.device}"]
-    lora = common + [f"--out_dir={experts}", f"--max_iters={S1}"]
-    router = common + [f"--experts={experts}", f"--out_dir={bundles}", f"--max_iters={S2}"]
     same_compute = f"--max_iters={K * S1 + S2}"  # as many training records as MoA saw in both stages
-    for task in tasks:
-        step(f"stage 1: {task} expert", f"{experts}/{task}.safetensors", train_lora, lora + [f"--domain={task}"])
-    step("stage 2: MoA (joint)", f"{bundles}/moa.safetensors", train_router, router)
+    lora_dir, router_dir = common + [f"--out_dir={experts}"], common + [f"--experts={experts}", f"--out_dir={bundles}"]
+    lora, router = lora_dir + [f"--max_iters={S1}"], router_dir + [f"--max_iters={S2}"]
+    stage1 = [f"{experts}/{task}.safetensors" for task in tasks]
+    moa, mixed = f"{bundles}/moa.safetensors", f"{experts}/all.safetensors"
+    steps = [
+        Step(f"seed {seed}, stage 1: {t} expert", e, train_lora, lora + [f"--domain={t}"])
+        for t, e in zip(tasks, stage1)
+    ]
+    steps.append(Step(f"seed {seed}, stage 2: MoA (joint)", moa, train_router, router, stage1))
     if cfg.quick:
-        return
-    step(
-        "baseline: one LoRA on every task",
-        f"{experts}/all.safetensors",
-        train_lora,
-        lora + ["--domain=all", same_compute, f"--eval_interval={S1}"],
-    )
-    step(
-        f"baseline: one LoRA, rank {8 * K}",
-        f"{experts}/all_r{K}.safetensors",
-        train_lora,  # alpha stays 16:
-        lora + ["--domain=all", same_compute, f"--eval_interval={S1}", f"--rank={8 * K}", f"--name=all_r{K}"],
-    )
-    step(
-        "MoA, routers only",
-        f"{bundles}/moa_routers.safetensors",
-        train_router,
-        router + ["--train_experts=False", "--name=moa_routers"],
-    )
-    step(
-        "ablation: MoE-LoRA",
-        f"{bundles}/moe_lora.safetensors",
-        train_router,
-        router + ["--mode=token", "--eta=0", "--name=moe_lora"],
-    )
-    step(
-        "ablation: MoE-LoRA naive",
-        f"{bundles}/moe_lora_naive.safetensors",
-        train_router,
-        router + ["--mode=token", "--eta=0", "--expert_init=random", "--name=moe_lora_naive", same_compute],
-    )
+        return steps
+    steps[:0] = [  # the longest step first: it needs only the base
+        Step(
+            f"seed {seed}, ablation: MoE-LoRA naive",
+            f"{bundles}/moe_lora_naive.safetensors",
+            train_router,
+            router_dir + [same_compute, "--mode=token", "--eta=0", "--expert_init=random", "--name=moe_lora_naive"],
+        ),
+    ]
+    steps += [
+        Step(
+            f"seed {seed}, baseline: one LoRA on every task",
+            mixed,
+            train_lora,
+            lora_dir + [same_compute, "--domain=all", f"--eval_interval={S1}"],
+        ),
+        Step(
+            f"seed {seed}, baseline: one LoRA, rank {8 * K}",
+            f"{experts}/all_r{K}.safetensors",
+            train_lora,
+            lora_dir + [same_compute, "--domain=all", f"--eval_interval={S1}", f"--rank={8 * K}", f"--name=all_r{K}"],
+        ),
+        Step(
+            f"seed {seed}, MoA, routers only",
+            f"{bundles}/moa_routers.safetensors",
+            train_router,
+            router + ["--train_experts=False", "--name=moa_routers"],
+            stage1,
+        ),
+        Step(
+            f"seed {seed}, ablation: MoE-LoRA",
+            f"{bundles}/moe_lora.safetensors",
+            train_router,
+            router + ["--mode=token", "--eta=0", "--name=moe_lora"],
+            stage1,
+        ),
+    ]
     if added is None:  # no held-back task in the data
-        return
-    step(
-        f"adding a task: the {added} expert", f"{experts}/{added}.safetensors", train_lora, lora + [f"--domain={added}"]
-    )
-    step(
-        f"adding a task: MoA + {added}",
-        f"{bundles}/moa+{added}.safetensors",
-        train_router,
-        router + [f"--add_domain={added}", f"--bundle={bundles}/moa.safetensors"],
-    )
-    step(
-        "adding a task, every router row retrained",
-        f"{bundles}/moa+{added}_allrows.safetensors",
-        train_router,
-        router
-        + [
-            f"--add_domain={added}",
-            f"--bundle={bundles}/moa.safetensors",
-            "--train_old_rows=True",
-            f"--name=moa+{added}_allrows",
-        ],
-    )
-    step(
-        f"alternative: the mixed LoRA trained on {added}",
-        f"{experts}/all+{added}.safetensors",
-        train_lora,
-        lora + [f"--domain={added}", f"--init_expert={experts}/all.safetensors", f"--name=all+{added}"],
-    )
-    step(
-        f"alternative: MoA retrained on {K + 1} tasks",
-        f"{bundles}/moa_all.safetensors",
-        train_router,
-        router + [f"--domains={','.join(tasks + [added])}", "--name=moa_all"],
-    )
+        return steps
+    new_expert = f"{experts}/{added}.safetensors"
+    steps += [
+        Step(f"seed {seed}, adding a task: the {added} expert", new_expert, train_lora, lora + [f"--domain={added}"]),
+        Step(
+            f"seed {seed}, adding a task: MoA + {added}",
+            f"{bundles}/moa+{added}.safetensors",
+            train_router,
+            router + [f"--add_domain={added}", f"--bundle={moa}"],
+            [moa, new_expert],
+        ),
+        Step(
+            f"seed {seed}, adding a task, every router row retrained",
+            f"{bundles}/moa+{added}_allrows.safetensors",
+            train_router,
+            router
+            + [f"--add_domain={added}", f"--bundle={moa}", "--train_old_rows=True", f"--name=moa+{added}_allrows"],
+            [moa, new_expert],
+        ),
+        Step(
+            f"seed {seed}, alternative: the mixed LoRA trained on {added}",
+            f"{experts}/all+{added}.safetensors",
+            train_lora,
+            lora + [f"--domain={added}", f"--init_expert={mixed}", f"--name=all+{added}"],
+            [mixed],
+        ),
+        Step(
+            f"seed {seed}, alternative: MoA retrained on {K + 1} tasks",
+            f"{bundles}/moa_all.safetensors",
+            train_router,
+            router + [f"--domains={','.join(tasks + [added])}", "--name=moa_all"],
+            stage1 + [new_expert],
+        ),
+    ]
+    return steps
 
 
 @torch.no_grad()
@@ -185,29 +259,20 @@ def main(argv=None):
     out = f"{cfg.out}/quick" if cfg.quick else cfg.out
     if cfg.quick:
         cfg.base_iters, cfg.stage1_iters, cfg.stage2_iters = 200, 60, 60
+    if cfg.jobs == 0:
+        cfg.jobs = (os.cpu_count() or 1) if cfg.device == "cpu" else 1
     t0 = time.time()
-    step("data", f"{cfg.data_dir}/meta.json", data.prepare, [f"--out_dir={cfg.data_dir}"])
+    run_steps([Step("data", f"{cfg.data_dir}/meta.json", data.prepare, [f"--out_dir={cfg.data_dir}"])], 1, None)
     meta = TaskData(cfg.data_dir).meta
     tasks, added = [t for t in meta["tasks"] if t not in meta["held_back"]], (meta["held_back"] or [None])[0]
-    step(
-        "base",
-        f"{out}/base/ckpt.pt",
-        train_base,
-        [
-            f"--data_dir={cfg.data_dir}",
-            f"--out_dir={out}/base",
-            f"--max_iters={cfg.base_iters}",
-            f"--device={cfg.device}",
-        ],
-    )
-    for seed in range(1, cfg.seeds + 1):
-        seed_run(cfg, out, seed, tasks, added)
-    step(
-        "results",
-        None,
-        results,
+    base_args = [f"--data_dir={cfg.data_dir}", f"--out_dir={out}/base", f"--max_iters={cfg.base_iters}"]
+    run_steps([Step("base", f"{out}/base/ckpt.pt", train_base, base_args + [f"--device={cfg.device}"])], 1, None)
+    steps = [s for seed in range(1, cfg.seeds + 1) for s in seed_steps(cfg, out, seed, tasks, added)]
+    run_steps(steps, cfg.jobs, f"{out}/logs")
+    print("\n[results] python results.py", flush=True)
+    results.main(
         [f"--out={out}", f"--data_dir={cfg.data_dir}", f"--device={cfg.device}"]
-        + (["--records=32", "--plots=False"] if cfg.quick else []),
+        + (["--records=32", "--plots=False"] if cfg.quick else [])
     )
     examples(cfg, out, tasks)
     print(f"\ndemo finished in {(time.time() - t0) / 60:.1f} min; the tables are in {out}/results/results.md")

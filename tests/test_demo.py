@@ -1,0 +1,95 @@
+"""demo.py's step runner: steps side by side once what they need exists, skipped when done, stopped on a failure."""
+
+import os
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from config import UserError
+from demo import Step, run_steps
+
+# A stand-in script: writes its output (argv[1]) after sleeping argv[2] seconds, with its start and end times and
+# its OMP_NUM_THREADS; exits 3 without writing when argv[3] is "fail".
+SCRIPT = """
+import os, sys, time
+start = time.time()
+time.sleep(float(sys.argv[2]))
+if len(sys.argv) > 3 and sys.argv[3] == "fail":
+    print("something broke")
+    sys.exit(3)
+with open(sys.argv[1], "w") as f:
+    f.write(f"{start} {time.time()} {os.environ.get('OMP_NUM_THREADS', '')}")
+"""
+
+
+@pytest.fixture
+def script(tmp_path):
+    path = tmp_path / "fake_script.py"
+    path.write_text(SCRIPT)
+    return SimpleNamespace(__file__=str(path))
+
+
+def times(path):
+    start, end, threads = open(path).read().split(" ")
+    return float(start), float(end), threads
+
+
+def test_steps_run_side_by_side_in_order_of_what_they_need(script, tmp_path):
+    """With 2 jobs, two independent steps overlap and run on one thread each with their output in the log folder;
+    a step that needs both starts after both ended."""
+    a, b, c = (str(tmp_path / n) for n in "abc")
+    steps = [
+        Step("a", a, script, [a, "0.6"]),
+        Step("b", b, script, [b, "0.6"]),
+        Step("c", c, script, [c, "0"], [a, b]),
+    ]
+    run_steps(steps, 2, str(tmp_path / "logs"))
+    (sa, ea, ta), (sb, eb, tb), (sc, _, _) = times(a), times(b), times(c)
+    assert sb < ea and sa < eb  # a and b overlapped
+    assert sc >= max(ea, eb)
+    assert ta == tb == "1"
+    assert sorted(os.listdir(tmp_path / "logs")) == ["a.log", "b.log", "c.log"]
+
+
+def test_one_job_runs_one_step_at_a_time(script, tmp_path, monkeypatch):
+    """With 1 job the steps run one after the other, with the caller's threads."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    run_steps([Step("a", a, script, [a, "0.3"]), Step("b", b, script, [b, "0.3"])], 1, None)
+    assert times(b)[0] >= times(a)[1]
+    assert times(a)[2] == "7"
+
+
+def test_a_step_whose_output_exists_is_skipped(script, tmp_path, capsys):
+    """A step whose output exists does not run (here it would fail); the next one runs."""
+    a, b = tmp_path / "a", str(tmp_path / "b")
+    a.write_text("done before")
+    run_steps([Step("a", str(a), script, [str(a), "0", "fail"]), Step("b", b, script, [b, "0"])], 2, str(tmp_path))
+    assert a.read_text() == "done before" and os.path.isfile(b)
+    assert "[skip] a:" in capsys.readouterr().out
+
+
+def test_a_failed_step_stops_the_others_with_a_one_line_error(script, tmp_path):
+    """A step that fails ends run_steps with a UserError naming it, its exit status and its log; the step running
+    beside it is stopped (its output never appears) and the step that needed the failed one never starts."""
+    bad, slow, after = (str(tmp_path / n) for n in ("bad", "slow", "after"))
+    steps = [
+        Step("bad", bad, script, [bad, "0.2", "fail"]),
+        Step("slow", slow, script, [slow, "5"]),
+        Step("after", after, script, [after, "0"], [bad]),
+    ]
+    t0 = time.time()
+    with pytest.raises(UserError, match=r"step 'bad' failed \(exit status 3\); its output: .*bad\.log"):
+        run_steps(steps, 2, str(tmp_path / "logs"))
+    assert time.time() - t0 < 4
+    time.sleep(0.2)
+    assert not os.path.exists(slow) and not os.path.exists(after)
+    assert "something broke" in open(tmp_path / "logs" / "bad.log").read()
+
+
+def test_a_need_that_nothing_makes_is_an_error(script, tmp_path):
+    """A step needing a file that no step writes: a UserError naming the file, once nothing else can run."""
+    a, missing = str(tmp_path / "a"), str(tmp_path / "missing")
+    with pytest.raises(UserError, match="no step can start: missing .*missing"):
+        run_steps([Step("a", a, script, [a, "0"], [missing])], 2, str(tmp_path))
