@@ -28,8 +28,8 @@ class UserError(Exception):
 def cpu_threads():
     """CPU threads for torch: OMP_NUM_THREADS if set, else one per core that is free now (the cores less the
     load average, at least one). On a 2-core machine that another job keeps busy, two OpenMP threads that spin
-    while waiting for each other made every step several times slower; one thread loses little on a quiet
-    machine at nanoMoA's sizes (the README's "Speed" has both measured)."""
+    while waiting for each other made every step 1.6-2x as slow as one thread, while on a quiet machine two
+    threads take 0.57-0.61x of one's time (`python scripts/threads.py`; the README's "Threads")."""
     given = os.environ.get("OMP_NUM_THREADS", "")
     if given.isdigit() and int(given) > 0:
         return int(given)

@@ -10,7 +10,8 @@ once (out/base); each seed's experts and bundles go to out/runs/seed<N>/. Every 
 many records in all as MoA does: K stage-1 experts of S1 steps plus S2 steps of stage 2, at the same
 batch size. On a CPU, steps that do not wait for each other run side by side, one process per core on
 one thread each (--jobs), their output in out/logs/: at nanoMoA's sizes two one-thread processes do
-nearly twice the work of one two-thread process, and do not collapse when another job shares the cores.
+twice one thread's work where one two-thread process does 1.6-1.75 times it (scripts/threads.py), and
+they do not collapse when another job shares the cores.
 
 Read next: bench.py.
 """

@@ -75,7 +75,7 @@ class ResultsConfig:
     records: int = 256  # validation records per task
     batch_size: int = 64
     mode: str = "last"  # how the routed MoA rows route: last | vote | layer (decided from the prompt)
-    added: str = "upper"  # the task added later, for the adding-a-task table
+    added: str = ""  # the task added later, for the adding-a-task table; "": the data set's held-back task
     plots: bool = True  # PNG pictures (needs matplotlib)
     fast: bool = True  # fast.py's speed paths (False: the plain method of moa.py; the same numbers)
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
@@ -325,6 +325,7 @@ def main(argv=None):
     if not run_dirs:
         raise UserError(f"no runs in {cfg.out}/runs/: run `python demo.py` first")
     data = TaskData(cfg.data_dir, "all")
+    new = cfg.added or (data.meta["held_back"] or [""])[0]
     per_run, adapted = [], []
     for run_dir in run_dirs:
         rows = {}
@@ -347,7 +348,8 @@ def main(argv=None):
                 f"exact match {100 * rows[name]['em_mean']:.1f}%"
             )
         per_run.append(rows)
-        added = adaptation(cfg, run_dir, data.domains, cfg.added) if cfg.added in data.meta["tasks"] else None
+        held_back = new in data.meta["tasks"] and new not in data.domains
+        added = adaptation(cfg, run_dir, data.domains, new) if held_back else None
         if added is not None:
             adapted.append(added)
     rows = aggregate(per_run)
@@ -358,8 +360,8 @@ def main(argv=None):
     results = {"runs": run_dirs, "variants": per_run}
     if adapted:
         results["adaptation"] = adapted
-        text += f"\n\nAdding the task {cfg.added} (loss per task; routing in mode {cfg.mode}):\n\n" + adaptation_table(
-            aggregate(adapted), data.domains + [cfg.added], cfg.added
+        text += f"\n\nAdding the task {new} (loss per task; routing in mode {cfg.mode}):\n\n" + adaptation_table(
+            aggregate(adapted), data.domains + [new], new
         )
     folder = os.path.join(cfg.out, "results")
     os.makedirs(folder, exist_ok=True)

@@ -1,11 +1,13 @@
 """demo.py's step runner: steps side by side once what they need exists, skipped when done, stopped on a failure."""
 
+import json
 import os
 import time
 from types import SimpleNamespace
 
 import pytest
 
+import train_lora
 from config import UserError
 from demo import Step, run_steps
 
@@ -93,3 +95,35 @@ def test_a_need_that_nothing_makes_is_an_error(script, tmp_path):
     a, missing = str(tmp_path / "a"), str(tmp_path / "missing")
     with pytest.raises(UserError, match="no step can start: missing .*missing"):
         run_steps([Step("a", a, script, [a, "0"], [missing])], 2, str(tmp_path))
+
+
+def test_demo_steps_then_results_make_every_table(tiny_data, tiny_base, tmp_path):
+    """One seed of demo.py's steps (3 training steps each, 2 jobs) on a tiny base, then results.py: every main row
+    and the adding-a-task table for the held-back task are there, and the baselines' training records and
+    parameters are those the README's fairness claims state (equal samples, rank 4r = 4 rank-r experts)."""
+    import shutil
+
+    import demo
+    import results
+
+    out = tmp_path / "out"
+    (out / "base").mkdir(parents=True)
+    shutil.copy(tiny_base, out / "base" / "ckpt.pt")
+    cfg = demo.DemoConfig(data_dir=tiny_data, stage1_iters=3, stage2_iters=3, device="cpu")
+    tasks = ["upper", "double", "reverse", "arith"]
+    run_steps(demo.seed_steps(cfg, str(out), 1, tasks, "count"), 2, str(out / "logs"))
+    results.main([f"--out={out}", f"--data_dir={tiny_data}", "--records=8", "--plots=False", "--device=cpu"])
+    written = json.loads((out / "results" / "results.json").read_text())
+    rows = written["variants"][0]
+    assert list(rows) == [name for name, *_ in results.variants(results.ResultsConfig(), len(tasks))]
+    moa, mixed, wide = (
+        rows["MoA (joint)"],
+        rows["one LoRA, mixed tasks (rank r)"],
+        rows["one LoRA, mixed tasks (rank 4r)"],
+    )
+    assert mixed["samples"] == wide["samples"] == rows["MoE-LoRA naive (random experts)"]["samples"] == moa["samples"]
+    assert moa["samples"] == (len(tasks) * 3 + 3) * train_lora.LoRAConfig.batch_size
+    assert wide["params"] == len(tasks) * mixed["params"] == rows["Single-LoRA (label given)"]["params"]
+    added = written["adaptation"][0]
+    assert "MoA + count (new router row only)" in added and "mixed LoRA, trained on count" in added
+    assert "Adding the task count" in (out / "results" / "results.md").read_text()
