@@ -118,7 +118,9 @@ BAD_FLAGS += [
     ]
 ]
 BAD_FLAGS += [("results", flag) for flag in ["--records=0", "--batch_size=0", "--mode=label", "--mode=token"]]
-BAD_FLAGS += [("demo", flag) for flag in ["--seeds=0", "--base_iters=0", "--stage1_iters=-1", "--stage2_iters=0"]]
+BAD_FLAGS += [
+    ("demo", flag) for flag in ["--seeds=0", "--base_iters=0", "--stage1_iters=-1", "--stage2_iters=0", "--jobs=-1"]
+]
 BAD_FLAGS += [("bench", flag) for flag in ["--repeats=0", "--threads=-1"]]
 BAD_FLAGS += [
     ("prepare", flag) for flag in ["--max_tokens=0", "--records=-1", "--val_records=0", "--seed=1180591620717411303424"]
