@@ -91,6 +91,18 @@ def tiny_base(tiny_data, tmp_path_factory):
     return os.path.join(out, "ckpt.pt")
 
 
+def run_script(script, *args, timeout=120):
+    """Runs `python script *args` (script: a path in the repo) in the repo folder -> the finished process, its
+    output captured."""
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO_ROOT, script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO_ROOT,
+    )
+
+
 GLOO_PROBE = """import torch.distributed as dist
 dist.init_process_group("gloo")
 dist.barrier()

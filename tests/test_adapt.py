@@ -6,8 +6,6 @@ One module fixture trains stage-1 arith, reverse and count experts and a bundle 
 
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +13,7 @@ import torch
 import train_lora
 import train_router
 from config import UserError
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, run_script
 from evaluate import evaluate_tasks, left_pad
 from files import load_base, load_bundle, read_safetensors
 from moa import MoA, lora_layers
@@ -308,18 +306,11 @@ def test_adding_a_domain_without_expert_or_data_is_an_error(adapted, tmp_path):
 
 def test_add_domain_without_bundle_cli_error(tiny_data, tiny_base, tmp_path):
     """train_router.py --add_domain without --bundle exits 1 with one stderr line starting "error:" and no traceback."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "train_router.py",
-            "--add_domain=count",
-            f"--data_dir={tiny_data}",
-            f"--base={tiny_base}",
-            f"--out_dir={tmp_path}",
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    proc = run_script(
+        "train_router.py",
+        "--add_domain=count",
+        f"--data_dir={tiny_data}",
+        f"--base={tiny_base}",
+        f"--out_dir={tmp_path}",
     )
     assert_one_line_error(proc, "--bundle")

@@ -4,15 +4,13 @@ tokenizer round trips, and one-line errors."""
 import json
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 from config import UserError
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, run_script
 from data.prepare import ANSWERS, TEMPLATES, is_test_pair, task_words
 from data.prepare import main as prepare
 from tokenizer import EOT, encode, get_tokenizer
@@ -274,12 +272,7 @@ def test_gpt2_tokenizer_offline(tmp_path, monkeypatch):
 
 
 def run_prepare(*args):
-    return subprocess.run(
-        [sys.executable, os.path.join(REPO_ROOT, "data", "prepare.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_script("data/prepare.py", *args, timeout=60)
 
 
 def test_prepare_cli_missing_files(tmp_path):

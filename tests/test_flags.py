@@ -5,8 +5,6 @@ that need two flags or the base (heads dividing the width, a block beyond the ba
 """
 
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -20,7 +18,7 @@ import train_lora
 import train_router
 from assignments.make import KitConfig
 from config import UserError, parse_config
-from conftest import REPO_ROOT, TINY_BASE_ARGS, assert_one_line_error
+from conftest import TINY_BASE_ARGS, assert_one_line_error, run_script
 from data.prepare import PrepareConfig
 
 CONFIGS = {
@@ -172,16 +170,6 @@ def test_bad_value_in_a_config_file_names_the_file(tmp_path):
     path.write_text('{"eval_interval": 0}')
     with pytest.raises(UserError, match=f"eval_interval=0 in {path}: must be >= 1"):
         parse_config(train_base.BaseConfig, [str(path)])
-
-
-def run_script(script, *args):
-    return subprocess.run(
-        [sys.executable, os.path.join(REPO_ROOT, script), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO_ROOT,
-    )
 
 
 def snapshot(folder):

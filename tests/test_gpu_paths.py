@@ -20,7 +20,7 @@ import train_base
 import train_lora
 import train_router
 from config import UserError
-from conftest import REPO_ROOT, TINY_BASE_ARGS, assert_one_line_error, randomize_B, torchrun
+from conftest import REPO_ROOT, TINY_BASE_ARGS, assert_one_line_error, randomize_B, run_script, torchrun
 from files import read_safetensors
 from moa import MODES, MoA, add_experts, set_route
 from model import GPT, GPTConfig
@@ -188,16 +188,6 @@ def test_resume_keeps_the_loss_scale(tiny_data, tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------------------------
 # The scripts: one-line errors, and torchrun with their defaults.
-
-
-def run_script(script, *args):
-    return subprocess.run(
-        [sys.executable, os.path.join(REPO_ROOT, script), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO_ROOT,
-    )
 
 
 TASK_ARGS = ["--batch_size=8", "--eval_iters=1", "--progress=False", "--seed=1", "--warmup_iters=1", "--device=cpu"]

@@ -7,8 +7,6 @@ bundle trained by train_router.main on the session's tiny base. tests/test_fast.
 import copy
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,7 +16,7 @@ import sample
 import train_lora
 import train_router
 from config import UserError
-from conftest import assert_one_line_error, randomize_B
+from conftest import assert_one_line_error, randomize_B, run_script
 from evaluate import evaluate_tasks, left_pad
 from files import fingerprint, load_base, load_bundle, load_expert, read_safetensors, save_bundle, write_safetensors
 from moa import MODES, LoRALinear, MoA, add_experts, lora_layers, pool, set_route, vote
@@ -499,20 +497,13 @@ def test_expert_of_another_rank_is_an_error(trained, tiny_base):
 
 def test_unknown_domain_cli_error(tiny_data, tiny_base, tmp_path):
     """train_router.py --domains=nope exits 1 with one stderr line starting "error:" and no traceback."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "train_router.py",
-            "--domains=nope",
-            f"--data_dir={tiny_data}",
-            f"--base={tiny_base}",
-            f"--out_dir={tmp_path}",
-            f"--experts={tmp_path}",
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    proc = run_script(
+        "train_router.py",
+        "--domains=nope",
+        f"--data_dir={tiny_data}",
+        f"--base={tiny_base}",
+        f"--out_dir={tmp_path}",
+        f"--experts={tmp_path}",
     )
     assert_one_line_error(proc, "nope")
 

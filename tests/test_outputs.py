@@ -22,7 +22,7 @@ import train_base
 import train_lora
 import train_router
 from config import UserError
-from conftest import REPO_ROOT, TINY_BASE_ARGS, assert_one_line_error
+from conftest import REPO_ROOT, TINY_BASE_ARGS, assert_one_line_error, run_script
 from data.prepare import main as prepare
 from files import atomic_write, fingerprint, load_base, save_bundle, save_expert
 from moa import MoA, add_experts
@@ -282,19 +282,8 @@ def test_second_run_refused_while_the_first_runs_then_resume_after_sigkill(tiny_
             time.sleep(0.2)
         assert first.poll() is None and os.path.exists(out / "lock"), "the first run did not start"
         log = (out / "log.jsonl").read_text()
-        second = subprocess.run(
-            [
-                sys.executable,
-                "train_base.py",
-                *TINY_BASE_ARGS,
-                f"--data_dir={tiny_data}",
-                f"--out_dir={out}",
-                "--max_iters=10",
-            ],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
+        second = run_script(
+            "train_base.py", *TINY_BASE_ARGS, f"--data_dir={tiny_data}", f"--out_dir={out}", "--max_iters=10"
         )
         assert_one_line_error(second, f"in use by process {first.pid}")
         assert (out / "log.jsonl").read_text().startswith(log)
@@ -383,20 +372,8 @@ def test_full_disk_checkpoint_is_one_line(small_disk, tiny_data):
     """train_base.py whose checkpoint does not fit on the disk exits 1 with one line naming ckpt.pt; no temporary
     file and no lock are left."""
     out = small_disk / "run"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "train_base.py",
-            *TINY_BASE_ARGS,
-            f"--data_dir={tiny_data}",
-            f"--out_dir={out}",
-            "--n_embd=64",
-            "--max_iters=1",
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    result = run_script(
+        "train_base.py", *TINY_BASE_ARGS, f"--data_dir={tiny_data}", f"--out_dir={out}", "--n_embd=64", "--max_iters=1"
     )
     assert_one_line_error(result, f"cannot write {out / 'ckpt.pt'}")
     assert sorted(os.listdir(out)) == ["log.jsonl"]
@@ -412,13 +389,7 @@ def test_read_only_folder_is_one_line(small_disk, tiny_data, tiny_base):
         ("data/prepare.py", SMALL_DATA),
     ]:
         flag = "--out" if script == "export.py" else "--out_dir"
-        result = subprocess.run(
-            [sys.executable, script, *args, f"{flag}={small_disk / 'out'}"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        result = run_script(script, *args, f"{flag}={small_disk / 'out'}")
         assert_one_line_error(result, str(small_disk / "out"), "Read-only file system")
 
 
@@ -427,13 +398,7 @@ def test_a_file_in_the_way_is_one_line(tiny_data, tmp_path, where):
     """train_base.py whose --out_dir is a file, or lies under one, exits 1 with one line naming the path."""
     (tmp_path / "file").write_text("mine")
     out = tmp_path / "file" if where == "out_dir a file" else tmp_path / "file" / "run"
-    result = subprocess.run(
-        [sys.executable, "train_base.py", *TINY_BASE_ARGS, f"--data_dir={tiny_data}", f"--out_dir={out}"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_script("train_base.py", *TINY_BASE_ARGS, f"--data_dir={tiny_data}", f"--out_dir={out}")
     assert_one_line_error(result, str(tmp_path / "file"))
     assert (tmp_path / "file").read_text() == "mine"
 

@@ -3,15 +3,13 @@ errors from the command line, and a 2-process torchrun run that matches 1 proces
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import train_base
 from config import UserError, parse_config
-from conftest import REPO_ROOT, TINY_BASE_ARGS, assert_one_line_error, torchrun
+from conftest import REPO_ROOT, TINY_BASE_ARGS, assert_one_line_error, run_script, torchrun
 from trainer import TrainConfig
 
 
@@ -116,13 +114,7 @@ def test_resume_equals_uninterrupted(tiny_data, tmp_path):
 
 
 def run_train_base(*args):
-    return subprocess.run(
-        [sys.executable, os.path.join(REPO_ROOT, "train_base.py"), *TINY_BASE_ARGS, *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO_ROOT,
-    )
+    return run_script("train_base.py", *TINY_BASE_ARGS, *args)
 
 
 @pytest.mark.parametrize("case", ["missing checkpoint", "corrupt checkpoint", "missing data", "source under a block"])
