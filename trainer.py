@@ -560,5 +560,9 @@ def train_loop(cfg, model, data, evaluate, loss_fn, meta, lr_scales, finish):
         finish(raw_model)
     if world > 1:
         dist.barrier()  # the others wait until process 0 has written everything
+        # DDP goes first. Were it freed after the group (when this function returns), its reducer would drop the
+        # group's last reference and join gloo's worker threads holding the GIL, while one of them may still need
+        # the GIL to free a tensor of the last collective: a deadlock, seen on busy machines after all was saved.
+        model = None
         dist.destroy_process_group()
     return torch.stack(losses).tolist() if losses else []

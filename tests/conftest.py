@@ -7,6 +7,7 @@ and `torchrun` for the tests that run scripts on 2 processes (gloo, on the CPU).
 """
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -110,17 +111,49 @@ dist.destroy_process_group()
 """
 
 
-def torchrun(*args):
+def torchrun(*args, timeout=300):
     """Runs `torchrun --standalone --nproc_per_node=2 *args` in the repo, one thread per process -> the finished
-    process."""
-    return subprocess.run(
+    process. One still running after `timeout` s is stopped: each worker first prints every thread's stack
+    (faulthandler, on SIGABRT), stderr then ends with a line saying so, and the return code is not 0."""
+    proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=300,
         cwd=REPO_ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"},
     )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in children(proc.pid):  # the workers: torchrun starts each in a session of its own
+            try:
+                os.kill(pid, signal.SIGABRT)
+            except ProcessLookupError:  # ended meanwhile
+                pass
+        try:
+            out, err = proc.communicate(timeout=60)  # torchrun sees its workers fail and ends
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        err += f"\n[torchrun had not ended after {timeout} s: stopped, the workers' stacks above]"
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def children(pid):
+    """The ids of the processes whose parent is pid (read from /proc; none where there is no /proc)."""
+    found = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:  # not a process, or one that has just ended
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # the field after the state; the name may hold spaces
+            found.append(int(entry))
+    return found
 
 
 @pytest.fixture(scope="session")
@@ -129,9 +162,6 @@ def gloo(tmp_path_factory):
     session; after that, any failure of theirs fails."""
     probe = tmp_path_factory.mktemp("probe") / "probe.py"
     probe.write_text(GLOO_PROBE)
-    try:
-        probed = torchrun(str(probe))
-    except subprocess.TimeoutExpired:
-        pytest.skip("torchrun's 2-process gloo probe (init, barrier) did not finish in 300 s")
+    probed = torchrun(str(probe), timeout=120)
     if probed.returncode != 0:
         pytest.skip(f"torchrun cannot run 2 gloo processes here: {(probed.stderr.strip().splitlines() or ['?'])[-1]}")

@@ -1,6 +1,7 @@
 """What a first GPU user runs, checked without a GPU: every model variant built on another device (meta),
 device and dtype errors, the random draws of a run independent of the processes that compute it, the loss
-scale across a resume, and the scripts under torchrun with their defaults (2 processes, gloo, on the CPU).
+scale across a resume, and the scripts under torchrun with their defaults (2 processes, gloo, on the CPU),
+ending without a deadlock.
 
 The tests marked `cuda` run only where torch sees a CUDA GPU (`bash scripts/gpu_check.sh` runs the suite there).
 """
@@ -274,6 +275,50 @@ def test_readme_torchrun_commands_run_with_their_defaults(gloo, tiny_data, tiny_
     )
     assert expert.returncode == 0, expert.stderr[-5000:]
     assert expert.stdout.count("saved ") == 1 and os.path.isfile(tmp_path / "experts" / "arith.safetensors")
+
+
+# Runs train_lora.py with dist.barrier wrapped: after the trainer's last barrier, process 0 starts an all-reduce of a
+# tensor it drops at once, and process 1 joins that all-reduce only 2 s later. Meanwhile process 0 tears down, so a
+# gloo worker thread finishes the all-reduce during the teardown, and must take the GIL to free the dropped tensor.
+PENDING_AT_TEARDOWN = """import os, sys, time
+sys.path.insert(0, {repo!r})
+import torch
+import torch.distributed as dist
+
+barrier = dist.barrier
+
+
+def barrier_then_pending_all_reduce(*args, **kwargs):
+    barrier(*args, **kwargs)
+    if dist.get_rank() == 0:
+        dist.all_reduce(torch.ones(1), async_op=True)
+    else:
+        time.sleep(2)
+        dist.all_reduce(torch.ones(1))
+
+
+dist.barrier = barrier_then_pending_all_reduce
+import train_lora
+
+train_lora.main(sys.argv[1:])
+print("process", os.environ["RANK"], "returned")
+"""
+
+
+def test_torchrun_teardown_cannot_deadlock(gloo, tiny_data, tiny_base, tmp_path):
+    """The end of a torchrun run does not join gloo's threads holding the GIL: with a collective still running in
+    one of them when process 0 tears down (see PENDING_AT_TEARDOWN), both processes return within seconds. Freeing
+    DDP only after the process group (its reducer then dropped the group's last reference) hangs here every time,
+    and hung CI once at random, after the run had saved everything."""
+    script = tmp_path / "pending.py"
+    script.write_text(PENDING_AT_TEARDOWN.format(repo=REPO_ROOT))
+    args = [*TASK_ARGS, f"--data_dir={tiny_data}", f"--base={tiny_base}", f"--out_dir={tmp_path / 'experts'}"]
+    result = torchrun(str(script), *args, "--domain=arith", "--max_iters=2", "--eval_interval=2", timeout=90)
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert sorted(line for line in result.stdout.splitlines() if "returned" in line) == [
+        "process 0 returned",
+        "process 1 returned",
+    ], result.stdout
 
 
 def test_train_router_on_two_processes_matches_one(gloo, tiny_data, tiny_base, experts, tmp_path):
