@@ -308,8 +308,8 @@ print("process", os.environ["RANK"], "returned")
 def test_torchrun_teardown_cannot_deadlock(gloo, tiny_data, tiny_base, tmp_path):
     """The end of a torchrun run does not join gloo's threads holding the GIL: with a collective still running in
     one of them when process 0 tears down (see PENDING_AT_TEARDOWN), both processes return within seconds. Freeing
-    DDP only after the process group (its reducer then dropped the group's last reference) hangs here every time,
-    and hung CI once at random, after the run had saved everything."""
+    DDP only after the process group (its reducer then dropped the group's last reference) hung here in each of 3
+    runs, and hung CI once at random, after the run had saved everything."""
     script = tmp_path / "pending.py"
     script.write_text(PENDING_AT_TEARDOWN.format(repo=REPO_ROOT))
     args = [*TASK_ARGS, f"--data_dir={tiny_data}", f"--base={tiny_base}", f"--out_dir={tmp_path / 'experts'}"]
