@@ -301,7 +301,7 @@ dist.barrier = barrier_then_pending_all_reduce
 import train_lora
 
 train_lora.main(sys.argv[1:])
-print("process", os.environ["RANK"], "returned")
+sys.stdout.write(f"process {{os.environ['RANK']}} returned\\n")  # one write: the two processes share the pipe
 """
 
 
