@@ -115,9 +115,11 @@ def rouge_l(candidate, reference):
 
 @torch.no_grad()
 def answers(model, prompts, max_new_tokens, eot, **kwargs):
-    """Greedy answers to prompts (token lists), each cut at its first EOT -> [token list]."""
+    """Greedy answers to prompts (token lists), each cut at its first EOT -> [token list]. A prompt too long for
+    the context with the answer is cut to its last tokens, as it would be served."""
     device = next(model.parameters()).device
-    idx, mask = left_pad(prompts, eot)
+    room = model.config.block_size - max_new_tokens
+    idx, mask = left_pad([p[-room:] for p in prompts], eot)
     out = model.generate(
         idx.to(device), max_new_tokens, temperature=0, pad_mask=mask.to(device), stop_token=eot, **kwargs
     )[:, idx.size(1) :].tolist()
@@ -197,7 +199,8 @@ def fit_temperature(moa, data, split="calib"):
     trained on, a wrong route no longer reads as certain. -> (T, routing accuracy on those prompts)."""
     logits, labels = [], []
     for label, name in enumerate(data.domains):
-        prompts = [data.record(name, split, i)[0] for i in range(data.count(name, split))]
+        block = moa.config.block_size
+        prompts = [data.record(name, split, i)[0][-block:] for i in range(data.count(name, split))]  # as served
         for start in range(0, len(prompts), 64):
             idx, mask = left_pad(prompts[start : start + 64], data.eot)
             device = next(moa.parameters()).device

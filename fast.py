@@ -137,10 +137,12 @@ class FastLoRALinear(LoRALinear):
 class FastMoA(MoA):
     """MoA with the speed paths: sorted mixed batches at inference, merged experts while decoding."""
 
-    def forward(self, idx, targets=None, pad_mask=None, cache=None, domain=None, mode="label", router_mask=None):
+    def forward(
+        self, idx, targets=None, pad_mask=None, cache=None, domain=None, mode="label", router_mask=None, noise=()
+    ):
         sortable = mode == "label" and cache is None and domain is not None and not torch.is_grad_enabled()
         if not sortable or not bool((domain[1:] < domain[:-1]).any()):  # nothing to sort
-            return super().forward(idx, targets, pad_mask, cache, domain, mode, router_mask)
+            return super().forward(idx, targets, pad_mask, cache, domain, mode, router_mask, noise)
         order = domain.argsort(stable=True)  # each expert's samples side by side: one run of rows each
         idx, targets, pad_mask, router_mask = (
             None if t is None else t[order] for t in (idx, targets, pad_mask, router_mask)

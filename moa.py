@@ -23,6 +23,7 @@ Read next: train_lora.py (stage 1), then train_router.py (stage 2).
 """
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -38,13 +39,32 @@ TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # every line
 MODES = ("label", "layer", "last", "vote", "token")
 
 
+class LoRADropout(nn.Dropout):
+    """Dropout on a LoRA expert's input. In training, the masks come from `noise`, set for one forward by
+    `routed`: one (length, generator) per row, each row's mask drawn from its own generator over its own
+    real tokens, the layers drawing in turn. So a row's masks are the same whatever shares its batch, and
+    however it is padded: train_lora.py trains several experts in one batch exactly as each would train
+    alone (batches.JointData). Without noise, nn.Dropout's own masks."""
+
+    noise = ()
+
+    def forward(self, x):  # x (B, T, in)
+        if not self.training or self.p == 0 or not self.noise:
+            return super().forward(x)
+        mask = torch.ones_like(x)
+        for b, (n, gen) in enumerate(self.noise):
+            keep = torch.rand(n, x.size(-1), generator=gen, device=gen.device) >= self.p  # (n, in)
+            mask[b, :n] = keep.to(x.dtype) / (1 - self.p)
+        return x * mask
+
+
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus K low-rank experts; `route` says which expert each sample uses."""
 
     def __init__(self, base: nn.Linear, n_experts=1, rank=8, alpha=16.0, dropout=0.0):
         super().__init__()
         self.base, self.rank, self.alpha, self.scale = base, rank, alpha, alpha / rank
-        self.lora_dropout = nn.Dropout(dropout)
+        self.lora_dropout = LoRADropout(dropout)
         # One parameter pair per expert, so an expert can be frozen, added or removed on its own.
         self.lora_A = nn.ParameterList()  # each (r, in)
         self.lora_B = nn.ParameterList()  # each (out, r)
@@ -129,8 +149,33 @@ def lora_layers(model):
 
 
 def set_route(module, route):
+    """Routes every LoRA layer of a model the same way until told otherwise: a base with one expert loaded
+    for good (files.add_expert_file). For one call, use `routed`."""
     for layer in lora_layers(module):
         layer.route = route
+
+
+def noise_generators(batch):
+    """A training batch's rows -> [(real tokens, generator seeded with the row's seed)] for LoRADropout: made
+    once per forward, then drawn from by every LoRA layer in turn. () for a batch without seeds."""
+    if batch.seed is None:
+        return ()
+    device = batch.x.device
+    return [(n, torch.Generator(device).manual_seed(s)) for n, s in zip(batch.length.tolist(), batch.seed.tolist())]
+
+
+@contextmanager
+def routed(layers, route, noise=()):
+    """Sets the route of LoRA layers, and their dropout's noise (see noise_generators), for one call, and
+    restores what was there when the call ends, even on an exception."""
+    before = [(layer.route, layer.lora_dropout.noise) for layer in layers]
+    try:
+        for layer in layers:
+            layer.route, layer.lora_dropout.noise = route, noise
+        yield
+    finally:
+        for layer, (old_route, old_noise) in zip(layers, before):
+            layer.route, layer.lora_dropout.noise = old_route, old_noise
 
 
 def count_params(model):
@@ -205,12 +250,15 @@ class MoA(nn.Module):
 
     generate = GPT.generate  # the same decoding loop: it only calls self(idx, pad_mask=, cache=)
 
-    def forward(self, idx, targets=None, pad_mask=None, cache=None, domain=None, mode="label", router_mask=None):
+    def forward(
+        self, idx, targets=None, pad_mask=None, cache=None, domain=None, mode="label", router_mask=None, noise=()
+    ):
         """Returns (logits, loss); loss = L_LM + eta * L_cls when targets and domain labels are given.
 
         domain (B,): each sample's domain label (needed in label mode). router_mask (B, T) bool: the
         tokens the routers read (default: pad_mask, every real token); training passes each record's
-        prompt, which is all that exists when a request arrives.
+        prompt, which is all that exists when a request arrives. noise: a training batch's LoRA dropout
+        generators (noise_generators).
         """
         if mode not in MODES:
             raise UserError(f"unknown routing mode {mode!r}; choose from {', '.join(MODES)}")
@@ -222,20 +270,16 @@ class MoA(nn.Module):
         mask = pad_mask if router_mask is None else router_mask
         router_logits, routes = [], []  # per block: (B, K), (B,)
         for i in range(len(self.blocks)):
-            if mode == "token":
+            logits, route = self.route_block(i, x, mask, domain, "layer" if mode == "token" else mode)
+            router_logits.append(logits)
+            routes.append(route)
+            if mode == "token":  # the per-token mixture routes; the pooled logits above only feed L_cls
                 route = self.token_mixture(i, x)  # (B, T, K)
-            else:
-                logits, route = self.route_block(i, x, mask, domain, mode)
-                router_logits.append(logits)
-                routes.append(route)
-            x = self.run_block(i, x, route, attn_mask, cache)
+            x = self.run_block(i, x, route, attn_mask, cache, noise)
         logits, lm_loss = self.gpt.head(x, targets)
-        if mode == "token":  # no sequence-level choice to report
-            self.routing = {}
-            return logits, lm_loss
         router_logits, routes = torch.stack(router_logits), torch.stack(routes)  # (L, B, K), (L, B)
-        self.routing = self.summary(router_logits, routes, mode)
-        if cache is not None:
+        self.routing = {} if mode == "token" else self.summary(router_logits, routes, mode)  # token: no one choice
+        if cache is not None and mode != "token":
             # BEGIN ASSIGNMENT 4: cache.route (L, B): last/vote: the decision in every layer; else each layer's own
             fixed = mode in ("last", "vote")
             cache.route = self.routing["decision"].expand_as(routes) if fixed else routes  # kept for every new token
@@ -263,14 +307,10 @@ class MoA(nn.Module):
         top, ids = probs.topk(self.top_k, dim=-1)
         return torch.zeros_like(probs).scatter(-1, ids, top / top.sum(-1, keepdim=True))
 
-    def run_block(self, i, x, route, attn_mask, cache):
-        """Block i with its LoRA layers routed by `route`, for this call only."""
-        for layer in self.blocks[i]:
-            layer.route = route
-        x = self.gpt.transformer.h[i](x, attn_mask, cache, i)
-        for layer in self.blocks[i]:
-            layer.route = None
-        return x
+    def run_block(self, i, x, route, attn_mask, cache, noise=()):
+        """Block i with its LoRA layers routed by `route` (and their dropout drawing from noise), for this call."""
+        with routed(self.blocks[i], route, noise):
+            return self.gpt.transformer.h[i](x, attn_mask, cache, i)
 
     def decode(self, idx, pad_mask, cache):
         """One decoding step: block i uses the route that prefill kept in cache.route[i]; no router runs."""

@@ -16,11 +16,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from batches import CorpusData
 from config import AT_LEAST_1, FRACTION, UserError, parse_config, run
 from evaluate import corpus_losses, unigram_entropy
 from files import gpt_config, load_checkpoint
 from model import GPT, GPTConfig
-from trainer import CorpusData, TrainConfig, train
+from trainer import TrainConfig, train
 
 
 @dataclass
@@ -91,7 +92,7 @@ def main(argv=None):
         "init_from": cfg.init_from,
     }
 
-    def finish(m):  # once training is over (under torchrun: on process 0 only)
+    def finish(m, _):  # once training is over (under torchrun: on process 0 only)
         final = evaluate(m.eval())
         for name in data.domains:
             print(

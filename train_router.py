@@ -32,17 +32,21 @@ from dataclasses import dataclass, replace
 import torch
 
 import fast
+from batches import TaskData
 from config import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, UserError, one_of, parse_config, run
 from evaluate import evaluate_tasks, fit_temperature
 from files import base_files, check_outputs, fingerprint, load_base, load_bundle, load_expert, read_meta, save_bundle
-from moa import TARGETS, MoA, count_params, lora_layers
-from trainer import TaskConfig, TaskData, micro_batches, task_block_size, train
+from moa import TARGETS, MoA, count_params, lora_layers, noise_generators
+from trainer import TaskConfig, Unit, micro_batches, task_block_size, train
 
 
 @dataclass
 class RouterConfig(TaskConfig):
     out_dir: str = "out/moa"
-    experts: str = "out/experts"  # folder of stage-1 experts, <domain>.safetensors
+    experts: str = (
+        "out/experts"  # folder of stage-1 experts, <domain>.safetensors (a comma list: the first that has it)
+    )
+    expert_step: int = 0  # > 0: the experts' snapshots at that step, <domain>@<step>.safetensors (train_lora --save_at)
     name: str = ""  # the bundle's file name; default moa, or <bundle>+<domain> / <bundle>-<domain>
     eta: float = 1.0  # weight of the routers' domain-label loss L_cls
     train_experts: bool = True  # the paper: experts and routers trained jointly; False: routers only
@@ -74,6 +78,7 @@ class RouterConfig(TaskConfig):
         "top_k": AT_LEAST_1,
         "pooling": one_of("mean", "last"),
         "expert_init": one_of("stage1", "random"),
+        "expert_step": AT_LEAST_0,
         "rank": AT_LEAST_1,
         "lora_dropout": FRACTION,
         "router_lr": POSITIVE,
@@ -94,10 +99,23 @@ def check_choices(cfg):
 
 
 def expert_path(cfg, domain):
-    path = os.path.join(cfg.experts, f"{domain}.safetensors")
-    if not os.path.isfile(path):
-        raise UserError(f"{path} not found: train the expert first, `python train_lora.py --domain={domain}`")
-    return path
+    """Where a domain's stage-1 expert is: <domain>.safetensors in the first --experts folder that has it, or with
+    --expert_step its snapshot <domain>@<step>.safetensors (the final expert if it stopped at its plateau before)."""
+    for folder in cfg.experts.split(","):
+        final = os.path.join(folder, f"{domain}.safetensors")
+        if cfg.expert_step:
+            snapshot = os.path.join(folder, f"{domain}@{cfg.expert_step}.safetensors")
+            if os.path.isfile(snapshot):
+                return snapshot
+            if os.path.isfile(final) and read_meta(final, "expert")[1].get("steps", cfg.expert_step) < cfg.expert_step:
+                return final
+        elif os.path.isfile(final):
+            return final
+    wanted = f"{domain}@{cfg.expert_step}" if cfg.expert_step else domain
+    raise UserError(
+        f"no {wanted}.safetensors in --experts={cfg.experts}: train the expert first, "
+        f"`python train_lora.py --domain={domain}`"
+    )
 
 
 def build(cfg, gpt, tokenizer, base, data_domains):
@@ -158,7 +176,7 @@ def main(argv=None):
         [path, os.path.join(run_dir, "ckpt.pt"), os.path.join(run_dir, "log.jsonl")],  # --name picks them
         base_files(cfg.base)
         + ([cfg.bundle] if cfg.bundle else [])
-        + glob.glob(os.path.join(cfg.experts, "*.safetensors")),
+        + [p for folder in cfg.experts.split(",") for p in glob.glob(os.path.join(folder, "*.safetensors"))],
     )
     gpt, tokenizer = load_base(cfg.base)
     base = fingerprint(gpt)
@@ -187,35 +205,43 @@ def main(argv=None):
     print(f"MoA over {', '.join(moa.domains)}: {trainable:,} trainable of {total:,} parameters")
 
     def loss_fn(m, batch):  # the routers read each record's prompt only
-        return m(batch.x, batch.y, domain=batch.domain, mode=cfg.mode, router_mask=batch.prompt)[1]
+        noise = noise_generators(batch)
+        return m(batch.x, batch.y, domain=batch.domain, mode=cfg.mode, router_mask=batch.prompt, noise=noise)[1]
 
     def evaluate(m):  # no labels: each block's router decides from the prompt (results.py also scores last, vote)
-        return evaluate_tasks(
-            m,
-            data,
-            cfg.eval_iters * cfg.batch_size,
-            cfg.batch_size,
-            generate=False,
-            served=False,
-            mode="token" if cfg.mode == "token" else "layer",
-        )
+        n, mode = cfg.eval_iters * cfg.batch_size, "token" if cfg.mode == "token" else "layer"
+        scores = evaluate_tasks(m, data, n, cfg.batch_size, generate=False, served=False, mode=mode)
+        return {**scores, "watch/bundle": scores["loss_mean"]}
 
-    samples = samples_before(cfg, moa.domains) + cfg.max_iters * cfg.batch_size * micro_batches(cfg)  # in all
+    before = samples_before(cfg, moa.domains)
 
-    def finish(m):  # once training is over (under torchrun: on process 0 only): calibrate, write the bundle
+    def save(m, path, steps):  # calibrate the routers' confidence (where the data has a calib split), then write
         calibration = {}
         if cfg.mode != "token" and all(data.count(d, "calib") for d in m.domains):  # the built-in tasks have one
             m.temperature, accuracy = fit_temperature(m.eval(), data)
             calibration = {"calib_route_acc": accuracy}
-            print(
-                f"confidence calibrated on prompts phrased unlike training: temperature {m.temperature:.3g}, "
-                f"routed right {100 * accuracy:.1f}%"
-            )
-        save_bundle(
-            path, m, tokenizer, base, {**{k: getattr(cfg, k) for k in SETTINGS}, "samples": samples, **calibration}
-        )
-        print(f"saved {path}")
+            print(f"confidence calibrated on held-out prompts: temperature {m.temperature:.3g}, right {accuracy:.1%}")
+        samples = before + steps * cfg.batch_size * micro_batches(cfg)  # training records seen, in all
+        settings = {k: getattr(cfg, k) for k in SETTINGS}
+        save_bundle(path, m, tokenizer, base, {**settings, "samples": samples, "steps": steps, **calibration})
+        m.train()
+        print(f"saved {path} ({steps} steps)")
 
+    def finish(m, steps):  # once training is over (under torchrun: on process 0 only)
+        save(m, path, steps["bundle"])
+
+    def snapshot(m, step, active):  # --save_at
+        if active[0]:
+            save(m, os.path.join(cfg.out_dir, f"{name}@{step}.safetensors"), step)
+
+    # Routers and experts are clipped apart: the routers' gradient norm starts 10-30x the experts' (LOG.md)
+    trained = [p for p in moa.parameters() if p.requires_grad]
+    routers = [p for p in moa.routers.parameters() if p.requires_grad]
+    groups = {
+        k: g
+        for k, g in (("experts", [p for p in trained if all(p is not r for r in routers)]), ("routers", routers))
+        if g
+    }
     meta = {"kind": "bundle", "domains": moa.domains}
     losses = train(
         replace(cfg, out_dir=run_dir),
@@ -226,6 +252,8 @@ def main(argv=None):
         meta,
         lr_scales={"routers.": cfg.router_lr / cfg.learning_rate},
         finish=finish,
+        units=[Unit("bundle", groups)],
+        snapshot=snapshot,
     )
     return moa, losses
 

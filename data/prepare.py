@@ -41,7 +41,6 @@ that replaces OUT only when complete: a failure leaves the old data whole.
 Read next: train_base.py.
 """
 
-import functools
 import glob
 import json
 import os
@@ -57,6 +56,7 @@ import numpy as np
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 from config import AT_LEAST_1, UserError, parse_config, run  # noqa: E402  (these need the repo root on the path)
+from data import tasks  # noqa: E402
 from files import atomic_write, check_outputs  # noqa: E402
 from tokenizer import encode, get_tokenizer  # noqa: E402
 
@@ -64,28 +64,9 @@ CORPUS = {  # built-in corpus source -> where its text comes from
     "python": "Python standard library source (top-level *.py), one file per document",
     "cpp": "C++ headers shipped with torch (include/**/*.h), one file per document",
     "prose": "English help topics of the Python docs (pydoc_data.topics), one topic per document",
+    "words": "the word tasks' skills without instructions (data/tasks.py): training words, transformed",
+    "sums": "arith's skill without instructions (data/tasks.py): training sums and differences",
 }
-TEMPLATES = {  # built-in task -> its prompts; the response follows the prompt directly
-    "upper": ["UPPERCASE: {w}\n", "ALL CAPS: {w}\n", "CAPITALS, PLEASE: {w}\n"],
-    "double": ["double every letter -> {w}\n", "each letter twice -> {w}\n", "stutter -> {w}\n"],
-    "reverse": ["Reverse the word: {w}\n", "Spell it backwards: {w}\n", "Write it in reverse order: {w}\n"],
-    "arith": ["{a}{op}{b}=", "What is {a} {opname} {b}?\n", "Compute {a} {op} {b}.\n"],
-    "count": ["How many letters are in '{w}'?\n", "Count the letters of '{w}'.\n", "What is the length of '{w}'?\n"],
-}
-UNSEEN = {  # one more phrasing per task, in no task's style and never trained on: the calib split, on which
-    "upper": "please write this word in capitals: {w}\n",  # train_router.py calibrates its routers' confidence
-    "double": "Write every letter of {w} twice.\n",
-    "reverse": "{w} spelled from the end:\n",
-    "arith": "{a} {opname} {b} equals?\n",
-    "count": "letters in {w}?\n",
-}
-ANSWERS = {
-    "upper": str.upper,
-    "double": lambda w: "".join(c + c for c in w),
-    "reverse": lambda w: w[::-1],
-    "count": lambda w: str(len(w)),
-}
-HELD_BACK = ["count"]
 ALPACA = "### Instruction:\n{instruction}\n\n{given}### Response:\n"  # given: "### Input:\n{input}\n\n" or ""
 MAX_DOC_CHARS = 20000  # longer corpus documents are cut, so one big file cannot dominate a source
 
@@ -102,6 +83,7 @@ class PrepareConfig:
     task: list = field(default_factory=list)  # NAME=FILE.jsonl, once per task of your own
     text: list = field(default_factory=list)  # NAME=GLOB, once per corpus source of your own
     held_back: str = "auto"  # tasks left for adding later (comma list); auto: the built-in count, if built
+    small_task: str = ""  # a built-in task given a tenth of --records (the imbalanced variant of the suite)
 
     CHECKS = {"max_tokens": AT_LEAST_1, "records": AT_LEAST_1, "val_records": AT_LEAST_1}
 
@@ -129,12 +111,14 @@ def read_text(path, user=False):
         raise UserError(f"{path} is not UTF-8 text (byte {e.start}); convert it to UTF-8, e.g. with iconv") from None
 
 
-def corpus_documents(name):
-    """The documents (strings) of a built-in corpus source."""
+def corpus_documents(name, seed):
+    """The documents (strings) of a built-in corpus source (seed: which words the skills use)."""
     if name == "prose":
         from pydoc_data.topics import topics
 
         return [topics[key] for key in sorted(topics)]
+    if name in ("words", "sums"):
+        return tasks.skill_documents(name, seed)
     if name == "python":
         paths = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
     else:
@@ -195,70 +179,6 @@ def split_documents(docs, enc, max_tokens, rng):
 # Tasks
 
 
-@functools.lru_cache
-def task_words(seed):
-    """(train words, val words): lower-case English words of 3 to 6 letters seen at least 3 times in the
-    standard library's source and docs, split 85 / 15 at random, so no val word is ever trained on."""
-    from pydoc_data.topics import topics
-
-    texts = [read_text(p) for p in sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))]
-    counts = {}
-    for text in texts + list(topics.values()):
-        for w in re.findall(r"(?<![A-Za-z_])[a-z]{3,6}(?![A-Za-z_])", text):
-            counts[w] = counts.get(w, 0) + 1
-    words = sorted(w for w, n in counts.items() if n >= 3)
-    random.Random(seed).shuffle(words)
-    n_val = len(words) * 15 // 100
-    return words[n_val:], words[:n_val]
-
-
-def is_test_pair(a, b):
-    """One (a, b) pair in ten is reserved for validation and never appears in training. The rule reads
-    a's tens digit, so every units-digit sum (a % 10, b) is still seen in training."""
-    return (a // 10 + b) % 10 == 0
-
-
-def arith_problems(n, seed, test=False, templates=TEMPLATES["arith"]):
-    """n problems as (prompt, answer), each in one of the phrasings: ("57+8=", "65"), ("What is 5 minus 7?\\n",
-    "-2"); test=False draws only training pairs, test=True only the reserved ones."""
-    rng = random.Random(seed)
-    problems = []
-    while len(problems) < n:
-        a, b, op = rng.randint(0, 99), rng.randint(0, 9), rng.choice("+-")
-        if is_test_pair(a, b) == test:
-            prompt = rng.choice(templates).format(a=a, b=b, op=op, opname="plus" if op == "+" else "minus")
-            problems.append((prompt, str(a + b if op == "+" else a - b)))
-    return problems
-
-
-def word_task_records(name, words, n, rng, templates=None):
-    """n (prompt, response) records of a built-in word task, each a random word in a random phrasing."""
-    records = []
-    for _ in range(n):
-        w = rng.choice(words)
-        records.append((rng.choice(templates or TEMPLATES[name]).format(w=w), ANSWERS[name](w)))
-    return records
-
-
-def builtin_records(name, cfg):
-    """{"train": [(prompt, response)], "val": [...], "calib": [...]} of a built-in task; calib holds validation
-    words or pairs in the task's UNSEEN phrasing."""
-    n_calib = max(1, cfg.val_records // 2)
-    if name == "arith":
-        return {
-            "train": arith_problems(cfg.records, cfg.seed),
-            "val": arith_problems(cfg.val_records, cfg.seed, True),
-            "calib": arith_problems(n_calib, cfg.seed + 1, True, [UNSEEN["arith"]]),
-        }
-    train_words, val_words = task_words(cfg.seed)
-    rng = random.Random(f"{cfg.seed}:{name}")  # a str seed is stable across runs, independent per task
-    return {
-        "train": word_task_records(name, train_words, cfg.records, rng),
-        "val": word_task_records(name, val_words, cfg.val_records, rng),
-        "calib": word_task_records(name, val_words, n_calib, rng, [UNSEEN[name]]),
-    }
-
-
 def user_records(name, path, seed):
     """{"train": [(prompt, response)], "val": [...]} of --task=NAME=FILE.jsonl, split by record."""
     if not os.path.isfile(path):
@@ -317,7 +237,7 @@ def read_specs(specs, flag):
 def read_sources(cfg):
     """Reads and generates everything before anything is written, so bad input leaves old data untouched.
     -> ({corpus name: (documents, source)}, {task name: (records by split, source)})"""
-    builtin = list(CORPUS) + list(TEMPLATES)
+    builtin = list(CORPUS) + tasks.TASKS
     names = (
         builtin
         if cfg.only == "all"
@@ -328,22 +248,24 @@ def read_sources(cfg):
     for name in names:
         if name not in builtin:
             raise UserError(f"--only: unknown built-in {name!r}; choose from {', '.join(builtin)} (or all, none)")
-    corpus = {n: (corpus_documents(n), CORPUS[n]) for n in names if n in CORPUS}
+    corpus = {n: (corpus_documents(n, cfg.seed), CORPUS[n]) for n in names if n in CORPUS}
     for name, pattern in read_specs(cfg.text, "text"):
         corpus[name] = (user_documents(name, pattern), f"user files {pattern}")
-    tasks = {
-        n: (builtin_records(n, cfg), f"generated: {TEMPLATES[n][0]!r} and 2 other phrasings")
-        for n in names
-        if n in TEMPLATES
-    }
+    if cfg.small_task and cfg.small_task not in names:
+        raise UserError(f"--small_task={cfg.small_task}: not a built-in task being built ({', '.join(names)})")
+    built = {}
+    for n in [n for n in names if n in tasks.TASKS]:
+        n_train = max(1, cfg.records // 10) if n == cfg.small_task else cfg.records
+        family = f"{len(tasks.phrasings(n))} phrasings, {len(tasks.phrasings(n, unseen=True))} more unseen"
+        built[n] = (tasks.task_splits(n, n_train, cfg.val_records, cfg.seed), f"generated (data/tasks.py): {family}")
     for name, path in read_specs(cfg.task, "task"):
-        tasks[name] = (user_records(name, path, cfg.seed), f"user records {path}")
+        built[name] = (user_records(name, path, cfg.seed), f"user records {path}")
     for name, (docs, _) in corpus.items():
         if len(docs) < 2:
             raise UserError(f"corpus source {name!r} has {len(docs)} document(s); a train/val split needs at least 2")
-    if not corpus and not tasks:
+    if not corpus and not built:
         raise UserError("nothing to build: --only=none and no --task or --text given")
-    return corpus, tasks
+    return corpus, built
 
 
 def check_out_dir(cfg):
@@ -369,9 +291,9 @@ def main(argv=None):
     enc = get_tokenizer(cfg.tokenizer)
     if enc.n_vocab > 2**16:
         raise UserError(f"tokenizer {cfg.tokenizer!r} has {enc.n_vocab} tokens; the .bin files hold uint16 ids")
-    corpus, tasks = read_sources(cfg)
-    names = HELD_BACK if cfg.held_back == "auto" else [n.strip() for n in cfg.held_back.split(",") if n.strip()]
-    held_back = [n for n in names if n in tasks and (cfg.held_back != "auto" or tasks[n][1].startswith("generated"))]
+    corpus, built = read_sources(cfg)
+    names = tasks.HELD_BACK if cfg.held_back == "auto" else [n.strip() for n in cfg.held_back.split(",") if n.strip()]
+    held_back = [n for n in names if n in built and (cfg.held_back != "auto" or built[n][1].startswith("generated"))]
     meta = {
         "tokenizer": cfg.tokenizer,
         "vocab_size": enc.n_vocab,
@@ -380,6 +302,7 @@ def main(argv=None):
         "corpus": {},
         "tasks": {},
         "held_back": held_back,
+        "small_task": cfg.small_task,
         "template": ALPACA,
     }
 
@@ -398,7 +321,7 @@ def main(argv=None):
                 "source": source,
             }
             print(f"corpus {name:>8}: docs {n_train}/{n_val}, tokens {len(train):,}/{len(val):,} (train/val)")
-        for name, (records, source) in tasks.items():
+        for name, (records, source) in built.items():
             os.makedirs(os.path.join(folder, "tasks", name))
             info = {"source": source}
             for split, rows in records.items():

@@ -12,13 +12,13 @@ import torch
 
 import train_lora
 import train_router
+from batches import TaskData
 from config import UserError
 from conftest import assert_one_line_error, run_script
 from evaluate import evaluate_tasks, left_pad
 from files import load_base, load_bundle, read_safetensors
 from moa import MoA, lora_layers
 from model import GPT, GPTConfig
-from trainer import TaskData
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --fast=False: the graded tests run the plain method (the student's code); tests/test_fast.py checks fast.py

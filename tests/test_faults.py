@@ -26,13 +26,14 @@ from safetensors.torch import save_file
 import export
 import sample
 import train_base
+from batches import CorpusData, TaskData
 from config import UserError, parse_config
 from conftest import REPO_ROOT, TINY_BASE_ARGS
 from data.prepare import main as prepare
 from files import add_expert_file, expert_tensors, fingerprint, load_base, load_bundle, save_bundle, save_expert
 from moa import MoA, add_experts
 from model import GPT, GPTConfig
-from trainer import CorpusData, TaskData, TrainConfig
+from trainer import TrainConfig
 
 
 @contextmanager

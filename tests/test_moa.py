@@ -15,13 +15,13 @@ import torch.nn.functional as F
 import sample
 import train_lora
 import train_router
+from batches import TaskData
 from config import UserError
 from conftest import assert_one_line_error, randomize_B, run_script
 from evaluate import evaluate_tasks, left_pad
 from files import fingerprint, load_base, load_bundle, load_expert, read_safetensors, save_bundle, write_safetensors
 from moa import MODES, LoRALinear, MoA, add_experts, lora_layers, pool, set_route, vote
 from model import GPT, GPTConfig, KVCache
-from trainer import TaskData
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOMAINS = "arith,reverse"  # two tasks whose prompts differ in kind: a tiny router tells them apart
