@@ -259,8 +259,8 @@ class JointData:
         )
 
 
-def by_length(batch, rows=32):
-    """A batch in pieces of about `rows` rows of similar length, each cropped to its longest row: far less
-    padding than the whole batch padded to its longest record. -> [Batch]"""
+def by_length(batch, rows=16):
+    """A batch in pieces of `rows` rows (the last may be fewer) of similar length, each cropped to its longest
+    row: far less padding than the whole batch padded to its longest record. -> [Batch]"""
     order = batch.length.argsort(stable=True)
     return [batch.rows(part) for part in order.split(rows)]

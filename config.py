@@ -14,9 +14,11 @@ disk, a folder where a file should be), naming its file. It also picks how many 
 Read next: model.py.
 """
 
+import inspect
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import fields
 
@@ -90,7 +92,11 @@ def parse_value(text, kind, key, source="the command line"):
 
 
 def parse_config(cls, argv):
-    """Builds cls() from argv: JSON config files (in order), then --key=value overrides (--flag for True)."""
+    """Builds cls() from argv: JSON config files (in order), then --key=value overrides (--flag for True).
+    --help (or -h) prints every flag (help_text) and exits."""
+    if "--help" in argv or "-h" in argv:
+        print(help_text(cls))
+        sys.exit(0)
     cfg = cls()
     kinds = {f.name: f.type for f in fields(cls)}
     given = set()  # list fields given on the command line: their first item replaces the default
@@ -135,6 +141,33 @@ def parse_config(cls, argv):
         assign(key, value, "the command line")
     check_bounds(cfg, sources)
     return cfg
+
+
+def help_text(cls):
+    """Every flag of a config dataclass: its default, its type and the comment written beside its field (in the
+    class, or the class it extends), read from the source, so the dataclass is the one place they are written."""
+    comments = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            lines = inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):  # a class without source (object)
+            continue
+        for i, line in enumerate(lines):
+            field = re.match(r"\s+(\w+): \w+ = .*?(?:  # (.*))?$", line)
+            if field and field[2]:
+                more = []
+                for follow in lines[i + 1 :]:  # a comment carried on to the lines below the field
+                    carried = re.match(r"\s+# (.*)$", follow)
+                    if not carried:
+                        break
+                    more.append(carried[1])
+                comments[field[1]] = " ".join([field[2], *more])
+    doc = (sys.modules[cls.__module__].__doc__ or cls.__name__).strip().splitlines()[0]
+    out = [doc, "", "Flags (--key=value; --flag alone switches a bool on; JSON config files as arguments too):"]
+    for f in fields(cls):
+        flag = f"  --{f.name}={getattr(cls(), f.name)}"
+        out.append(f"{flag:<34} {f.type.__name__:<6}{comments.get(f.name, '')}".rstrip())
+    return "\n".join(out)
 
 
 def check_bounds(cfg, sources):

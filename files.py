@@ -428,6 +428,7 @@ OPTIONAL_CHECKS = {  # keys some files have (train_router.py's settings, trainin
     "top_k": ("an integer >= 1", is_size),
     "mode": ("a string", lambda v: isinstance(v, str)),
     "samples": ("an integer >= 0", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+    "steps": ("an integer >= 0", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
 }
 
 

@@ -328,7 +328,7 @@ class MoA(nn.Module):
         softmax at self.temperature, which train_router.py fits on prompts phrased unlike any it trained on)."""
         probs = F.softmax(router_logits.float(), dim=-1)  # (L, B, K)
         predicted = router_logits.argmax(-1)  # (L, B): each router's own choice, whatever routed this pass
-        decision = {"last": predicted[-1], "vote": vote(predicted, probs)}.get(mode, routes[-1])  # (B,)
+        decision = predicted[-1] if mode == "last" else vote(predicted, probs) if mode == "vote" else routes[-1]  # (B,)
         confidence = F.softmax(router_logits[-1].float() / self.temperature, dim=-1)  # (B, K)
         return {
             "logits": router_logits.detach(),

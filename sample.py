@@ -50,6 +50,7 @@ class SampleConfig:
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     fast: bool = True  # fast.py's speed paths (False: the plain method of moa.py)
     trace: int = 0  # with a bundle: print each block's route at prefill and in this many greedy decoding steps
+    newline: bool = True  # with an expert or bundle, end each prompt with a newline, as every task's prompt ends
 
     CHECKS = {
         "mode": one_of(*MODES),
@@ -128,6 +129,8 @@ def trace(moa, idx, mask, enc, steps, mode):
 def main(argv=None):
     cfg = parse_config(SampleConfig, argv or [])
     prompts = read_prompts(cfg.prompt)
+    if cfg.newline and (cfg.expert or cfg.bundle):  # the answer follows on a line of its own
+        prompts = [p if p.endswith("\n") else p + "\n" for p in prompts]
     device, _ = pick_device(cfg.device)
     model, tokenizer, kwargs = load_model(cfg)
     enc = get_tokenizer(tokenizer)

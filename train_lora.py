@@ -135,14 +135,15 @@ def main(argv=None):
     data = JointData(parts)
 
     def loss_fn(m, batch):  # each LoRA's mean loss over its response tokens, summed over the LoRAs
-        counted = torch.stack([((batch.y != -1) & (batch.run == k)[:, None]).sum() for k in range(len(specs))])
         total = 0.0
-        for part in by_length(batch):  # rows of similar length together: little padding
-            route = part.run if len(specs) > 1 else 0  # one LoRA: every row through it (the one-expert path)
-            with routed(layers, route, noise_generators(part)):
-                logits, _ = m(part.x)  # (n, T, V)
-            nll = F.cross_entropy(logits.float().transpose(1, 2), part.y, ignore_index=-1, reduction="none")
-            total = total + (nll.sum(1) / counted[part.run].clamp(min=1)).sum()  # row sums, over their LoRA's count
+        for k in batch.run.unique().tolist():  # each LoRA's rows through it alone: the one-expert path
+            rows = batch.rows(torch.nonzero(batch.run == k)[:, 0])
+            counted = (rows.y != -1).sum().clamp(min=1)
+            for part in by_length(rows):  # rows of similar length together: little padding
+                with routed(layers, k, noise_generators(part)):
+                    logits, _ = m(part.x)  # (n, T, V)
+                nll = F.cross_entropy(logits.float().transpose(1, 2), part.y, ignore_index=-1, reduction="sum")
+                total = total + nll / counted
         return total
 
     # Alone, a LoRA is measured on every task (what it learns and what it costs the others); side by side, each
@@ -167,8 +168,8 @@ def main(argv=None):
     per_step = cfg.batch_size * micro_batches(cfg)
 
     def save(m, k, path, steps):
-        name, tasks, _ = specs[k]
-        records = steps * per_step * (1 if name == "all" else len(tasks))  # training records seen
+        name, tasks, sampling = specs[k]
+        records = steps * per_step * (1 if sampling == "pooled" else len(tasks))  # training records seen
         extra = {"trained_on": tasks, "samples": records, "steps": steps}
         save_expert(path, m, k, "all" if name == "all" else name, tokenizer, base, extra)
         print(f"saved {path} ({os.path.getsize(path) / 1e3:.0f} kB, {steps} steps)")

@@ -36,29 +36,29 @@ from files import atomic_write, load_checkpoint, locked, save_checkpoint, write_
 class TrainConfig:
     """Fields every stage has; each script subclasses it with its own."""
 
-    out_dir: str = "out/run"
-    data_dir: str = "data/default"
+    out_dir: str = "out/run"  # where the run writes (its checkpoint, log and outputs)
+    data_dir: str = "data/default"  # a data set written by data/prepare.py
     init_from: str = "scratch"  # scratch | resume (continue out_dir/ckpt.pt)
-    seed: int = 1337
+    seed: int = 1337  # every random draw of the run follows from it (weights, records, dropout)
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     dtype: str = "float32"  # float32 | bfloat16 | float16 (autocast; float16 on CUDA only, with loss scaling)
-    compile: bool = False
+    compile: bool = False  # torch.compile the model (a GPU speed-up)
     fast: bool = True  # fast.py's speed paths (False: the plain method of moa.py; the same numbers)
     batch_size: int = 16  # sequences per micro-batch
     block_size: int = 128
     grad_accum: int = 0  # micro-batches per step over all processes (a multiple of them); 0: one per process
-    max_iters: int = 1200
+    max_iters: int = 1200  # optimizer steps (with --stop_flat: at most)
     lr_decay_iters: int = 0  # 0: same as max_iters
-    learning_rate: float = 3e-3
-    min_lr: float = 3e-4
-    warmup_iters: int = 50
-    weight_decay: float = 0.1
-    beta1: float = 0.9
+    learning_rate: float = 3e-3  # the peak learning rate, after warmup
+    min_lr: float = 3e-4  # where the cosine schedule ends
+    warmup_iters: int = 50  # steps of linear warmup
+    weight_decay: float = 0.1  # AdamW decay of the matrices
+    beta1: float = 0.9  # AdamW's betas
     beta2: float = 0.99
-    grad_clip: float = 1.0
-    eval_interval: int = 300
+    grad_clip: float = 1.0  # clip each parameter group's gradient norm to this (0: no clipping)
+    eval_interval: int = 300  # steps between evaluations (each a log line and a checkpoint)
     eval_iters: int = 4  # batches' worth of validation windows or records per domain, per evaluation
-    log_interval: int = 50
+    log_interval: int = 50  # steps the progress bar's loss averages over
     progress: bool = True  # tqdm progress bar
     schedule: str = "cosine"  # cosine: warmup, then cosine decay to min_lr | constant: warmup, then learning_rate
     stop_flat: float = 0.0  # > 0: stop once the best validation loss of the last 20% of steps (3 evaluations at

@@ -64,8 +64,7 @@ CORPUS = {  # built-in corpus source -> where its text comes from
     "python": "Python standard library source (top-level *.py), one file per document",
     "cpp": "C++ headers shipped with torch (include/**/*.h), one file per document",
     "prose": "English help topics of the Python docs (pydoc_data.topics), one topic per document",
-    "words": "the word tasks' skills without instructions (data/tasks.py): training words, transformed",
-    "sums": "arith's skill without instructions (data/tasks.py): training sums and differences",
+    "skills": "the tasks' skills without instructions (data/tasks.py): training words and sums, transformed",
 }
 ALPACA = "### Instruction:\n{instruction}\n\n{given}### Response:\n"  # given: "### Input:\n{input}\n\n" or ""
 MAX_DOC_CHARS = 20000  # longer corpus documents are cut, so one big file cannot dominate a source
@@ -117,8 +116,8 @@ def corpus_documents(name, seed):
         from pydoc_data.topics import topics
 
         return [topics[key] for key in sorted(topics)]
-    if name in ("words", "sums"):
-        return tasks.skill_documents(name, seed)
+    if name == "skills":
+        return tasks.skill_documents(seed)
     if name == "python":
         paths = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
     else:

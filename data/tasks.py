@@ -14,7 +14,7 @@ response is the answer alone:
 Two kinds of pair, on purpose. upper and lower read the same inputs and want opposite things of them
 (an inverse map: one LoRA trained on both must keep them apart), while upper, lower, double and
 reverse all copy the input letter by letter (a skill one LoRA can share); arith shares nothing. The
-word tasks take the same inputs (a word of 3 to 8 letters, in lower, Title or UPPER case), so only the
+word tasks take the same inputs (a word of 3 to 6 letters, in lower, Title or UPPER case), so only the
 instruction says which task a prompt is.
 
 Phrasing. A prompt is an instruction pattern of its task ("convert {x} to uppercase") set in a frame
@@ -27,8 +27,7 @@ validation words. HAND_WRITTEN holds prompts written by hand, as people type, fo
 
 The skills: `skill_documents` writes text in which the words and sums appear transformed, without
 any instruction ("tiger TIGER", "45 + 7 = 52"), one transformation per document, so a base trained on
-it can do each task once told which (data/prepare.py adds them to the corpus as the sources `words` and
-`sums`).
+it can do each task once told which (data/prepare.py adds it to the corpus as the source `skills`).
 
 Read next: data/prepare.py.
 """
@@ -175,7 +174,7 @@ UNSEEN_PATTERNS = {
     ],
     "arith": ["tell me {e}", "{e}, what do you get", "figure out {e}", "give me {e}"],
 }
-# Arithmetic: a op b with a, b in 0..99, as an expression {e} or an imperative {v}.
+# Arithmetic: a op b with a in 0..99 and b in 0..9, as an expression {e} or an imperative {v}.
 EXPRESSIONS = {
     "+": ["{a} plus {b}", "{a} + {b}", "{a}+{b}", "the sum of {a} and {b}", "{a} and {b} added together"],
     "-": ["{a} minus {b}", "{a} - {b}", "{a}-{b}", "the difference of {a} and {b}", "{a} take away {b}"],
@@ -206,7 +205,7 @@ HAND_WRITTEN = {  # prompts written by hand, as people type, with their answers 
         ("Convert to upper case: tiger", "TIGER"),
         ("make this word all caps: river", "RIVER"),
         ("uppercase please: garden", "GARDEN"),
-        ("Can you write 'elephant' in capital letters?", "ELEPHANT"),
+        ("Can you write 'lemon' in capital letters?", "LEMON"),
         ("turn apple into uppercase", "APPLE"),
         ("capitalize all letters: music", "MUSIC"),
         ("Write dragon in upper case.", "DRAGON"),
@@ -216,7 +215,7 @@ HAND_WRITTEN = {  # prompts written by hand, as people type, with their answers 
         ("Convert to lower case: TIGER", "tiger"),
         ("make this lowercase: RIVER", "river"),
         ("lowercase please: Garden", "garden"),
-        ("Can you write 'ELEPHANT' in small letters?", "elephant"),
+        ("Can you write 'LEMON' in small letters?", "lemon"),
         ("turn APPLE into lowercase", "apple"),
         ("Write Dragon in lower case.", "dragon"),
         ("no caps: MUSIC", "music"),
@@ -243,18 +242,18 @@ HAND_WRITTEN = {  # prompts written by hand, as people type, with their answers 
         ("Mirror the word apple", "elppa"),
     ],
     "arith": [
-        ("Add 23 and 41.", "64"),
+        ("Add 23 and 4.", "27"),
         ("What is 45 plus 7?", "52"),
         ("Calculate 81-6.", "75"),
-        ("what's 12 + 30", "42"),
+        ("what's 12 + 3", "15"),
         ("subtract 9 from 50", "41"),
-        ("How much is 66 minus 13?", "53"),
-        ("17+25=", "42"),
-        ("compute 90 - 45", "45"),
+        ("How much is 66 minus 8?", "58"),
+        ("17+5=", "22"),
+        ("compute 90 - 4", "86"),
     ],
     "count": [
         ("How many letters are in tiger?", "5"),
-        ("count the letters: elephant", "8"),
+        ("count the letters: lemon", "5"),
         ("length of 'table'?", "5"),
         ("How long is the word sun?", "3"),
         ("number of letters in dragon", "6"),
@@ -267,13 +266,13 @@ HAND_WRITTEN = {  # prompts written by hand, as people type, with their answers 
 
 @functools.lru_cache
 def words(seed):
-    """(train words, validation words): lower-case English words of 3 to 8 letters seen at least twice in the
+    """(train words, validation words): lower-case English words of 3 to 6 letters seen at least twice in the
     help topics of Python's docs, split 80 / 20 at random, so no validation word is ever trained on."""
     from pydoc_data.topics import topics
 
     counts = {}
     for text in topics.values():
-        for w in re.findall(r"(?<![A-Za-z_.'-])[a-z]{3,8}(?![A-Za-z_.(-])", text):
+        for w in re.findall(r"(?<![A-Za-z_.'-])[a-z]{3,6}(?![A-Za-z_.(-])", text):
             counts[w] = counts.get(w, 0) + 1
     found = sorted(w for w, n in counts.items() if n >= 2)
     random.Random(seed).shuffle(found)
@@ -282,9 +281,9 @@ def words(seed):
 
 
 def is_val_pair(a, b):
-    """One (a, b) pair in ten is kept for validation and never trained on. The rule mixes the tens digits
-    with a's units digit, so every pair of units digits (a % 10, b % 10) is still seen in training."""
-    return (3 * (a // 10) + 7 * (b // 10) + a % 10) % 10 == 0
+    """One (a, b) pair in ten is kept for validation and never trained on. The rule reads a's tens digit, so
+    every pair of units digits (a % 10, b) is still seen in training."""
+    return (a // 10 + b) % 10 == 0
 
 
 def cased(w, rng):
@@ -340,13 +339,13 @@ def end(text, rng):
 
 def records(task, n, rng, split_words=None, unseen=False, val=False):
     """n (prompt, response) records of a task, each a random phrasing of its family: word tasks on
-    split_words (each in a random casing), arith on pairs a, b in 0..99 (val=True: the reserved pairs only)."""
+    split_words (each in a random casing), arith on a in 0..99, b in 0..9 (val=True: the reserved pairs only)."""
     family = phrasings(task, unseen)
     out = []
     while len(out) < n:
         pattern, frame = rng.choice(family)
         if task == "arith":
-            a, b, op = rng.randint(0, 99), rng.randint(0, 99), rng.choice("+-")
+            a, b, op = rng.randint(0, 99), rng.randint(0, 9), rng.choice("+-")
             if is_val_pair(a, b) == val:
                 out.append((arith_prompt(pattern, frame, a, b, op, rng), str(a + b if op == "+" else a - b)))
         else:
@@ -370,23 +369,23 @@ def task_splits(task, n_train, n_val, seed):
     }
 
 
-def skill_documents(kind, seed, n_docs=600, lines=60):
-    """Text in which the tasks' skills appear with no instruction, `lines` lines of one transformation per
-    document: kind "words", a training word and its result ("Tiger TIGER", one task per document), or "sums", a
+def skill_documents(seed, n_docs=700, lines=60):
+    """Text in which the tasks' skills appear with no instruction: `lines` lines of one transformation per
+    document, a training word and its upper or lower case, doubled, reversed or length ("Tiger TIGER"), or a
     training sum or difference and its result ("45 + 7 = 52"). Only training words and pairs appear, so the
     validation records still test the skill, not recall."""
     train_words = words(seed)[0]
-    rng = random.Random(f"{seed}:{kind}")
-    kinds = list(WORD_TASKS) if kind == "words" else ["+", "-"]
+    rng = random.Random(f"{seed}:skills")
+    kinds = list(WORD_TASKS) + ["+", "-"]
     docs = []
     for i in range(n_docs):
         op, rows = kinds[i % len(kinds)], []
         while len(rows) < lines:
-            if kind == "words":
+            if op in WORD_TASKS:
                 w = cased(rng.choice(train_words), rng)
                 rows.append(f"{w} {WORD_TASKS[op](w)}")
             else:
-                a, b = rng.randint(0, 99), rng.randint(0, 99)
+                a, b = rng.randint(0, 99), rng.randint(0, 9)
                 if not is_val_pair(a, b):
                     rows.append(f"{a} {op} {b} = {a + b if op == '+' else a - b}")
         docs.append("\n".join(rows) + "\n")

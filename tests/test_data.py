@@ -51,7 +51,7 @@ def test_no_corpus_document_in_both_splits(tiny_data):
     with open(os.path.join(tiny_data, "meta.json")) as f:
         meta = json.load(f)
     enc = get_tokenizer(meta["tokenizer"])
-    assert set(meta["corpus"]) == {"python", "cpp", "prose", "words", "sums"}
+    assert set(meta["corpus"]) == {"python", "cpp", "prose", "skills"}
     for name, info in meta["corpus"].items():
         train, val = documents(tiny_data, name, "train", enc), documents(tiny_data, name, "val", enc)
         assert len(train) == info["train_docs"] and len(val) == info["val_docs"]
@@ -132,7 +132,7 @@ def test_task_records_are_right_and_validation_is_unseen(tiny_data):
     trained on."""
     data = TaskData(tiny_data, ",".join(tasks.TASKS))
     train_words, val_words = tasks.words(1337)
-    assert len(train_words) > 900 and len(val_words) > 200 and not set(train_words) & set(val_words)
+    assert len(train_words) > 500 and len(val_words) > 100 and not set(train_words) & set(val_words)
     for name in data.domains:
         for split in ("train", "val", "unseen", "calib"):
             words = set(train_words if split == "train" else val_words)
@@ -183,25 +183,25 @@ def test_phrasing_families_are_disjoint_and_share_their_styles(tiny_data):
 
 
 def test_skills_text_holds_no_validation_word_or_pair():
-    """The skills text (the base's corpus sources `words` and `sums`) pairs training words with their
-    transformations and training sums with their results, each document one kind, and never shows a validation
-    word or pair."""
+    """The skills text (the base's corpus source `skills`) pairs training words with their transformations and
+    training sums with their results, one kind per document, and never shows a validation word or pair."""
     train_words, val_words = tasks.words(1337)
-    docs = tasks.skill_documents("words", 1337, n_docs=10, lines=20) + tasks.skill_documents("sums", 1337, 4, 20)
-    val = set(val_words)
-    for doc in docs:
+    val, train = set(val_words), set(train_words)
+    for doc in tasks.skill_documents(1337, n_docs=14, lines=20):
         lines = doc.strip().split("\n")
         assert len(lines) == 20
+        kinds = set(tasks.WORD_TASKS) | {"+", "-"}  # the kinds every line so far can be
         for line in lines:
             if "=" in line:
                 a, op, b, _, c = line.split()
-                assert not tasks.is_val_pair(int(a), int(b)) and int(c) == (
-                    int(a) + int(b) if op == "+" else int(a) - int(b)
-                )
+                assert not tasks.is_val_pair(int(a), int(b))
+                assert int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+                kinds &= {op}
             else:
                 word, result = line.split()
-                assert word.lower() not in val and word.lower() in set(train_words)
-                assert result in {f(word) for f in tasks.WORD_TASKS.values()}
+                assert word.lower() not in val and word.lower() in train
+                kinds &= {n for n, f in tasks.WORD_TASKS.items() if f(word) == result}
+        assert kinds, doc  # one kind explains every line of the document
 
 
 def test_padded_batch_takes_the_loss_on_responses_only(tiny_data):
@@ -249,20 +249,21 @@ def test_user_task_jsonl_forms(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "a, b, reserved",
-    [(0, 0, True), (3, 10, True), (17, 0, True), (44, 20, True), (10, 9, False), (1, 0, False), (99, 99, False)],
+    "a, b, reserved", [(10, 9, True), (0, 0, True), (55, 5, True), (91, 1, True), (19, 1, False), (99, 9, False)]
 )
 def test_reserved_pairs_by_hand(a, b, reserved):
-    """A pair is kept for validation when 3 (a's tens) + 7 (b's tens) + a's units ends in 0, by hand."""
+    """An (a, b) pair is kept for validation exactly when a's tens digit plus b ends in 0, by hand."""
     assert tasks.is_val_pair(a, b) is reserved
 
 
-def test_training_pairs_cover_every_pair_of_units_digits():
-    """One pair in ten is kept for validation, and every pair of units digits still has training pairs."""
-    pairs = [(a, b) for a in range(100) for b in range(100)]
+def test_training_pairs_cover_every_units_sum():
+    """One pair in ten is kept for validation, and every (units digit of a, b) combination still has training
+    pairs."""
+    pairs = [(a, b) for a in range(100) for b in range(10)]
     assert sum(tasks.is_val_pair(a, b) for a, b in pairs) == len(pairs) // 10
-    kept = {(a % 10, b % 10) for a, b in pairs if not tasks.is_val_pair(a, b)}
-    assert kept == {(u, v) for u in range(10) for v in range(10)}
+    assert {(a % 10, b) for a, b in pairs if not tasks.is_val_pair(a, b)} == {
+        (u, b) for u in range(10) for b in range(10)
+    }
 
 
 def test_byte_tokenizer_round_trip():
