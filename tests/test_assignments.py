@@ -144,6 +144,22 @@ def test_student_copy_blanks_every_region_and_still_runs(tmp_path):
     assert imported.returncode == 0, imported.stderr
 
 
+def test_shipped_tests_import_nothing_of_the_kit():
+    """No file of the student copy imports a module the copy lacks (make.py, the mutant lists, the mutation check,
+    these tests), at its top or inside a function, where collection would not see it."""
+    kit_modules = {os.path.splitext(path)[0].replace("/", ".") for path in KIT}
+    kit_modules |= {m.rsplit(".", 1)[1] for m in kit_modules if m.startswith("tests.")}  # tests/ is on the path
+    for path in repo_files(REPO_ROOT):
+        if path.endswith(".py") and path not in KIT:
+            with open(os.path.join(REPO_ROOT, path), encoding="utf-8") as f:
+                tree = ast.parse(f.read(), path)
+            for node in ast.walk(tree):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                assert not kit_modules & set(names), f"{path}:{node.lineno} imports {kit_modules & set(names)}"
+
+
 def test_kit_flags_are_checked():
     """make.py's flags are checked as every script's are (tests/test_flags.py, which ships in the student copy, checks
     the others): its defaults pass, each bound names one of its fields, and --force=maybe is a one-line UserError
