@@ -2,7 +2,7 @@
 grading tests must fail, and correct alternatives (an einsum, a loop, another valid formula), which they
 must accept. Each is patched into a copy of the reference, inside the assignment's region, and graded:
 
-    python tests/mutate.py --list assignments/mutants.py      # about 25 minutes on 2 cores
+    python tests/mutate.py --list assignments/mutants.py      # about 23 minutes on 2 busy cores
     python tests/mutate.py --list assignments/mutants.py --only a4-decode-route-none
 
 The mechanism is the core's mutation check (tests/mutate.py); this list is the course's. It stays out of
