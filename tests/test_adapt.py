@@ -23,7 +23,14 @@ from model import GPT, GPTConfig
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --fast=False: the graded tests run the plain method (the student's code); tests/test_fast.py checks fast.py
 COMMON = ["--batch_size=8", "--eval_iters=1", "--progress=False", "--device=cpu", "--seed=1", "--fast=False"]
-ROUTER = ["--learning_rate=0.1", "--min_lr=0.01", "--warmup_iters=5", "--max_iters=100", "--eval_interval=100"]
+ROUTER = [
+    "--learning_rate=0.1",
+    "--min_lr=0.01",
+    "--warmup_iters=5",
+    "--max_iters=200",
+    "--eval_interval=200",
+    "--schedule=cosine",
+]
 
 
 @pytest.fixture(scope="module")

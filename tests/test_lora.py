@@ -320,6 +320,6 @@ def test_sample_with_adapter_prints_text(arith_run, tiny_base, capsys):
         set_route(model, 0)
     result = sample.main([f"--base={tiny_base}", expert, "--prompt=12+34=", "--max_new_tokens=8", "--num_samples=2"])
     text = capsys.readouterr().out
-    assert result.shape == (2, 6 + 8)
+    assert result.shape == (2, 7 + 8)  # the prompt, the newline sample.py ends it with, 8 new tokens
     assert text.count("--- prompt 1, sample") == 2
     assert text.count("12+34=") == 2
