@@ -17,6 +17,7 @@ Read next: model.py.
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import fields
 
@@ -45,15 +46,20 @@ def run(main):
     try:
         main(sys.argv[1:])
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(one_line(f"error: {e}"), file=sys.stderr)
         sys.exit(1)
     except OSError as e:  # the file system's faults: read-only, full, a folder where a file should be...
         where = f"{e.filename}: " if e.filename else ""
-        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        print(one_line(f"error: {where}{e.strerror or e}"), file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is intact; continue with --init_from=resume", file=sys.stderr)
         sys.exit(130)
+
+
+def one_line(message):
+    """The message on one line: a newline inside it (a file name may hold one) is written as \\n."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
 
 
 # Bounds a config class may give its fields, as CHECKS = {field: bound}: (what the value must be, its test).
@@ -68,8 +74,28 @@ def one_of(*choices):
     return ("one of " + ", ".join(map(str, choices)), lambda v: v in choices)
 
 
+NAME = re.compile(r"[A-Za-z0-9_-]+")  # a domain's, task's or corpus source's name: it names folders and files
+
+
+def is_name(value):
+    """A name that can be a folder's: letters, digits, _ and - only (no "/", "..", space or control character)."""
+    return isinstance(value, str) and NAME.fullmatch(value) is not None
+
+
+A_NAME = ("a name of letters, digits, _ and - (it names files)", lambda v: v == "" or is_name(v))  # "": not given
+NAMES = (
+    "names of letters, digits, _ and -, separated by commas",
+    lambda v: all(is_name(n.strip()) for n in v.split(",") if n.strip()),
+)
+FILE_NAME = (  # an output's --name: a file in out_dir, never a path out of it
+    "a file name of letters, digits, _, -, + and . that does not start with .",
+    lambda v: v == "" or re.fullmatch(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]*", v) is not None,
+)
+
+
 def setting(key, value, source):
     """A setting as an error names it: the flag as the user wrote it, or the key and value of a config file."""
+    value = value if str(value).isprintable() else repr(value)  # a newline in a value must not break the line
     return f"--{key}={value}" if source == "the command line" else f"{key}={value!r} in {source}"
 
 

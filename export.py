@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from config import UserError, parse_config, run
+from config import A_NAME, UserError, parse_config, run
 from files import (
     add_expert_file,
     atomic_write,
@@ -78,6 +78,8 @@ class ExportConfig:
     domain: str = ""  # the domain name of the imported expert
     out: str = ""  # the folder (or, for import-peft, the expert file) to write
     force: bool = False  # replace an existing output
+
+    CHECKS = {"domain": A_NAME}
 
 
 # ----------------------------------------------------------------------------------------------

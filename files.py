@@ -31,7 +31,7 @@ from dataclasses import asdict, fields
 
 import torch
 
-from config import UserError
+from config import UserError, is_name
 from moa import TARGETS, LoRALinear, MoA, add_experts, lora_layers, set_route
 from model import GPT, GPTConfig
 
@@ -413,11 +413,11 @@ META_CHECKS = {  # key -> (what it must be, the check), for both kinds of file
     ),
 }
 KIND_CHECKS = {
-    "expert": {"domain": ("a string", lambda v: isinstance(v, str) and v)},
+    "expert": {"domain": ("a name of letters, digits, _ and -", is_name)},
     "bundle": {
-        "domains": (
-            "a list of distinct names",
-            lambda v: isinstance(v, list) and v and all(isinstance(d, str) and d for d in v) and len(set(v)) == len(v),
+        "domains": (  # export.py makes a folder of each name: never a path out of --out
+            "a list of distinct names of letters, digits, _ and -",
+            lambda v: isinstance(v, list) and v and all(map(is_name, v)) and len(set(v)) == len(v),
         ),
         "pooling": ("mean or last", lambda v: v in ("mean", "last")),
         "temperature": ("a positive number", lambda v: is_number(v) and v > 0),

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from config import AT_LEAST_1, FRACTION, UserError, parse_config, run
+from config import AT_LEAST_1, FRACTION, NAMES, UserError, parse_config, run
 from evaluate import corpus_losses, unigram_entropy
 from files import gpt_config, load_checkpoint
 from model import GPT, GPTConfig
@@ -34,7 +34,13 @@ class BaseConfig(TrainConfig):
     dropout: float = 0.0
     bias: bool = True
 
-    CHECKS = {"n_layer": AT_LEAST_1, "n_head": AT_LEAST_1, "n_embd": AT_LEAST_1, "dropout": FRACTION}
+    CHECKS = {
+        "n_layer": AT_LEAST_1,
+        "n_head": AT_LEAST_1,
+        "n_embd": AT_LEAST_1,
+        "dropout": FRACTION,
+        "corpus": NAMES,
+    }
 
 
 def build_model(cfg, vocab_size):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 
 import fast
-from config import AT_LEAST_1, FRACTION, UserError, parse_config, run
+from config import A_NAME, AT_LEAST_1, FILE_NAME, FRACTION, UserError, parse_config, run
 from evaluate import evaluate_tasks
 from files import add_expert_file, base_files, check_outputs, fingerprint, load_base, save_expert
 from moa import TARGETS, add_experts, count_params, set_route
@@ -47,7 +47,7 @@ class LoRAConfig(TaskConfig):
     warmup_iters: int = 20
     weight_decay: float = 0.0
 
-    CHECKS = {"rank": AT_LEAST_1, "lora_dropout": FRACTION}
+    CHECKS = {"rank": AT_LEAST_1, "lora_dropout": FRACTION, "domain": A_NAME, "name": FILE_NAME}
 
 
 def main(argv=None):

@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 import torch
 
 import fast
-from config import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, UserError, one_of, parse_config, run
+from config import A_NAME, AT_LEAST_0, AT_LEAST_1, FILE_NAME, FRACTION, POSITIVE, UserError, one_of, parse_config, run
 from evaluate import evaluate_tasks, fit_temperature
 from files import base_files, check_outputs, fingerprint, load_base, load_bundle, load_expert, read_meta, save_bundle
 from moa import TARGETS, MoA, count_params, lora_layers
@@ -77,6 +77,9 @@ class RouterConfig(TaskConfig):
         "rank": AT_LEAST_1,
         "lora_dropout": FRACTION,
         "router_lr": POSITIVE,
+        "name": FILE_NAME,
+        "add_domain": A_NAME,
+        "remove_domain": A_NAME,
     }
 
 

@@ -23,7 +23,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from config import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, UserError, one_of
+from config import (
+    AT_LEAST_0,
+    AT_LEAST_1,
+    FRACTION,
+    NAMES,
+    POSITIVE,
+    UserError,
+    is_name,
+    one_of,
+)
 from files import atomic_write, load_checkpoint, locked, read_json, save_checkpoint, write_bytes
 
 # ----------------------------------------------------------------------------------------------
@@ -88,7 +97,7 @@ class TaskConfig(TrainConfig):
     prompt_loss: bool = False  # also take the loss on the prompt's tokens (default: the response's only)
     block_size: int = 0  # longest record in tokens (longer ones are cut); 0: the base's context
 
-    CHECKS = {"init_from": one_of("scratch", "resume"), "block_size": AT_LEAST_0}
+    CHECKS = {"init_from": one_of("scratch", "resume"), "block_size": AT_LEAST_0, "domains": NAMES}
 
 
 def task_block_size(cfg, model):
@@ -128,6 +137,9 @@ def read_data_meta(data_dir):
         and isinstance(meta.get("held_back", []), list)
     ):
         raise UserError(f"{path} is not a meta.json written by data/prepare.py; run it again")
+    odd = next((n for kind in ("corpus", "tasks") for n in meta[kind] if not is_name(n)), None)
+    if odd is not None:  # each name is a folder of data_dir: never a path out of it
+        raise UserError(f"{path} names {odd!r}, not a name of letters, digits, _ and -; run data/prepare.py again")
     return meta
 
 
