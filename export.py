@@ -31,6 +31,7 @@ from files import (
     atomic_write,
     base_files,
     check_outputs,
+    check_weights,
     expert_tensors,
     file_shapes,
     fingerprint,
@@ -272,6 +273,7 @@ def import_peft(cfg):
                 f"{weights_path}: {name} is {t.dtype} {tuple(t.shape)}, {cfg.base} with r={rank} wants "
                 f"{wanted[name]}: another base, or another rank"
             )
+    check_weights(theirs, weights_path)  # finite: a NaN would pass into every output
     add_experts(model, 1, rank, float(alpha), targets=targets)
     with torch.no_grad():
         for name, t in expert_tensors(model, 0).items():  # views of the new expert's parameters

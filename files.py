@@ -177,6 +177,7 @@ def write_safetensors(path, tensors, metadata=None):
     from safetensors.torch import save
 
     tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    check_weights(tensors, f"not writing {path}", any_dtype=True)  # any tensor file; never a NaN or inf
     metadata = None if metadata is None else {str(k): str(v) for k, v in metadata.items()}
     data = save(tensors, metadata)  # in memory first: a full disk is then an OSError of our own write
     atomic_write(path, lambda tmp: write_bytes(tmp, data))
@@ -185,6 +186,17 @@ def write_safetensors(path, tensors, metadata=None):
 def write_bytes(path, data):
     with open(path, "wb") as f:
         f.write(data)
+
+
+def check_weights(tensors, where, any_dtype=False):
+    """Every tensor of {name: tensor} is floating-point (unless any_dtype) and finite, or a UserError naming `where`
+    and the first that is not: an integer tensor would be cast silently on loading, and one NaN or inf weight makes
+    every output NaN (a traceback in sampling, or NUL bytes at temperature 0), so neither is ever loaded or written."""
+    for name, t in tensors.items():
+        if not t.is_floating_point() and not any_dtype:
+            raise UserError(f"{where}: {name} is {t.dtype}, not floating-point weights")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise UserError(f"{where}: {name} holds NaN or inf values")
 
 
 def read_safetensors(path):
@@ -207,6 +219,7 @@ def read_safetensors(path):
 
 def save_checkpoint(path, state):
     """state: a dict of tensors, plain containers and JSON text (no objects to unpickle later)."""
+    check_weights(state.get("model", {}), f"not writing {path}")
     buffer = io.BytesIO()
     torch.save(state, buffer)  # in memory first: a full disk is then an OSError of our own write, not torch's
     atomic_write(path, lambda tmp: write_bytes(tmp, buffer.getbuffer()))
@@ -229,6 +242,7 @@ def load_checkpoint(path):
         or not all(isinstance(t, torch.Tensor) for t in model.values())
     ):
         raise UserError(f"checkpoint {path} is not a nanoMoA checkpoint: no meta object or no model tensors")
+    check_weights(model, f"checkpoint {path}")
     return ckpt
 
 
@@ -279,11 +293,13 @@ def load_base(path):
             raise UserError(f"{ckpt_path} names no tokenizer: not a checkpoint written by train_base.py")
         model = GPT(gpt_config(ckpt["meta"].get("model"), ckpt["model"], ckpt_path))
         try:
-            missing = model.load_state_dict(ckpt["model"], strict=False).missing_keys
+            keys = model.load_state_dict(ckpt["model"], strict=False)
         except RuntimeError as e:  # a tensor of another shape
             raise UserError(f"{ckpt_path} does not match its own config: {str(e).splitlines()[-1].strip()}") from None
-        if missing != ["lm_head.weight"]:  # lm_head is tied to wte, saved once
-            raise UserError(f"{ckpt_path} does not match its own config: missing {missing[:3]}")
+        if keys.missing_keys != ["lm_head.weight"]:  # lm_head is tied to wte, saved once
+            raise UserError(f"{ckpt_path} does not match its own config: missing {keys.missing_keys[:3]}")
+        if keys.unexpected_keys:  # e.g. biases in the file of a config with bias=False: they would be dropped
+            raise UserError(f"{ckpt_path} does not match its own config: it holds {keys.unexpected_keys[0]}")
         return model, ckpt["meta"]["tokenizer"]
     try:
         return GPT.from_pretrained(path), path if os.path.isdir(path) else "gpt2"
@@ -456,6 +472,7 @@ def read_meta(path, kind, gpt=None):
     for key, (what, ok) in OPTIONAL_CHECKS.items():
         if key in meta and not ok(meta[key]):
             raise UserError(f"{path}: metadata {key!r} must be {what}, got {meta[key]!r}")
+    check_weights(tensors, path)
     if gpt is not None:
         check_tensors(path, tensors, meta, kind, gpt)
     return tensors, meta

@@ -406,6 +406,36 @@ def trainable_state(model):
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
 
+def check_optimizer_state(optimizer, saved, path):
+    """The optimizer state loaded from `path` (`saved`, as in the file) fits its parameters: each moment of its
+    parameter's shape, floating-point in the file (load_state_dict casts silently) and finite. load_state_dict checks
+    none of it: a wrong shape would fail only at the first step."""
+    for state in saved["state"].values():
+        for name, t in state.items():
+            if torch.is_tensor(t) and not t.is_floating_point():
+                raise UserError(f"{path}: the optimizer's {name} is {t.dtype}, not floating-point")
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for name, t in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(t) and t.dim() and t.shape != p.shape:
+                    raise UserError(
+                        f"{path}: the optimizer's {name} is {tuple(t.shape)}, its parameter {tuple(p.shape)}"
+                    )
+                if torch.is_tensor(t) and not (t.is_floating_point() and torch.isfinite(t).all()):
+                    raise UserError(f"{path}: the optimizer's {name} is {t.dtype} or holds NaN or inf values")
+
+
+def check_finite_weights(model, step):
+    """The trainable weights are finite at `step`, or a UserError: a run whose training diverged logs and saves
+    nothing more, and the checkpoint of an earlier step stays as it was."""
+    for name, p in trainable_state(model).items():
+        if not torch.isfinite(p).all():
+            raise UserError(
+                f"training diverged before step {step}: {name} holds NaN or inf values; nothing was saved (an earlier "
+                "checkpoint is kept): try a lower --learning_rate or --grad_clip"
+            )
+
+
 def trim_log(path, step):
     """Keeps the log's lines up to `step`, the checkpoint's. A run killed after logging a step but before its
     checkpoint was saved would log that step again when resumed; a half-written last line is dropped too."""
@@ -470,12 +500,14 @@ def train_loop(cfg, model, data, evaluate, loss_fn, meta, lr_scales, finish):
     os.makedirs(cfg.out_dir, exist_ok=True)
     if cfg.init_from == "resume":
         ckpt = load_checkpoint(ckpt_path)
-        missing = set(trainable_state(model)) - set(ckpt["model"])
+        missing = set(trainable_state(model)) ^ set(ckpt["model"])  # either way: a tensor left out, or one unread
         if missing:
-            raise UserError(f"{ckpt_path} does not match this model: it lacks {sorted(missing)[0]}")
+            what = "lacks" if sorted(missing)[0] in trainable_state(model) else "holds"
+            raise UserError(f"{ckpt_path} does not match this model: it {what} {sorted(missing)[0]}")
         try:
             model.load_state_dict(ckpt["model"], strict=False)
             optimizer.load_state_dict(ckpt["optimizer"])
+            check_optimizer_state(optimizer, ckpt["optimizer"], ckpt_path)
             if ckpt.get("scaler"):  # a float16 run's loss scale, where it had got to
                 scaler.load_state_dict(ckpt["scaler"])
         except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as e:
@@ -519,6 +551,7 @@ def train_loop(cfg, model, data, evaluate, loss_fn, meta, lr_scales, finish):
     while True:
         last_step = step == cfg.max_iters
         if master and (step % cfg.eval_interval == 0 or last_step) and not (cfg.init_from == "resume" and not losses):
+            check_finite_weights(raw_model, step)  # before anything is logged or saved
             raw_model.eval()
             with ctx:
                 metrics = evaluate(raw_model)

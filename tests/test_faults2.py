@@ -9,13 +9,22 @@ weights, and routes left on layers.
 """
 
 import json
+import os
+import shutil
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 from test_faults import (
+    edit_ckpt,
     edit_meta,
+    edit_tensors,
+    first,
+    model_config,
     one_error,
     small_data,
     valid_files,
+    write_ckpt,
     write_corrupt,
 )
 from test_outputs import snapshot
@@ -26,12 +35,16 @@ import train_base
 import train_lora
 import train_router
 from config import UserError, parse_config
-from conftest import assert_one_line_error, run_script
+from conftest import TINY_BASE_ARGS, assert_one_line_error, run_script
 from files import (
     add_expert_file,
+    fingerprint,
     load_base,
     load_bundle,
+    save_checkpoint,
+    save_expert,
 )
+from moa import add_experts, lora_layers
 from trainer import TaskData
 
 RESUME = ["--init_from=resume", "--max_iters=100"]  # tiny_base's own last step: a run that resumes ends at once
@@ -158,3 +171,213 @@ def test_a_newline_in_a_value_or_a_path_stays_on_one_line(tiny_base):
     assert "\n" not in str(e.value) and "--mode='last\\nlayer'" in str(e.value)
     result = run_script("sample.py", f"--base={tiny_base}", "--expert=no\nsuch.safetensors", "--device=cpu")
     assert_one_line_error(result, "no\\nsuch.safetensors")
+
+
+# ----------------------------------------------------------------------------------------------
+# NaN and inf weights: never loaded, never written, and a run that diverges saves nothing
+
+NONFINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+
+
+def poisoned(tensors, value):
+    """The tensors with the first value of the first one replaced by value."""
+    tensors = dict(tensors)
+    name = first(tensors)
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] = value
+    return tensors
+
+
+def poison_file(path, value):
+    save_file(poisoned(load_file(path), value), path)
+
+
+def poison_ckpt(value):
+    def change(ckpt):
+        ckpt["model"] = poisoned(ckpt["model"], value)
+
+    return edit_ckpt(change)
+
+
+@pytest.mark.parametrize("value", NONFINITE.values(), ids=NONFINITE)
+@pytest.mark.parametrize("kind", ["expert", "bundle", "base checkpoint", "resumed checkpoint", "gpt2", "peft"])
+def test_nonfinite_weights_are_never_loaded(valid, tiny_data, tmp_path, kind, value):
+    """A NaN, inf or -inf in an expert, a bundle, a base checkpoint, a checkpoint to resume, a GPT-2 folder or a PEFT
+    adapter is a UserError naming the file (or folder) when it is read, and import-peft writes nothing."""
+    gpt, tokenizer = load_base(valid["base"])
+    if kind in ("expert", "bundle"):
+        path = write_corrupt(
+            tmp_path / "bad.safetensors", edit_tensors(lambda t: t.update(poisoned(t, value))), valid[kind], ""
+        )
+        with one_error("bad.safetensors"):
+            add_expert_file(gpt, path, tokenizer) if kind == "expert" else load_bundle(path, gpt, tokenizer)
+    elif kind == "base checkpoint":
+        (tmp_path / "base").mkdir()
+        path = write_ckpt(tmp_path / "base" / "ckpt.pt", poison_ckpt(value), valid["base"], tmp_path)[0]
+        with one_error("ckpt.pt"):
+            load_base(path)
+    elif kind == "resumed checkpoint":
+        (tmp_path / "run").mkdir()
+        write_ckpt(tmp_path / "run" / "ckpt.pt", poison_ckpt(value), valid["base"], tmp_path)
+        with one_error("ckpt.pt"):
+            train_base.main(TINY_BASE_ARGS + [f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'run'}", *RESUME])
+    elif kind == "gpt2":
+        folder = shutil.copytree(valid["gpt2"], tmp_path / "gpt2")
+        poison_file(str(folder / "model.safetensors"), value)
+        with one_error(str(folder)):
+            load_base(str(folder))
+    else:
+        folder = shutil.copytree(valid["peft"], tmp_path / "peft")
+        poison_file(str(folder / "adapter_model.safetensors"), value)
+        out = tmp_path / "x.safetensors"
+        with one_error("adapter_model.safetensors"):
+            export.main(["import-peft", f"--peft={folder}", f"--base={valid['gpt2']}", "--domain=x", f"--out={out}"])
+        assert not os.path.exists(out)
+
+
+def test_nonfinite_weights_are_never_written(valid, tmp_path):
+    """An expert whose B holds NaN, a checkpoint holding inf, and a merged GPT-2 export whose update overflows to inf
+    (an expert of huge but finite values) are refused, naming the file; nothing is written."""
+    gpt, tokenizer = load_base(valid["base"])
+    model = add_experts(gpt, 1, rank=2)
+    with torch.no_grad():
+        lora_layers(model)[0].lora_B[0].fill_(float("nan"))
+    with one_error("x.safetensors"):
+        save_expert(str(tmp_path / "x.safetensors"), model, 0, "x", tokenizer, fingerprint(load_base(valid["base"])[0]))
+    with one_error("ckpt.pt"):
+        save_checkpoint(str(tmp_path / "ckpt.pt"), {"model": {"w": torch.tensor([1.0, float("inf")])}, "meta": "{}"})
+    gpt2, _ = load_base(valid["gpt2"])
+    base = fingerprint(gpt2)
+    huge = add_experts(gpt2, 1, rank=2)
+    with torch.no_grad():
+        for layer in lora_layers(huge):
+            layer.lora_A[0].fill_(1e30)
+            layer.lora_B[0].fill_(1e30)
+    save_expert(str(tmp_path / "huge.safetensors"), huge, 0, "huge", valid["gpt2"], base)
+    with one_error("model.safetensors"):
+        export.main(
+            ["hf", f"--base={valid['gpt2']}", f"--expert={tmp_path / 'huge.safetensors'}", f"--out={tmp_path / 'hf'}"]
+        )
+    assert sorted(os.listdir(tmp_path)) == ["huge.safetensors"]
+
+
+def test_a_run_that_diverges_saves_nothing(tiny_data, tiny_base, tmp_path):
+    """A run whose weights become NaN (learning rate 1e30) stops with one line naming the step, exit 1: no expert
+    file, and the checkpoint and log stay those of the last step before (step 0)."""
+    out = tmp_path / "experts"
+    with one_error("training diverged"):
+        train_lora.main(
+            lora_args(
+                tiny_data, tiny_base, out, "--domain=arith", "--learning_rate=1e30", "--min_lr=0", "--max_iters=3"
+            )
+        )
+    assert not os.path.exists(out / "arith.safetensors")
+    assert json.loads(torch.load(out / "arith" / "ckpt.pt", weights_only=True)["meta"])["step"] == 0
+    assert [json.loads(line)["step"] for line in (out / "arith" / "log.jsonl").read_text().splitlines()] == [0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Tensors a loader would drop or cast silently
+
+
+def add_tensor(name, tensor):
+    return edit_ckpt(lambda c: c["model"].update({name: tensor}))
+
+
+def integer_embedding(ckpt):
+    ckpt["model"]["transformer.wte.weight"] = ckpt["model"]["transformer.wte.weight"].long()
+
+
+CKPT_WRONG = [
+    ("config bias=False, the file's biases dropped", model_config(bias=False)),
+    ("an integer embedding", edit_ckpt(integer_embedding)),
+    ("a tensor the model has not", add_tensor("transformer.h.0.mlp.c_gate.weight", torch.zeros(4, 4))),
+]
+
+
+@pytest.mark.parametrize("case, make", CKPT_WRONG, ids=[c for c, _ in CKPT_WRONG])
+def test_a_base_checkpoint_that_would_load_wrong_is_refused(valid, tmp_path, case, make):
+    """A base checkpoint that holds tensors its config has no place for (biases under bias=False, any unknown
+    tensor) or an integer tensor (copied into a float parameter, it would be cast) is a UserError naming it."""
+    (tmp_path / "base").mkdir()
+    path = write_ckpt(tmp_path / "base" / "ckpt.pt", make, valid["base"], tmp_path)[0]
+    with one_error("ckpt.pt"):
+        load_base(path)
+
+
+def hf_edit(change):
+    def make(folder):
+        state = load_file(folder / "model.safetensors")
+        change(state)
+        save_file(state, folder / "model.safetensors")
+
+    return make
+
+
+def int32_weight(state):
+    state["transformer.h.0.attn.c_attn.weight"] = state["transformer.h.0.attn.c_attn.weight"].int()
+
+
+GPT2_WRONG = [
+    ("an int32 weight", hf_edit(int32_weight)),
+    ("a tensor GPT-2 has not", hf_edit(lambda s: s.update({"transformer.h.0.mlp.c_gate.weight": torch.zeros(4)}))),
+    ("an lm_head not tied to wte", hf_edit(lambda s: s.update({"lm_head.weight": s["transformer.wte.weight"] + 1}))),
+]
+
+
+@pytest.mark.parametrize("case, make", GPT2_WRONG, ids=[c for c, _ in GPT2_WRONG])
+def test_a_gpt2_folder_that_would_load_wrong_is_refused(valid, tmp_path, case, make):
+    """A GPT-2 folder whose model.safetensors holds an int32 weight, a tensor GPT-2 has not, or an lm_head other than
+    its wte (ours are tied) is a UserError naming the folder, both as a --base and in export.py hf, which writes
+    nothing."""
+    folder = shutil.copytree(valid["gpt2"], tmp_path / "gpt2")
+    make(folder)
+    with one_error(str(folder)):
+        load_base(str(folder))
+    with one_error(str(folder)):
+        export.main(["hf", f"--base={folder}", f"--out={tmp_path / 'hf'}"])
+    assert not os.path.exists(tmp_path / "hf")
+
+
+def test_a_gpt2_folder_with_the_masks_and_head_older_files_hold_loads(valid, tmp_path):
+    """The extra tensors real GPT-2 files hold (each block's attn.bias and attn.masked_bias buffers, an lm_head equal
+    to wte) load: what the checks above refuse is only what would be read wrong."""
+    folder = shutil.copytree(valid["gpt2"], tmp_path / "gpt2")
+    hf_edit(
+        lambda s: s.update(
+            {
+                "transformer.h.0.attn.bias": torch.ones(1, 1, 32, 32).tril(),
+                "transformer.h.0.attn.masked_bias": torch.tensor(-1e4),
+                "lm_head.weight": s["transformer.wte.weight"].clone(),
+            }
+        )
+    )(folder)
+    gpt = load_base(str(folder))[0]
+    torch.testing.assert_close(gpt.lm_head.weight, load_base(valid["gpt2"])[0].lm_head.weight, rtol=0, atol=0)
+
+
+def moment(change):
+    """A maker: the checkpoint with the first parameter's exp_avg changed by change(tensor)."""
+
+    def edit(ckpt):
+        ckpt["optimizer"]["state"][0]["exp_avg"] = change(ckpt["optimizer"]["state"][0]["exp_avg"])
+
+    return edit_ckpt(edit)
+
+
+RESUME_WRONG = [
+    ("a tensor this run does not train", add_tensor("transformer.h.0.mlp.c_gate.weight", torch.zeros(4, 4))),
+    ("a moment of the wrong shape", moment(lambda t: torch.zeros(3))),
+    ("a moment holding NaN", moment(lambda t: torch.full_like(t, float("nan")))),
+    ("an integer moment", moment(lambda t: t.long())),
+]
+
+
+@pytest.mark.parametrize("case, make", RESUME_WRONG, ids=[c for c, _ in RESUME_WRONG])
+def test_a_checkpoint_that_would_resume_wrong_is_refused(valid, tiny_data, tmp_path, case, make):
+    """Resuming from a checkpoint that holds a tensor the run does not train, or an optimizer moment of the wrong
+    shape (else the first step fails), NaN or an integer dtype is a UserError naming the checkpoint."""
+    (tmp_path / "run").mkdir()
+    write_ckpt(tmp_path / "run" / "ckpt.pt", make, valid["base"], tmp_path)
+    with one_error("ckpt.pt"):
+        train_base.main(TINY_BASE_ARGS + [f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'run'}", *RESUME])
