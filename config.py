@@ -144,7 +144,7 @@ def parse_config(cls, argv):
         try:
             with open(arg, encoding="utf-8") as f:
                 overrides = json.load(f)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deeply
             raise UserError(f"cannot read config file {arg}: {e}") from None
         if not isinstance(overrides, dict):
             raise UserError(f"config file {arg} must hold a JSON object of key: value")

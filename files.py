@@ -151,7 +151,7 @@ def read_json(path):
             value = json.load(f)
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror}") from None
-    except ValueError as e:  # not UTF-8, not JSON
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, or nested too deeply
         raise UserError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(value, dict):
         raise UserError(f"{path} does not hold a JSON object")
@@ -455,7 +455,7 @@ def read_meta(path, kind, gpt=None):
         raise UserError(f"{path} has no nanoMoA metadata: not an expert or bundle written by nanoMoA")
     try:
         meta = json.loads(meta["nanomoa"])
-    except ValueError:
+    except (ValueError, RecursionError):
         raise UserError(f"{path}: its nanoMoA metadata is not valid JSON") from None
     if not isinstance(meta, dict):
         raise UserError(f"{path}: its nanoMoA metadata is not a JSON object")

@@ -150,7 +150,7 @@ def jsonl(path):
         if line.strip():  # blank lines between records are allowed
             try:
                 yield i, json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested too deeply
                 raise UserError(f"{path}:{i}: not valid JSON") from None
 
 

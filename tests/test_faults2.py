@@ -15,6 +15,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from safetensors.torch import save as safetensors_bytes
 from test_faults import (
     edit_ckpt,
     edit_meta,
@@ -36,6 +37,7 @@ import train_lora
 import train_router
 from config import UserError, parse_config
 from conftest import TINY_BASE_ARGS, assert_one_line_error, run_script
+from data.prepare import main as prepare
 from files import (
     add_expert_file,
     fingerprint,
@@ -45,7 +47,7 @@ from files import (
     save_expert,
 )
 from moa import add_experts, lora_layers
-from trainer import TaskData
+from trainer import TaskData, TrainConfig
 
 RESUME = ["--init_from=resume", "--max_iters=100"]  # tiny_base's own last step: a run that resumes ends at once
 TASK_ARGS = ["--batch_size=4", "--eval_iters=1", "--progress=False", "--device=cpu", "--warmup_iters=1"]
@@ -381,3 +383,86 @@ def test_a_checkpoint_that_would_resume_wrong_is_refused(valid, tiny_data, tmp_p
     write_ckpt(tmp_path / "run" / "ckpt.pt", make, valid["base"], tmp_path)
     with one_error("ckpt.pt"):
         train_base.main(TINY_BASE_ARGS + [f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'run'}", *RESUME])
+
+
+# ----------------------------------------------------------------------------------------------
+# JSON nested too deeply: a RecursionError in the parser is one line naming the file
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def deep_data(tmp_path):
+    folder = tmp_path / "data"
+    small_data(folder)
+    (folder / "meta.json").write_text(DEEP)
+    return lambda: TaskData(str(folder), "all")
+
+
+def deep_config(tmp_path):
+    (tmp_path / "my.json").write_text(DEEP)
+    return lambda: parse_config(TrainConfig, [str(tmp_path / "my.json")])
+
+
+def deep_adapter(valid, tmp_path):
+    folder = shutil.copytree(valid["peft"], tmp_path / "peft")
+    (folder / "adapter_config.json").write_text(DEEP)
+    out = f"--out={tmp_path / 'x.safetensors'}"
+    return lambda: export.main(["import-peft", f"--peft={folder}", f"--base={valid['gpt2']}", "--domain=x", out])
+
+
+def deep_gpt2(valid, tmp_path):
+    folder = shutil.copytree(valid["gpt2"], tmp_path / "gpt2")
+    (folder / "config.json").write_text(DEEP)
+    return lambda: load_base(str(folder))
+
+
+def deep_records(tmp_path, flag):
+    line = DEEP if flag == "task" else '{"text": ' + DEEP + "}"
+    (tmp_path / "mine.jsonl").write_text('{"prompt": "a", "response": "b", "text": "c"}\n' + line + "\n")
+    out = tmp_path / "data"
+    return lambda: prepare([f"--out_dir={out}", "--only=none", f"--{flag}=mine={tmp_path / 'mine.jsonl'}"])
+
+
+def deep_expert(valid, tmp_path):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(safetensors_bytes(load_file(valid["expert"]), {"nanomoa": DEEP}))
+    gpt, tokenizer = load_base(valid["base"])
+    return lambda: add_expert_file(gpt, str(path), tokenizer)
+
+
+def deep_checkpoint(valid, tmp_path):
+    (tmp_path / "base").mkdir()
+    path = write_ckpt(tmp_path / "base" / "ckpt.pt", lambda c, t: {**c, "meta": DEEP}, valid["base"], tmp_path)[0]
+    return lambda: load_base(path)
+
+
+DEEP_FILES = {
+    "config file": (lambda v, t: deep_config(t), "my.json"),
+    "meta.json": (lambda v, t: deep_data(t), "meta.json"),
+    "adapter_config.json": (deep_adapter, "adapter_config.json"),
+    "GPT-2 config.json": (deep_gpt2, "config.json"),
+    "a task record": (lambda v, t: deep_records(t, "task"), "mine.jsonl"),
+    "a corpus record": (lambda v, t: deep_records(t, "text"), "mine.jsonl"),
+    "an expert's metadata": (deep_expert, "bad.safetensors"),
+    "a checkpoint's meta": (deep_checkpoint, "ckpt.pt"),
+}
+
+
+@pytest.mark.parametrize("case", DEEP_FILES)
+def test_json_nested_too_deeply_is_one_error_naming_the_file(valid, tmp_path, case):
+    """JSON nested 100,000 deep (a RecursionError inside the parser) in a config file, meta.json, a PEFT or GPT-2
+    config, a .jsonl record, an expert's metadata or a checkpoint's meta is a UserError naming the file."""
+    make, name = DEEP_FILES[case]
+    load = make(valid, tmp_path)
+    with one_error(name):
+        load()
+
+
+def test_a_log_line_nested_too_deeply_is_dropped_on_resume(tiny_data, tmp_path):
+    """A resumed run whose log.jsonl holds a line nested 100,000 deep drops it like any damaged line and goes on."""
+    args = TINY_BASE_ARGS + [f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", "--max_iters=2", "--eval_interval=2"]
+    train_base.main(args)
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write(DEEP + "\n")
+    train_base.main(args + ["--init_from=resume", "--max_iters=3"])
+    assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [0, 2, 3]
