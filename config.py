@@ -93,6 +93,36 @@ FILE_NAME = (  # an output's --name: a file in out_dir, never a path out of it
 )
 
 
+def memory_bytes():
+    """Bytes of memory a new job may take on this machine now: MemAvailable of /proc/meminfo (Linux), else all of
+    the physical memory; None where neither can be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_memory(need, flags):
+    """A UserError naming `flags` when `need` bytes, a lower bound of what they make a script allocate, are more than
+    the machine has free: said before anything is allocated, not as a MemoryError minutes later, or the kernel's
+    out-of-memory killer ending other jobs first."""
+    have = memory_bytes()
+    if have is not None and need > have:
+        raise UserError(f"{flags} need at least {size(need)} of memory, more than the {size(have)} free here: use less")
+
+
+def size(n):
+    """Bytes as a reader wants them: 3.2 GiB, 512.0 MiB."""
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**29 else f"{n / 2**20:,.1f} MiB"
+
+
 def setting(key, value, source):
     """A setting as an error names it: the flag as the user wrote it, or the key and value of a config file."""
     value = value if str(value).isprintable() else repr(value)  # a newline in a value must not break the line

@@ -23,9 +23,16 @@ import torch
 import fast
 from config import A_NAME, AT_LEAST_1, FILE_NAME, FRACTION, UserError, parse_config, run
 from evaluate import evaluate_tasks
-from files import add_expert_file, base_files, check_outputs, fingerprint, load_base, save_expert
+from files import add_expert_file, base_files, check_outputs, file_shapes, fingerprint, load_base, save_expert
 from moa import TARGETS, add_experts, count_params, set_route
-from trainer import TaskConfig, TaskData, micro_batches, task_block_size, train
+from trainer import (
+    TaskConfig,
+    TaskData,
+    check_training_memory,
+    micro_batches,
+    task_block_size,
+    train,
+)
 
 
 @dataclass
@@ -48,6 +55,14 @@ class LoRAConfig(TaskConfig):
     weight_decay: float = 0.0
 
     CHECKS = {"rank": AT_LEAST_1, "lora_dropout": FRACTION, "domain": A_NAME, "name": FILE_NAME}
+
+
+def check_expert_memory(cfg, gpt):
+    """--rank and --batch_size, checked against the free memory before the expert is made (sizes from file_shapes,
+    which allocates nothing; unknown --targets are left to add_experts to name)."""
+    targets = [t for t in cfg.targets.split(",") if t in TARGETS]
+    params = sum(a * b for a, b in file_shapes(gpt, {"rank": cfg.rank, "targets": targets}, "expert").values())
+    check_training_memory(cfg, gpt.config, params, ("batch_size", "rank"))
 
 
 def main(argv=None):
@@ -77,6 +92,7 @@ def main(argv=None):
         meta = add_expert_file(model, cfg.init_expert, tokenizer, cfg.lora_dropout)
         cfg = replace(cfg, rank=meta["rank"], alpha=meta["alpha"], targets=",".join(meta["targets"]))
     else:
+        check_expert_memory(cfg, model)
         add_experts(model, 1, cfg.rank, cfg.alpha, cfg.lora_dropout, cfg.targets.split(","))
         set_route(model, 0)  # every sample uses the one expert
     fast.enable(model, cfg.fast)

@@ -26,6 +26,7 @@ Read next: sample.py, then results.py.
 """
 
 import glob
+import math
 import os
 from dataclasses import dataclass, replace
 
@@ -34,9 +35,26 @@ import torch
 import fast
 from config import A_NAME, AT_LEAST_0, AT_LEAST_1, FILE_NAME, FRACTION, POSITIVE, UserError, one_of, parse_config, run
 from evaluate import evaluate_tasks, fit_temperature
-from files import base_files, check_outputs, fingerprint, load_base, load_bundle, load_expert, read_meta, save_bundle
+from files import (
+    base_files,
+    check_outputs,
+    file_shapes,
+    fingerprint,
+    load_base,
+    load_bundle,
+    load_expert,
+    read_meta,
+    save_bundle,
+)
 from moa import TARGETS, MoA, count_params, lora_layers
-from trainer import TaskConfig, TaskData, micro_batches, task_block_size, train
+from trainer import (
+    TaskConfig,
+    TaskData,
+    check_training_memory,
+    micro_batches,
+    task_block_size,
+    train,
+)
 
 
 @dataclass
@@ -128,6 +146,10 @@ def build(cfg, gpt, tokenizer, base, data_domains):
         rank, alpha, targets = meta["rank"], meta["alpha"], meta["targets"]
     else:
         targets = TARGETS
+    # the sizes of the experts and routers to train, before they are made (file_shapes allocates nothing)
+    shapes = file_shapes(gpt, {"rank": rank, "targets": targets, "domains": data_domains}, "bundle")
+    flags = ("batch_size", "rank") if cfg.expert_init == "random" else ("batch_size",)
+    check_training_memory(cfg, gpt.config, sum(math.prod(s) for s in shapes.values()), flags)
     moa = MoA(gpt, data_domains, rank, alpha, cfg.lora_dropout, targets, cfg.pooling, cfg.eta, cfg.top_k)
     if cfg.expert_init == "stage1":
         for k, domain in enumerate(data_domains):

@@ -30,6 +30,7 @@ from config import (
     NAMES,
     POSITIVE,
     UserError,
+    check_memory,
     is_name,
     one_of,
 )
@@ -105,6 +106,22 @@ def task_block_size(cfg, model):
     if cfg.block_size > model.config.block_size:
         raise UserError(f"--block_size={cfg.block_size} is beyond the base's context of {model.config.block_size}")
     return cfg.block_size or model.config.block_size
+
+
+def training_bytes(config, batch_size, block_size, trainable):
+    """A lower bound of the bytes one training step takes: the trainable parameters, their gradients and AdamW's two
+    moments (4 float32 copies), and what autograd keeps for the backward of a (B, T) batch: about 12 floats per token
+    and channel in each block (layer norms, q, k, v, attention and MLP outputs, the 4C-wide MLP input) and the logits
+    with their softmax, 2 V per token. The frozen weights, attention scores and temporaries come on top."""
+    activations = batch_size * block_size * (12 * config.n_layer * config.n_embd + 2 * config.vocab_size)
+    return 4 * (4 * trainable + activations)
+
+
+def check_training_memory(cfg, config, trainable, flags=("batch_size", "block_size")):
+    """A UserError naming `flags` (with their values) when a training step of a GPT of `config` with `trainable`
+    parameters, at cfg's batch and block size, cannot fit in this machine's free memory: said before allocating."""
+    need = training_bytes(config, cfg.batch_size, cfg.block_size or config.block_size, trainable)
+    check_memory(need, " ".join(f"--{flag}={getattr(cfg, flag)}" for flag in flags))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -481,6 +498,7 @@ def train(cfg, model, data, evaluate, loss_fn=default_loss, meta=None, lr_scales
     Under torchrun, process r computes micro-batches r, r + N, ... of each step (N processes), and only
     process 0 evaluates, logs, checkpoints and runs finish; the others wait for it at the end.
     """
+    check_training_memory(cfg, model.config, sum(p.numel() for p in model.parameters() if p.requires_grad))
     with locked(cfg.out_dir) if processes()[0] == 0 else nullcontext():  # process 0 holds the lock for all
         return train_loop(cfg, model, data, evaluate, loss_fn, meta, lr_scales, finish)
 

@@ -56,7 +56,7 @@ import numpy as np
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
-from config import AT_LEAST_1, UserError, parse_config, run  # noqa: E402  (these need the repo root on the path)
+from config import AT_LEAST_1, UserError, check_memory, parse_config, run  # noqa: E402  (these need the repo root on the path)
 from files import atomic_write, check_outputs  # noqa: E402
 from tokenizer import encode, get_tokenizer  # noqa: E402
 
@@ -259,6 +259,16 @@ def builtin_records(name, cfg):
     }
 
 
+RECORD_BYTES = 200  # at least what one generated record takes while the data set is built (about 400 measured)
+
+
+def check_records_memory(cfg, n_tasks):
+    """--records and --val_records against the free memory, before any record is generated: every record of every
+    built-in task is held until the data set is written."""
+    need = RECORD_BYTES * n_tasks * (cfg.records + cfg.val_records * 3 // 2)  # train, val, calib (half of val)
+    check_memory(need, f"--records={cfg.records} --val_records={cfg.val_records} ({n_tasks} built-in tasks)")
+
+
 def user_records(name, path, seed):
     """{"train": [(prompt, response)], "val": [...]} of --task=NAME=FILE.jsonl, split by record."""
     if not os.path.isfile(path):
@@ -328,6 +338,7 @@ def read_sources(cfg):
     for name in names:
         if name not in builtin:
             raise UserError(f"--only: unknown built-in {name!r}; choose from {', '.join(builtin)} (or all, none)")
+    check_records_memory(cfg, len([n for n in names if n in TEMPLATES]))
     corpus = {n: (corpus_documents(n), CORPUS[n]) for n in names if n in CORPUS}
     for name, pattern in read_specs(cfg.text, "text"):
         corpus[name] = (user_documents(name, pattern), f"user files {pattern}")

@@ -10,7 +10,11 @@ weights, and routes left on layers.
 
 import json
 import os
+import re
+import resource
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -30,13 +34,14 @@ from test_faults import (
 )
 from test_outputs import snapshot
 
+import config
 import export
 import sample
 import train_base
 import train_lora
 import train_router
 from config import UserError, parse_config
-from conftest import TINY_BASE_ARGS, assert_one_line_error, run_script
+from conftest import REPO_ROOT, TINY_BASE_ARGS, assert_one_line_error, run_script
 from data.prepare import main as prepare
 from files import (
     add_expert_file,
@@ -466,3 +471,94 @@ def test_a_log_line_nested_too_deeply_is_dropped_on_resume(tiny_data, tmp_path):
         f.write(DEEP + "\n")
     train_base.main(args + ["--init_from=resume", "--max_iters=3"])
     assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [0, 2, 3]
+
+
+# ----------------------------------------------------------------------------------------------
+# Sizes given as flags, bounded by the machine's memory before anything is allocated
+
+
+@pytest.fixture
+def one_mib(monkeypatch):
+    """A machine with 1 MiB free: every run's sizes are too big for it."""
+    monkeypatch.setattr(config, "memory_bytes", lambda: 2**20)
+
+
+def memory_case(case, data, base, gpt2, out):
+    """The run of `case` (its flag given a small value, which the 1 MiB machine cannot hold anyway)."""
+    return {
+        "train_base --n_embd": lambda: train_base.main(TINY_BASE_ARGS + [f"--data_dir={data}", f"--out_dir={out}"]),
+        "train_base --batch_size (GPT-2 weights)": lambda: train_base.main(
+            TINY_BASE_ARGS + [f"--data_dir={data}", f"--out_dir={out}", f"--init_from={gpt2}", "--block_size=32"]
+        ),
+        "train_lora --rank": lambda: train_lora.main(lora_args(data, base, out, "--domain=arith", "--rank=4")),
+        "train_router --rank": lambda: train_router.main(
+            lora_args(data, base, out, "--domains=arith,upper", "--expert_init=random", "--rank=4")
+        ),
+        "sample --num_samples": lambda: sample.main(
+            [f"--base={base}", "--num_samples=100", "--max_new_tokens=20", "--device=cpu"]
+        ),
+        "prepare --records": lambda: prepare([f"--out_dir={out}", "--records=10000", "--only=upper"]),
+    }[case]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "train_base --n_embd",
+        "train_base --batch_size (GPT-2 weights)",
+        "train_lora --rank",
+        "train_router --rank",
+        "sample --num_samples",
+        "prepare --records",
+    ],
+)
+def test_sizes_beyond_free_memory_are_refused_before_allocating(one_mib, valid, tiny_data, tmp_path, case):
+    """On a machine with 1 MiB free, each script's sizes (the base's width, a batch, an expert's rank, samples,
+    records) are a UserError naming the flag and the memory, raised before the model, experts or records are made:
+    the out_dir is never created."""
+    flag = case.split()[1]
+    with pytest.raises(UserError, match=re.escape(flag) + ".* MiB free here") as e:
+        memory_case(case, tiny_data, valid["base"], valid["gpt2"], tmp_path / "out")()
+    assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "out")
+
+
+HUGE = [
+    ("train_base.py", ["--batch_size=1000000000"], "--batch_size="),
+    ("train_base.py", ["--n_embd=1048576", "--n_head=1"], "--n_embd=1048576"),
+    ("train_lora.py", ["--domain=arith", "--rank=1000000000"], "--rank=1000000000"),
+    ("train_router.py", ["--domains=arith,upper", "--expert_init=random", "--rank=1000000000"], "--rank=1000000000"),
+    ("sample.py", ["--num_samples=10000000"], "--num_samples=10000000"),
+    ("data/prepare.py", ["--records=1000000000"], "--records=1000000000"),
+]
+
+
+def capped_memory():
+    """Run in the child: its address space capped at 4 GiB, so that a size not refused fails fast (MemoryError)
+    instead of filling the machine."""
+    resource.setrlimit(resource.RLIMIT_AS, (4 * 2**30, 4 * 2**30))
+
+
+@pytest.mark.parametrize("script, flags, name", HUGE, ids=[f"{s} {' '.join(f)}" for s, f, _ in HUGE])
+def test_huge_sizes_from_the_command_line_are_one_line(tiny_data, tiny_base, tmp_path, script, flags, name):
+    """From the command line, sizes far beyond this machine (a batch of 10^9, a width of 2^20, rank 10^9, 10^7
+    samples, 10^9 records) exit 1 with one line naming the flag, and create no out_dir (the child's address space
+    is capped, so a size that slipped through would fail with a traceback, not fill the machine)."""
+    out = tmp_path / "out"
+    common = {
+        "train_base.py": TINY_BASE_ARGS + [f"--data_dir={tiny_data}", f"--out_dir={out}"],
+        "train_lora.py": lora_args(tiny_data, tiny_base, out),
+        "train_router.py": lora_args(tiny_data, tiny_base, out),
+        "sample.py": [f"--base={tiny_base}", "--device=cpu", "--max_new_tokens=20"],
+        "data/prepare.py": [f"--out_dir={out}"],
+    }[script]
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO_ROOT, script), *common, *flags],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO_ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        preexec_fn=capped_memory,
+    )
+    assert_one_line_error(result, name, "free here")
+    assert not os.path.exists(out)
