@@ -118,7 +118,7 @@ def main(argv=None):
         model,
         train_data,
         evaluate,
-        meta={"kind": "expert", "domain": cfg.domain},
+        meta={"kind": "expert", "domain": cfg.domain, "base": base["sha256"]},
         finish=finish,
     )
     return model, losses

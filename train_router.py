@@ -241,7 +241,7 @@ def main(argv=None):
         )
         print(f"saved {path}")
 
-    meta = {"kind": "bundle", "domains": moa.domains}
+    meta = {"kind": "bundle", "domains": moa.domains, "base": base["sha256"]}
     losses = train(
         replace(cfg, out_dir=run_dir),
         moa,

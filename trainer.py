@@ -33,6 +33,7 @@ from config import (
     check_memory,
     is_name,
     one_of,
+    setting,
 )
 from files import atomic_write, load_checkpoint, locked, read_json, save_checkpoint, write_bytes
 
@@ -423,6 +424,65 @@ def trainable_state(model):
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
 
+# What a resumed run may change: where and how it runs, how often it reports, and how long it goes on (more steps;
+# with --lr_decay_iters=0 the cosine then stretches to the new end). data_dir and base are compared by what they
+# hold (data_identity, the base's fingerprint), so they may move. Every other setting must be the saved run's.
+RESUME_MAY_CHANGE = (
+    "out_dir",
+    "data_dir",
+    "base",
+    "init_from",
+    "max_iters",
+    "device",
+    "compile",
+    "fast",
+    "progress",
+    "log_interval",
+    "eval_interval",
+    "eval_iters",
+)
+
+
+def data_identity(data):
+    """What a run's data is, as a SHA-256: its domains in order (a label is a place in it), meta.json's tokenizer,
+    seed and entries for those domains, the length of each token file and each task's record index (start, prompt
+    length and length of every record). Data prepared again with another seed or other records has another identity;
+    the same data moved to another folder keeps it."""
+    meta, domains = getattr(data, "meta", {}), list(getattr(data, "domains", []))
+    entries = {kind: {d: meta[kind][d] for d in domains if d in meta.get(kind, {})} for kind in ("corpus", "tasks")}
+    digest = hashlib.sha256(json.dumps([domains, meta.get("tokenizer"), meta.get("seed"), entries]).encode())
+    for store in ("splits", "tokens", "index"):  # CorpusData.splits; TaskData.tokens and .index
+        for key, array in sorted(getattr(data, store, {}).items()):
+            digest.update(f"{store} {key} {len(array)}".encode())
+            if store == "index":
+                digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def check_resume(path, saved, cfg, meta, identity):
+    """The run saved at `path` (its checkpoint's meta) is the run this one describes: the same settings but those of
+    RESUME_MAY_CHANGE, the same `meta` (kind, model, domains, the base's fingerprint...) and the same data. Else a
+    UserError naming the first difference: resuming would go on silently with the saved run's model and state."""
+    old, new = saved.get("config"), asdict(cfg)
+    if not isinstance(old, dict):
+        raise UserError(f"{path} records no settings to compare this run's with: start a new run in another --out_dir")
+    for key in sorted(set(old) | set(new)):
+        if key not in RESUME_MAY_CHANGE and old.get(key) != new.get(key):
+            raise UserError(
+                f"{path} was trained with {key}={old.get(key)!r}, this run has "
+                f"{setting(key, new.get(key), 'the command line')}: resume with the run's settings (only "
+                f"{', '.join(RESUME_MAY_CHANGE[3:])} may change), or start a new run in another --out_dir"
+            )
+    for key, value in (meta or {}).items():  # init_from: train_base.py's (resume now, scratch or gpt2 then)
+        if key != "init_from" and saved.get(key) != value:
+            raise UserError(f"{path} is a run with {key} {saved.get(key)!r}, this one has {value!r}: start a new run")
+    if saved.get("data") != identity:
+        raise UserError(
+            f"{path} was trained on other data than --data_dir={cfg.data_dir} holds (prepared again, or other "
+            "tasks): resume on the data it was trained on, or start a new run in another --out_dir"
+        )
+
+
 def check_optimizer_state(optimizer, saved, path):
     """The optimizer state loaded from `path` (`saved`, as in the file) fits its parameters: each moment of its
     parameter's shape, floating-point in the file (load_state_dict casts silently) and finite. load_state_dict checks
@@ -510,6 +570,7 @@ def train_loop(cfg, model, data, evaluate, loss_fn, meta, lr_scales, finish):
     if n_micro % world:
         raise UserError(f"--grad_accum={cfg.grad_accum} must be a multiple of the {world} processes (or 0: one each)")
     master = rank == 0
+    identity = data_identity(data)
     model.to(device)
     optimizer = make_optimizer(model, cfg, device, lr_scales)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.dtype == "float16")  # float16 runs on CUDA only
@@ -518,6 +579,7 @@ def train_loop(cfg, model, data, evaluate, loss_fn, meta, lr_scales, finish):
     os.makedirs(cfg.out_dir, exist_ok=True)
     if cfg.init_from == "resume":
         ckpt = load_checkpoint(ckpt_path)
+        check_resume(ckpt_path, ckpt["meta"], cfg, meta, identity)
         missing = set(trainable_state(model)) ^ set(ckpt["model"])  # either way: a tensor left out, or one unread
         if missing:
             what = "lacks" if sorted(missing)[0] in trainable_state(model) else "holds"
@@ -550,7 +612,9 @@ def train_loop(cfg, model, data, evaluate, loss_fn, meta, lr_scales, finish):
             "model": trainable_state(raw_model),
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(),  # empty unless float16
-            "meta": json.dumps({"step": step, "config": asdict(cfg), "metrics": metrics, **(meta or {})}),
+            "meta": json.dumps(
+                {"step": step, "config": asdict(cfg), "metrics": metrics, "data": identity, **(meta or {})}
+            ),
         }
         save_checkpoint(ckpt_path, state)
 

@@ -562,3 +562,98 @@ def test_huge_sizes_from_the_command_line_are_one_line(tiny_data, tiny_base, tmp
     )
     assert_one_line_error(result, name, "free here")
     assert not os.path.exists(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume: only the saved run goes on
+
+
+@pytest.fixture(scope="module")
+def base_run(tiny_data, tmp_path_factory):
+    """A train_base.py run of 2 steps on tiny_data: (its folder, the arguments it ran with)."""
+    out = tmp_path_factory.mktemp("run") / "base"
+    args = TINY_BASE_ARGS + [f"--data_dir={tiny_data}", "--max_iters=2", "--eval_interval=2"]
+    train_base.main(args + [f"--out_dir={out}"])
+    return out, args
+
+
+CHANGED = [
+    "--batch_size=4",
+    "--learning_rate=0.001",
+    "--min_lr=0",
+    "--warmup_iters=0",
+    "--lr_decay_iters=5",
+    "--weight_decay=0",
+    "--grad_clip=0.5",
+    "--grad_accum=2",
+    "--seed=2",
+    "--n_embd=16",
+    "--n_layer=1",
+    "--bias=False",
+    "--dropout=0.1",
+    "--block_size=32",
+    "--corpus=prose",
+    "--dtype=bfloat16",
+]
+
+
+@pytest.mark.parametrize("flag", CHANGED)
+def test_resume_with_other_settings_is_refused_and_changes_nothing(base_run, tmp_path, flag):
+    """--init_from=resume with a setting other than the saved run's (batch, rates, schedule, seed, the model's
+    shape, block size, corpus, dtype) is a UserError naming the flag, and the run's folder stays byte-identical: the
+    model-shape flags are no longer ignored silently."""
+    out = shutil.copytree(base_run[0], tmp_path / "run")
+    before = snapshot(out)
+    with one_error(flag.partition("=")[0] + "="):
+        train_base.main(base_run[1] + [f"--out_dir={out}", "--init_from=resume", "--max_iters=4", flag])
+    assert snapshot(out) == before
+
+
+def test_resume_may_go_on_longer_and_report_otherwise(base_run, tmp_path):
+    """What a resumed run may change (more steps, how often it evaluates and logs, the progress bar) it may: the run
+    goes on to the new last step."""
+    out = shutil.copytree(base_run[0], tmp_path / "run")
+    train_base.main(
+        base_run[1]
+        + [f"--out_dir={out}", "--init_from=resume", "--max_iters=4", "--eval_interval=1", "--log_interval=1"]
+    )
+    assert json.loads(torch.load(out / "ckpt.pt", weights_only=True)["meta"])["step"] == 4
+
+
+@pytest.fixture(scope="module")
+def small_tasks(tmp_path_factory):
+    """A data set of two built-in tasks, 200 records each."""
+    out = tmp_path_factory.mktemp("tasks") / "data"
+    prepare([f"--out_dir={out}", "--only=arith,upper", "--records=200", "--val_records=8"])
+    return out
+
+
+def test_resume_on_data_prepared_again_is_refused_but_moved_data_resumes(small_tasks, tiny_base, tmp_path):
+    """An expert run resumed on its data set prepared again with another seed is a UserError naming --data_dir; the
+    same data copied to another folder resumes (data is compared by what it holds, not where)."""
+    data = shutil.copytree(small_tasks, tmp_path / "data")
+    args = lora_args(data, tiny_base, tmp_path / "experts", "--domain=arith", "--max_iters=2")
+    train_lora.main(args)
+    moved = shutil.copytree(data, tmp_path / "moved")
+    prepare([f"--out_dir={data}", "--only=arith,upper", "--records=200", "--val_records=8", "--seed=2"])
+    with one_error("--data_dir="):
+        train_lora.main(args + ["--init_from=resume", "--max_iters=3"])
+    train_lora.main(args + [f"--data_dir={moved}", "--init_from=resume", "--max_iters=3"])
+
+
+def test_resume_under_another_domain_rank_or_base_is_refused(small_tasks, valid, tmp_path):
+    """An expert run resumed with another --domain under the same --name, another --rank, or on another base (other
+    weights: another fingerprint) is a UserError naming what differs; the run's folder stays byte-identical."""
+    folder = tmp_path / "experts"
+    args = lora_args(small_tasks, valid["base"], folder, "--name=mine", "--max_iters=2")
+    train_lora.main(args + ["--domain=arith"])
+    other = tmp_path / "other"
+    other.mkdir()
+    bump = edit_ckpt(lambda c: c["model"].update(poisoned(c["model"], 0.5)))
+    write_ckpt(other / "ckpt.pt", bump, valid["base"], tmp_path)
+    before = snapshot(folder)
+    for change, name in (("--domain=upper", "--domain=upper"), ("--rank=4", "--rank=4"), (f"--base={other}", "base")):
+        resumed = args + ["--domain=arith", "--init_from=resume", "--max_iters=3"]
+        with one_error(name):
+            train_lora.main([a for a in resumed if not a.startswith(change.partition("=")[0] + "=")] + [change])
+    assert snapshot(folder) == before
