@@ -32,9 +32,18 @@ def cpu_threads():
     while waiting for each other made every step 1.6-2x as slow as one thread, while on a quiet machine two
     threads take 0.57-0.61x of one's time (`python scripts/threads.py`; the README's "Threads")."""
     given = os.environ.get("OMP_NUM_THREADS", "")
-    if given.isdigit() and int(given) > 0:
-        return int(given)
+    if given:
+        return omp_threads(given)
     return max(1, (os.cpu_count() or 1) - round(os.getloadavg()[0]))
+
+
+def omp_threads(given):
+    """OMP_NUM_THREADS, checked: a whole number from 1 to the machine's cores (torch crashes on 100000 threads, and
+    more threads than cores only wait for each other)."""
+    cores = os.cpu_count() or 1
+    if not (given.isascii() and given.isdigit() and 1 <= int(given) <= cores):
+        raise UserError(f"OMP_NUM_THREADS={given!r}: use a whole number of threads from 1 to the {cores} cores here")
+    return int(given)
 
 
 def run(main):
@@ -42,8 +51,8 @@ def run(main):
     exit status 1."""
     import torch  # here, not at the top: data/prepare.py needs torch only for its C++ source
 
-    torch.set_num_threads(cpu_threads())
     try:
+        torch.set_num_threads(cpu_threads())
         main(sys.argv[1:])
     except UserError as e:
         print(one_line(f"error: {e}"), file=sys.stderr)

@@ -403,6 +403,8 @@ def save_bundle(path, moa, tokenizer, base, extra=None):
         **expert_meta(moa, tokenizer, base),
         **(extra or {}),
     }
+    if "top_k" in meta:  # experts per token: top_k of fewer experts (one domain, or some removed) is all of them
+        meta["top_k"] = min(meta["top_k"], len(moa.domains))
     tensors = {name: p for name, p in moa.named_parameters() if "lora_" in name or name.startswith("routers.")}
     write_safetensors(path, tensors, {"nanomoa": json.dumps(meta)})
 
@@ -442,7 +444,8 @@ KIND_CHECKS = {
 OPTIONAL = {"temperature": 1.0}  # a bundle written before its routers' confidence was calibrated has none
 OPTIONAL_CHECKS = {  # keys some files have (train_router.py's settings, training records seen...)
     "top_k": ("an integer >= 1", is_size),
-    "mode": ("a string", lambda v: isinstance(v, str)),
+    "eta": ("a number >= 0", lambda v: is_number(v) and v >= 0),
+    "mode": ("label, token or layer", lambda v: v in ("label", "token", "layer")),  # the routing it trained with
     "samples": ("an integer >= 0", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
 }
 
@@ -472,6 +475,8 @@ def read_meta(path, kind, gpt=None):
     for key, (what, ok) in OPTIONAL_CHECKS.items():
         if key in meta and not ok(meta[key]):
             raise UserError(f"{path}: metadata {key!r} must be {what}, got {meta[key]!r}")
+    if kind == "bundle" and meta.get("top_k", 1) > len(meta["domains"]):
+        raise UserError(f"{path}: metadata 'top_k' is {meta['top_k']}, more than its {len(meta['domains'])} experts")
     check_weights(tensors, path)
     if gpt is not None:
         check_tensors(path, tensors, meta, kind, gpt)
@@ -571,6 +576,7 @@ def load_bundle(path, gpt, tokenizer, base=None):
         meta["alpha"],
         targets=meta["targets"],
         pooling=meta["pooling"],
+        eta=meta.get("eta", 1.0),
         top_k=meta.get("top_k", 1),
     )
     moa.load_state_dict(tensors, strict=False)

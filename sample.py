@@ -144,9 +144,10 @@ def main(argv=None):
     check_sample_memory(cfg, len(prompts), model.config)
     rows = [encode(enc, p) for p in prompts for _ in range(cfg.num_samples)]
     idx, mask = left_pad(rows, enc.eot_token)
-    if idx.size(1) + cfg.max_new_tokens > model.config.block_size:
+    steps = ("--trace", cfg.trace) if cfg.trace else ("--max_new_tokens", cfg.max_new_tokens)  # new tokens, either way
+    if idx.size(1) + steps[1] > model.config.block_size:
         raise UserError(
-            f"prompt ({idx.size(1)} tokens) + max_new_tokens exceed the context of {model.config.block_size}"
+            f"prompt ({idx.size(1)} tokens) + {steps[0]}={steps[1]} exceed the context of {model.config.block_size}"
         )
     if kwargs.get("mode") == "label":
         kwargs["domain"] = torch.full((len(rows),), model.domains.index(cfg.domain), device=device)

@@ -361,9 +361,29 @@ def pick_device(device="auto", dtype="float32"):
 
 def processes():
     """(rank, world size) of this process: torchrun puts them in the environment; (0, 1) without it."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if "RANK" in os.environ or "WORLD_SIZE" in os.environ:
+        return torchrun_variables(os.environ)
     return 0, 1
+
+
+TORCHRUN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # what torchrun sets in every process
+
+
+def torchrun_variables(env):
+    """(RANK, WORLD_SIZE) of an environment that has either, checked to be as torchrun sets them: both whole numbers
+    with RANK < WORLD_SIZE, LOCAL_RANK (if there) one too, and for more than one process MASTER_ADDR and MASTER_PORT,
+    where the processes meet. Else a UserError: a variable left over from another job would otherwise end in a
+    traceback deep inside torch.distributed."""
+    ranks = [env.get("RANK", ""), env.get("WORLD_SIZE", ""), env.get("LOCAL_RANK", "0")]
+    whole = all(r.isascii() and r.isdigit() for r in ranks) and int(ranks[0]) < int(ranks[1])
+    meet = not whole or int(ranks[1]) == 1 or all(env.get(name) for name in ("MASTER_ADDR", "MASTER_PORT"))
+    if not (whole and meet):
+        given = " ".join(f"{name}={env[name]!r}" for name in TORCHRUN if name in env)
+        raise UserError(
+            f"{given}: not as torchrun sets them (RANK < WORLD_SIZE, whole numbers; MASTER_ADDR and MASTER_PORT "
+            "for more than one process): start with torchrun, or unset them to run one process"
+        )
+    return int(ranks[0]), int(ranks[1])
 
 
 def micro_batches(cfg):

@@ -48,11 +48,12 @@ from files import (
     fingerprint,
     load_base,
     load_bundle,
+    save_bundle,
     save_checkpoint,
     save_expert,
 )
-from moa import add_experts, lora_layers
-from trainer import TaskData, TrainConfig
+from moa import MoA, add_experts, lora_layers
+from trainer import TaskData, TrainConfig, processes
 
 RESUME = ["--init_from=resume", "--max_iters=100"]  # tiny_base's own last step: a run that resumes ends at once
 TASK_ARGS = ["--batch_size=4", "--eval_iters=1", "--progress=False", "--device=cpu", "--warmup_iters=1"]
@@ -657,3 +658,118 @@ def test_resume_under_another_domain_rank_or_base_is_refused(small_tasks, valid,
         with one_error(name):
             train_lora.main([a for a in resumed if not a.startswith(change.partition("=")[0] + "=")] + [change])
     assert snapshot(folder) == before
+
+
+# ----------------------------------------------------------------------------------------------
+# Tracebacks left: --trace beyond the context, a bundle's top_k, threads, torchrun's variables
+
+
+def test_trace_beyond_the_context_is_one_error(valid):
+    """sample.py --trace=N where the prompt and N steps exceed the context (64) is a UserError naming --trace."""
+    with one_error("--trace=60"):
+        sample.main([f"--base={valid['base']}", f"--bundle={valid['bundle']}", "--trace=60", "--prompt=57+8=xxxxx"])
+
+
+@pytest.mark.parametrize("top_k", [3, 10**9])
+def test_a_bundle_claiming_more_experts_per_token_than_it_has(valid, tmp_path, top_k):
+    """A bundle whose top_k is more than its experts is refused naming the file, by load_bundle and by sample.py
+    --mode=token (where top_k is used), before any forward pass."""
+    path = write_corrupt(tmp_path / "bad.safetensors", edit_meta(top_k=top_k), valid["bundle"], "")
+    gpt, tokenizer = load_base(valid["base"])
+    with one_error("bad.safetensors"):
+        load_bundle(path, gpt, tokenizer)
+    with one_error("bad.safetensors"):
+        sample.main([f"--base={valid['base']}", f"--bundle={path}", "--mode=token", "--device=cpu"])
+
+
+def test_removing_domains_below_top_k_writes_a_bundle_that_loads(valid, tmp_path):
+    """A bundle with top_k 2 of 2 experts, one domain removed and saved (as train_router.py --remove_domain does),
+    loads again, with top_k 1: its one expert."""
+    gpt, tokenizer = load_base(valid["base"])
+    moa = MoA(gpt, ["arith", "upper"], rank=2, top_k=2)
+    moa.remove_domain("upper")
+    path = str(tmp_path / "moa-upper.safetensors")
+    save_bundle(path, moa, tokenizer, fingerprint(load_base(valid["base"])[0]), {"top_k": 2, "mode": "token"})
+    assert load_bundle(path, load_base(valid["base"])[0], tokenizer)[0].top_k == 1
+
+
+@pytest.mark.parametrize("value", ["100000", "CORES+1", "0", "-1", "abc", "1.5", "²"])
+def test_omp_num_threads_must_be_a_number_of_cores(monkeypatch, value):
+    """OMP_NUM_THREADS that is not a whole number from 1 to the machine's cores (100000 made torch crash) is a
+    UserError naming it; 1 and the number of cores pass."""
+    cores = os.cpu_count() or 1
+    monkeypatch.setenv("OMP_NUM_THREADS", str(cores + 1) if value == "CORES+1" else value)
+    with one_error("OMP_NUM_THREADS="):
+        config.cpu_threads()
+    for good in ("1", str(cores)):
+        monkeypatch.setenv("OMP_NUM_THREADS", good)
+        assert config.cpu_threads() == int(good)
+
+
+def test_omp_num_threads_from_the_command_line_is_one_line(tiny_base):
+    """A script started with OMP_NUM_THREADS=100000 exits 1 with one line naming it (it used to segfault)."""
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO_ROOT, "sample.py"), f"--base={tiny_base}", "--max_new_tokens=2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "100000"},
+    )
+    assert_one_line_error(result, "OMP_NUM_THREADS='100000'")
+
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+MEET = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+BAD_ENVS = [
+    {"WORLD_SIZE": "x"},
+    {"WORLD_SIZE": "2"},
+    {"RANK": "0"},
+    {"RANK": "x", "WORLD_SIZE": "2", **MEET},
+    {"RANK": "0", "WORLD_SIZE": "2"},
+    {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"},
+    {"RANK": "2", "WORLD_SIZE": "2", **MEET},
+    {"RANK": "0", "WORLD_SIZE": "0"},
+    {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "x", **MEET},
+]
+
+
+@pytest.mark.parametrize("env", BAD_ENVS, ids=[" ".join(f"{k}={v}" for k, v in e.items()) for e in BAD_ENVS])
+def test_torchrun_variables_not_as_torchrun_sets_them(monkeypatch, env):
+    """RANK or WORLD_SIZE that torchrun did not set (a letter, one without the other, RANK >= WORLD_SIZE, or two
+    processes with nowhere to meet) is a UserError naming them, not a traceback inside torch.distributed; one
+    process (RANK=0 WORLD_SIZE=1) and torchrun's full set pass."""
+    for name in TORCHRUN_VARS:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with one_error(f"{next(iter(env))}="):
+        processes()
+    for good, expected in (
+        ({"RANK": "0", "WORLD_SIZE": "1"}, (0, 1)),
+        ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", **MEET}, (1, 2)),
+    ):
+        for name in TORCHRUN_VARS:
+            monkeypatch.delenv(name, raising=False)
+        for name, value in good.items():
+            monkeypatch.setenv(name, value)
+        assert processes() == expected
+
+
+def test_torchrun_variables_from_the_command_line_are_one_line(tiny_data, tmp_path):
+    """train_base.py with RANK=0 WORLD_SIZE=2 and no torchrun exits 1 with one line naming them, writing nothing."""
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO_ROOT, "train_base.py"),
+            *TINY_BASE_ARGS,
+            f"--data_dir={tiny_data}",
+            f"--out_dir={tmp_path / 'out'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, "RANK": "0", "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"},
+    )
+    assert_one_line_error(result, "RANK='0' WORLD_SIZE='2'")
+    assert not os.path.exists(tmp_path / "out")
