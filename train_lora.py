@@ -28,6 +28,7 @@ from moa import TARGETS, add_experts, count_params, set_route
 from trainer import (
     TaskConfig,
     TaskData,
+    check_records_fit,
     check_training_memory,
     micro_batches,
     task_block_size,
@@ -78,6 +79,7 @@ def main(argv=None):
     model, tokenizer = load_base(cfg.base)
     block_size = task_block_size(cfg, model)
     train_data = TaskData(cfg.data_dir, "all" if cfg.domain == "all" else cfg.domain, block_size, cfg.prompt_loss)
+    check_records_fit(train_data)
     eval_data = TaskData(cfg.data_dir, cfg.domains, block_size)  # the expert is measured on every task
     if cfg.domain != "all" and cfg.domain not in eval_data.domains:  # e.g. the held-back task
         eval_data = TaskData(cfg.data_dir, ",".join(eval_data.domains + [cfg.domain]), block_size)

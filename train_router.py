@@ -50,6 +50,7 @@ from moa import TARGETS, MoA, count_params, lora_layers
 from trainer import (
     TaskConfig,
     TaskData,
+    check_records_fit,
     check_training_memory,
     micro_batches,
     task_block_size,
@@ -112,6 +113,8 @@ def check_choices(cfg):
         raise UserError("--weight_decay would shrink the frozen old router rows; use 0, or --train_old_rows")
     if (cfg.add_domain or cfg.remove_domain) and not cfg.bundle:
         raise UserError("--add_domain / --remove_domain need --bundle=PATH of the bundle to change")
+    if cfg.add_domain and cfg.remove_domain:  # else only the removal would happen, saved under the added name
+        raise UserError("give --add_domain or --remove_domain, not both: one run changes a bundle by one domain")
 
 
 def expert_path(cfg, domain):
@@ -205,6 +208,7 @@ def main(argv=None):
     moa = build(cfg, gpt, tokenizer, base, domains)
     fast.enable(moa, cfg.fast)
     data = TaskData(cfg.data_dir, ",".join(moa.domains), block_size, cfg.prompt_loss)  # labels: the bundle's order
+    check_records_fit(data)
     if data.tokenizer != tokenizer:
         raise UserError(f"{cfg.data_dir} was prepared with tokenizer {data.tokenizer!r}, the base uses {tokenizer!r}")
     moa.eta, moa.top_k = cfg.eta, cfg.top_k

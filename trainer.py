@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -190,6 +191,8 @@ def choose(names, known, held_back, kind):
     for name in chosen:
         if name not in known:
             raise UserError(f"unknown {kind} {name!r}; prepared: {', '.join(known) or 'none'}")
+        if chosen.count(name) > 1:  # one label per name: a second would make an expert or bundle its loader refuses
+            raise UserError(f"{kind} {name!r} is selected twice in {names!r}")
     if not chosen:
         raise UserError(f"no {kind} selected: prepare some with `python data/prepare.py`")
     return chosen
@@ -295,6 +298,28 @@ class TaskData:
                 self.record(name, split, int(torch.randint(self.count(name, split), (1,), generator=generator)))
             )
         return self.pad(records, d)
+
+
+def check_records_fit(data):
+    """Each task's training records against the context (data.block_size positions: a record of n tokens, its EOT
+    included, fills n - 1): a warning on stderr counting those that are cut, and a UserError when none of a task's
+    records keeps a token to train on (without --prompt_loss: each prompt alone fills the context)."""
+    for name in data.domains:
+        _, n_prompt, length = data.index[name, "train"].T
+        cut, lost = int((length - 1 > data.block_size).sum()), int((n_prompt > data.block_size).sum())
+        if lost == len(length) and not data.prompt_loss:
+            raise UserError(
+                f"task {name!r}: every training record's prompt fills the context of {data.block_size} tokens (the "
+                f"shortest prompt is {n_prompt.min()}), so nothing would train; shorten the prompts, or use a base "
+                "with a longer context"
+            )
+        if cut:
+            print(
+                f"warning: task {name!r}: {cut} of {len(length)} training records are longer than the context of "
+                f"{data.block_size} tokens (the longest needs {length.max() - 1}) and are cut"
+                + (f"; {lost} of them lose their whole response" if lost else ""),
+                file=sys.stderr,
+            )
 
 
 def read_records(data_dir, name, split, vocab_size):

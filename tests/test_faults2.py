@@ -773,3 +773,93 @@ def test_torchrun_variables_from_the_command_line_are_one_line(tiny_data, tmp_pa
     )
     assert_one_line_error(result, "RANK='0' WORLD_SIZE='2'")
     assert not os.path.exists(tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags that contradict each other: an error, or what they say
+
+
+def test_a_task_or_text_name_given_twice_is_one_error(tmp_path):
+    """prepare.py with two --task (or --text) of one name is a UserError naming it: the first would be dropped."""
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "a", "response": "b"}] * 3)
+    b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": "c", "response": "d"}] * 3)
+    for flag in ("task", "text"):
+        with one_error(f"--{flag}=t="):
+            prepare([f"--out_dir={tmp_path / 'data'}", "--only=none", f"--{flag}=t={a}", f"--{flag}=t={b}"])
+    assert not os.path.exists(tmp_path / "data")
+
+
+@pytest.mark.parametrize(
+    "flag, name, only", [("task", "upper", "upper"), ("task", "arith", "all"), ("text", "python", "python")]
+)
+def test_a_user_task_named_like_a_built_in_one_is_refused(tmp_path, flag, name, only):
+    """A --task or --text named like a built-in task or corpus source that is built too is a UserError naming it
+    (it would replace the built-in silently); with the built-in left out (--only=none) the name is yours."""
+    path = write_jsonl(tmp_path / "mine.jsonl", [{"prompt": f"p{i}", "response": "r", "text": "t"} for i in range(4)])
+    with one_error(f"--{flag}={name}="):
+        prepare([f"--out_dir={tmp_path / 'data'}", f"--only={only}", f"--{flag}={name}={path}"])
+    assert not os.path.exists(tmp_path / "data")
+    prepare([f"--out_dir={tmp_path / 'data'}", "--only=none", f"--{flag}={name}={path}"])
+
+
+def test_add_domain_with_remove_domain_is_one_error(valid, tiny_data, tmp_path):
+    """train_router.py with both --add_domain and --remove_domain is a UserError naming both (only the removal would
+    happen, saved under the added name); nothing is written."""
+    with one_error("--add_domain or --remove_domain"):
+        train_router.main(
+            lora_args(
+                tiny_data,
+                valid["base"],
+                tmp_path / "moa",
+                f"--bundle={valid['bundle']}",
+                "--add_domain=count",
+                "--remove_domain=upper",
+            )
+        )
+    assert not os.path.exists(tmp_path / "moa")
+
+
+@pytest.mark.parametrize("script", ["train_router", "train_base", "task data"])
+def test_a_domain_selected_twice_is_one_error(tiny_data, tiny_base, tmp_path, script):
+    """--domains=upper,upper (or --corpus=prose,prose) is a UserError naming the name: a bundle of two experts of one
+    domain would be one its own loader refuses."""
+    with one_error("selected twice"):
+        if script == "train_router":
+            train_router.main(lora_args(tiny_data, tiny_base, tmp_path / "moa", "--domains=upper,arith,upper"))
+        elif script == "train_base":
+            train_base.main(
+                TINY_BASE_ARGS + [f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'b'}", "--corpus=prose,prose"]
+            )
+        else:
+            TaskData(tiny_data, "upper, upper")
+    assert not os.path.exists(tmp_path / "moa") and not os.path.exists(tmp_path / "b")
+
+
+def test_a_task_whose_prompts_fill_the_context_is_one_error(tiny_base, tmp_path):
+    """A task every one of whose prompts is longer than the base's context (64) would train nothing (a NaN loss,
+    lora_B left at 0): train_lora.py refuses it in one line naming the task, and writes nothing."""
+    records = [{"prompt": "x" * 70 + f"{i}\n", "response": "y"} for i in range(20)]
+    data = tmp_path / "data"
+    prepare([f"--out_dir={data}", "--only=none", f"--task=long={write_jsonl(tmp_path / 'long.jsonl', records)}"])
+    with pytest.raises(UserError, match="task 'long'.*nothing would train"):
+        train_lora.main(lora_args(data, tiny_base, tmp_path / "experts", "--domain=long", "--max_iters=2"))
+    assert not os.path.exists(tmp_path / "experts")
+
+
+def test_records_longer_than_the_context_are_counted_when_prepared_and_trained(tiny_base, tmp_path, capsys):
+    """Records longer than the context are cut in training: prepare.py warns with how many, the longest and the 95th
+    percentile at --context, and train_lora.py warns with how many of the training records it cuts."""
+    records = [{"prompt": "Q: say it\n", "response": "z" * (40 + 2 * i)} for i in range(20)]  # 52 to 90 tokens
+    data = tmp_path / "data"
+    prepare(
+        [f"--out_dir={data}", "--only=none", "--context=64", f"--task=t={write_jsonl(tmp_path / 't.jsonl', records)}"]
+    )
+    printed = capsys.readouterr().err
+    lengths = sorted(10 + 40 + 2 * i + 1 - 1 for i in range(20))  # prompt, response, EOT: each fills length - 1
+    cut = sum(n > 64 for n in lengths)
+    assert f"warning: task 't': {cut} of 20 records are longer than a context of 64 tokens" in printed, printed
+    assert f"the longest needs {max(lengths)}" in printed and "95th percentile" in printed, printed
+    train_lora.main(lora_args(data, tiny_base, tmp_path / "experts", "--domain=t", "--max_iters=1"))
+    printed = capsys.readouterr().err
+    n_train = TaskData(str(data), "t").count("t", "train")
+    assert f"of {n_train} training records are longer than the context of 64 tokens" in printed, printed
