@@ -1072,3 +1072,22 @@ def test_no_route_is_left_on_a_layer_after_a_forward_pass(speed):
         torch.manual_seed(0)  # tiny_moa's GPT, fresh, without experts
         base = GPT(moa.config).eval()
         torch.testing.assert_close(moa.gpt(idx, pad_mask=mask)[0], base(idx, pad_mask=mask)[0], rtol=0, atol=1e-6)
+
+
+def test_adding_a_domain_to_a_per_token_bundle_is_refused(valid, tiny_data, tmp_path):
+    """A bundle carries the routing it trained with: train_router.py --add_domain on one trained per token (MoE-LoRA,
+    whose routers never learned domain labels) is a UserError naming the bundle, and writes nothing."""
+    path = write_corrupt(tmp_path / "moe.safetensors", edit_meta(mode="token"), valid["bundle"], "")
+    (tmp_path / "experts").mkdir()
+    with one_error("moe.safetensors"):
+        train_router.main(
+            lora_args(
+                tiny_data,
+                valid["base"],
+                tmp_path / "moa",
+                f"--bundle={path}",
+                "--add_domain=reverse",
+                f"--experts={tmp_path / 'experts'}",
+            )
+        )
+    assert not os.path.exists(tmp_path / "moa")
