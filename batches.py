@@ -14,13 +14,14 @@ Read next: trainer.py.
 """
 
 import os
+import sys
 from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from config import UserError
+from config import UserError, is_name
 from files import read_json
 
 
@@ -57,6 +58,9 @@ def read_data_meta(data_dir):
         and isinstance(meta.get("held_back", []), list)
     ):
         raise UserError(f"{path} is not a meta.json written by data/prepare.py; run it again")
+    odd = next((n for kind in ("corpus", "tasks") for n in meta[kind] if not is_name(n)), None)
+    if odd is not None:  # each name is a folder of data_dir: never a path out of it
+        raise UserError(f"{path} names {odd!r}, not a name of letters, digits, _ and -; run data/prepare.py again")
     return meta
 
 
@@ -89,6 +93,8 @@ def choose(names, known, held_back, kind):
     for name in chosen:
         if name not in known:
             raise UserError(f"unknown {kind} {name!r}; prepared: {', '.join(known) or 'none'}")
+        if chosen.count(name) > 1:  # one label per name: a second would make an expert or bundle its loader refuses
+            raise UserError(f"{kind} {name!r} is selected twice in {names!r}")
     if not chosen:
         raise UserError(f"no {kind} selected: prepare some with `python data/prepare.py`")
     return chosen
@@ -210,6 +216,28 @@ class TaskData:
             ids = [int(torch.randint(counts[k], (1,), generator=gen)) for k in d.tolist()]
         batch = self.pad([self.record(self.domains[k], split, i) for k, i in zip(d.tolist(), ids)], d)
         return batch._replace(seed=torch.randint(2**62, (batch_size,), generator=gen))
+
+
+def check_records_fit(data):
+    """Each task's training records against the context (data.block_size positions: a record of n tokens, its EOT
+    included, fills n - 1): a warning on stderr counting those that are cut, and a UserError when none of a task's
+    records keeps a token to train on (without --prompt_loss: each prompt alone fills the context)."""
+    for name in data.domains:
+        _, n_prompt, length = data.index[name, "train"].T
+        cut, lost = int((length - 1 > data.block_size).sum()), int((n_prompt > data.block_size).sum())
+        if lost == len(length) and not data.prompt_loss:
+            raise UserError(
+                f"task {name!r}: every training record's prompt fills the context of {data.block_size} tokens (the "
+                f"shortest prompt is {n_prompt.min()}), so nothing would train; shorten the prompts, or use a base "
+                "with a longer context"
+            )
+        if cut:
+            print(
+                f"warning: task {name!r}: {cut} of {len(length)} training records are longer than the context of "
+                f"{data.block_size} tokens (the longest needs {length.max() - 1}) and are cut"
+                + (f"; {lost} of them lose their whole response" if lost else ""),
+                file=sys.stderr,
+            )
 
 
 def read_records(data_dir, name, split, vocab_size):

@@ -25,12 +25,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from config import UserError, parse_config, run
+from config import A_NAME, UserError, parse_config, run
 from files import (
     add_expert_file,
     atomic_write,
     base_files,
     check_outputs,
+    check_weights,
     expert_tensors,
     file_shapes,
     fingerprint,
@@ -78,6 +79,8 @@ class ExportConfig:
     domain: str = ""  # the domain name of the imported expert
     out: str = ""  # the folder (or, for import-peft, the expert file) to write
     force: bool = False  # replace an existing output
+
+    CHECKS = {"domain": A_NAME}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,6 +273,7 @@ def import_peft(cfg):
                 f"{weights_path}: {name} is {t.dtype} {tuple(t.shape)}, {cfg.base} with r={rank} wants "
                 f"{wanted[name]}: another base, or another rank"
             )
+    check_weights(theirs, weights_path)  # finite: a NaN would pass into every output
     add_experts(model, 1, rank, float(alpha), targets=targets)
     with torch.no_grad():
         for name, t in expert_tensors(model, 0).items():  # views of the new expert's parameters

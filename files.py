@@ -31,7 +31,7 @@ from dataclasses import asdict, fields
 
 import torch
 
-from config import UserError
+from config import UserError, is_name
 from moa import TARGETS, LoRALinear, MoA, add_experts, lora_layers, set_route
 from model import GPT, GPTConfig
 
@@ -151,7 +151,7 @@ def read_json(path):
             value = json.load(f)
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror}") from None
-    except ValueError as e:  # not UTF-8, not JSON
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, or nested too deeply
         raise UserError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(value, dict):
         raise UserError(f"{path} does not hold a JSON object")
@@ -177,6 +177,7 @@ def write_safetensors(path, tensors, metadata=None):
     from safetensors.torch import save
 
     tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    check_weights(tensors, f"not writing {path}", any_dtype=True)  # any tensor file; never a NaN or inf
     metadata = None if metadata is None else {str(k): str(v) for k, v in metadata.items()}
     data = save(tensors, metadata)  # in memory first: a full disk is then an OSError of our own write
     atomic_write(path, lambda tmp: write_bytes(tmp, data))
@@ -185,6 +186,17 @@ def write_safetensors(path, tensors, metadata=None):
 def write_bytes(path, data):
     with open(path, "wb") as f:
         f.write(data)
+
+
+def check_weights(tensors, where, any_dtype=False):
+    """Every tensor of {name: tensor} is floating-point (unless any_dtype) and finite, or a UserError naming `where`
+    and the first that is not: an integer tensor would be cast silently on loading, and one NaN or inf weight makes
+    every output NaN (a traceback in sampling, or NUL bytes at temperature 0), so neither is ever loaded or written."""
+    for name, t in tensors.items():
+        if not t.is_floating_point() and not any_dtype:
+            raise UserError(f"{where}: {name} is {t.dtype}, not floating-point weights")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise UserError(f"{where}: {name} holds NaN or inf values")
 
 
 def read_safetensors(path):
@@ -207,6 +219,7 @@ def read_safetensors(path):
 
 def save_checkpoint(path, state):
     """state: a dict of tensors, plain containers and JSON text (no objects to unpickle later)."""
+    check_weights(state.get("model", {}), f"not writing {path}")
     buffer = io.BytesIO()
     torch.save(state, buffer)  # in memory first: a full disk is then an OSError of our own write, not torch's
     atomic_write(path, lambda tmp: write_bytes(tmp, buffer.getbuffer()))
@@ -229,6 +242,7 @@ def load_checkpoint(path):
         or not all(isinstance(t, torch.Tensor) for t in model.values())
     ):
         raise UserError(f"checkpoint {path} is not a nanoMoA checkpoint: no meta object or no model tensors")
+    check_weights(model, f"checkpoint {path}")
     return ckpt
 
 
@@ -279,11 +293,13 @@ def load_base(path):
             raise UserError(f"{ckpt_path} names no tokenizer: not a checkpoint written by train_base.py")
         model = GPT(gpt_config(ckpt["meta"].get("model"), ckpt["model"], ckpt_path))
         try:
-            missing = model.load_state_dict(ckpt["model"], strict=False).missing_keys
+            keys = model.load_state_dict(ckpt["model"], strict=False)
         except RuntimeError as e:  # a tensor of another shape
             raise UserError(f"{ckpt_path} does not match its own config: {str(e).splitlines()[-1].strip()}") from None
-        if missing != ["lm_head.weight"]:  # lm_head is tied to wte, saved once
-            raise UserError(f"{ckpt_path} does not match its own config: missing {missing[:3]}")
+        if keys.missing_keys != ["lm_head.weight"]:  # lm_head is tied to wte, saved once
+            raise UserError(f"{ckpt_path} does not match its own config: missing {keys.missing_keys[:3]}")
+        if keys.unexpected_keys:  # e.g. biases in the file of a config with bias=False: they would be dropped
+            raise UserError(f"{ckpt_path} does not match its own config: it holds {keys.unexpected_keys[0]}")
         return model, ckpt["meta"]["tokenizer"]
     try:
         return GPT.from_pretrained(path), path if os.path.isdir(path) else "gpt2"
@@ -387,6 +403,8 @@ def save_bundle(path, moa, tokenizer, base, extra=None):
         **expert_meta(moa, tokenizer, base),
         **(extra or {}),
     }
+    if "top_k" in meta:  # experts per token: top_k of fewer experts (one domain, or some removed) is all of them
+        meta["top_k"] = min(meta["top_k"], len(moa.domains))
     tensors = {name: p for name, p in moa.named_parameters() if "lora_" in name or name.startswith("routers.")}
     write_safetensors(path, tensors, {"nanomoa": json.dumps(meta)})
 
@@ -413,11 +431,11 @@ META_CHECKS = {  # key -> (what it must be, the check), for both kinds of file
     ),
 }
 KIND_CHECKS = {
-    "expert": {"domain": ("a string", lambda v: isinstance(v, str) and v)},
+    "expert": {"domain": ("a name of letters, digits, _ and -", is_name)},
     "bundle": {
-        "domains": (
-            "a list of distinct names",
-            lambda v: isinstance(v, list) and v and all(isinstance(d, str) and d for d in v) and len(set(v)) == len(v),
+        "domains": (  # export.py makes a folder of each name: never a path out of --out
+            "a list of distinct names of letters, digits, _ and -",
+            lambda v: isinstance(v, list) and v and all(map(is_name, v)) and len(set(v)) == len(v),
         ),
         "pooling": ("mean or last", lambda v: v in ("mean", "last")),
         "temperature": ("a positive number", lambda v: is_number(v) and v > 0),
@@ -426,7 +444,8 @@ KIND_CHECKS = {
 OPTIONAL = {"temperature": 1.0}  # a bundle written before its routers' confidence was calibrated has none
 OPTIONAL_CHECKS = {  # keys some files have (train_router.py's settings, training records seen...)
     "top_k": ("an integer >= 1", is_size),
-    "mode": ("a string", lambda v: isinstance(v, str)),
+    "eta": ("a number >= 0", lambda v: is_number(v) and v >= 0),
+    "mode": ("label, token or layer", lambda v: v in ("label", "token", "layer")),  # the routing it trained with
     "samples": ("an integer >= 0", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
     "steps": ("an integer >= 0", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
 }
@@ -440,7 +459,7 @@ def read_meta(path, kind, gpt=None):
         raise UserError(f"{path} has no nanoMoA metadata: not an expert or bundle written by nanoMoA")
     try:
         meta = json.loads(meta["nanomoa"])
-    except ValueError:
+    except (ValueError, RecursionError):
         raise UserError(f"{path}: its nanoMoA metadata is not valid JSON") from None
     if not isinstance(meta, dict):
         raise UserError(f"{path}: its nanoMoA metadata is not a JSON object")
@@ -457,6 +476,9 @@ def read_meta(path, kind, gpt=None):
     for key, (what, ok) in OPTIONAL_CHECKS.items():
         if key in meta and not ok(meta[key]):
             raise UserError(f"{path}: metadata {key!r} must be {what}, got {meta[key]!r}")
+    if kind == "bundle" and meta.get("top_k", 1) > len(meta["domains"]):
+        raise UserError(f"{path}: metadata 'top_k' is {meta['top_k']}, more than its {len(meta['domains'])} experts")
+    check_weights(tensors, path)
     if gpt is not None:
         check_tensors(path, tensors, meta, kind, gpt)
     return tensors, meta
@@ -555,6 +577,7 @@ def load_bundle(path, gpt, tokenizer, base=None):
         meta["alpha"],
         targets=meta["targets"],
         pooling=meta["pooling"],
+        eta=meta.get("eta", 1.0),
         top_k=meta.get("top_k", 1),
     )
     moa.load_state_dict(tensors, strict=False)

@@ -245,7 +245,7 @@ class GPT(nn.Module):
         """OpenAI's GPT-2 weights, from a local folder (config.json + model.safetensors or
         pytorch_model.bin) or, when online, from the Hugging Face hub (gpt2, gpt2-medium, -large, -xl)."""
         folder = name_or_path if os.path.isdir(name_or_path) else download_gpt2(name_or_path)
-        from files import gpt_config, read_hf_weights, read_json  # files.py imports this file: import it here
+        from files import check_weights, gpt_config, read_hf_weights, read_json  # files.py imports this file
 
         hf = read_json(os.path.join(folder, "config.json"))
         sizes = {
@@ -271,9 +271,22 @@ class GPT(nn.Module):
                 src = src.t()  # GPT-2 stores these as Conv1D: (in, out), nn.Linear wants (out, in)
             if src.shape != ours[key].shape:
                 raise ValueError(f"{folder}: {key} has shape {tuple(src.shape)}, expected {tuple(ours[key].shape)}")
+            check_weights({key: src}, folder)  # copy_ would cast integers silently
             with torch.no_grad():
                 ours[key].copy_(src)
+        check_gpt2_names(state, ours, folder)
         return model
+
+
+def check_gpt2_names(state, ours, folder):
+    """A GPT-2 file holds GPT-2's weights and nothing else we would drop unread: besides our names (with or without
+    "transformer."), only the attention masks older transformers saved, and an lm_head equal to wte (tied)."""
+    known = set(ours) | {k.removeprefix("transformer.") for k in ours}
+    for name, t in state.items():
+        if name == "lm_head.weight" and not torch.equal(t.to(ours[name].dtype), ours["transformer.wte.weight"]):
+            raise ValueError(f"{folder}: its lm_head.weight is not its wte.weight; nanoMoA's GPT ties the two")
+        if name not in known and not name.endswith((".attn.bias", ".attn.masked_bias")):
+            raise ValueError(f"{folder}: it holds {name}, which is not a GPT-2 weight")
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

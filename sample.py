@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 import fast
-from config import AT_LEAST_0, AT_LEAST_1, PROBABILITY, UserError, one_of, parse_config, run
+from config import AT_LEAST_0, AT_LEAST_1, PROBABILITY, UserError, check_memory, one_of, parse_config, run
 from evaluate import left_pad
 from files import add_expert_file, load_base, load_bundle
 from moa import MODES
@@ -125,6 +125,15 @@ def trace(moa, idx, mask, enc, steps, mode):
             )
 
 
+def check_sample_memory(cfg, n_prompts, config):
+    """--num_samples (times the prompts) and the new tokens against the free memory, before any batch is made: the
+    KV cache alone holds 2 n_layer float32 (B, T, n_embd) tensors, B = prompts x samples and T at least the new
+    tokens, and each step's logits (B, vocab)."""
+    rows, steps = n_prompts * cfg.num_samples, cfg.trace or cfg.max_new_tokens
+    need = 4 * rows * (2 * config.n_layer * steps * config.n_embd + config.vocab_size)
+    check_memory(need, f"--num_samples={cfg.num_samples} (x {n_prompts} prompts) with {steps} new tokens")
+
+
 @torch.no_grad()
 def main(argv=None):
     cfg = parse_config(SampleConfig, argv or [])
@@ -135,11 +144,13 @@ def main(argv=None):
     model, tokenizer, kwargs = load_model(cfg)
     enc = get_tokenizer(tokenizer)
     model.eval().to(device)
+    check_sample_memory(cfg, len(prompts), model.config)
     rows = [encode(enc, p) for p in prompts for _ in range(cfg.num_samples)]
     idx, mask = left_pad(rows, enc.eot_token)
-    if idx.size(1) + cfg.max_new_tokens > model.config.block_size:
+    steps = ("--trace", cfg.trace) if cfg.trace else ("--max_new_tokens", cfg.max_new_tokens)  # new tokens, either way
+    if idx.size(1) + steps[1] > model.config.block_size:
         raise UserError(
-            f"prompt ({idx.size(1)} tokens) + max_new_tokens exceed the context of {model.config.block_size}"
+            f"prompt ({idx.size(1)} tokens) + {steps[0]}={steps[1]} exceed the context of {model.config.block_size}"
         )
     if kwargs.get("mode") == "label":
         kwargs["domain"] = torch.full((len(rows),), model.domains.index(cfg.domain), device=device)

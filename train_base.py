@@ -17,11 +17,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 from batches import CorpusData
-from config import AT_LEAST_1, FRACTION, UserError, parse_config, run
+from config import AT_LEAST_1, FRACTION, NAMES, UserError, parse_config, run
 from evaluate import corpus_losses, unigram_entropy
 from files import gpt_config, load_checkpoint
 from model import GPT, GPTConfig
-from trainer import TrainConfig, train
+from trainer import TrainConfig, check_training_memory, train
 
 
 @dataclass
@@ -35,7 +35,13 @@ class BaseConfig(TrainConfig):
     dropout: float = 0.0
     bias: bool = True
 
-    CHECKS = {"n_layer": AT_LEAST_1, "n_head": AT_LEAST_1, "n_embd": AT_LEAST_1, "dropout": FRACTION}
+    CHECKS = {
+        "n_layer": AT_LEAST_1,
+        "n_head": AT_LEAST_1,
+        "n_embd": AT_LEAST_1,
+        "dropout": FRACTION,
+        "corpus": NAMES,
+    }
 
 
 def build_model(cfg, vocab_size):
@@ -43,17 +49,19 @@ def build_model(cfg, vocab_size):
     if cfg.init_from == "scratch":
         if cfg.n_embd % cfg.n_head:
             raise UserError(f"--n_embd={cfg.n_embd} must be a multiple of --n_head={cfg.n_head}: heads split the width")
-        return GPT(
-            GPTConfig(
-                block_size=cfg.block_size,
-                vocab_size=vocab_size,
-                n_layer=cfg.n_layer,
-                n_head=cfg.n_head,
-                n_embd=cfg.n_embd,
-                dropout=cfg.dropout,
-                bias=cfg.bias,
-            )
+        config = GPTConfig(
+            block_size=cfg.block_size,
+            vocab_size=vocab_size,
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            n_embd=cfg.n_embd,
+            dropout=cfg.dropout,
+            bias=cfg.bias,
         )
+        with torch.device("meta"):  # its size, before anything is allocated
+            params = GPT(config).num_params()
+        check_training_memory(cfg, config, params, ("batch_size", "block_size", "n_layer", "n_embd"))
+        return GPT(config)
     if cfg.init_from == "resume":
         path = os.path.join(cfg.out_dir, "ckpt.pt")
         ckpt = load_checkpoint(path)

@@ -33,12 +33,17 @@ import torch
 import torch.nn.functional as F
 
 import fast
-from batches import JointData, TaskData, by_length
-from config import AT_LEAST_1, FRACTION, UserError, parse_config, run
+from batches import JointData, TaskData, by_length, check_records_fit
+from config import AT_LEAST_1, FILE_NAME, FRACTION, UserError, is_name, parse_config, run
 from evaluate import evaluate_tasks
-from files import add_expert_file, base_files, check_outputs, fingerprint, load_base, save_expert
+from files import add_expert_file, base_files, check_outputs, file_shapes, fingerprint, load_base, save_expert
 from moa import TARGETS, add_experts, count_params, lora_layers, noise_generators, routed, set_route
-from trainer import TaskConfig, Unit, micro_batches, task_block_size, train
+from trainer import TaskConfig, Unit, check_training_memory, micro_batches, task_block_size, train
+
+LORA_SPECS = (  # --domain: each LoRA's tasks (names, joined by +), the LoRAs separated by commas; or all
+    "tasks of letters, digits, _ and -, joined by + for one LoRA, commas between LoRAs",
+    lambda v: all(is_name(t) for spec in v.split(",") if spec.strip() for t in spec.strip().split("+")),
+)
 
 
 @dataclass
@@ -60,7 +65,15 @@ class LoRAConfig(TaskConfig):
     warmup_iters: int = 20
     weight_decay: float = 0.0
 
-    CHECKS = {"rank": AT_LEAST_1, "lora_dropout": FRACTION}
+    CHECKS = {"rank": AT_LEAST_1, "lora_dropout": FRACTION, "domain": LORA_SPECS, "name": FILE_NAME}
+
+
+def check_expert_memory(cfg, gpt, n_experts):
+    """--rank and --batch_size, checked against the free memory before the experts are made (sizes from file_shapes,
+    which allocates nothing; unknown --targets are left to add_experts to name)."""
+    targets = [t for t in cfg.targets.split(",") if t in TARGETS]
+    params = sum(a * b for a, b in file_shapes(gpt, {"rank": cfg.rank, "targets": targets}, "expert").values())
+    check_training_memory(cfg, gpt.config, n_experts * params, ("batch_size", "rank"))
 
 
 def lora_specs(cfg, data_dir):
@@ -108,6 +121,8 @@ def main(argv=None):
     model, tokenizer = load_base(cfg.base)
     block_size = task_block_size(cfg, model)
     parts = [unit_data(cfg, tasks, sampling, block_size) for _, tasks, sampling in specs]
+    for data in {id(d): d for datas in parts for d in datas}.values():
+        check_records_fit(data)
     if tokenizer != parts[0][0].tokenizer:
         raise UserError(
             f"the base uses tokenizer {tokenizer!r} but {cfg.data_dir} was prepared with "
@@ -118,6 +133,7 @@ def main(argv=None):
         meta = add_expert_file(model, cfg.init_expert, tokenizer, cfg.lora_dropout)
         cfg = replace(cfg, rank=meta["rank"], alpha=meta["alpha"], targets=",".join(meta["targets"]))
     else:
+        check_expert_memory(cfg, model, len(specs))
         add_experts(model, 0, cfg.rank, cfg.alpha, cfg.lora_dropout, cfg.targets.split(","))
     layers = lora_layers(model)
     for _ in specs if not cfg.init_expert else []:
@@ -171,7 +187,8 @@ def main(argv=None):
         name, tasks, sampling = specs[k]
         records = steps * per_step * (1 if sampling == "pooled" else len(tasks))  # training records seen
         extra = {"trained_on": tasks, "samples": records, "steps": steps}
-        save_expert(path, m, k, "all" if name == "all" else name, tokenizer, base, extra)
+        domain = tasks[0] if len(tasks) == 1 else "all" if sampling == "pooled" else "mixed"
+        save_expert(path, m, k, domain, tokenizer, base, extra)
         print(f"saved {path} ({os.path.getsize(path) / 1e3:.0f} kB, {steps} steps)")
 
     def finish(m, steps):  # once training is over (under torchrun: on process 0 only)
@@ -187,7 +204,7 @@ def main(argv=None):
         Unit(name, {name: [p for layer in layers for p in (layer.lora_A[k], layer.lora_B[k])]})
         for k, name in enumerate(names)
     ]
-    meta = {"kind": "expert", "domain": cfg.domain}
+    meta = {"kind": "expert", "domain": cfg.domain, "base": base["sha256"]}
     run_cfg = replace(cfg, out_dir=run_dir)
     losses = train(run_cfg, model, data, evaluate, loss_fn, meta, finish=finish, units=units, snapshot=snapshot)
     return model, losses

@@ -26,18 +26,29 @@ Read next: sample.py, then results.py.
 """
 
 import glob
+import math
 import os
 from dataclasses import dataclass, replace
 
 import torch
 
 import fast
-from batches import TaskData
-from config import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, UserError, one_of, parse_config, run
+from batches import TaskData, check_records_fit
+from config import A_NAME, AT_LEAST_0, AT_LEAST_1, FILE_NAME, FRACTION, POSITIVE, UserError, one_of, parse_config, run
 from evaluate import evaluate_tasks, fit_temperature
-from files import base_files, check_outputs, fingerprint, load_base, load_bundle, load_expert, read_meta, save_bundle
+from files import (
+    base_files,
+    check_outputs,
+    file_shapes,
+    fingerprint,
+    load_base,
+    load_bundle,
+    load_expert,
+    read_meta,
+    save_bundle,
+)
 from moa import TARGETS, MoA, count_params, lora_layers, noise_generators
-from trainer import TaskConfig, Unit, micro_batches, task_block_size, train
+from trainer import TaskConfig, Unit, check_training_memory, micro_batches, task_block_size, train
 
 
 @dataclass
@@ -82,6 +93,9 @@ class RouterConfig(TaskConfig):
         "rank": AT_LEAST_1,
         "lora_dropout": FRACTION,
         "router_lr": POSITIVE,
+        "name": FILE_NAME,
+        "add_domain": A_NAME,
+        "remove_domain": A_NAME,
     }
 
 
@@ -96,6 +110,8 @@ def check_choices(cfg):
         raise UserError("--weight_decay would shrink the frozen old router rows; use 0, or --train_old_rows")
     if (cfg.add_domain or cfg.remove_domain) and not cfg.bundle:
         raise UserError("--add_domain / --remove_domain need --bundle=PATH of the bundle to change")
+    if cfg.add_domain and cfg.remove_domain:  # else only the removal would happen, saved under the added name
+        raise UserError("give --add_domain or --remove_domain, not both: one run changes a bundle by one domain")
 
 
 def expert_path(cfg, domain):
@@ -143,6 +159,10 @@ def build(cfg, gpt, tokenizer, base, data_domains):
         rank, alpha, targets = meta["rank"], meta["alpha"], meta["targets"]
     else:
         targets = TARGETS
+    # the sizes of the experts and routers to train, before they are made (file_shapes allocates nothing)
+    shapes = file_shapes(gpt, {"rank": rank, "targets": targets, "domains": data_domains}, "bundle")
+    flags = ("batch_size", "rank") if cfg.expert_init == "random" else ("batch_size",)
+    check_training_memory(cfg, gpt.config, sum(math.prod(s) for s in shapes.values()), flags)
     moa = MoA(gpt, data_domains, rank, alpha, cfg.lora_dropout, targets, cfg.pooling, cfg.eta, cfg.top_k)
     if cfg.expert_init == "stage1":
         for k, domain in enumerate(data_domains):
@@ -198,6 +218,7 @@ def main(argv=None):
     moa = build(cfg, gpt, tokenizer, base, domains)
     fast.enable(moa, cfg.fast)
     data = TaskData(cfg.data_dir, ",".join(moa.domains), block_size, cfg.prompt_loss)  # labels: the bundle's order
+    check_records_fit(data)
     if data.tokenizer != tokenizer:
         raise UserError(f"{cfg.data_dir} was prepared with tokenizer {data.tokenizer!r}, the base uses {tokenizer!r}")
     moa.eta, moa.top_k = cfg.eta, cfg.top_k
@@ -242,7 +263,7 @@ def main(argv=None):
         for k, g in (("experts", [p for p in trained if all(p is not r for r in routers)]), ("routers", routers))
         if g
     }
-    meta = {"kind": "bundle", "domains": moa.domains}
+    meta = {"kind": "bundle", "domains": moa.domains, "base": base["sha256"]}
     losses = train(
         replace(cfg, out_dir=run_dir),
         moa,

@@ -22,10 +22,21 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from config import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, UserError, one_of
+from config import (
+    AT_LEAST_0,
+    AT_LEAST_1,
+    FRACTION,
+    NAMES,
+    POSITIVE,
+    UserError,
+    check_memory,
+    one_of,
+    setting,
+)
 from files import atomic_write, load_checkpoint, locked, save_checkpoint, write_bytes
 
 # ----------------------------------------------------------------------------------------------
@@ -99,7 +110,7 @@ class TaskConfig(TrainConfig):
     schedule: str = "constant"  # constant: every checkpoint is what a shorter run would give (see save_at)
     save_at: str = ""  # comma-separated steps at which to also save what the run trains, as <name>@<step>
 
-    CHECKS = {"init_from": one_of("scratch", "resume"), "block_size": AT_LEAST_0}
+    CHECKS = {"init_from": one_of("scratch", "resume"), "block_size": AT_LEAST_0, "domains": NAMES}
 
 
 def save_steps(cfg):
@@ -118,6 +129,22 @@ def task_block_size(cfg, model):
     if cfg.block_size > model.config.block_size:
         raise UserError(f"--block_size={cfg.block_size} is beyond the base's context of {model.config.block_size}")
     return cfg.block_size or model.config.block_size
+
+
+def training_bytes(config, batch_size, block_size, trainable):
+    """A lower bound of the bytes one training step takes: the trainable parameters, their gradients and AdamW's two
+    moments (4 float32 copies), and what autograd keeps for the backward of a (B, T) batch: about 12 floats per token
+    and channel in each block (layer norms, q, k, v, attention and MLP outputs, the 4C-wide MLP input) and the logits
+    with their softmax, 2 V per token. The frozen weights, attention scores and temporaries come on top."""
+    activations = batch_size * block_size * (12 * config.n_layer * config.n_embd + 2 * config.vocab_size)
+    return 4 * (4 * trainable + activations)
+
+
+def check_training_memory(cfg, config, trainable, flags=("batch_size", "block_size")):
+    """A UserError naming `flags` (with their values) when a training step of a GPT of `config` with `trainable`
+    parameters, at cfg's batch and block size, cannot fit in this machine's free memory: said before allocating."""
+    need = training_bytes(config, cfg.batch_size, cfg.block_size or config.block_size, trainable)
+    check_memory(need, " ".join(f"--{flag}={getattr(cfg, flag)}" for flag in flags))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,9 +192,29 @@ def pick_device(device="auto", dtype="float32"):
 
 def processes():
     """(rank, world size) of this process: torchrun puts them in the environment; (0, 1) without it."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if "RANK" in os.environ or "WORLD_SIZE" in os.environ:
+        return torchrun_variables(os.environ)
     return 0, 1
+
+
+TORCHRUN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # what torchrun sets in every process
+
+
+def torchrun_variables(env):
+    """(RANK, WORLD_SIZE) of an environment that has either, checked to be as torchrun sets them: both whole numbers
+    with RANK < WORLD_SIZE, LOCAL_RANK (if there) one too, and for more than one process MASTER_ADDR and MASTER_PORT,
+    where the processes meet. Else a UserError: a variable left over from another job would otherwise end in a
+    traceback deep inside torch.distributed."""
+    ranks = [env.get("RANK", ""), env.get("WORLD_SIZE", ""), env.get("LOCAL_RANK", "0")]
+    whole = all(r.isascii() and r.isdigit() for r in ranks) and int(ranks[0]) < int(ranks[1])
+    meet = not whole or int(ranks[1]) == 1 or all(env.get(name) for name in ("MASTER_ADDR", "MASTER_PORT"))
+    if not (whole and meet):
+        given = " ".join(f"{name}={env[name]!r}" for name in TORCHRUN if name in env)
+        raise UserError(
+            f"{given}: not as torchrun sets them (RANK < WORLD_SIZE, whole numbers; MASTER_ADDR and MASTER_PORT "
+            "for more than one process): start with torchrun, or unset them to run one process"
+        )
+    return int(ranks[0]), int(ranks[1])
 
 
 def micro_batches(cfg):
@@ -230,6 +277,99 @@ def trainable_state(model):
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
 
+# What a resumed run may change: where and how it runs, how often it reports, and how long it goes on (more steps;
+# with --lr_decay_iters=0 the cosine then stretches to the new end). data_dir and base are compared by what they
+# hold (data_identity, the base's fingerprint), so they may move. Every other setting must be the saved run's.
+RESUME_MAY_CHANGE = (
+    "out_dir",
+    "data_dir",
+    "base",
+    "init_from",
+    "max_iters",
+    "device",
+    "compile",
+    "fast",
+    "progress",
+    "log_interval",
+    "eval_interval",
+    "eval_iters",
+    "save_at",
+)
+
+
+def data_identity(data):
+    """What a run's data is, as a SHA-256: its domains in order (a label is a place in it), meta.json's tokenizer,
+    seed and entries for those domains, the length of each token file and each task's record index (start, prompt
+    length and length of every record); for runs side by side (batches.JointData), every run's. Data prepared again
+    with another seed or other records has another identity; the same data moved to another folder keeps it."""
+    if hasattr(data, "parts"):
+        parts = [data_identity(d) for datas in data.parts for d in datas]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+    meta, domains = getattr(data, "meta", {}), list(getattr(data, "domains", []))
+    entries = {kind: {d: meta[kind][d] for d in domains if d in meta.get(kind, {})} for kind in ("corpus", "tasks")}
+    digest = hashlib.sha256(json.dumps([domains, meta.get("tokenizer"), meta.get("seed"), entries]).encode())
+    for store in ("splits", "tokens", "index"):  # CorpusData.splits; TaskData.tokens and .index
+        for key, array in sorted(getattr(data, store, {}).items()):
+            digest.update(f"{store} {key} {len(array)}".encode())
+            if store == "index":
+                digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def check_resume(path, saved, cfg, meta, identity):
+    """The run saved at `path` (its checkpoint's meta) is the run this one describes: the same settings but those of
+    RESUME_MAY_CHANGE, the same `meta` (kind, model, domains, the base's fingerprint...) and the same data. Else a
+    UserError naming the first difference: resuming would go on silently with the saved run's model and state."""
+    old, new = saved.get("config"), asdict(cfg)
+    if not isinstance(old, dict):
+        raise UserError(f"{path} records no settings to compare this run's with: start a new run in another --out_dir")
+    for key in sorted(set(old) | set(new)):
+        if key not in RESUME_MAY_CHANGE and old.get(key) != new.get(key):
+            raise UserError(
+                f"{path} was trained with {key}={old.get(key)!r}, this run has "
+                f"{setting(key, new.get(key), 'the command line')}: resume with the run's settings (only "
+                f"{', '.join(RESUME_MAY_CHANGE[3:])} may change), or start a new run in another --out_dir"
+            )
+    for key, value in (meta or {}).items():  # init_from: train_base.py's (resume now, scratch or gpt2 then)
+        if key != "init_from" and saved.get(key) != value:
+            raise UserError(f"{path} is a run with {key} {saved.get(key)!r}, this one has {value!r}: start a new run")
+    if saved.get("data") != identity:
+        raise UserError(
+            f"{path} was trained on other data than --data_dir={cfg.data_dir} holds (prepared again, or other "
+            "tasks): resume on the data it was trained on, or start a new run in another --out_dir"
+        )
+
+
+def check_optimizer_state(optimizer, saved, path):
+    """The optimizer state loaded from `path` (`saved`, as in the file) fits its parameters: each moment of its
+    parameter's shape, floating-point in the file (load_state_dict casts silently) and finite. load_state_dict checks
+    none of it: a wrong shape would fail only at the first step."""
+    for state in saved["state"].values():
+        for name, t in state.items():
+            if torch.is_tensor(t) and not t.is_floating_point():
+                raise UserError(f"{path}: the optimizer's {name} is {t.dtype}, not floating-point")
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for name, t in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(t) and t.dim() and t.shape != p.shape:
+                    raise UserError(
+                        f"{path}: the optimizer's {name} is {tuple(t.shape)}, its parameter {tuple(p.shape)}"
+                    )
+                if torch.is_tensor(t) and not (t.is_floating_point() and torch.isfinite(t).all()):
+                    raise UserError(f"{path}: the optimizer's {name} is {t.dtype} or holds NaN or inf values")
+
+
+def check_finite_weights(model, step):
+    """The trainable weights are finite at `step`, or a UserError: a run whose training diverged logs and saves
+    nothing more, and the checkpoint of an earlier step stays as it was."""
+    for name, p in trainable_state(model).items():
+        if not torch.isfinite(p).all():
+            raise UserError(
+                f"training diverged before step {step}: {name} holds NaN or inf values; nothing was saved (an earlier "
+                "checkpoint is kept): try a lower --learning_rate or --grad_clip"
+            )
+
+
 def trim_log(path, step):
     """Keeps the log's lines up to `step`, the checkpoint's. A run killed after logging a step but before its
     checkpoint was saved would log that step again when resumed; a half-written last line is dropped too."""
@@ -240,7 +380,7 @@ def trim_log(path, step):
         for line in f:
             try:
                 record = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue
             if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
                 kept.append(line)
@@ -292,6 +432,7 @@ class Run:
         self.history = {u.name: [] for u in units}  # unit -> [(step, validation loss)]
         self.norms = {}  # parameter group -> its gradient norms since the last log line
         self.stopped = {}  # unit -> the step it stopped at (its plateau)
+        self.identity = None  # the data's (data_identity), kept in every checkpoint
         self.ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
         self.log_path = os.path.join(cfg.out_dir, "log.jsonl")
 
@@ -306,22 +447,34 @@ class Run:
             "model": trainable_state(self.raw),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),  # empty unless float16
-            "meta": json.dumps({"step": self.step, "config": asdict(self.cfg), "metrics": metrics, **(meta or {})}),
+            "meta": json.dumps(
+                {
+                    "step": self.step,
+                    "config": asdict(self.cfg),
+                    "metrics": metrics,
+                    "data": self.identity,
+                    **(meta or {}),
+                }
+            ),
         }
         save_checkpoint(self.ckpt_path, state)
 
 
-def resume(run, master):
-    """--init_from=resume: the weights, optimizer state and step of out_dir/ckpt.pt; the log is cut back to the
-    checkpoint's step and read back into each unit's history, so the plateau rule goes on where it was."""
+def resume(run, master, meta, identity):
+    """--init_from=resume: the weights, optimizer state and step of out_dir/ckpt.pt, once the saved run is checked to be
+    this one (check_resume); the log is cut back to the checkpoint's step and read back into each unit's history, so
+    the plateau rule goes on where it was."""
     path = run.ckpt_path
     ckpt = load_checkpoint(path)
-    missing = set(trainable_state(run.raw)) - set(ckpt["model"])
+    check_resume(path, ckpt["meta"], run.cfg, meta, identity)
+    missing = set(trainable_state(run.raw)) ^ set(ckpt["model"])  # either way: a tensor left out, or one unread
     if missing:
-        raise UserError(f"{path} does not match this model: it lacks {sorted(missing)[0]}")
+        what = "lacks" if sorted(missing)[0] in trainable_state(run.raw) else "holds"
+        raise UserError(f"{path} does not match this model: it {what} {sorted(missing)[0]}")
     try:
         run.raw.load_state_dict(ckpt["model"], strict=False)
         run.optimizer.load_state_dict(ckpt["optimizer"])
+        check_optimizer_state(run.optimizer, ckpt["optimizer"], path)
         if ckpt.get("scaler"):  # a float16 run's loss scale, where it had got to
             run.scaler.load_state_dict(ckpt["scaler"])
     except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as e:
@@ -359,6 +512,7 @@ def watch_losses(run, metrics):
 
 def evaluate_and_log(run, evaluate, ctx, bar, meta):
     """Evaluates the model, logs a line to out_dir/log.jsonl, applies the plateau rule, saves the checkpoint."""
+    check_finite_weights(run.raw, run.step)  # before anything is logged or saved
     run.raw.eval()
     with ctx:
         metrics = evaluate(run.raw)
@@ -445,6 +599,8 @@ def train(
     Under torchrun, process r computes micro-batches r, r + N, ... of each step (N processes), and only
     process 0 evaluates, logs, checkpoints and runs finish; the others wait for it at the end.
     """
+    check_training_memory(cfg, model.config, sum(p.numel() for p in model.parameters() if p.requires_grad))
+    check_training_memory(cfg, model.config, sum(p.numel() for p in model.parameters() if p.requires_grad))
     with locked(cfg.out_dir) if processes()[0] == 0 else nullcontext():  # process 0 holds the lock for all
         return train_loop(cfg, model, data, evaluate, loss_fn, meta, lr_scales, finish, units, snapshot)
 
@@ -455,14 +611,16 @@ def train_loop(cfg, model, data, evaluate, loss_fn, meta, lr_scales, finish, uni
     if micro_batches(cfg) % world:
         raise UserError(f"--grad_accum={cfg.grad_accum} must be a multiple of the {world} processes (or 0: one each)")
     master, save_at = rank == 0, save_steps(cfg) if hasattr(cfg, "save_at") else set()
+    identity = data_identity(data)
     model.to(device)
     units = units or [Unit("", {"all": [p for p in model.parameters() if p.requires_grad]})]
     run = Run(cfg, model, units, device, lr_scales)
     os.makedirs(cfg.out_dir, exist_ok=True)
     if cfg.init_from == "resume":
-        resume(run, master)
+        resume(run, master, meta, identity)
     elif master and os.path.exists(run.log_path):
         os.remove(run.log_path)  # a fresh run starts a fresh log
+    run.identity = identity
     resumed_at = run.step if cfg.init_from == "resume" else None
     if cfg.compile:
         run.model = torch.compile(run.model)

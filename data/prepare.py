@@ -55,7 +55,7 @@ import numpy as np
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
-from config import AT_LEAST_1, UserError, parse_config, run  # noqa: E402  (these need the repo root on the path)
+from config import AT_LEAST_0, AT_LEAST_1, UserError, check_memory, parse_config, run  # noqa: E402  (need the root)
 from data import tasks  # noqa: E402
 from files import atomic_write, check_outputs  # noqa: E402
 from tokenizer import encode, get_tokenizer  # noqa: E402
@@ -83,8 +83,9 @@ class PrepareConfig:
     text: list = field(default_factory=list)  # NAME=GLOB, once per corpus source of your own
     held_back: str = "auto"  # tasks left for adding later (comma list); auto: the built-in count, if built
     small_task: str = ""  # a built-in task given a tenth of --records (the imbalanced variant of the suite)
+    context: int = 0  # warn about records longer than this many tokens; 0: 128 (the default base), 1024 with gpt2
 
-    CHECKS = {"max_tokens": AT_LEAST_1, "records": AT_LEAST_1, "val_records": AT_LEAST_1}
+    CHECKS = {"max_tokens": AT_LEAST_1, "records": AT_LEAST_1, "val_records": AT_LEAST_1, "context": AT_LEAST_0}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,7 +134,7 @@ def jsonl(path):
         if line.strip():  # blank lines between records are allowed
             try:
                 yield i, json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested too deeply
                 raise UserError(f"{path}:{i}: not valid JSON") from None
 
 
@@ -176,6 +177,16 @@ def split_documents(docs, enc, max_tokens, rng):
 
 # ----------------------------------------------------------------------------------------------
 # Tasks
+
+
+RECORD_BYTES = 200  # at least what one generated record takes while the data set is built (about 400 measured)
+
+
+def check_records_memory(cfg, n_tasks):
+    """--records and --val_records against the free memory, before any record is generated: every record of every
+    built-in task is held until the data set is written."""
+    need = RECORD_BYTES * n_tasks * (cfg.records + cfg.val_records * 2)  # train, val, unseen and calib (half of val)
+    check_memory(need, f"--records={cfg.records} --val_records={cfg.val_records} ({n_tasks} built-in tasks)")
 
 
 def user_records(name, path, seed):
@@ -222,15 +233,44 @@ def encode_records(records, enc):
 # ----------------------------------------------------------------------------------------------
 
 
+def length_warning(name, index, context):
+    """A warning about a task's records (index rows: start, prompt length, length) that do not fit a context of
+    `context` tokens, where a record of n tokens, its EOT included, fills n - 1: how many, the longest, the 95th
+    percentile, and how many lose their whole response. None when every record fits."""
+    _, n_prompt, length = index.T
+    cut, lost = int((length - 1 > context).sum()), int((n_prompt > context).sum())
+    if not cut:
+        return None
+    return (
+        f"warning: task {name!r}: {cut} of {len(length)} records are longer than a context of {context} tokens and "
+        f"will be cut in training (the longest needs {length.max() - 1}, the 95th percentile "
+        f"{np.percentile(length - 1, 95):.0f})"
+        + (f"; {lost} of them lose their whole response" if lost else "")
+        + "; --context=N checks another context"
+    )
+
+
 def read_specs(specs, flag):
-    """["NAME=PATH", ...] -> [(NAME, PATH)], names checked."""
+    """["NAME=PATH", ...] -> [(NAME, PATH)], names checked, each given once."""
     out = []
     for spec in specs:
         name, _, path = spec.partition("=")
         if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or not path:
             raise UserError(f"--{flag}={spec}: expected NAME=PATH, NAME of letters, digits, _ and -")
+        if name in dict(out):  # the second would replace the first
+            raise UserError(f"--{flag}={spec}: {name} is given twice; give each its own name")
         out.append((name, path))
     return out
+
+
+def check_not_builtin(specs, builtin, flag):
+    """No --task or --text takes the name of a built-in task or corpus source that is built too: it would replace it."""
+    for name, path in specs:
+        if name in builtin:
+            raise UserError(
+                f"--{flag}={name}={path}: {name} is built in; give yours another name, or leave the built-in out "
+                "with --only"
+            )
 
 
 def read_sources(cfg):
@@ -247,6 +287,9 @@ def read_sources(cfg):
     for name in names:
         if name not in builtin:
             raise UserError(f"--only: unknown built-in {name!r}; choose from {', '.join(builtin)} (or all, none)")
+    check_not_builtin(read_specs(cfg.text, "text"), [n for n in names if n in CORPUS], "text")
+    check_not_builtin(read_specs(cfg.task, "task"), [n for n in names if n in tasks.TASKS], "task")
+    check_records_memory(cfg, len([n for n in names if n in tasks.TASKS]))
     corpus = {n: (corpus_documents(n, cfg.seed), CORPUS[n]) for n in names if n in CORPUS}
     for name, pattern in read_specs(cfg.text, "text"):
         corpus[name] = (user_documents(name, pattern), f"user files {pattern}")
@@ -293,6 +336,7 @@ def main(argv=None):
     corpus, built = read_sources(cfg)
     names = tasks.HELD_BACK if cfg.held_back == "auto" else [n.strip() for n in cfg.held_back.split(",") if n.strip()]
     held_back = [n for n in names if n in built and (cfg.held_back != "auto" or built[n][1].startswith("generated"))]
+    context = cfg.context or (128 if cfg.tokenizer == "bytes" else 1024)  # the default base's, or GPT-2's
     meta = {
         "tokenizer": cfg.tokenizer,
         "vocab_size": enc.n_vocab,
@@ -322,9 +366,10 @@ def main(argv=None):
             print(f"corpus {name:>8}: docs {n_train}/{n_val}, tokens {len(train):,}/{len(val):,} (train/val)")
         for name, (records, source) in built.items():
             os.makedirs(os.path.join(folder, "tasks", name))
-            info = {"source": source}
+            info, indexes = {"source": source}, []
             for split, rows in records.items():
                 tokens, index = encode_records(rows, enc)
+                indexes.append(index)
                 tokens.tofile(os.path.join(folder, "tasks", name, f"{split}.bin"))
                 index.tofile(os.path.join(folder, "tasks", name, f"{split}.idx"))
                 info.update(
@@ -340,6 +385,9 @@ def main(argv=None):
                 f"{max(info['train_longest'], info['val_longest'])} tokens"
                 f"{' (held back)' if name in held_back else ''}"
             )
+            warning = length_warning(name, np.concatenate(indexes), context)
+            if warning:
+                print(warning, file=sys.stderr)
         with open(os.path.join(folder, "meta.json"), "w") as f:
             json.dump(meta, f, indent=2)
 

@@ -72,7 +72,11 @@ def tiny_hf_folder(folder, **sizes):
 @pytest.fixture(scope="module")
 def valid(tiny_base, tmp_path_factory):
     """Valid files to corrupt: an expert and a bundle on tiny_base, a GPT-2 folder, a PEFT adapter on it."""
-    folder = tmp_path_factory.mktemp("valid")
+    return valid_files(tiny_base, tmp_path_factory.mktemp("valid"))
+
+
+def valid_files(tiny_base, folder):
+    """The files of the fixture valid, written into folder."""
     gpt, tokenizer = load_base(tiny_base)
     base = fingerprint(gpt)
     expert = str(folder / "expert.safetensors")
