@@ -46,6 +46,7 @@ import sample
 import train_base
 import train_lora
 import train_router
+from batches import TaskData
 from config import UserError, parse_config
 from conftest import REPO_ROOT, TINY_BASE_ARGS, assert_one_line_error, run_script
 from data.prepare import main as prepare
@@ -62,7 +63,7 @@ from files import (
 from moa import MODES, MoA, add_experts, lora_layers
 from model import GPT, GPTConfig, KVCache
 from tokenizer import get_tokenizer
-from trainer import TaskData, TrainConfig, processes
+from trainer import TrainConfig, processes
 
 RESUME = ["--init_from=resume", "--max_iters=100"]  # tiny_base's own last step: a run that resumes ends at once
 TASK_ARGS = ["--batch_size=4", "--eval_iters=1", "--progress=False", "--device=cpu", "--warmup_iters=1"]
