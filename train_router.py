@@ -48,7 +48,7 @@ from files import (
     save_bundle,
 )
 from moa import TARGETS, MoA, count_params, lora_layers, noise_generators
-from trainer import TaskConfig, Unit, check_training_memory, micro_batches, task_block_size, train
+from trainer import TaskConfig, Unit, check_training_memory, micro_batches, pick_device, task_block_size, train
 
 
 @dataclass
@@ -74,8 +74,6 @@ class RouterConfig(TaskConfig):
     train_new_expert: bool = False  # when adding a domain: also fine-tune the new expert
     train_old_rows: bool = False  # when adding a domain: also retrain the routers' old rows (old routing may move)
     batch_size: int = 32
-    max_iters: int = 300
-    eval_interval: int = 100
     eval_iters: int = 2
     learning_rate: float = 3e-3  # the experts' peak learning rate
     min_lr: float = 3e-4
@@ -187,6 +185,7 @@ def samples_before(cfg, domains):
 def main(argv=None):
     cfg = parse_config(RouterConfig, argv or [])
     check_choices(cfg)
+    pick_device(cfg.device, cfg.dtype)  # a device that is not here: said before anything is read
     stem = os.path.splitext(os.path.basename(cfg.bundle))[0]
     name = cfg.name or (
         f"{stem}+{cfg.add_domain}" if cfg.add_domain else f"{stem}-{cfg.remove_domain}" if cfg.remove_domain else "moa"

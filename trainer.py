@@ -109,6 +109,9 @@ class TaskConfig(TrainConfig):
     block_size: int = 0  # longest record in tokens (longer ones are cut); 0: the base's context
     schedule: str = "constant"  # constant: every checkpoint is what a shorter run would give (see save_at)
     save_at: str = ""  # comma-separated steps at which to also save what the run trains, as <name>@<step>
+    max_iters: int = 1000  # the cap: a run stops earlier at its plateau (--stop_flat)
+    stop_flat: float = 0.02  # train to the plateau: see TrainConfig (0: exactly --max_iters steps)
+    eval_interval: int = 50
 
     CHECKS = {"init_from": one_of("scratch", "resume"), "block_size": AT_LEAST_0, "domains": NAMES}
 

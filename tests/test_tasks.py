@@ -139,7 +139,7 @@ def test_prompt_classifier_routes_by_the_prompt(tiny_data):
     """The classifier baseline, trained on the tasks' training prompts, routes >95% of validation prompts right,
     and ClassifierRouted serves each prompt with the classifier's expert (the MoA's label mode with its labels)."""
     data = TaskData(tiny_data, "upper,reverse,arith")
-    classifier = PromptClassifier(3, bins=256).fit(data, n_per_task=300, steps=100)
+    classifier = PromptClassifier(3, bins=1024).fit(data, n_per_task=1000, steps=300)
     prompts = [data.record(n, "val", i)[0] for n in data.domains for i in range(32)]
     labels = torch.arange(3).repeat_interleave(32)
     assert (classifier(prompts) == labels).float().mean() > 0.95
