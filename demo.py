@@ -57,10 +57,10 @@ class DemoConfig:
     data_dir: str = "data/default"
     out: str = "out"
     base_iters: int = 1200
-    cap: int = 1500  # the most steps any run may take to reach its plateau
+    cap: int = 1000  # the most steps any run may take to reach its plateau
     stop_flat: float = 0.02  # the plateau rule (trainer.flat): less than 2% better over the last 20% of steps
-    budgets: str = "100"  # stage-1 steps per expert at each budget point (--full: 50,100,200)
-    pair_steps: int = 100  # steps of each LoRA of the transfer matrix (--full)
+    budgets: str = "100"  # stage-1 steps per expert at each budget point (--full: 50,100,150)
+    pair_steps: int = 150  # steps of each LoRA of the transfer matrix (--full)
     add_iters: int = 300  # steps of the new router row when a task is added
     device: str = "auto"  # every step's: auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     jobs: int = 0  # steps at once, each a process on one thread; 0: one per CPU core on a CPU, 1 on a GPU
@@ -165,7 +165,7 @@ class Progress:
 
 
 def budgets(cfg):
-    text = cfg.budgets if not cfg.full or cfg.budgets != DemoConfig.budgets else "50,100,200"
+    text = cfg.budgets if not cfg.full or cfg.budgets != DemoConfig.budgets else "50,100,150"
     try:
         values = sorted({int(b) for b in text.split(",") if b.strip()})
     except ValueError:

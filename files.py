@@ -32,7 +32,7 @@ from dataclasses import asdict, fields
 import torch
 
 from config import UserError, is_name
-from moa import TARGETS, LoRALinear, MoA, add_experts, lora_layers, set_route
+from moa import ROUTER_INPUTS, TARGETS, LoRALinear, MoA, add_experts, lora_layers, set_route
 from model import GPT, GPTConfig
 
 # ----------------------------------------------------------------------------------------------
@@ -399,6 +399,7 @@ def save_bundle(path, moa, tokenizer, base, extra=None):
         "kind": "bundle",
         "domains": moa.domains,
         "pooling": moa.pooling,
+        "router_input": moa.router_input,
         "temperature": moa.temperature,
         **expert_meta(moa, tokenizer, base),
         **(extra or {}),
@@ -438,10 +439,11 @@ KIND_CHECKS = {
             lambda v: isinstance(v, list) and v and all(map(is_name, v)) and len(set(v)) == len(v),
         ),
         "pooling": ("mean or last", lambda v: v in ("mean", "last")),
+        "router_input": ("block or base", lambda v: v in ROUTER_INPUTS),
         "temperature": ("a positive number", lambda v: is_number(v) and v > 0),
     },
 }
-OPTIONAL = {"temperature": 1.0}  # a bundle written before its routers' confidence was calibrated has none
+OPTIONAL = {"temperature": 1.0, "router_input": "block"}  # what older bundles lack: uncalibrated, routers on blocks
 OPTIONAL_CHECKS = {  # keys some files have (train_router.py's settings, training records seen...)
     "top_k": ("an integer >= 1", is_size),
     "eta": ("a number >= 0", lambda v: is_number(v) and v >= 0),
@@ -579,6 +581,7 @@ def load_bundle(path, gpt, tokenizer, base=None):
         pooling=meta["pooling"],
         eta=meta.get("eta", 1.0),
         top_k=meta.get("top_k", 1),
+        router_input=meta["router_input"],
     )
     moa.load_state_dict(tensors, strict=False)
     moa.temperature = meta["temperature"]

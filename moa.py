@@ -37,6 +37,11 @@ TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # every line
 # the label given), layer (each block's router picks), last / vote (the last router, or a vote of all,
 # decides once from the prompt), token (the MoE-LoRA ablation: a per-token mixture). See MoA.forward.
 MODES = ("label", "layer", "last", "vote", "token")
+# What a router reads, pooled over the prompt (MoA(router_input=...)): block, the block's input, with the earlier
+# blocks' experts in it (as the paper draws it); base, the frozen base's hidden state at that block, the same in
+# training (the label picks the experts) and at inference (the routers do), for one more pass of the frozen blocks
+# over the prompt. With block, the routers of later blocks can learn the label from the earlier experts' output.
+ROUTER_INPUTS = ("block", "base")
 
 
 class LoRADropout(nn.Dropout):
@@ -228,13 +233,26 @@ class MoA(nn.Module):
     """
 
     def __init__(
-        self, gpt: GPT, domains, rank=8, alpha=16.0, dropout=0.0, targets=TARGETS, pooling="mean", eta=1.0, top_k=1
+        self,
+        gpt: GPT,
+        domains,
+        rank=8,
+        alpha=16.0,
+        dropout=0.0,
+        targets=TARGETS,
+        pooling="mean",
+        eta=1.0,
+        top_k=1,
+        router_input="block",
     ):
         super().__init__()
         if pooling not in ("mean", "last"):
             raise UserError(f"pooling must be mean or last, got {pooling!r}")
+        if router_input not in ROUTER_INPUTS:
+            raise UserError(f"router_input must be {' or '.join(ROUTER_INPUTS)}, got {router_input!r}")
         self.gpt = add_experts(gpt, len(domains), rank, alpha, dropout, targets)
         self.domains, self.pooling, self.eta, self.top_k = list(domains), pooling, eta, top_k
+        self.router_input = router_input
         C, K, device = gpt.config.n_embd, len(domains), gpt.lm_head.weight.device
         self.routers = nn.ModuleList([nn.Linear(C, K, device=device) for _ in range(gpt.config.n_layer)])
         for r in self.routers:
@@ -266,16 +284,21 @@ class MoA(nn.Module):
             raise UserError("routing mode label needs the domain labels")
         if cache is not None and cache.route is not None:  # decoding: the route was decided at prefill
             return self.decode(idx, pad_mask, cache)
+        base_stream = self.router_input == "base" and (cache is None or cache.length == 0)  # mode token decodes here
         x, attn_mask = self.gpt.embed(idx, pad_mask, cache)  # (B, T, C)
         mask = pad_mask if router_mask is None else router_mask
+        seen = x  # what the routers read: block i's input, or (router_input base) the frozen base's there
         router_logits, routes = [], []  # per block: (B, K), (B,)
         for i in range(len(self.blocks)):
-            logits, route = self.route_block(i, x, mask, domain, "layer" if mode == "token" else mode)
+            logits, route = self.route_block(i, seen, mask, domain, "layer" if mode == "token" else mode)
             router_logits.append(logits)
             routes.append(route)
             if mode == "token":  # the per-token mixture routes; the pooled logits above only feed L_cls
                 route = self.token_mixture(i, x)  # (B, T, K)
+            if base_stream and i + 1 < len(self.blocks):
+                seen = self.base_block(i, seen, attn_mask)
             x = self.run_block(i, x, route, attn_mask, cache, noise)
+            seen = seen if base_stream else x
         logits, lm_loss = self.gpt.head(x, targets)
         router_logits, routes = torch.stack(router_logits), torch.stack(routes)  # (L, B, K), (L, B)
         self.routing = {} if mode == "token" else self.summary(router_logits, routes, mode)  # token: no one choice
@@ -306,6 +329,12 @@ class MoA(nn.Module):
         probs = F.softmax(self.routers[i](x).float(), dim=-1)  # (B, T, K)
         top, ids = probs.topk(self.top_k, dim=-1)
         return torch.zeros_like(probs).scatter(-1, ids, top / top.sum(-1, keepdim=True))
+
+    @torch.no_grad()
+    def base_block(self, i, x, attn_mask):
+        """Block i of the frozen base alone (no expert, no cache): what router i + 1 reads with router_input base.
+        Nothing flows back through it: L_cls then trains the routers only."""
+        return self.run_block(i, x, None, attn_mask, None)
 
     def run_block(self, i, x, route, attn_mask, cache, noise=()):
         """Block i with its LoRA layers routed by `route` (and their dropout drawing from noise), for this call."""

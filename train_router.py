@@ -47,7 +47,7 @@ from files import (
     read_meta,
     save_bundle,
 )
-from moa import TARGETS, MoA, count_params, lora_layers, noise_generators
+from moa import ROUTER_INPUTS, TARGETS, MoA, count_params, lora_layers, noise_generators
 from trainer import TaskConfig, Unit, check_training_memory, micro_batches, pick_device, task_block_size, train
 
 
@@ -64,6 +64,8 @@ class RouterConfig(TaskConfig):
     mode: str = "label"  # routing in training: label (MoA) | token (MoE-LoRA ablation) | layer (routers' choice)
     top_k: int = 2  # experts per token with mode=token (top-1 would give the router no gradient)
     pooling: str = "mean"  # how a router reads its block's input: mean over real tokens | last token
+    router_input: str = "base"  # what a router reads: base (the frozen base's hidden state at its block) | block
+    # (the block's input, with the earlier experts' output in it: later routers then learn the label from it, LOG.md)
     expert_init: str = "stage1"  # stage1 experts, or random ones ("MoE-LoRA naive")
     rank: int = 8  # rank and alpha of random experts (stage-1 experts bring their own)
     alpha: float = 16.0
@@ -77,7 +79,7 @@ class RouterConfig(TaskConfig):
     eval_iters: int = 2
     learning_rate: float = 3e-3  # the experts' peak learning rate
     min_lr: float = 3e-4
-    router_lr: float = 0.1  # the routers' peak learning rate (their schedule is the experts', scaled)
+    router_lr: float = 0.01  # the routers' learning rate (their schedule is the experts', scaled); 0.1 was noisier
     warmup_iters: int = 20
     weight_decay: float = 0.0
 
@@ -86,6 +88,7 @@ class RouterConfig(TaskConfig):
         "mode": one_of("label", "token", "layer"),
         "top_k": AT_LEAST_1,
         "pooling": one_of("mean", "last"),
+        "router_input": one_of(*ROUTER_INPUTS),
         "expert_init": one_of("stage1", "random"),
         "expert_step": AT_LEAST_0,
         "rank": AT_LEAST_1,
@@ -161,7 +164,9 @@ def build(cfg, gpt, tokenizer, base, data_domains):
     shapes = file_shapes(gpt, {"rank": rank, "targets": targets, "domains": data_domains}, "bundle")
     flags = ("batch_size", "rank") if cfg.expert_init == "random" else ("batch_size",)
     check_training_memory(cfg, gpt.config, sum(math.prod(s) for s in shapes.values()), flags)
-    moa = MoA(gpt, data_domains, rank, alpha, cfg.lora_dropout, targets, cfg.pooling, cfg.eta, cfg.top_k)
+    moa = MoA(
+        gpt, data_domains, rank, alpha, cfg.lora_dropout, targets, cfg.pooling, cfg.eta, cfg.top_k, cfg.router_input
+    )
     if cfg.expert_init == "stage1":
         for k, domain in enumerate(data_domains):
             load_expert(expert_path(cfg, domain), moa, k, base, tokenizer)

@@ -369,11 +369,23 @@ def task_splits(task, n_train, n_val, seed):
     }
 
 
-def skill_documents(seed, n_docs=700, lines=60):
+TITLES = {  # what a list of one transformation is called in the skills text: descriptive, never an instruction
+    "upper": ["Words in capital letters", "The same words in upper case", "Uppercase forms", "In all caps"],
+    "lower": ["Words in small letters", "The same words in lower case", "Lowercase forms", "Without capitals"],
+    "double": ["Every letter doubled", "Words with each letter twice", "Doubled letters", "Each letter repeated"],
+    "reverse": ["Words spelled backwards", "Each word reversed", "In reverse order", "Read from right to left"],
+    "count": ["How many letters each word has", "Word lengths", "Letter counts", "The length of each word"],
+    "+": ["Sums", "Additions", "Numbers added together", "What they add up to"],
+    "-": ["Differences", "Subtractions", "One number minus another", "What is left when taking away"],
+}
+
+
+def skill_documents(seed, n_docs=700, lines=60, titles=True):
     """Text in which the tasks' skills appear with no instruction: `lines` lines of one transformation per
     document, a training word and its upper or lower case, doubled, reversed or length ("Tiger TIGER"), or a
-    training sum or difference and its result ("45 + 7 = 52"). Only training words and pairs appear, so the
-    validation records still test the skill, not recall."""
+    training sum or difference and its result ("45 + 7 = 52"), every 10 lines under a title that names the
+    transformation ("Words in capital letters:"), as a list in a book would be. Only training words and pairs
+    appear, so the validation records still test the skill, not recall."""
     train_words = words(seed)[0]
     rng = random.Random(f"{seed}:skills")
     kinds = list(WORD_TASKS) + ["+", "-"]
@@ -381,7 +393,9 @@ def skill_documents(seed, n_docs=700, lines=60):
     for i in range(n_docs):
         op, rows = kinds[i % len(kinds)], []
         while len(rows) < lines:
-            if op in WORD_TASKS:
+            if titles and len(rows) % 11 == 0:
+                rows.append(rng.choice(TITLES[op]) + ":")
+            elif op in WORD_TASKS:
                 w = cased(rng.choice(train_words), rng)
                 rows.append(f"{w} {WORD_TASKS[op](w)}")
             else:

@@ -128,3 +128,41 @@ def test_prefill_routes_each_block_by_its_own_router_and_decoding_keeps_the_deci
     assert calls == []  # no router runs while decoding
     if mode != "layer":
         assert bool((routing["decision"] != routing["predicted"]).any())  # the case is not trivial
+
+
+def test_routers_reading_the_base_see_the_frozen_base_and_train_alone():
+    """With router_input base, router i's logits are its linear map of the frozen base's block-i hidden states
+    pooled over the prompt (1e-5), whatever the experts do; L_cls then reaches the routers and no expert."""
+    moa = moa_model()
+    moa.router_input = "base"
+    x, y, domain, prompt = batch()
+    with torch.no_grad():
+        moa(x, domain=domain, mode="label", router_mask=prompt)
+        logits = moa.routing["logits"]  # (L, B, K)
+        h, _ = moa.gpt.embed(x)
+        for i, block in enumerate(moa.gpt.transformer.h):
+            pooled = (h * prompt[..., None]).sum(1) / prompt.sum(1, keepdim=True)
+            torch.testing.assert_close(logits[i], moa.routers[i](pooled), rtol=0, atol=1e-5)
+            h = block(h)  # route None: the frozen base alone
+    moa.zero_grad()
+    cls_of(moa, x, domain).backward()
+    named = dict(moa.named_parameters())
+    assert all(named[f"routers.{i}.weight"].grad.abs().sum() > 0 for i in range(L))
+    assert all(p.grad is None or not p.grad.abs().sum() for n, p in named.items() if "lora_" in n)
+
+
+def test_a_bundle_keeps_what_its_routers_read(tmp_path):
+    """save_bundle writes router_input and load_bundle builds the MoA with it: the same logits in mode last."""
+    from files import fingerprint, load_bundle, save_bundle
+
+    moa = moa_model().eval()
+    moa.router_input = "base"
+    path = str(tmp_path / "b.safetensors")
+    save_bundle(path, moa, "bytes", fingerprint(moa))
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(block_size=24, vocab_size=40, n_layer=L, n_head=2, n_embd=16))
+    loaded = load_bundle(path, gpt, "bytes")[0].eval()
+    assert loaded.router_input == "base"
+    x = batch()[0]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, mode="last")[0], moa(x, mode="last")[0], rtol=0, atol=1e-6)
