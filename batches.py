@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from config import UserError, is_name
-from files import read_json
+from storage import read_json
 
 
 class Batch(NamedTuple):

@@ -36,9 +36,10 @@ import torch
 
 import fast
 from config import AT_LEAST_0, AT_LEAST_1, UserError, parse_config, run
-from files import expert_tensors, write_text
+from files import expert_tensors
 from moa import LoRALinear, MoA, add_experts, lora_layers, set_route
 from model import GPT, GPTConfig
+from storage import write_text
 from train_base import BaseConfig
 from trainer import TrainConfig, make_optimizer, pick_device
 

@@ -177,226 +177,224 @@ def budgets(cfg):
 
 def seed_steps(cfg, out, seed, tasks, added):
     """One seed's runs: stage 1, MoA and its budget points, the baselines, the ablations, adding a task; with
-    --full also the transfer matrix and the imbalanced variant. Each step says what it needs."""
-    K, B, per_step = len(tasks), budgets(cfg), train_lora.LoRAConfig.batch_size
-    run_dir = f"{out}/runs/seed{seed}"
-    E, M, X = f"{run_dir}/experts", f"{run_dir}/moa", f"{run_dir}/mixed"
-    common = [f"--data_dir={cfg.data_dir}", f"--base={out}/base", f"--seed={seed}", f"--device={cfg.device}"]
-    plateau = [f"--stop_flat={cfg.stop_flat}", f"--max_iters={cfg.cap}"]
-    saves = sorted({(K + 1) * b for b in B} | {2 * b for b in B})  # equal records, equal updates
-    baseline_saves = [f"--save_at={','.join(map(str, [s for s in saves if s <= cfg.cap]))}"]
-    stage1 = [f"{E}/{t}.safetensors" for t in tasks]
-    moa, mixed = f"{M}/moa.safetensors", f"{X}/all.safetensors"
-    router = common + [f"--experts={E}", f"--out_dir={M}"]
-    S = cfg.cap // 2 * per_step  # what a plateau run costs, about
-    steps = [
-        Step(
-            f"seed {seed}: stage 1, {K} experts",
-            stage1[-1],
-            train_lora,
-            common
-            + [f"--domain={','.join(tasks)}", f"--out_dir={E}", "--name=stage1", f"--save_at={','.join(map(str, B))}"]
-            + plateau,
-            cost=K * S,
-        ),
-        Step(
-            f"seed {seed}: one LoRA on all tasks",
-            mixed,
-            train_lora,
-            common + ["--domain=all", f"--out_dir={X}"] + plateau + baseline_saves,
-            cost=S,
-        ),
-        Step(
-            f"seed {seed}: one LoRA, rank {8 * K}",
-            f"{X}/all_r{K}.safetensors",
-            train_lora,
-            common
-            + ["--domain=all", f"--out_dir={X}", f"--rank={8 * K}", f"--name=all_r{K}"]
-            + plateau
-            + baseline_saves,
-            cost=S,
-        ),
-        Step(
-            f"seed {seed}: MoE-LoRA naive",
-            f"{M}/moe_lora_naive.safetensors",
-            train_router,
-            router
-            + ["--mode=token", "--eta=0", "--expert_init=random", "--name=moe_lora_naive"]
-            + plateau
-            + baseline_saves,
-            cost=2 * S,
-        ),
-        Step(f"seed {seed}: MoA (joint)", moa, train_router, router + plateau, stage1, cost=S),
-        Step(
-            f"seed {seed}: MoA, routers only",
-            f"{M}/moa_routers.safetensors",
-            train_router,
-            router + ["--train_experts=False", "--name=moa_routers"] + plateau,
-            stage1,
-            cost=S / 3,
-        ),
-        Step(
-            f"seed {seed}: MoE-LoRA",
-            f"{M}/moe_lora.safetensors",
-            train_router,
-            router + ["--mode=token", "--eta=0", "--name=moe_lora"] + plateau,
-            stage1,
-            cost=2 * S,
-        ),
-    ]
-    steps += [
-        Step(
-            f"seed {seed}: MoA at budget {b}",
-            f"{M}/moa_b{b}.safetensors",
-            train_router,
-            router + [f"--expert_step={b}", f"--max_iters={b}", f"--name=moa_b{b}"],
-            stage1,
-            cost=b * per_step,
-        )
-        for b in B
-    ]
+    --full also the transfer matrix, the imbalanced variant and (seed 1) the base without skills."""
+    plan = Plan(cfg, out, seed, tasks)
     if cfg.quick:
-        return steps[:1] + steps[4:5]
+        return plan.stage1() + plan.moa()[:1]
+    steps = plan.stage1() + plan.baselines() + plan.moa() + plan.budgets()
     if added is not None:
-        steps += adding_steps(cfg, seed, common, E, M, X, tasks, added, plateau, S)
+        steps += plan.adding(added)
     if cfg.full:
-        steps += full_steps(cfg, out, seed, common, E, tasks, plateau, S)
+        steps += plan.matrix() + plan.imbalanced() + (plan.regime() if seed == 1 else [])
     return steps
 
 
-def adding_steps(cfg, seed, common, E, M, X, tasks, added, plateau, S):
-    """A held-back task added later: its expert, the new router row (or every row), and the alternatives."""
-    new, moa, per_step = f"{E}/{added}.safetensors", f"{M}/moa.safetensors", train_lora.LoRAConfig.batch_size
-    add = common + [
-        f"--experts={E}",
-        f"--out_dir={M}",
-        f"--add_domain={added}",
-        f"--bundle={moa}",
-        f"--max_iters={cfg.add_iters}",
-    ]
-    cost = cfg.add_iters * per_step
-    return [
-        Step(
-            f"seed {seed}: the {added} expert",
-            new,
-            train_lora,
-            common + [f"--domain={added}", f"--out_dir={E}"] + plateau,
-            [E + f"/{tasks[-1]}.safetensors"],
-            cost=S,
-        ),
-        Step(f"seed {seed}: MoA + {added}", f"{M}/moa+{added}.safetensors", train_router, add, [moa, new], cost=cost),
-        Step(
-            f"seed {seed}: MoA + {added}, every router row",
-            f"{M}/moa+{added}_allrows.safetensors",
-            train_router,
-            add + ["--train_old_rows=True", f"--name=moa+{added}_allrows"],
-            [moa, new],
-            cost=cost,
-        ),
-        Step(
-            f"seed {seed}: the mixed LoRA trained on {added}",
-            f"{X}/all+{added}.safetensors",
-            train_lora,
-            common
-            + [
-                f"--domain={added}",
-                f"--init_expert={X}/all.safetensors",
-                f"--name=all+{added}",
-                f"--out_dir={X}",
-                f"--max_iters={cfg.add_iters}",
-            ],
-            [f"{X}/all.safetensors"],
-            cost=cost,
-        ),
-        Step(
-            f"seed {seed}: MoA retrained on {len(tasks) + 1} tasks",
-            f"{M}/moa_all.safetensors",
-            train_router,
-            common
-            + [f"--experts={E}", f"--out_dir={M}", f"--domains={','.join(tasks + [added])}", "--name=moa_all"]
-            + plateau,
-            [E + f"/{t}.safetensors" for t in tasks] + [new],
-            cost=S,
-        ),
-    ]
+class Plan:
+    """The steps of one seed, each the command a user would type, with the files it needs and its cost (about
+    the training records it sees: what the progress bar counts). Paths: out/runs/seed<N>/{experts,mixed,moa}."""
 
+    def __init__(self, cfg, out, seed, tasks):
+        self.cfg, self.out, self.seed, self.tasks, self.K = cfg, out, seed, tasks, len(tasks)
+        self.run = f"{out}/runs/seed{seed}"
+        self.E, self.M, self.X = f"{self.run}/experts", f"{self.run}/moa", f"{self.run}/mixed"
+        self.common = [f"--data_dir={cfg.data_dir}", f"--base={out}/base", f"--seed={seed}", f"--device={cfg.device}"]
+        self.plateau = [f"--stop_flat={cfg.stop_flat}", f"--max_iters={cfg.cap}"]
+        self.router = self.common + [f"--experts={self.E}", f"--out_dir={self.M}"]
+        self.stage1_files = [f"{self.E}/{t}.safetensors" for t in tasks]
+        self.per_step = train_lora.LoRAConfig.batch_size
+        self.S = cfg.cap // 2 * self.per_step  # what a run to its plateau costs, about
 
-def full_steps(cfg, out, seed, common, E, tasks, plateau, S):
-    """--full: the transfer matrix (every task alone and with each other one, the same records of each), the
-    imbalanced variant (one task with a tenth of the records), and, for seed 1, the regime without skills."""
-    run_dir, per_step, K = f"{out}/runs/seed{seed}", train_lora.LoRAConfig.batch_size, len(tasks)
-    pairs = [f"{a}+{b}" for i, a in enumerate(tasks) for b in tasks[i + 1 :]]
-    small, small_data, imb = tasks[1], small_data_dir(cfg, tasks), f"{run_dir}/imbalanced"
-    on_small = [f"--data_dir={small_data}", *common[1:]]  # common[0] is --data_dir
-    matrix = [f"--domain={','.join(tasks + pairs)}", f"--out_dir={run_dir}/pairs", "--name=matrix"]
-    steps = [
-        Step(
-            f"seed {seed}: transfer matrix",
-            f"{run_dir}/pairs/{pairs[-1]}.safetensors",
-            train_lora,
-            common + matrix + [f"--max_iters={cfg.pair_steps}", f"--eval_interval={cfg.pair_steps}"],
-            cost=cfg.pair_steps * per_step * K * K,
-        ),
-        Step(
-            f"seed {seed}: imbalanced, the {small} expert",
-            f"{imb}/experts/{small}.safetensors",
-            train_lora,
-            on_small + [f"--domain={small}", f"--out_dir={imb}/experts"] + plateau,
-            [f"{small_data}/meta.json"],
-            cost=S,
-        ),
-        Step(
-            f"seed {seed}: imbalanced, MoA",
-            f"{imb}/moa.safetensors",
-            train_router,
-            on_small + [f"--experts={imb}/experts,{E}", f"--out_dir={imb}"] + plateau,
-            [f"{imb}/experts/{small}.safetensors"] + [f"{E}/{t}.safetensors" for t in tasks],
-            cost=S,
-        ),
-        Step(
-            f"seed {seed}: imbalanced, one LoRA on all tasks",
-            f"{imb}/all.safetensors",
-            train_lora,
-            on_small + ["--domain=all", f"--out_dir={imb}"] + plateau,
-            [f"{small_data}/meta.json"],
-            cost=S,
-        ),
-    ]
-    if seed == 1:  # the other regime: a base that never saw the skills, its experts and mixed LoRA
-        plain_dir, plain_base = f"{run_dir}/plain", f"{out}/base_plain"
-        plain = [common[0], f"--base={plain_base}", *common[2:]]
-        steps += [
+    def step(self, what, output, script, args, needs=(), cost=None):
+        return Step(f"seed {self.seed}: {what}", output, script, args, list(needs), self.S if cost is None else cost)
+
+    def stage1(self):
+        """The K experts in one run (each exactly as its own run), saved on the way at the budgets' steps."""
+        tasks, saves = ",".join(self.tasks), ",".join(map(str, budgets(self.cfg)))
+        args = self.common + [f"--domain={tasks}", f"--out_dir={self.E}", "--name=stage1", f"--save_at={saves}"]
+        return [
+            self.step(
+                f"stage 1, {self.K} experts",
+                self.stage1_files[-1],
+                train_lora,
+                args + self.plateau,
+                cost=self.K * self.S,
+            )
+        ]
+
+    def baselines(self):
+        """One LoRA on all tasks at rank r and K r, and MoE-LoRA naive: saved at the steps of equal records
+        ((K + 1) b) and equal updates (2 b) of each budget b."""
+        steps = sorted({(self.K + 1) * b for b in budgets(self.cfg)} | {2 * b for b in budgets(self.cfg)})
+        saves = [f"--save_at={','.join(str(s) for s in steps if s <= self.cfg.cap)}"] + self.plateau
+        mixed, K = self.common + ["--domain=all", f"--out_dir={self.X}"], self.K
+        naive = self.router + ["--mode=token", "--eta=0", "--expert_init=random", "--name=moe_lora_naive"]
+        return [
+            self.step("one LoRA on all tasks", f"{self.X}/all.safetensors", train_lora, mixed + saves),
+            self.step(
+                f"one LoRA, rank {8 * K}",
+                f"{self.X}/all_r{K}.safetensors",
+                train_lora,
+                mixed + [f"--rank={8 * K}", f"--name=all_r{K}"] + saves,
+            ),
+            self.step(
+                "MoE-LoRA naive", f"{self.M}/moe_lora_naive.safetensors", train_router, naive + saves, cost=2 * self.S
+            ),
+        ]
+
+    def moa(self):
+        """Stage 2 from the stage-1 experts: MoA, its routers alone, and MoE-LoRA (per token, no label loss)."""
+        M, need = self.M, self.stage1_files
+        return [
+            self.step("MoA (joint)", f"{M}/moa.safetensors", train_router, self.router + self.plateau, need),
+            self.step(
+                "MoA, routers only",
+                f"{M}/moa_routers.safetensors",
+                train_router,
+                self.router + ["--train_experts=False", "--name=moa_routers"] + self.plateau,
+                need,
+                cost=self.S / 3,
+            ),
+            self.step(
+                "MoE-LoRA",
+                f"{M}/moe_lora.safetensors",
+                train_router,
+                self.router + ["--mode=token", "--eta=0", "--name=moe_lora"] + self.plateau,
+                need,
+                cost=2 * self.S,
+            ),
+        ]
+
+    def budgets(self):
+        """MoA at each budget b: the experts saved after b steps, then b steps of stage 2."""
+        return [
+            self.step(
+                f"MoA at budget {b}",
+                f"{self.M}/moa_b{b}.safetensors",
+                train_router,
+                self.router + [f"--expert_step={b}", f"--max_iters={b}", f"--name=moa_b{b}"],
+                self.stage1_files,
+                cost=b * self.per_step,
+            )
+            for b in budgets(self.cfg)
+        ]
+
+    def adding(self, added):
+        """A held-back task added later: its expert, the new router row (or every row), and the alternatives."""
+        E, M, X, cfg = self.E, self.M, self.X, self.cfg
+        new, moa, mixed = f"{E}/{added}.safetensors", f"{M}/moa.safetensors", f"{X}/all.safetensors"
+        add = self.router + [f"--add_domain={added}", f"--bundle={moa}", f"--max_iters={cfg.add_iters}"]
+        further = [f"--domain={added}", f"--init_expert={mixed}", f"--name=all+{added}", f"--out_dir={X}"]
+        every = [f"--domains={','.join(self.tasks + [added])}", "--name=moa_all"]
+        cost = cfg.add_iters * self.per_step
+        return [
+            self.step(
+                f"the {added} expert",
+                new,
+                train_lora,
+                self.common + [f"--domain={added}", f"--out_dir={E}"] + self.plateau,
+                self.stage1_files[-1:],
+            ),
+            self.step(f"MoA + {added}", f"{M}/moa+{added}.safetensors", train_router, add, [moa, new], cost),
+            self.step(
+                f"MoA + {added}, every router row",
+                f"{M}/moa+{added}_allrows.safetensors",
+                train_router,
+                add + ["--train_old_rows=True", f"--name=moa+{added}_allrows"],
+                [moa, new],
+                cost,
+            ),
+            self.step(
+                f"the mixed LoRA trained on {added}",
+                f"{X}/all+{added}.safetensors",
+                train_lora,
+                self.common + further + [f"--max_iters={cfg.add_iters}"],
+                [mixed],
+                cost,
+            ),
+            self.step(
+                f"MoA retrained on {self.K + 1} tasks",
+                f"{M}/moa_all.safetensors",
+                train_router,
+                self.router + every + self.plateau,
+                self.stage1_files + [new],
+            ),
+        ]
+
+    def matrix(self):
+        """--full: every task alone and with each other one (the same records of each), in one run."""
+        pairs = [f"{a}+{b}" for i, a in enumerate(self.tasks) for b in self.tasks[i + 1 :]]
+        steps = self.cfg.pair_steps
+        args = [f"--domain={','.join(self.tasks + pairs)}", f"--out_dir={self.run}/pairs", "--name=matrix"]
+        return [
+            self.step(
+                "transfer matrix",
+                f"{self.run}/pairs/{pairs[-1]}.safetensors",
+                train_lora,
+                self.common + args + [f"--max_iters={steps}", f"--eval_interval={steps}"],
+                cost=steps * self.per_step * self.K * self.K,
+            )
+        ]
+
+    def imbalanced(self):
+        """--full: tasks[1] with a tenth of the records: its expert (the others are the run's), MoA, the mixed LoRA."""
+        small, data, imb = self.tasks[1], small_data_dir(self.cfg, self.tasks), f"{self.run}/imbalanced"
+        on_small = [f"--data_dir={data}", *self.common[1:]]  # common[0] is --data_dir
+        experts = [f"{self.E}/{t}.safetensors" for t in self.tasks]
+        return [
+            self.step(
+                f"imbalanced, the {small} expert",
+                f"{imb}/experts/{small}.safetensors",
+                train_lora,
+                on_small + [f"--domain={small}", f"--out_dir={imb}/experts"] + self.plateau,
+                [f"{data}/meta.json"],
+            ),
+            self.step(
+                "imbalanced, MoA",
+                f"{imb}/moa.safetensors",
+                train_router,
+                on_small + [f"--experts={imb}/experts,{self.E}", f"--out_dir={imb}"] + self.plateau,
+                [f"{imb}/experts/{small}.safetensors"] + experts,
+            ),
+            self.step(
+                "imbalanced, one LoRA on all tasks",
+                f"{imb}/all.safetensors",
+                train_lora,
+                on_small + ["--domain=all", f"--out_dir={imb}"] + self.plateau,
+                [f"{data}/meta.json"],
+            ),
+        ]
+
+    def regime(self):
+        """--full, seed 1: the other regime, a base that never saw the skills, its experts and mixed LoRA."""
+        plain_dir, plain_base, cfg = f"{self.run}/plain", f"{self.out}/base_plain", self.cfg
+        plain = [self.common[0], f"--base={plain_base}", *self.common[2:]]
+        base_args = [self.common[0], f"--out_dir={plain_base}", f"--max_iters={cfg.base_iters}"]
+        return [
             Step(
                 "seed 1: the base without skills",
                 f"{plain_base}/ckpt.pt",
                 train_base,
-                [
-                    common[0],
-                    f"--out_dir={plain_base}",
-                    f"--max_iters={cfg.base_iters}",
-                    "--corpus=python,cpp,prose",
-                    common[-1],
-                ],
+                base_args + ["--corpus=python,cpp,prose", self.common[-1]],
                 cost=cfg.base_iters * 16 * 3,
             ),
-            Step(
-                "seed 1: plain base, stage 1",
-                f"{plain_dir}/experts/{tasks[-1]}.safetensors",
+            self.step(
+                "plain base, stage 1",
+                f"{plain_dir}/experts/{self.tasks[-1]}.safetensors",
                 train_lora,
-                plain + [f"--domain={','.join(tasks)}", f"--out_dir={plain_dir}/experts", "--name=stage1"] + plateau,
+                plain
+                + [f"--domain={','.join(self.tasks)}", f"--out_dir={plain_dir}/experts", "--name=stage1"]
+                + self.plateau,
                 [f"{plain_base}/ckpt.pt"],
-                cost=K * S,
+                cost=self.K * self.S,
             ),
-            Step(
-                "seed 1: plain base, one LoRA on all tasks",
+            self.step(
+                "plain base, one LoRA on all tasks",
                 f"{plain_dir}/all.safetensors",
                 train_lora,
-                plain + ["--domain=all", f"--out_dir={plain_dir}"] + plateau,
+                plain + ["--domain=all", f"--out_dir={plain_dir}"] + self.plateau,
                 [f"{plain_base}/ckpt.pt"],
-                cost=S,
             ),
         ]
-    return steps
 
 
 def small_data_dir(cfg, tasks):

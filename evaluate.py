@@ -19,7 +19,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import KVCache
 from tokenizer import get_tokenizer
 
 
@@ -88,7 +87,7 @@ def response_loss(model, prompts, responses, pad_id, served=True, **kwargs):
         nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), x[:, 1:].to(device), reduction="none")
         return (nll * scored).sum(1), scored.sum(1)
     idx, mask = left_pad(prompts, pad_id)
-    cache = KVCache(model.config.n_layer)
+    cache = model.new_cache()
     first, _ = model(idx.to(device), pad_mask=mask.to(device), cache=cache, **kwargs)  # (B, P, V)
     response, real = (t.to(device) for t in right_pad(responses, pad_id))  # (B, R)
     rest, _ = model(response, pad_mask=real, cache=cache, **kwargs)  # (B, R, V)

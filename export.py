@@ -28,10 +28,7 @@ import torch.nn as nn
 from config import A_NAME, UserError, parse_config, run
 from files import (
     add_expert_file,
-    atomic_write,
     base_files,
-    check_outputs,
-    check_weights,
     expert_tensors,
     file_shapes,
     fingerprint,
@@ -39,12 +36,10 @@ from files import (
     is_size,
     load_base,
     load_bundle,
-    read_json,
-    read_safetensors,
     save_expert,
-    write_safetensors,
 )
 from moa import TARGETS, add_experts, lora_layers
+from storage import atomic_write, check_outputs, check_weights, read_json, read_safetensors, write_safetensors
 
 CONV1D = tuple(f"{t}.weight" for t in TARGETS)  # stored (in, out) in GPT-2's checkpoints
 PEFT_PREFIX = "base_model.model."

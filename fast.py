@@ -27,7 +27,7 @@ Read next: train_lora.py.
 import torch
 import torch.nn.functional as F
 
-from moa import LoRALinear, MoA
+from moa import LoRALinear, MoA, RoutedCache
 
 
 class LoRAFunction(torch.autograd.Function):
@@ -134,6 +134,12 @@ class FastLoRALinear(LoRALinear):
         return y.view(*x.shape[:-1], -1)
 
 
+class MergedCache(RoutedCache):
+    """FastMoA's KV cache: also, per block, the weights with the one expert of every sample merged in."""
+
+    merged = None  # per block: [(layer.__dict__, merged weight)], or None where samples use different experts
+
+
 class FastMoA(MoA):
     """MoA with the speed paths: sorted mixed batches at inference, merged experts while decoding."""
 
@@ -154,7 +160,12 @@ class FastMoA(MoA):
         }
         return logits[inverse], loss
 
+    def new_cache(self):
+        return MergedCache(self.config.n_layer)
+
     def decode(self, idx, pad_mask, cache):
+        if not isinstance(cache, MergedCache):  # a cache made before the speed paths were switched on
+            return super().decode(idx, pad_mask, cache)
         if cache.merged is None:  # the first decoding step: merge each block's one expert, once per generation
             cache.merged = []
             for i, route in enumerate(cache.route):

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from config import UserError
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, KVCache
 
 TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # every linear map of a block
 # Routing modes, MoA.forward(mode=...): label (the domain label picks the expert: training, or inference with
@@ -193,6 +193,12 @@ def count_params(model):
 # MoA: experts side by side, routers, routing modes.
 
 
+class RoutedCache(KVCache):
+    """A MoA's KV cache: also each block's route per sample, decided at prefill and kept for every new token."""
+
+    route = None  # (L, B) expert ids, set by MoA.forward at prefill
+
+
 def pool(x, mask, how):
     """x (B, T, C) -> (B, C): the mean over the tokens where mask (B, T) is True (all if None), or the
     last of them (prompts are left-padded, so that is the last token unless mask marks a prefix)."""
@@ -244,6 +250,7 @@ class MoA(nn.Module):
         eta=1.0,
         top_k=1,
         router_input="block",
+        temperature=1.0,
     ):
         super().__init__()
         if pooling not in ("mean", "last"):
@@ -260,13 +267,17 @@ class MoA(nn.Module):
             nn.init.zeros_(r.bias)
         self.blocks = [lora_layers(block) for block in gpt.transformer.h]  # each block's LoRALinear layers
         self.routing = {}
-        self.temperature = 1.0  # divides the last router's logits for the confidence it reports (train_router.py)
+        self.temperature = temperature  # divides the last router's logits for the confidence it reports: fitted by
+        # train_router.py on held-out prompts (evaluate.fit_temperature), kept in the bundle
 
     @property
     def config(self) -> GPTConfig:
         return self.gpt.config
 
-    generate = GPT.generate  # the same decoding loop: it only calls self(idx, pad_mask=, cache=)
+    generate = GPT.generate  # the same decoding loop: it only calls self.new_cache() and self(idx, pad_mask=, cache=)
+
+    def new_cache(self):
+        return RoutedCache(self.config.n_layer)
 
     def forward(
         self, idx, targets=None, pad_mask=None, cache=None, domain=None, mode="label", router_mask=None, noise=()
@@ -282,6 +293,8 @@ class MoA(nn.Module):
             raise UserError(f"unknown routing mode {mode!r}; choose from {', '.join(MODES)}")
         if mode == "label" and domain is None:
             raise UserError("routing mode label needs the domain labels")
+        if cache is not None and not isinstance(cache, RoutedCache):
+            raise TypeError("a MoA decodes with its own cache: moa.new_cache(), a RoutedCache")
         if cache is not None and cache.route is not None:  # decoding: the route was decided at prefill
             return self.decode(idx, pad_mask, cache)
         base_stream = self.router_input == "base" and (cache is None or cache.length == 0)  # mode token decodes here

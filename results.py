@@ -37,8 +37,9 @@ from batches import TaskData
 from config import AT_LEAST_1, UserError, one_of, parse_config, run
 from data.tasks import HAND_WRITTEN
 from evaluate import answers, evaluate_tasks
-from files import add_expert_file, fingerprint, load_base, load_bundle, load_expert, read_meta, write_text
+from files import add_expert_file, fingerprint, load_base, load_bundle, load_expert, read_meta
 from moa import MoA
+from storage import write_text
 from tokenizer import encode, get_tokenizer
 from trainer import pick_device
 

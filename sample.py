@@ -96,9 +96,8 @@ def load_model(cfg):
 @torch.no_grad()
 def trace(moa, idx, mask, enc, steps, mode):
     """Prefill and `steps` greedy decoding steps of a MoA, printing each block's route at every step."""
-    from model import KVCache
 
-    cache, names = KVCache(moa.config.n_layer), moa.domains
+    cache, names = moa.new_cache(), moa.domains
     logits, _ = moa(idx, pad_mask=mask, cache=cache, mode=mode)
     probs = torch.softmax(moa.routing["logits"].float(), dim=-1)  # (L, B, K)
     print(f"prefill ({idx.size(1)} positions, left-padded), mode {mode}: each block's router, its choice (probability)")

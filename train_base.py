@@ -19,8 +19,9 @@ import torch
 from batches import CorpusData
 from config import AT_LEAST_1, FRACTION, NAMES, UserError, parse_config, run
 from evaluate import corpus_losses, unigram_entropy
-from files import gpt_config, load_checkpoint
-from model import GPT, GPTConfig
+from gpt2 import load_gpt2
+from model import GPT, GPTConfig, checked_config
+from storage import load_checkpoint
 from trainer import TrainConfig, check_training_memory, train
 
 
@@ -65,11 +66,11 @@ def build_model(cfg, vocab_size):
     if cfg.init_from == "resume":
         path = os.path.join(cfg.out_dir, "ckpt.pt")
         ckpt = load_checkpoint(path)
-        return GPT(gpt_config(ckpt["meta"].get("model"), ckpt["model"], path))  # its sizes checked against its tensors
-    try:
-        model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+        try:
+            return GPT(checked_config(ckpt["meta"].get("model"), ckpt["model"]))  # sizes checked against tensors
+        except ValueError as e:
+            raise UserError(f"{path}: {e}") from None
+    model = load_gpt2(cfg.init_from, dropout=cfg.dropout)
     if cfg.block_size > model.config.block_size:
         raise UserError(
             f"block_size {cfg.block_size} > {model.config.block_size}, the longest context of {cfg.init_from}"

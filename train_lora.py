@@ -36,8 +36,9 @@ import fast
 from batches import JointData, TaskData, by_length, check_records_fit
 from config import AT_LEAST_1, FILE_NAME, FRACTION, UserError, is_name, parse_config, run
 from evaluate import evaluate_tasks
-from files import add_expert_file, base_files, check_outputs, file_shapes, fingerprint, load_base, save_expert
+from files import add_expert_file, base_files, file_shapes, fingerprint, load_base, save_expert
 from moa import TARGETS, add_experts, count_params, lora_layers, noise_generators, routed, set_route
+from storage import check_outputs
 from trainer import TaskConfig, Unit, check_training_memory, micro_batches, pick_device, task_block_size, train
 
 LORA_SPECS = (  # --domain: each LoRA's tasks (names, joined by +), the LoRAs separated by commas; or all
@@ -110,9 +111,8 @@ def main(argv=None):
     pick_device(cfg.device, cfg.dtype)  # a device that is not here: said before anything is read
     specs = lora_specs(cfg, cfg.data_dir)
     names = [name for name, _, _ in specs]
-    run_name = names[0] if len(specs) == 1 else cfg.name or "_".join(names)
+    run_dir = os.path.join(cfg.out_dir, names[0] if len(specs) == 1 else cfg.name or "_".join(names))
     paths = [os.path.join(cfg.out_dir, f"{name}.safetensors") for name in names]
-    run_dir = os.path.join(cfg.out_dir, run_name)
     check_outputs(
         paths + [os.path.join(run_dir, "ckpt.pt"), os.path.join(run_dir, "log.jsonl")],
         base_files(cfg.base) + ([cfg.init_expert] if cfg.init_expert else []),
@@ -128,85 +128,106 @@ def main(argv=None):
             f"{parts[0][0].tokenizer!r}; prepare the data with --tokenizer={tokenizer}"
         )
     base = fingerprint(model)
+    cfg = add_loras(cfg, model, specs, tokenizer)
+    experts = Experts(cfg, model, specs, block_size, tokenizer, base)
+    meta = {"kind": "expert", "domain": cfg.domain, "base": base["sha256"]}
+    losses = train(
+        replace(cfg, out_dir=run_dir),
+        model,
+        JointData(parts),
+        experts.evaluate,
+        experts.loss,
+        meta,
+        finish=lambda m, steps: [experts.save(m, k, path, steps[names[k]]) for k, path in enumerate(paths)],
+        units=experts.units(),
+        snapshot=experts.snapshot,
+    )
+    return model, losses
+
+
+def add_loras(cfg, model, specs, tokenizer):
+    """The LoRAs beside the frozen base, each started as its own run would start it -> cfg (--init_expert: with
+    that expert's rank, alpha and targets)."""
     if cfg.init_expert:  # go on training an existing expert, with its rank, alpha and targets
         meta = add_expert_file(model, cfg.init_expert, tokenizer, cfg.lora_dropout)
         cfg = replace(cfg, rank=meta["rank"], alpha=meta["alpha"], targets=",".join(meta["targets"]))
     else:
         check_expert_memory(cfg, model, len(specs))
         add_experts(model, 0, cfg.rank, cfg.alpha, cfg.lora_dropout, cfg.targets.split(","))
-    layers = lora_layers(model)
-    for _ in specs if not cfg.init_expert else []:
-        torch.manual_seed(cfg.seed)  # each LoRA's initial A is part of its run: the same as its own run's
-        for layer in layers:
-            layer.add_expert()
+        for _ in specs:
+            torch.manual_seed(cfg.seed)  # each LoRA's initial A is part of its run: the same as its own run's
+            for layer in lora_layers(model):
+                layer.add_expert()
     if len(specs) == 1:
         set_route(model, 0)  # a base with one expert: every call goes through it (see files.add_expert_file)
     fast.enable(model, cfg.fast)
     trainable, total = count_params(model)
     print(
-        f"{len(specs)} LoRA(s) on the frozen base: {', '.join(names)}; {trainable:,} trainable parameters, "
-        f"{100 * trainable / len(specs) / (total - trainable):.2f}% of the base each"
+        f"{len(specs)} LoRA(s) on the frozen base: {', '.join(n for n, _, _ in specs)}; {trainable:,} trainable "
+        f"parameters, {100 * trainable / len(specs) / (total - trainable):.2f}% of the base each"
     )
-    data = JointData(parts)
+    return cfg
 
-    def loss_fn(m, batch):  # each LoRA's mean loss over its response tokens, summed over the LoRAs
+
+class Experts:
+    """The LoRAs of one run and what the loop asks of them: the loss of a batch, the evaluation, the files."""
+
+    def __init__(self, cfg, model, specs, block_size, tokenizer, base):
+        self.cfg, self.specs, self.tokenizer, self.base = cfg, specs, tokenizer, base
+        self.layers = lora_layers(model)
+        # Alone, a LoRA is measured on every task (what it learns and what it costs the others); side by side,
+        # each on its own tasks only (every LoRA on every task would cost as much as the training).
+        every = TaskData(cfg.data_dir, cfg.domains, block_size).domains if len(specs) == 1 else []
+        self.evals = [
+            TaskData(cfg.data_dir, ",".join(every + [t for t in tasks if t not in every]), block_size)
+            for _, tasks, _ in specs
+        ]
+
+    def units(self):
+        """One trainer.Unit per LoRA: its A and B matrices, clipped and stopped on their own."""
+        return [
+            Unit(name, {name: [p for layer in self.layers for p in (layer.lora_A[k], layer.lora_B[k])]})
+            for k, (name, _, _) in enumerate(self.specs)
+        ]
+
+    def loss(self, m, batch):
+        """Each LoRA's mean loss over its response tokens, summed over the LoRAs: each gets its own run's gradient."""
         total = 0.0
         for k in batch.run.unique().tolist():  # each LoRA's rows through it alone: the one-expert path
             rows = batch.rows(torch.nonzero(batch.run == k)[:, 0])
             counted = (rows.y != -1).sum().clamp(min=1)
             for part in by_length(rows):  # rows of similar length together: little padding
-                with routed(layers, k, noise_generators(part)):
+                with routed(self.layers, k, noise_generators(part)):
                     logits, _ = m(part.x)  # (n, T, V)
                 nll = F.cross_entropy(logits.float().transpose(1, 2), part.y, ignore_index=-1, reduction="sum")
                 total = total + nll / counted
         return total
 
-    # Alone, a LoRA is measured on every task (what it learns and what it costs the others); side by side, each
-    # on its own tasks only (every LoRA on every task would cost as much as the training).
-    every = TaskData(cfg.data_dir, cfg.domains, block_size).domains if len(specs) == 1 else []
-    evals = [
-        TaskData(cfg.data_dir, ",".join(every + [t for t in tasks if t not in every]), block_size)
-        for _, tasks, _ in specs
-    ]
-
-    def evaluate(m):  # each LoRA's validation losses; its plateau watches its own tasks
-        out = {}
-        for k, (name, tasks, _) in enumerate(specs):
-            with routed(layers, k):
-                n = cfg.eval_iters * cfg.batch_size
-                scores = evaluate_tasks(m, evals[k], n, cfg.batch_size, generate=False, served=False)
-            tag = "" if len(specs) == 1 else f"@{name}"
+    def evaluate(self, m):
+        """Each LoRA's validation losses; its plateau watches the mean over its own tasks."""
+        out, n = {}, self.cfg.eval_iters * self.cfg.batch_size
+        for k, (name, tasks, _) in enumerate(self.specs):
+            with routed(self.layers, k):
+                scores = evaluate_tasks(m, self.evals[k], n, self.cfg.batch_size, generate=False, served=False)
+            tag = "" if len(self.specs) == 1 else f"@{name}"
             out.update({f"{key}{tag}": v for key, v in scores.items() if key.startswith("loss/")})
             out[f"watch/{name}"] = sum(scores[f"loss/{t}"] for t in tasks) / len(tasks)
         return out
 
-    per_step = cfg.batch_size * micro_batches(cfg)
-
-    def save(m, k, path, steps):
-        name, tasks, sampling = specs[k]
-        records = steps * per_step * (1 if sampling == "pooled" else len(tasks))  # training records seen
-        extra = {"trained_on": tasks, "samples": records, "steps": steps}
+    def save(self, m, k, path, steps):
+        """LoRA k after `steps` steps as an expert file, with the training records it saw."""
+        _, tasks, sampling = self.specs[k]
+        per_step = self.cfg.batch_size * micro_batches(self.cfg) * (1 if sampling == "pooled" else len(tasks))
+        extra = {"trained_on": tasks, "samples": steps * per_step, "steps": steps}
         domain = tasks[0] if len(tasks) == 1 else "all" if sampling == "pooled" else "mixed"
-        save_expert(path, m, k, domain, tokenizer, base, extra)
+        save_expert(path, m, k, domain, self.tokenizer, self.base, extra)
         print(f"saved {path} ({os.path.getsize(path) / 1e3:.0f} kB, {steps} steps)")
 
-    def finish(m, steps):  # once training is over (under torchrun: on process 0 only)
-        for k, path in enumerate(paths):
-            save(m, k, path, steps[names[k]])
-
-    def snapshot(m, step, active):  # --save_at: the LoRAs still training, as <name>@<step>.safetensors
-        for k, name in enumerate(names):
+    def snapshot(self, m, step, active):
+        """--save_at: the LoRAs still training, as <name>@<step>.safetensors."""
+        for k, (name, _, _) in enumerate(self.specs):
             if active[k]:
-                save(m, k, os.path.join(cfg.out_dir, f"{name}@{step}.safetensors"), step)
-
-    units = [
-        Unit(name, {name: [p for layer in layers for p in (layer.lora_A[k], layer.lora_B[k])]})
-        for k, name in enumerate(names)
-    ]
-    meta = {"kind": "expert", "domain": cfg.domain, "base": base["sha256"]}
-    run_cfg = replace(cfg, out_dir=run_dir)
-    losses = train(run_cfg, model, data, evaluate, loss_fn, meta, finish=finish, units=units, snapshot=snapshot)
-    return model, losses
+                self.save(m, k, os.path.join(self.cfg.out_dir, f"{name}@{step}.safetensors"), step)
 
 
 if __name__ == "__main__":

@@ -36,18 +36,9 @@ import fast
 from batches import TaskData, check_records_fit
 from config import A_NAME, AT_LEAST_0, AT_LEAST_1, FILE_NAME, FRACTION, POSITIVE, UserError, one_of, parse_config, run
 from evaluate import evaluate_tasks, fit_temperature
-from files import (
-    base_files,
-    check_outputs,
-    file_shapes,
-    fingerprint,
-    load_base,
-    load_bundle,
-    load_expert,
-    read_meta,
-    save_bundle,
-)
+from files import base_files, file_shapes, fingerprint, load_base, load_bundle, load_expert, read_meta, save_bundle
 from moa import ROUTER_INPUTS, TARGETS, MoA, count_params, lora_layers, noise_generators
+from storage import check_outputs
 from trainer import TaskConfig, Unit, check_training_memory, micro_batches, pick_device, task_block_size, train
 
 
@@ -138,7 +129,7 @@ def expert_path(cfg, domain):
 def build(cfg, gpt, tokenizer, base, data_domains):
     """The MoA to train: fresh from stage-1 (or random) experts, or an existing bundle plus one domain."""
     if cfg.add_domain:
-        moa, meta = load_bundle(cfg.bundle, gpt, tokenizer, base)  # everything frozen
+        moa, meta = load_bundle(cfg.bundle, gpt, tokenizer, base, eta=cfg.eta)  # everything frozen
         if meta.get("mode", "label") == "token":
             raise UserError(f"{cfg.bundle} routes per token (MoE-LoRA): adding a domain needs a MoA bundle")
         # BEGIN ASSIGNMENT 5: add the domain, its expert in the new slot; the new router row trains (maybe more)
@@ -225,62 +216,60 @@ def main(argv=None):
     check_records_fit(data)
     if data.tokenizer != tokenizer:
         raise UserError(f"{cfg.data_dir} was prepared with tokenizer {data.tokenizer!r}, the base uses {tokenizer!r}")
-    moa.eta, moa.top_k = cfg.eta, cfg.top_k
     trainable, total = count_params(moa)
     print(f"MoA over {', '.join(moa.domains)}: {trainable:,} trainable of {total:,} parameters")
-
-    def loss_fn(m, batch):  # the routers read each record's prompt only
-        noise = noise_generators(batch)
-        return m(batch.x, batch.y, domain=batch.domain, mode=cfg.mode, router_mask=batch.prompt, noise=noise)[1]
-
-    def evaluate(m):  # no labels: each block's router decides from the prompt (results.py also scores last, vote)
-        n, mode = cfg.eval_iters * cfg.batch_size, "token" if cfg.mode == "token" else "layer"
-        scores = evaluate_tasks(m, data, n, cfg.batch_size, generate=False, served=False, mode=mode)
-        return {**scores, "watch/bundle": scores["loss_mean"]}
-
-    before = samples_before(cfg, moa.domains)
-
-    def save(m, path, steps):  # calibrate the routers' confidence (where the data has a calib split), then write
-        calibration = {}
-        if cfg.mode != "token" and all(data.count(d, "calib") for d in m.domains):  # the built-in tasks have one
-            m.temperature, accuracy = fit_temperature(m.eval(), data)
-            calibration = {"calib_route_acc": accuracy}
-            print(f"confidence calibrated on held-out prompts: temperature {m.temperature:.3g}, right {accuracy:.1%}")
-        samples = before + steps * cfg.batch_size * micro_batches(cfg)  # training records seen, in all
-        settings = {k: getattr(cfg, k) for k in SETTINGS}
-        save_bundle(path, m, tokenizer, base, {**settings, "samples": samples, "steps": steps, **calibration})
-        m.train()
-        print(f"saved {path} ({steps} steps)")
-
-    def finish(m, steps):  # once training is over (under torchrun: on process 0 only)
-        save(m, path, steps["bundle"])
-
-    def snapshot(m, step, active):  # --save_at
-        if active[0]:
-            save(m, os.path.join(cfg.out_dir, f"{name}@{step}.safetensors"), step)
-
-    # Routers and experts are clipped apart: the routers' gradient norm starts 10-30x the experts' (LOG.md)
-    trained = [p for p in moa.parameters() if p.requires_grad]
-    routers = [p for p in moa.routers.parameters() if p.requires_grad]
-    groups = {
-        k: g
-        for k, g in (("experts", [p for p in trained if all(p is not r for r in routers)]), ("routers", routers))
-        if g
-    }
+    stage = Stage2(cfg, moa, data, tokenizer, base, samples_before(cfg, moa.domains))
     meta = {"kind": "bundle", "domains": moa.domains, "base": base["sha256"]}
     losses = train(
         replace(cfg, out_dir=run_dir),
         moa,
         data,
-        evaluate,
-        loss_fn,
+        stage.evaluate,
+        stage.loss,
         meta,
         lr_scales={"routers.": cfg.router_lr / cfg.learning_rate},
-        finish=finish,
-        units=[Unit("bundle", groups)],
-        snapshot=snapshot,
+        finish=lambda m, steps: stage.save(m, path, steps["bundle"]),
+        units=[Unit("bundle", stage.groups())],
+        snapshot=lambda m, step, active: stage.save(m, os.path.join(cfg.out_dir, f"{name}@{step}.safetensors"), step),
     )
     return moa, losses
+
+
+class Stage2:
+    """What the loop asks of stage 2: the loss of a batch, the evaluation, the bundle file."""
+
+    def __init__(self, cfg, moa, data, tokenizer, base, before):
+        self.cfg, self.moa, self.data, self.tokenizer, self.base, self.before = cfg, moa, data, tokenizer, base, before
+
+    def groups(self):
+        """Experts and routers, clipped apart: their gradient norms differ 10-100 fold (LOG.md)."""
+        routers = [p for p in self.moa.routers.parameters() if p.requires_grad]
+        experts = [p for p in self.moa.parameters() if p.requires_grad and all(p is not r for r in routers)]
+        return {k: g for k, g in (("experts", experts), ("routers", routers)) if g}
+
+    def loss(self, m, batch):
+        """L_LM + eta L_cls of a training batch; the routers read each record's prompt only."""
+        noise = noise_generators(batch)
+        return m(batch.x, batch.y, domain=batch.domain, mode=self.cfg.mode, router_mask=batch.prompt, noise=noise)[1]
+
+    def evaluate(self, m):
+        """No labels: each block's router decides from the prompt (results.py also scores last and vote)."""
+        n, mode = self.cfg.eval_iters * self.cfg.batch_size, "token" if self.cfg.mode == "token" else "layer"
+        scores = evaluate_tasks(m, self.data, n, self.cfg.batch_size, generate=False, served=False, mode=mode)
+        return {**scores, "watch/bundle": scores["loss_mean"]}
+
+    def save(self, m, path, steps):
+        """Calibrates the routers' confidence (where the data has a calib split), then writes the bundle."""
+        cfg, calibration = self.cfg, {}
+        if cfg.mode != "token" and all(self.data.count(d, "calib") for d in m.domains):  # the built-in tasks' do
+            m.temperature, accuracy = fit_temperature(m.eval(), self.data)
+            calibration = {"calib_route_acc": accuracy}
+            print(f"confidence calibrated on held-out prompts: temperature {m.temperature:.3g}, right {accuracy:.1%}")
+        samples = self.before + steps * cfg.batch_size * micro_batches(cfg)  # training records seen, in all
+        settings = {k: getattr(cfg, k) for k in SETTINGS}
+        save_bundle(path, m, self.tokenizer, self.base, {**settings, "samples": samples, "steps": steps, **calibration})
+        m.train()
+        print(f"saved {path} ({steps} steps)")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from config import (
     one_of,
     setting,
 )
-from files import atomic_write, load_checkpoint, locked, save_checkpoint, write_bytes
+from storage import atomic_write, load_checkpoint, locked, save_checkpoint, write_bytes
 
 # ----------------------------------------------------------------------------------------------
 # Settings: each script's config dataclass extends this one (config.py parses the flags).

@@ -57,7 +57,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 from config import AT_LEAST_0, AT_LEAST_1, UserError, check_memory, parse_config, run  # noqa: E402  (need the root)
 from data import tasks  # noqa: E402
-from files import atomic_write, check_outputs  # noqa: E402
+from storage import atomic_write, check_outputs  # noqa: E402
 from tokenizer import encode, get_tokenizer  # noqa: E402
 
 CORPUS = {  # built-in corpus source -> where its text comes from
@@ -326,6 +326,47 @@ def check_out_dir(cfg):
     check_outputs([out], inputs)
 
 
+def write_corpus(folder, name, docs, source, enc, cfg):
+    """A corpus source's documents split and written as <folder>/corpus/<name>/{train,val}.bin -> its meta entry."""
+    splits = split_documents(docs, enc, cfg.max_tokens, random.Random(f"{cfg.seed}:{name}"))
+    os.makedirs(os.path.join(folder, "corpus", name))
+    for split, (tokens, _) in splits.items():
+        tokens.tofile(os.path.join(folder, "corpus", name, f"{split}.bin"))
+    (train, n_train), (val, n_val) = splits["train"], splits["val"]
+    print(f"corpus {name:>8}: docs {n_train}/{n_val}, tokens {len(train):,}/{len(val):,} (train/val)")
+    return {
+        "train_tokens": len(train),
+        "val_tokens": len(val),
+        "train_docs": n_train,
+        "val_docs": n_val,
+        "source": source,
+    }
+
+
+def write_task(folder, name, records, source, enc, held_back, context):
+    """A task's splits written as <folder>/tasks/<name>/<split>.{bin,idx}, with a warning for the records longer
+    than the context -> its meta entry."""
+    os.makedirs(os.path.join(folder, "tasks", name))
+    info, indexes = {"source": source}, []
+    for split, rows in records.items():
+        tokens, index = encode_records(rows, enc)
+        indexes.append(index)
+        tokens.tofile(os.path.join(folder, "tasks", name, f"{split}.bin"))
+        index.tofile(os.path.join(folder, "tasks", name, f"{split}.idx"))
+        info.update(
+            {f"{split}_records": len(rows), f"{split}_tokens": len(tokens), f"{split}_longest": int(index[:, 2].max())}
+        )
+    longest = max(info["train_longest"], info["val_longest"])
+    print(
+        f"task {name:>10}: records {info['train_records']}/{info['val_records']}, longest {longest} tokens"
+        + (" (held back)" if held_back else "")
+    )
+    warning = length_warning(name, np.concatenate(indexes), context)
+    if warning:
+        print(warning, file=sys.stderr)
+    return info
+
+
 def main(argv=None):
     cfg = parse_config(PrepareConfig, argv or [])
     t0 = time.time()
@@ -351,43 +392,9 @@ def main(argv=None):
 
     def build(folder):
         for name, (docs, source) in corpus.items():
-            splits = split_documents(docs, enc, cfg.max_tokens, random.Random(f"{cfg.seed}:{name}"))
-            os.makedirs(os.path.join(folder, "corpus", name))
-            for split, (tokens, _) in splits.items():
-                tokens.tofile(os.path.join(folder, "corpus", name, f"{split}.bin"))
-            (train, n_train), (val, n_val) = splits["train"], splits["val"]
-            meta["corpus"][name] = {
-                "train_tokens": len(train),
-                "val_tokens": len(val),
-                "train_docs": n_train,
-                "val_docs": n_val,
-                "source": source,
-            }
-            print(f"corpus {name:>8}: docs {n_train}/{n_val}, tokens {len(train):,}/{len(val):,} (train/val)")
+            meta["corpus"][name] = write_corpus(folder, name, docs, source, enc, cfg)
         for name, (records, source) in built.items():
-            os.makedirs(os.path.join(folder, "tasks", name))
-            info, indexes = {"source": source}, []
-            for split, rows in records.items():
-                tokens, index = encode_records(rows, enc)
-                indexes.append(index)
-                tokens.tofile(os.path.join(folder, "tasks", name, f"{split}.bin"))
-                index.tofile(os.path.join(folder, "tasks", name, f"{split}.idx"))
-                info.update(
-                    {
-                        f"{split}_records": len(rows),
-                        f"{split}_tokens": len(tokens),
-                        f"{split}_longest": int(index[:, 2].max()),
-                    }
-                )
-            meta["tasks"][name] = info
-            print(
-                f"task {name:>10}: records {info['train_records']}/{info['val_records']}, longest "
-                f"{max(info['train_longest'], info['val_longest'])} tokens"
-                f"{' (held back)' if name in held_back else ''}"
-            )
-            warning = length_warning(name, np.concatenate(indexes), context)
-            if warning:
-                print(warning, file=sys.stderr)
+            meta["tasks"][name] = write_task(folder, name, records, source, enc, name in held_back, context)
         with open(os.path.join(folder, "meta.json"), "w") as f:
             json.dump(meta, f, indent=2)
 

@@ -16,9 +16,10 @@ from batches import TaskData
 from config import UserError
 from conftest import assert_one_line_error, run_script
 from evaluate import evaluate_tasks, left_pad
-from files import load_base, load_bundle, read_safetensors
+from files import load_base, load_bundle
 from moa import MoA, lora_layers
 from model import GPT, GPTConfig
+from storage import read_safetensors
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --fast=False: the graded tests run the plain method (the student's code); tests/test_fast.py checks fast.py

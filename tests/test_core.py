@@ -21,9 +21,10 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from batches import Batch, CorpusData
 from config import UserError
 from evaluate import corpus_losses, per_sample_loss
-from files import atomic_write, fingerprint, read_safetensors, write_safetensors
+from files import fingerprint
 from moa import MoA, add_experts, lora_layers
 from model import GPT, GPTConfig
+from storage import atomic_write, read_safetensors, write_safetensors
 from trainer import TrainConfig, learning_rate, make_optimizer, train
 
 

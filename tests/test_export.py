@@ -18,18 +18,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import export  # noqa: E402
 from config import UserError  # noqa: E402
-from files import (
-    add_expert_file,
-    expert_tensors,
-    fingerprint,
-    load_base,
-    read_meta,  # noqa: E402
-    read_safetensors,
-    save_bundle,
-    save_expert,
-)
+from files import add_expert_file, expert_tensors, fingerprint, load_base, read_meta, save_bundle, save_expert  # noqa
+from gpt2 import load_gpt2  # noqa: E402
 from moa import TARGETS, MoA, add_experts, lora_layers  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from storage import read_safetensors  # noqa: E402
 
 
 def hf():
@@ -239,7 +232,7 @@ def test_hf_base_export_matches(tmp_path):
     export.main(["hf", f"--base={ckpt}", f"--out={out}"])
     idx = IDX[:, :10] % 257
     with torch.no_grad():
-        ours, theirs, back = gpt(idx)[0], hf_model(out)(idx).logits, GPT.from_pretrained(out).eval()(idx)[0]
+        ours, theirs, back = gpt(idx)[0], hf_model(out)(idx).logits, load_gpt2(out).eval()(idx)[0]
     torch.testing.assert_close(theirs, ours, atol=ATOL, rtol=0)
     torch.testing.assert_close(back, ours, atol=ATOL, rtol=0)
 

@@ -19,7 +19,7 @@ import train_router
 from conftest import ops_of, randomize_B, randomize_biases
 from evaluate import left_pad
 from moa import LoRALinear, MoA, lora_layers
-from model import GPT, GPTConfig, KVCache
+from model import GPT, GPTConfig
 
 ROUTES = {
     "none": None,
@@ -222,7 +222,7 @@ def test_merged_decoding_equals_plain_decoding():
         assert model.generate(idx, 20, temperature=0, pad_mask=mask, mode="layer").shape == (4, 32)
     tokens = [m.generate(idx, 20, temperature=0, pad_mask=mask, mode="layer") for m in (plain, quick)]
     assert torch.equal(tokens[0], tokens[1])
-    caches = [KVCache(3), KVCache(3)]
+    caches = [plain.new_cache(), quick.new_cache()]
     with torch.no_grad():
         for model, cache in zip((plain, quick), caches):
             model(idx, pad_mask=mask, cache=cache, mode="layer")

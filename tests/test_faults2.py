@@ -51,17 +51,10 @@ from config import UserError, parse_config
 from conftest import REPO_ROOT, TINY_BASE_ARGS, assert_one_line_error, run_script
 from data.prepare import main as prepare
 from evaluate import evaluate_tasks, rouge_l
-from files import (
-    add_expert_file,
-    fingerprint,
-    load_base,
-    load_bundle,
-    save_bundle,
-    save_checkpoint,
-    save_expert,
-)
+from files import add_expert_file, fingerprint, load_base, load_bundle, save_bundle, save_expert
 from moa import MODES, MoA, add_experts, lora_layers
-from model import GPT, GPTConfig, KVCache
+from model import GPT, GPTConfig
+from storage import save_checkpoint
 from tokenizer import get_tokenizer
 from trainer import TrainConfig, processes
 
@@ -947,7 +940,7 @@ def test_each_mode_reports_the_decision_it_routes_by():
     routes = {"layer": [[2] * 4, [2] * 4, [1] * 4], "last": [[1] * 4] * 3, "vote": [[2] * 4] * 3}
     confidence = F.softmax(moa.routers[2].bias / 2.0, dim=-1)
     for mode, decision in expected.items():
-        cache = None if mode == "label" else KVCache(3)
+        cache = None if mode == "label" else moa.new_cache()
         with torch.no_grad():
             moa(idx, pad_mask=mask, mode=mode, cache=cache, **({"domain": labels} if mode == "label" else {}))
         assert moa.routing["decision"].tolist() == decision, mode
@@ -1072,7 +1065,7 @@ def test_no_route_is_left_on_a_layer_after_a_forward_pass(speed):
             moa(idx, pad_mask=mask, mode=mode, **kwargs)
             assert all(layer.route is None for layer in lora_layers(moa)), mode
             if mode != "token":
-                cache = KVCache(2)
+                cache = moa.new_cache()
                 moa(idx, pad_mask=mask, mode=mode, cache=cache, **kwargs)
                 moa(idx[:, :1], pad_mask=torch.ones(4, 1, dtype=torch.bool), mode=mode, cache=cache, **kwargs)
                 assert all(layer.route is None for layer in lora_layers(moa)), mode

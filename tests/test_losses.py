@@ -7,7 +7,7 @@ import torch
 from conftest import randomize_B
 from evaluate import left_pad
 from moa import MoA, lora_layers
-from model import GPT, GPTConfig, KVCache
+from model import GPT, GPTConfig
 
 L, K = 3, 3  # blocks, experts
 
@@ -112,7 +112,7 @@ def test_prefill_routes_each_block_by_its_own_router_and_decoding_keeps_the_deci
     moa = moa_model(3).eval()
     g = torch.Generator().manual_seed(5)
     idx, mask = left_pad([torch.randint(40, (n,), generator=g).tolist() for n in (9, 5, 7, 9)], 0)
-    cache = KVCache(L)
+    cache = moa.new_cache()
     with torch.no_grad():
         moa(idx, pad_mask=mask, cache=cache, mode=mode)
     routing = moa.routing

@@ -19,9 +19,10 @@ from batches import TaskData
 from config import UserError
 from conftest import assert_one_line_error, ops_of, randomize_B, randomize_biases, run_script
 from evaluate import evaluate_tasks, left_pad
-from files import fingerprint, load_base, load_bundle, load_expert, read_safetensors, save_bundle, write_safetensors
+from files import fingerprint, load_base, load_bundle, load_expert, save_bundle
 from moa import MODES, LoRALinear, MoA, add_experts, lora_layers, pool, set_route, vote
-from model import GPT, GPTConfig, KVCache
+from model import GPT, GPTConfig
+from storage import read_safetensors, write_safetensors
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOMAINS = "arith,reverse"  # two tasks whose prompts differ in kind: a tiny router tells them apart
@@ -373,7 +374,7 @@ def test_decoding_uses_the_routes_stored_at_prefill(mode, expected):
             router.weight.zero_()
             router.bias.copy_(F.one_hot(torch.tensor(k), 3) * 10.0)
         idx, mask = padded_batch()
-        cache = KVCache(3)
+        cache = moa.new_cache()
         moa(idx, pad_mask=mask, cache=cache, domain=domain, mode=mode)
         assert torch.equal(cache.route, torch.tensor(expected))
         for router in moa.routers:  # the routers now disagree with the stored decision: decoding must not ask them
@@ -440,7 +441,7 @@ def test_last_and_vote_fix_one_decision_at_prefill(trained, mode):
     with torch.no_grad():
         moa.routers[-1].bias.copy_(torch.tensor([-100.0, 100.0]))  # the last layer disagrees: always expert 1
     idx, mask, _ = prompts(moa)
-    cache = KVCache(moa.config.n_layer)
+    cache = moa.new_cache()
     with torch.no_grad():
         moa(idx, pad_mask=mask, cache=cache, mode=mode)
         assert torch.equal(moa.routing["predicted"], torch.tensor([[0, 1], [1, 1]]))  # the layers disagree on sample 0
@@ -465,7 +466,7 @@ def test_layer_mode_keeps_each_layers_route(trained):
     """With mode layer, prefill stores each layer's own router choice in cache.route."""
     moa = trained["moa"]
     idx, mask, _ = prompts(moa)
-    cache = KVCache(moa.config.n_layer)
+    cache = moa.new_cache()
     with torch.no_grad():
         moa(idx, pad_mask=mask, cache=cache, mode="layer")
     assert torch.equal(cache.route, moa.routing["predicted"])
