@@ -46,7 +46,7 @@ from trainer import TrainConfig, make_optimizer, pick_device
 
 @dataclass
 class BenchConfig:
-    out_dir: str = "out/bench"
+    out_dir: str = "out/bench"  # where bench.json goes
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     dtype: str = "float32"  # float32 | bfloat16: the matmul peak and the base training step (autocast)
     compile: bool = False  # also time the base training step under torch.compile

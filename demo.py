@@ -54,9 +54,9 @@ class DemoConfig:
     full: bool = False  # the whole study: 3 seeds, budget sweep, transfer matrix, imbalanced data, plain base
     quick: bool = False  # a first look in a few minutes, into out/quick (numbers not meaningful)
     seeds: int = 0  # runs after the base, with seeds 1..seeds (0: 1, or 3 with --full)
-    data_dir: str = "data/default"
-    out: str = "out"
-    base_iters: int = 1200
+    data_dir: str = "data/default"  # where the data set is (prepared first if missing)
+    out: str = "out"  # where everything goes: base/, runs/seed<N>/, results/, logs/
+    base_iters: int = 1200  # steps of the base's pretraining
     cap: int = 1000  # the most steps any run may take to reach its plateau
     stop_flat: float = 0.02  # the plateau rule (trainer.flat): less than 2% better over the last 20% of steps
     budgets: str = "100"  # stage-1 steps per expert at each budget point (--full: 50,100,150)

@@ -297,6 +297,8 @@ def check_free(path, force, folder):
 
 def main(argv=None):
     argv = list(argv or [])
+    if argv and argv[0] in ("--help", "-h"):  # the flags of every command
+        parse_config(ExportConfig, argv[:1])
     if not argv or argv[0] not in COMMANDS:
         raise UserError(f"say what to export: python export.py {'|'.join(COMMANDS)} --key=value ...")
     command, cfg = argv[0], parse_config(ExportConfig, argv[1:])

@@ -47,9 +47,9 @@ from trainer import pick_device
 @dataclass
 class ResultsConfig:
     out: str = "out"  # where demo.py put base/ and runs/seed<N>/
-    data_dir: str = "data/default"
+    data_dir: str = "data/default"  # the data set the runs were trained on
     records: int = 256  # validation records per task
-    batch_size: int = 64
+    batch_size: int = 64  # records scored at once
     mode: str = "last"  # how the routed MoA rows route: last | vote | layer (decided from the prompt)
     budgets: str = ""  # demo.py's --budgets ("": found from the files)
     added: str = ""  # the task added later, for the adding-a-task table; "": the data set's held-back task

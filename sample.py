@@ -35,18 +35,18 @@ from trainer import pick_device
 
 @dataclass
 class SampleConfig:
-    base: str = "out/base"
+    base: str = "out/base"  # the base: a train_base.py folder or ckpt.pt, or GPT-2 (gpt2, or a folder)
     expert: str = ""  # one expert (.safetensors from train_lora.py)
     bundle: str = ""  # a MoA bundle (.safetensors from train_router.py)
     mode: str = "last"  # routing mode with a bundle: layer | last | vote | token | label (needs --domain)
     domain: str = ""  # the domain label for --mode=label
-    prompt: str = "\\n"
+    prompt: str = "\\n"  # prompts separated by ||, or FILE:path; \\n is a newline
     num_samples: int = 1  # samples per prompt
-    max_new_tokens: int = 100
-    temperature: float = 0.8
+    max_new_tokens: int = 100  # tokens to generate at most (an EOT ends a sample sooner)
+    temperature: float = 0.8  # 0: greedy decoding
     top_k: int = 40  # 0: no top-k filter
     top_p: float = 1.0  # 1.0: no nucleus filter
-    seed: int = 1337
+    seed: int = 1337  # the sampling's random draws follow from it
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     fast: bool = True  # fast.py's speed paths (False: the plain method of moa.py)
     trace: int = 0  # with a bundle: print each block's route at prefill and in this many greedy decoding steps

@@ -30,11 +30,11 @@ class BaseConfig(TrainConfig):
     out_dir: str = "out/base"
     init_from: str = "scratch"  # scratch | resume | gpt2 | gpt2-medium | ... | a GPT-2 folder
     corpus: str = "all"  # comma-separated corpus sources (data/prepare.py), or all
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0
-    bias: bool = True
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads per block (they split the width)
+    n_embd: int = 128  # the width: channels of every token's vector
+    dropout: float = 0.0  # dropout in the GPT's blocks while it trains
+    bias: bool = True  # biases in Linear and LayerNorm, as GPT-2 has
 
     CHECKS = {
         "n_layer": AT_LEAST_1,

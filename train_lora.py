@@ -53,10 +53,10 @@ class LoRAConfig(TaskConfig):
     domain: str = ""  # what each LoRA learns: a task, a+b (several tasks), all (pooled); a comma list trains several
     name: str = ""  # file name of the expert (one LoRA), or of the run's folder (several); default: from --domain
     init_expert: str = ""  # start from this expert file (its rank, alpha, targets) instead of a fresh one
-    rank: int = 8
-    alpha: float = 16.0
-    lora_dropout: float = 0.0
-    targets: str = ",".join(TARGETS)
+    rank: int = 8  # r: each LoRA adds B (out, r) @ A (r, in) beside a linear map
+    alpha: float = 16.0  # the update is scaled by alpha / r
+    lora_dropout: float = 0.0  # dropout on the LoRA's input while it trains
+    targets: str = ",".join(TARGETS)  # the linear maps of each block that get a LoRA
     batch_size: int = 32  # records per step of each task a LoRA learns (all: of the pooled records)
     eval_iters: int = 4
     learning_rate: float = 3e-3  # 1e-2 learned reverse far slower (LOG.md)

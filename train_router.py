@@ -45,9 +45,7 @@ from trainer import TaskConfig, Unit, check_training_memory, micro_batches, pick
 @dataclass
 class RouterConfig(TaskConfig):
     out_dir: str = "out/moa"
-    experts: str = (
-        "out/experts"  # folder of stage-1 experts, <domain>.safetensors (a comma list: the first that has it)
-    )
+    experts: str = "out/experts"  # stage-1 experts' folder (<domain>.safetensors); a comma list: the first with it
     expert_step: int = 0  # > 0: the experts' snapshots at that step, <domain>@<step>.safetensors (train_lora --save_at)
     name: str = ""  # the bundle's file name; default moa, or <bundle>+<domain> / <bundle>-<domain>
     eta: float = 1.0  # weight of the routers' domain-label loss L_cls
@@ -59,11 +57,11 @@ class RouterConfig(TaskConfig):
     # (the block's input, with the earlier experts' output in it: later routers then learn the label from it, LOG.md)
     expert_init: str = "stage1"  # stage1 experts, or random ones ("MoE-LoRA naive")
     rank: int = 8  # rank and alpha of random experts (stage-1 experts bring their own)
-    alpha: float = 16.0
-    lora_dropout: float = 0.0
+    alpha: float = 16.0  # (random experts: see rank)
+    lora_dropout: float = 0.0  # dropout on the experts' input while they train
     bundle: str = ""  # an existing bundle to add a domain to or remove one from
-    add_domain: str = ""
-    remove_domain: str = ""
+    add_domain: str = ""  # a domain to add to --bundle: its stage-1 expert from --experts, one more router row
+    remove_domain: str = ""  # a domain to drop from --bundle, with its router row
     train_new_expert: bool = False  # when adding a domain: also fine-tune the new expert
     train_old_rows: bool = False  # when adding a domain: also retrain the routers' old rows (old routing may move)
     batch_size: int = 32

@@ -56,7 +56,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (a GPU speed-up)
     fast: bool = True  # fast.py's speed paths (False: the plain method of moa.py; the same numbers)
     batch_size: int = 16  # sequences per micro-batch
-    block_size: int = 128
+    block_size: int = 128  # the context: tokens per window (the base), or longest record (tasks)
     grad_accum: int = 0  # micro-batches per step over all processes (a multiple of them); 0: one per process
     max_iters: int = 1200  # optimizer steps (with --stop_flat: at most)
     lr_decay_iters: int = 0  # 0: same as max_iters
@@ -65,7 +65,7 @@ class TrainConfig:
     warmup_iters: int = 50  # steps of linear warmup
     weight_decay: float = 0.1  # AdamW decay of the matrices
     beta1: float = 0.9  # AdamW's betas
-    beta2: float = 0.99
+    beta2: float = 0.99  # (beta1's second)
     grad_clip: float = 1.0  # clip each parameter group's gradient norm to this (0: no clipping)
     eval_interval: int = 300  # steps between evaluations (each a log line and a checkpoint)
     eval_iters: int = 4  # batches' worth of validation windows or records per domain, per evaluation

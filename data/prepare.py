@@ -72,8 +72,8 @@ MAX_DOC_CHARS = 20000  # longer corpus documents are cut, so one big file cannot
 
 @dataclass
 class PrepareConfig:
-    out_dir: str = os.path.join(REPO_ROOT, "data", "default")
-    seed: int = 1337
+    out_dir: str = os.path.join(REPO_ROOT, "data", "default")  # the data set's folder (replaced whole)
+    seed: int = 1337  # which words are validation words, and every generated record
     tokenizer: str = "bytes"  # bytes | gpt2 | a folder with GPT-2's vocab.json + merges.txt
     only: str = "all"  # comma-separated built-in corpus sources and tasks to build; none: none of them
     max_tokens: int = 600000  # corpus: train tokens per source (val: a tenth)

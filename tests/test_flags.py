@@ -246,3 +246,28 @@ def test_top_k_beyond_the_experts(tiny_data, tiny_base, tmp_path):
             ]
         )
     assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("script", sorted(CONFIGS))
+def test_help_lists_every_flag_with_its_type_default_and_comment(script):
+    """config.help_text (what --help prints) has one line per field of the script's config dataclass: the flag with
+    its default, its type, and the comment written beside the field (none is left without one)."""
+    from dataclasses import fields
+
+    from config import help_text
+
+    cls = CONFIGS[script]
+    lines = {line.split("=", 1)[0].strip(): line for line in help_text(cls).splitlines() if line.startswith("  --")}
+    assert list(lines) == [f"--{f.name}" for f in fields(cls)]
+    for f in fields(cls):
+        flag, kind, *comment = lines[f"--{f.name}"].split()
+        assert flag == f"--{f.name}={getattr(cls(), f.name)}" and kind == f.type.__name__, lines[f"--{f.name}"]
+        assert comment, f"--{f.name} has no comment in {cls.__name__}"
+
+
+@pytest.mark.parametrize("script", ["train_lora.py", "sample.py", "data/prepare.py", "export.py"])
+def test_every_script_answers_help(script):
+    """`python SCRIPT --help` prints the script's first docstring line and its flags, exits 0, and writes nothing."""
+    result = run_script(script, "--help")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert "Flags (--key=value" in result.stdout and "--seed=1337" in result.stdout
