@@ -57,7 +57,7 @@ class DemoConfig:
     data_dir: str = "data/default"  # where the data set is (prepared first if missing)
     out: str = "out"  # where everything goes: base/, runs/seed<N>/, results/, logs/
     base_iters: int = 1200  # steps of the base's pretraining
-    cap: int = 1000  # the most steps any run may take to reach its plateau
+    cap: int = 0  # an expert's most steps to its plateau (a shared LoRA's: K times it); 0: 300, or 1000 with --full
     stop_flat: float = 0.02  # the plateau rule (trainer.flat): less than 2% better over the last 20% of steps
     budgets: str = "100"  # stage-1 steps per expert at each budget point (--full: 50,100,150)
     pair_steps: int = 150  # steps of each LoRA of the transfer matrix (--full)
@@ -68,7 +68,7 @@ class DemoConfig:
     CHECKS = {
         "seeds": AT_LEAST_0,
         "base_iters": AT_LEAST_1,
-        "cap": AT_LEAST_1,
+        "cap": AT_LEAST_0,
         "stop_flat": FRACTION,
         "pair_steps": AT_LEAST_1,
         "add_iters": AT_LEAST_1,
@@ -170,22 +170,24 @@ def budgets(cfg):
         values = sorted({int(b) for b in text.split(",") if b.strip()})
     except ValueError:
         raise UserError(f"--budgets={cfg.budgets}: expected comma-separated step counts") from None
-    if not values or values[0] < 1 or 2 * (values[-1] + 1) > cfg.cap:
-        raise UserError(f"--budgets={cfg.budgets}: each at least 1, and (K + 1) times the largest within --cap")
+    if not values or values[0] < 1 or values[-1] >= cfg.cap:
+        raise UserError(f"--budgets={cfg.budgets}: steps of at least 1, each below --cap={cfg.cap}")
     return values
 
 
 def seed_steps(cfg, out, seed, tasks, added):
     """One seed's runs: stage 1, MoA and its budget points, the baselines, the ablations, adding a task; with
-    --full also the transfer matrix, the imbalanced variant and (seed 1) the base without skills."""
+    --full, for seed 1, also the transfer matrix, the imbalanced variant and the base without skills."""
     plan = Plan(cfg, out, seed, tasks)
     if cfg.quick:
         return plan.stage1() + plan.moa()[:1]
     steps = plan.stage1() + plan.baselines() + plan.moa() + plan.budgets()
+    if not cfg.full:  # the demo: the main rows, without the ablations trained per token (the slowest runs)
+        steps = [s for s in steps if "MoE-LoRA" not in s.title]
     if added is not None:
         steps += plan.adding(added)
-    if cfg.full:
-        steps += plan.matrix() + plan.imbalanced() + (plan.regime() if seed == 1 else [])
+    if cfg.full and seed == 1:  # one seed of each: the controls above carry the spread over seeds
+        steps += plan.matrix() + plan.imbalanced() + plan.regime()
     return steps
 
 
@@ -199,6 +201,8 @@ class Plan:
         self.E, self.M, self.X = f"{self.run}/experts", f"{self.run}/moa", f"{self.run}/mixed"
         self.common = [f"--data_dir={cfg.data_dir}", f"--base={out}/base", f"--seed={seed}", f"--device={cfg.device}"]
         self.plateau = [f"--stop_flat={cfg.stop_flat}", f"--max_iters={cfg.cap}"]
+        # a shared LoRA (or MoE-LoRA naive) may see as many records as the K experts together: K times the steps
+        self.shared_plateau = [f"--stop_flat={cfg.stop_flat}", f"--max_iters={self.K * cfg.cap}"]
         self.router = self.common + [f"--experts={self.E}", f"--out_dir={self.M}"]
         self.stage1_files = [f"{self.E}/{t}.safetensors" for t in tasks]
         self.per_step = train_lora.LoRAConfig.batch_size
@@ -225,7 +229,7 @@ class Plan:
         """One LoRA on all tasks at rank r and K r, and MoE-LoRA naive: saved at the steps of equal records
         ((K + 1) b) and equal updates (2 b) of each budget b."""
         steps = sorted({(self.K + 1) * b for b in budgets(self.cfg)} | {2 * b for b in budgets(self.cfg)})
-        saves = [f"--save_at={','.join(str(s) for s in steps if s <= self.cfg.cap)}"] + self.plateau
+        saves = [f"--save_at={','.join(str(s) for s in steps)}"] + self.shared_plateau
         mixed, K = self.common + ["--domain=all", f"--out_dir={self.X}"], self.K
         naive = self.router + ["--mode=token", "--eta=0", "--expert_init=random", "--name=moe_lora_naive"]
         return [
@@ -458,8 +462,9 @@ def main(argv=None):
     cfg = parse_config(DemoConfig, argv or [])
     cfg.device = pick_device(cfg.device)[0]  # auto -> the device; one that is not here: an error now
     out = f"{cfg.out}/quick" if cfg.quick else cfg.out
+    cfg.cap = cfg.cap or (1000 if cfg.full else 300)
     if cfg.quick:
-        cfg.base_iters, cfg.cap, cfg.budgets = 200, 120, "20"
+        cfg.base_iters, cfg.cap, cfg.budgets = 200, 60, "20"
     cfg.seeds = cfg.seeds or (3 if cfg.full else 1)
     if cfg.jobs == 0:
         cfg.jobs = (os.cpu_count() or 1) if cfg.device == "cpu" else 1

@@ -603,7 +603,6 @@ def train(
     process 0 evaluates, logs, checkpoints and runs finish; the others wait for it at the end.
     """
     check_training_memory(cfg, model.config, sum(p.numel() for p in model.parameters() if p.requires_grad))
-    check_training_memory(cfg, model.config, sum(p.numel() for p in model.parameters() if p.requires_grad))
     with locked(cfg.out_dir) if processes()[0] == 0 else nullcontext():  # process 0 holds the lock for all
         return train_loop(cfg, model, data, evaluate, loss_fn, meta, lr_scales, finish, units, snapshot)
 

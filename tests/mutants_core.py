@@ -262,7 +262,7 @@ MUTANTS = [
     Mutant(
         "trainer-unshifted-targets",
         "a window's targets are its inputs, not the next tokens",
-        "trainer.py",
+        "batches.py",
         "data[s + 1 : s + 1 + T]",
         "data[s : s + T]",
         CORE,
@@ -270,7 +270,7 @@ MUTANTS = [
     Mutant(
         "batch-unbalanced",
         "batch labels are drawn at random, so domains are not balanced",
-        "trainer.py",
+        "batches.py",
         "return (torch.arange(batch_size) + offset) % K",
         "return torch.randint(K, (batch_size,), generator=generator)",
         CORE,
@@ -278,15 +278,15 @@ MUTANTS = [
     Mutant(
         "batch-global-rng",
         "window starts come from the global RNG, not the batch generator",
-        "trainer.py",
-        "[int(torch.randint(n, (1,), generator=generator))]",
-        "[int(torch.randint(n, (1,)))]",
+        'batches.py',
+        '[int(torch.randint(n, (1,), generator=gen))]',
+        '[int(torch.randint(n, (1,)))]',
         CORE,
     ),
     Mutant(
         "eval-starts-short",
         "evaluation windows stop one block before the end of the validation split",
-        "trainer.py",
+        "batches.py",
         'last = len(self.splits[name, "val"]) - self.block_size - 1',
         'last = len(self.splits[name, "val"]) - 2 * self.block_size',
         CORE,
@@ -382,26 +382,27 @@ MUTANTS = [
     Mutant(
         "clip-skipped",
         "gradient clipping never runs (its condition is inverted)",
-        "trainer.py",
-        "if cfg.grad_clip > 0:",
-        "if cfg.grad_clip < 0:",
+        'trainer.py',
+        '            elif run.cfg.grad_clip > 0:',
+        '            elif run.cfg.grad_clip < 0:',
         CORE,
     ),
     Mutant(
         "clip-per-parameter",
         "each parameter's gradient is clipped to grad_clip alone, not the total norm",
-        "trainer.py",
-        "            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)",
-        "            for p in raw_model.parameters():\n"
-        "                torch.nn.utils.clip_grad_norm_(p, cfg.grad_clip)",
+        'trainer.py',
+        '                norm = torch.nn.utils.clip_grad_norm_(params, run.cfg.grad_clip)\n',
+        '                norm = torch.stack([torch.nn.utils.clip_grad_norm_(p, run.cfg.grad_clip)'
+        ' for p in params]).max()\n',
         CORE,
     ),
     Mutant(
         "clip-by-value",
         "gradients are clipped by value, not by norm",
-        "trainer.py",
-        "clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)",
-        "clip_grad_value_(raw_model.parameters(), cfg.grad_clip)",
+        'trainer.py',
+        '                norm = torch.nn.utils.clip_grad_norm_(params, run.cfg.grad_clip)\n',
+        '                norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))\n'
+        '                torch.nn.utils.clip_grad_value_(params, run.cfg.grad_clip)\n',
         CORE,
     ),
     Mutant(
@@ -415,26 +416,26 @@ MUTANTS = [
     Mutant(
         "zero-grad-missing",
         "gradients are never zeroed: each step adds to the last ones",
-        "trainer.py",
-        "        optimizer.zero_grad(set_to_none=True)\n",
-        "",
+        'trainer.py',
+        '    run.optimizer.zero_grad(set_to_none=True)\n',
+        '',
         CORE,
     ),
     Mutant(
         "dropout-not-reseeded",
         "only a micro-batch's records come from its seed; dropout draws on from the "
         "global stream (a resumed run, or another process, draws other masks)",
-        "trainer.py",
-        "generator = torch.manual_seed(micro_seed(cfg.seed, step, micro))",
-        "generator = torch.Generator().manual_seed(micro_seed(cfg.seed, step, micro))",
+        'trainer.py',
+        '        torch.manual_seed(seed)\n',
+        '',
         RESUME,
     ),
     Mutant(
         "resume-from-step-zero",
         "resume restores the weights but counts steps from 0 again",
-        "trainer.py",
-        '        step = ckpt["meta"].get("step")\n',
-        "",
+        'trainer.py',
+        '    run.step = step\n',
+        '',
         RESUME,
     ),
     Mutant(
@@ -448,25 +449,25 @@ MUTANTS = [
     Mutant(
         "ddp-batches-per-rank",
         "each process adds its rank to the seed: the global batch differs from 1 process's",
-        "trainer.py",
-        "micro_seed(cfg.seed, step, micro)",
-        "micro_seed(cfg.seed + rank, step, micro)",
+        'trainer.py',
+        'micro_seed(cfg.seed, run.step, micro)',
+        'micro_seed(cfg.seed + rank, run.step, micro)',
         TORCHRUN,
     ),
     Mutant(
         "ddp-same-stream-every-rank",
         "each process numbers its own micro-batches from 0: every process draws the same records and dropout masks",
-        "trainer.py",
-        "micro_seed(cfg.seed, step, micro)",
-        "micro_seed(cfg.seed, step, micro // world)",
+        'trainer.py',
+        'micro_seed(cfg.seed, run.step, micro)',
+        'micro_seed(cfg.seed, run.step, micro // world)',
         ("tests/test_gpu_paths.py", "-k", "router"),
     ),
     Mutant(
         "ddp-loss-not-reduced",
         "the logged loss of a step is not all-reduced over processes",
-        "trainer.py",
-        "            dist.all_reduce(total)  # the sum of every process's mean\n",
-        "",
+        'trainer.py',
+        "        dist.all_reduce(total)  # the sum of every process's mean\n",
+        '',
         TORCHRUN,
     ),
     Mutant(
@@ -505,10 +506,10 @@ MUTANTS = [
     Mutant(
         "scaler-not-restored",
         "resume does not restore the loss scale of a float16 run",
-        "trainer.py",
-        '            if ckpt.get("scaler"):  # a float16 run\'s loss scale, where it had got to\n'
-        '                scaler.load_state_dict(ckpt["scaler"])\n',
-        "",
+        'trainer.py',
+        '        if ckpt.get("scaler"):  # a float16 run\'s loss scale, where it had got to\n'
+        '            run.scaler.load_state_dict(ckpt["scaler"])\n',
+        '',
         ("tests/test_gpu_paths.py", "-k", "loss_scale"),
     ),
     Mutant(
@@ -571,7 +572,7 @@ MUTANTS = [
     Mutant(
         "atomic-write-in-place",
         "atomic_write writes straight into the destination",
-        "files.py",
+        "storage.py",
         "        write(tmp)\n",
         "        write(path)\n        return\n",
         CORE,
@@ -579,7 +580,7 @@ MUTANTS = [
     Mutant(
         "atomic-write-leaves-tmp",
         "a failed atomic_write leaves its temporary file behind",
-        "files.py",
+        "storage.py",
         "            remove(leftover)",
         "            pass",
         CORE,
@@ -587,7 +588,7 @@ MUTANTS = [
     Mutant(
         "atomic-folder-cleared-first",
         "a folder write (data/prepare.py) clears the old folder before writing",
-        "files.py",
+        "storage.py",
         "        if folder:\n            os.makedirs(tmp)",
         "        if folder:\n            shutil.rmtree(path, ignore_errors=True)\n            os.makedirs(tmp)",
         CORE,
@@ -595,12 +596,14 @@ MUTANTS = [
     Mutant(
         "st-metadata-dropped",
         "write_safetensors drops the metadata (an expert would lose its base fingerprint)",
-        "files.py",
+        "storage.py",
         "metadata = None if metadata is None else",
         "metadata = None if True else",
         CORE,
     ),
-    Mutant("st-metadata-unread", "read_safetensors returns no metadata", "files.py", "f.metadata() or {}", "{}", CORE),
+    Mutant(
+        "st-metadata-unread", "read_safetensors returns no metadata", 'storage.py', 'f.metadata() or {}', '{}', CORE
+    ),
     Mutant(
         "file-shapes-a-b-swapped",
         "the expected shapes of a file's A and B are swapped: no expert loads",
@@ -670,15 +673,15 @@ MUTANTS = [
     Mutant(
         "test-pairs-leak",
         "arith training data draws from every pair, reserved test pairs included",
-        "data/prepare.py",
-        "if is_test_pair(a, b) == test:",
-        "if not test or is_test_pair(a, b):",
+        'data/tasks.py',
+        '            if is_val_pair(a, b) == val:',
+        '            if not val or is_val_pair(a, b):',
         DATA,
     ),
     Mutant(
         "test-pair-units-digit",
         "the reserved pairs are chosen by a's units digit: some units sums never train",
-        "data/prepare.py",
+        "data/tasks.py",
         "return (a // 10 + b) % 10 == 0",
         "return (a % 10 + b) % 10 == 0",
         DATA,
@@ -767,7 +770,7 @@ MUTANTS = [
     Mutant(
         "task-batch-prompt-target-leaks",
         "a task batch takes the loss on the prompt's last target too",
-        "trainer.py",
+        "batches.py",
         "y[b, : len(p) - 1] = -1",
         "y[b, : len(p) - 2] = -1",
         DATA,
@@ -775,7 +778,7 @@ MUTANTS = [
     Mutant(
         "task-batch-prompt-mask-short",
         "a task batch's prompt mask misses the prompt's last token",
-        "trainer.py",
+        "batches.py",
         "prompt[b, : min(len(p), n)] = True",
         "prompt[b, : min(len(p), n) - 1] = True",
         DATA,
@@ -945,7 +948,7 @@ MUTANTS = [
     Mutant(
         "atomic-write-raw-oserror",
         "a failed atomic write raises the bare OSError, naming the temporary file",
-        "files.py",
+        "storage.py",
         'raise UserError(f"cannot write {path}: {e.strerror or e}") from None',
         "raise",
         CORE,
@@ -953,7 +956,7 @@ MUTANTS = [
     Mutant(
         "checkpoint-written-by-torch",
         "a full disk fails inside torch.save: a RuntimeError, not one line",
-        "files.py",
+        "storage.py",
         "torch.save(state, buffer)  # in memory first",
         "return atomic_write(path, lambda tmp: torch.save(state, tmp))  # in memory first",
         ("tests/test_outputs.py", "-k", "full_disk_checkpoint"),
@@ -961,7 +964,7 @@ MUTANTS = [
     Mutant(
         "output-check-by-name",
         "outputs are compared with inputs by name, not after resolving links",
-        "files.py",
+        "storage.py",
         "if os.path.commonpath([out, os.path.realpath(given)]) == out:",
         "if os.path.commonpath([os.path.abspath(path), os.path.abspath(given)]) == os.path.abspath(path):",
         ("tests/test_outputs.py", "-k", "never"),
@@ -969,7 +972,7 @@ MUTANTS = [
     Mutant(
         "output-check-equal-only",
         "an output folder that holds an input (replaced whole) is not refused",
-        "files.py",
+        "storage.py",
         "if os.path.commonpath([out, os.path.realpath(given)]) == out:",
         "if os.path.realpath(given) == out:",
         ("tests/test_outputs.py", "-k", "never"),
@@ -985,7 +988,7 @@ MUTANTS = [
     Mutant(
         "lock-not-exclusive",
         "the lock file is opened without O_EXCL: a second run takes it over",
-        "files.py",
+        "storage.py",
         "os.O_CREAT | os.O_EXCL | os.O_WRONLY",
         "os.O_CREAT | os.O_WRONLY",
         OUTPUTS,
@@ -993,7 +996,7 @@ MUTANTS = [
     Mutant(
         "lock-never-stale",
         "a lock whose process is gone is never taken over",
-        "files.py",
+        "storage.py",
         "if owner is None or pid_alive(owner):",
         "if True:",
         OUTPUTS,
@@ -1001,7 +1004,7 @@ MUTANTS = [
     Mutant(
         "lock-not-released",
         "the lock stays after the run ends",
-        "files.py",
+        "storage.py",
         "        if os.path.exists(path):\n            os.remove(path)",
         "        pass",
         OUTPUTS,
@@ -1009,7 +1012,7 @@ MUTANTS = [
     Mutant(
         "stale-files-kept",
         "a killed run's temporary files are never cleared",
-        "files.py",
+        "storage.py",
         "            remove(os.path.join(folder, entry))",
         "            pass",
         OUTPUTS,
@@ -1017,7 +1020,7 @@ MUTANTS = [
     Mutant(
         "stale-of-live-process-removed",
         "temporary files of a process that still runs are cleared too",
-        "files.py",
+        "storage.py",
         " or pid_alive(int(stale[3])):",
         ":",
         OUTPUTS,
@@ -1025,7 +1028,7 @@ MUTANTS = [
     Mutant(
         "old-folder-not-restored",
         "a killed swap's <folder>.old<pid> is deleted, not put back",
-        "files.py",
+        "storage.py",
         'if stale[2] == "old" and not os.path.lexists(target):',
         "if False:",
         OUTPUTS,
@@ -1033,9 +1036,9 @@ MUTANTS = [
     Mutant(
         "resume-log-not-trimmed",
         "resuming keeps log lines beyond the checkpoint: steps logged twice",
-        "trainer.py",
-        "            trim_log(log_path, step)\n",
-        "            pass\n",
+        'trainer.py',
+        '        trim_log(run.log_path, step)\n',
+        '        pass\n',
         OUTPUTS,
     ),
     Mutant(
@@ -1057,7 +1060,7 @@ MUTANTS = [
     Mutant(
         "gpt-config-not-against-weights",
         "a checkpoint's or config.json's sizes are not checked against the weights before the GPT is built",
-        "files.py",
+        "model.py",
         "    if wanted > held:",
         "    if False:",
         MEMORY,
@@ -1097,7 +1100,7 @@ MUTANTS = [
     Mutant(
         "tokens-beyond-vocab",
         "a .bin holding ids beyond the vocabulary is accepted",
-        "trainer.py",
+        "batches.py",
         "if size and tokens.max() >= vocab_size:",
         "if False:",
         FAULTS,
@@ -1105,7 +1108,7 @@ MUTANTS = [
     Mutant(
         "bin-odd-size",
         "a .bin of an odd number of bytes reaches np.memmap (a ValueError)",
-        "trainer.py",
+        "batches.py",
         "    if size % 2:",
         "    if False:",
         FAULTS,
@@ -1113,7 +1116,7 @@ MUTANTS = [
     Mutant(
         "meta-eot-unchecked",
         "meta.json's eot may lie beyond the vocabulary",
-        "trainer.py",
+        "batches.py",
         '        and 0 <= meta["eot"] < meta["vocab_size"]\n',
         "",
         FAULTS,
@@ -1154,7 +1157,7 @@ MUTANTS = [
     Mutant(
         "meta-json-names-unchecked",
         "meta.json's corpus and task names are used as folders unchecked",
-        "trainer.py",
+        "batches.py",
         "    if odd is not None:  # each name",
         "    if False:  # each name",
         NAMES2,
@@ -1203,7 +1206,7 @@ MUTANTS = [
     Mutant(
         "weights-nan-pass",
         "check_weights never looks at the values: NaN and inf weights load and are written",
-        "files.py",
+        "storage.py",
         "        if t.is_floating_point() and not torch.isfinite(t).all():",
         "        if False:",
         NONFINITE2,
@@ -1211,7 +1214,7 @@ MUTANTS = [
     Mutant(
         "weights-integers-pass",
         "check_weights never looks at the dtype: an integer tensor is cast silently",
-        "files.py",
+        "storage.py",
         "        if not t.is_floating_point() and not any_dtype:",
         "        if False:",
         WRONG2,
@@ -1227,7 +1230,7 @@ MUTANTS = [
     Mutant(
         "checkpoint-values-unchecked",
         "a checkpoint's tensors are not checked: a NaN base loads, a NaN run resumes",
-        "files.py",
+        "storage.py",
         '    check_weights(model, f"checkpoint {path}")\n',
         "",
         NONFINITE2,
@@ -1235,7 +1238,7 @@ MUTANTS = [
     Mutant(
         "nan-written",
         "write_safetensors writes NaN and inf (an export that overflowed)",
-        "files.py",
+        "storage.py",
         '    check_weights(tensors, f"not writing {path}", any_dtype=True)  # any tensor file; never a NaN or inf\n',
         "",
         NONFINITE2,
@@ -1243,7 +1246,7 @@ MUTANTS = [
     Mutant(
         "nan-checkpoint-written",
         "save_checkpoint writes NaN and inf weights",
-        "files.py",
+        "storage.py",
         '    check_weights(state.get("model", {}), f"not writing {path}")\n',
         "",
         NONFINITE2,
@@ -1251,9 +1254,9 @@ MUTANTS = [
     Mutant(
         "gpt2-values-unchecked",
         "a GPT-2 file's weights are copied unchecked: an int32 tensor is cast",
-        "model.py",
-        "            check_weights({key: src}, folder)  # copy_ would cast integers silently\n",
-        "",
+        'gpt2.py',
+        '        check_weights({key: src}, folder)  # copy_ would cast integers silently\n',
+        '',
         WRONG2,
     ),
     Mutant(
@@ -1267,9 +1270,9 @@ MUTANTS = [
     Mutant(
         "diverged-run-saves",
         "a run whose weights became NaN logs and saves on",
-        "trainer.py",
-        "            check_finite_weights(raw_model, step)  # before anything is logged or saved\n",
-        "",
+        'trainer.py',
+        '    check_finite_weights(run.raw, run.step)  # before anything is logged or saved\n',
+        '',
         NONFINITE2,
     ),
     Mutant(
@@ -1283,15 +1286,15 @@ MUTANTS = [
     Mutant(
         "gpt2-unknown-tensors-dropped",
         "a GPT-2 file's tensors beyond GPT-2's are dropped unread",
-        "model.py",
-        "        check_gpt2_names(state, ours, folder)\n",
-        "",
+        'gpt2.py',
+        '    check_gpt2_names(state, ours, folder)\n',
+        '',
         WRONG2,
     ),
     Mutant(
         "gpt2-untied-head-dropped",
         "a GPT-2 file's lm_head is dropped even when it is not its wte",
-        "model.py",
+        "gpt2.py",
         'if name == "lm_head.weight" and not torch.equal(t.to(ours[name].dtype), ours["transformer.wte.weight"]):',
         "if False:",
         WRONG2,
@@ -1299,7 +1302,7 @@ MUTANTS = [
     Mutant(
         "gpt2-masks-refused",
         "the attention masks real GPT-2 files hold are refused as unknown tensors",
-        "model.py",
+        "gpt2.py",
         'and not name.endswith((".attn.bias", ".attn.masked_bias"))',
         "",
         WRONG2,
@@ -1307,9 +1310,9 @@ MUTANTS = [
     Mutant(
         "resume-extra-tensor-dropped",
         "resume checks that the checkpoint has every trained tensor, not that it holds no others",
-        "trainer.py",
-        'set(trainable_state(model)) ^ set(ckpt["model"])',
-        'set(trainable_state(model)) - set(ckpt["model"])',
+        'trainer.py',
+        'set(trainable_state(run.raw)) ^ set(ckpt["model"])',
+        'set(trainable_state(run.raw)) - set(ckpt["model"])',
         WRONG2,
     ),
     Mutant(
@@ -1348,7 +1351,7 @@ MUTANTS = [
     Mutant(
         "json-file-recursion",
         "read_json (meta.json, PEFT and GPT-2 configs) catches ValueError only",
-        "files.py",
+        "storage.py",
         "except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, or nested too deeply",
         "except ValueError as e:",
         DEEP2,
@@ -1405,17 +1408,17 @@ MUTANTS = [
     Mutant(
         "memory-batch-unchecked",
         "train() never checks the batch against the memory",
-        "trainer.py",
-        "    check_training_memory(cfg, model.config, sum(p.numel() for p in model.parameters() if p.requires_grad))\n",
-        "",
+        'trainer.py',
+        '    check_training_memory(cfg, model.config, sum(p.numel() for p in model.parameters() if p.requires_grad))\n',
+        '',
         MEMORY2,
     ),
     Mutant(
         "memory-rank-unchecked",
         "train_lora.py makes an expert of any --rank",
-        "train_lora.py",
-        "        check_expert_memory(cfg, model)\n",
-        "",
+        'train_lora.py',
+        '        check_expert_memory(cfg, model, len(specs))\n',
+        '',
         MEMORY2,
     ),
     Mutant(
@@ -1437,26 +1440,26 @@ MUTANTS = [
     Mutant(
         "memory-records-unchecked",
         "prepare.py generates any --records",
-        "data/prepare.py",
-        "    check_records_memory(cfg, len([n for n in names if n in TEMPLATES]))\n",
-        "",
+        'data/prepare.py',
+        '    check_records_memory(cfg, len([n for n in names if n in tasks.TASKS]))\n',
+        '',
         MEMORY2,
     ),
     # ---- issue 26: resume only the saved run
     Mutant(
         "resume-unchecked",
         "resume never compares the saved run with the new one",
-        "trainer.py",
-        '        check_resume(ckpt_path, ckpt["meta"], cfg, meta, identity)\n',
-        "",
+        'trainer.py',
+        '    check_resume(path, ckpt["meta"], run.cfg, meta, identity)\n',
+        '',
         RESUME2,
     ),
     Mutant(
         "resume-batch-may-change",
         "--batch_size is among the settings a resume may change",
-        "trainer.py",
-        '    "eval_iters",\n)',
-        '    "eval_iters",\n    "batch_size",\n)',
+        'trainer.py',
+        '    "save_at",\n)',
+        '    "save_at",\n    "batch_size",\n)',
         RESUME2,
     ),
     Mutant(
@@ -1576,7 +1579,7 @@ MUTANTS = [
     Mutant(
         "domain-selected-twice",
         "--domains=upper,upper makes two experts of one domain",
-        "trainer.py",
+        "batches.py",
         "        if chosen.count(name) > 1:",
         "        if False:",
         FLAGS2,
@@ -1584,7 +1587,7 @@ MUTANTS = [
     Mutant(
         "nothing-trains-passes",
         "a task whose prompts fill the context trains (nothing: a NaN loss)",
-        "trainer.py",
+        "batches.py",
         "        if lost == len(length) and not data.prompt_loss:",
         "        if False:",
         FLAGS2,
@@ -1592,7 +1595,7 @@ MUTANTS = [
     Mutant(
         "cut-records-silent",
         "training cuts records longer than the context without a word",
-        "trainer.py",
+        "batches.py",
         "        if cut:\n            print(",
         "        if False:\n            print(",
         FLAGS2,
@@ -1600,9 +1603,9 @@ MUTANTS = [
     Mutant(
         "prepare-lengths-silent",
         "prepare.py says nothing of records longer than the context",
-        "data/prepare.py",
-        "            if warning:\n",
-        "            if False:\n",
+        'data/prepare.py',
+        '    if warning:\n',
+        '    if False:\n',
         FLAGS2,
     ),
     Mutant(
@@ -1633,17 +1636,17 @@ MUTANTS = [
     Mutant(
         "bundle-eta-ignored",
         "load_bundle ignores the bundle's eta (the weight of L_cls)",
-        "files.py",
-        '        eta=meta.get("eta", 1.0),\n',
-        "",
+        'files.py',
+        '        eta=meta.get("eta", 1.0) if eta is None else eta,\n',
+        '        eta=1.0 if eta is None else eta,\n',
         BLIND,
     ),
     Mutant(
         "bundle-temperature-ignored",
         "load_bundle ignores the routers' calibrated temperature",
-        "files.py",
-        '    moa.temperature = meta["temperature"]\n',
-        "",
+        'files.py',
+        '        temperature=meta["temperature"],\n',
+        '',
         BLIND,
     ),
     Mutant(
@@ -1673,17 +1676,17 @@ MUTANTS = [
     Mutant(
         "layer-decision-first-block",
         "layer mode reports the first block's route as its decision",
-        "moa.py",
-        ".get(mode, routes[-1])",
-        ".get(mode, routes[0])",
+        'moa.py',
+        'else routes[-1]  # (B,)',
+        'else routes[0]  # (B,)',
         BLIND,
     ),
     Mutant(
         "last-decision-first-router",
         "mode last decides by the first router",
-        "moa.py",
-        '{"last": predicted[-1], "vote"',
-        '{"last": predicted[0], "vote"',
+        'moa.py',
+        'predicted[-1] if mode == "last"',
+        'predicted[0] if mode == "last"',
         BLIND,
     ),
     Mutant(
@@ -1729,10 +1732,9 @@ MUTANTS = [
     Mutant(
         "route-left-set",
         "a block's route stays on its layers after it ran",
-        "moa.py",
-        "        x = self.gpt.transformer.h[i](x, attn_mask, cache, i)\n        for layer in self.blocks[i]:\n"
-        "            layer.route = None\n",
-        "        x = self.gpt.transformer.h[i](x, attn_mask, cache, i)\n",
+        'moa.py',
+        '            layer.route, layer.lora_dropout.noise = old_route, old_noise\n',
+        '            layer.lora_dropout.noise = old_noise\n',
         BLIND,
     ),
     Mutant(

@@ -52,7 +52,7 @@ from conftest import REPO_ROOT, TINY_BASE_ARGS, assert_one_line_error, run_scrip
 from data.prepare import main as prepare
 from evaluate import evaluate_tasks, rouge_l
 from files import add_expert_file, fingerprint, load_base, load_bundle, save_bundle, save_expert
-from moa import MODES, MoA, add_experts, lora_layers
+from moa import MODES, MoA, RoutedCache, add_experts, lora_layers
 from model import GPT, GPTConfig
 from storage import save_checkpoint
 from tokenizer import get_tokenizer
@@ -962,6 +962,9 @@ class Scripted(torch.nn.Module):
         super().__init__()
         self.unused = torch.nn.Parameter(torch.zeros(1))  # where the model lives (the CPU)
         self.routing = {}
+
+    def new_cache(self):
+        return RoutedCache(self.config.n_layer)
 
     def forward(self, idx, pad_mask=None, cache=None, **kwargs):
         if cache is not None and cache.route is None:  # the prefill

@@ -88,6 +88,8 @@ def trained(tiny_data, tiny_base, tmp_path_factory):
             f"--max_iters={ROUTER_ITERS}",
             f"--eval_interval={ROUTER_ITERS}",
             "--learning_rate=0.1",
+            "--router_lr=0.1",
+            "--router_input=block",  # the block's input, as the paper draws it: what the assignments build
             "--min_lr=0.01",
             "--warmup_iters=5",
             "--schedule=cosine",
