@@ -14,6 +14,7 @@ import ast
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -48,17 +49,26 @@ def grading_command(n):
 
 
 def run_in(folder, *args):
-    """Runs `python *args` in folder on one thread -> the finished process. No bytecode is cached (the tests rewrite
-    moa.py between runs, within a second) and the terminal is wide enough for pytest's summary to show each
-    failure's whole message."""
-    return subprocess.run(
-        [sys.executable, *args],
-        cwd=folder,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1", "COLUMNS": "400"},
-    )
+    """Runs `python *args` in folder on one thread -> the finished process."""
+    return run_all([(folder, args)])[0]
+
+
+def run_all(jobs):
+    """Runs each (folder, args) of jobs as `python *args` in its folder, all at once, each on one thread -> the
+    finished processes, in order. No bytecode is cached (the tests rewrite moa.py between runs, within a second)
+    and the terminal is wide enough for pytest's summary to show each failure's whole message."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1", "COLUMNS": "400"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *args], cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        for folder, args in jobs
+    ]
+    done = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return done
 
 
 def marked_files():
@@ -99,18 +109,19 @@ def test_before_you_start_the_given_tests_pass(student):
 
 
 @pytest.mark.parametrize("n", sorted(ASSIGNMENTS))
-def test_grading_fails_while_to_do_and_passes_once_done(student, n):
+def test_grading_fails_while_to_do_and_passes_once_done(student, n, tmp_path):
     """In the student copy, assignment n's grading command fails while n and every later assignment are still to do:
     collection works, and every one of its tests fails on assignment n's NotImplementedError (none needs a later
     one); with n filled in, the same command passes, as many tests."""
+    done = tmp_path / "done"  # the same copy with n filled in, graded beside it (one thread each)
+    shutil.copytree(student, done)
     solve(student, {k for k in ASSIGNMENTS if k >= n})
-    failing = run_in(student, *grading_command(n))
+    solve(done, {k for k in ASSIGNMENTS if k > n})
+    failing, passing = run_all([(student, grading_command(n)), (done, grading_command(n))])
     assert failing.returncode == 1, failing.stdout[-3000:]  # 1: tests failed (2: a collection error, 5: no test)
     outcomes = [line for line in failing.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
     wrong = [line for line in outcomes if f" - NotImplementedError: Assignment {n}: " not in line]
     assert outcomes and not wrong, "\n".join(wrong)
-    solve(student, {k for k in ASSIGNMENTS if k > n})
-    passing = run_in(student, *grading_command(n))
     assert passing.returncode == 0, passing.stdout[-3000:]
     assert re.search(r"\b(\d+) passed", passing.stdout).group(1) == str(len(outcomes)), passing.stdout[-300:]
 

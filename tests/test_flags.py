@@ -116,7 +116,7 @@ BAD_FLAGS += [
 BAD_FLAGS += [("results", flag) for flag in ["--records=0", "--batch_size=0", "--mode=label", "--mode=token"]]
 BAD_FLAGS += [
     ("demo", flag)
-    for flag in ["--seeds=-1", "--base_iters=0", "--cap=0", "--pair_steps=0", "--stop_flat=1", "--jobs=-1"]
+    for flag in ["--seeds=-1", "--base_iters=0", "--cap=-1", "--pair_steps=0", "--stop_flat=1", "--jobs=-1"]
 ]
 BAD_FLAGS += [("bench", flag) for flag in ["--repeats=0", "--threads=-1"]]
 BAD_FLAGS += [
