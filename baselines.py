@@ -76,6 +76,9 @@ class ClassifierRouted(nn.Module):
     def config(self):
         return self.moa.config
 
+    def new_cache(self):
+        return self.moa.new_cache()
+
     generate = GPT.generate
 
     def forward(self, idx, targets=None, pad_mask=None, cache=None, **ignored):
@@ -105,6 +108,9 @@ class Arrow(nn.Module):
     @property
     def config(self):
         return self.moa.config
+
+    def new_cache(self):
+        return self.moa.gpt.new_cache()
 
     generate = GPT.generate
 

@@ -36,16 +36,17 @@ import torch
 
 import fast
 from config import AT_LEAST_0, AT_LEAST_1, UserError, parse_config, run
-from files import expert_tensors, write_text
+from files import expert_tensors
 from moa import LoRALinear, MoA, add_experts, lora_layers, set_route
 from model import GPT, GPTConfig
+from storage import write_text
 from train_base import BaseConfig
 from trainer import TrainConfig, make_optimizer, pick_device
 
 
 @dataclass
 class BenchConfig:
-    out_dir: str = "out/bench"
+    out_dir: str = "out/bench"  # where bench.json goes
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     dtype: str = "float32"  # float32 | bfloat16: the matmul peak and the base training step (autocast)
     compile: bool = False  # also time the base training step under torch.compile
@@ -406,6 +407,74 @@ def run_stage(cfg):
     print(json.dumps({"peak_mb": peak_mb}))
 
 
+def bench_stage1(cfg, rows, steps):
+    """K experts trained in one run (train_lora.py --domain=a,b,...) against K runs of one expert each, the same
+    steps on the same data, one thread: the run's wall time less its evaluations. Then the transfer matrix's
+    LoRAs (each task alone and with each other one) in one run against one run each. On the built-in tasks,
+    prepared small in a temporary folder, over a random base (the time of a step does not depend on weights)."""
+    import tempfile
+
+    import data.prepare
+    import train_base
+    import train_lora
+    import trainer
+
+    with tempfile.TemporaryDirectory() as tmp, single_thread():
+        data.prepare.main([f"--out_dir={tmp}/data", "--records=2000", "--val_records=16", "--max_tokens=20000"])
+        train_base.main([f"--data_dir={tmp}/data", f"--out_dir={tmp}/base", "--max_iters=0", "--progress=False"])
+        tasks = ["upper", "lower", "double", "reverse", "arith"]
+        pairs = [f"{a}+{b}" for i, a in enumerate(tasks[:3]) for b in tasks[i + 1 : 3]]
+
+        def seconds(domain, name):  # the training steps' time: the loop's, less its two evaluations
+            timed = []
+            real = trainer.one_step
+
+            def one_step(*args):
+                t = time.perf_counter()
+                out = real(*args)
+                timed.append(time.perf_counter() - t)
+                return out
+
+            trainer.one_step = one_step
+            try:
+                train_lora.main(
+                    [
+                        f"--data_dir={tmp}/data",
+                        f"--base={tmp}/base",
+                        f"--domain={domain}",
+                        f"--name={name}",
+                        f"--out_dir={tmp}/{name}",
+                        f"--max_iters={steps}",
+                        f"--eval_interval={steps}",
+                        "--eval_iters=1",
+                        "--progress=False",
+                        f"--device={cfg.device}",
+                    ]
+                )
+            finally:
+                trainer.one_step = real
+            return sum(timed)
+
+        for what, loras, bound in (
+            ("stage 1, 5 experts", tasks, 0.6),
+            ("transfer matrix, 3 tasks", tasks[:3] + pairs, None),
+        ):
+            together = seconds(",".join(loras), "together")
+            alone = sum(seconds(d, d.replace("+", "_")) for d in loras)
+            op = None if bound is None else "<="
+            row(rows, f"{what}: in one run / one run each (1 thread)", together / alone, op=op, bound=bound)
+
+
+@contextmanager
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def machine(cfg):
     cpu = platform.processor()
     if os.path.isfile("/proc/cpuinfo"):
@@ -445,6 +514,7 @@ def main(argv=None):
     bench_lora(cfg, rows, MID, 4 if cfg.quick else BATCH, 0.85)
     bench_moa(cfg, rows)
     bench_generate(cfg, rows, new_tokens=64 if cfg.quick else 256)
+    bench_stage1(cfg, rows, steps=5 if cfg.quick else 30)
     bench_memory(cfg, rows)
 
     info = machine(cfg)

@@ -14,9 +14,11 @@ disk, a folder where a file should be), naming its file. It also picks how many 
 Read next: model.py.
 """
 
+import inspect
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import fields
 
@@ -31,9 +33,18 @@ def cpu_threads():
     while waiting for each other made every step 1.6-2x as slow as one thread, while on a quiet machine two
     threads take 0.57-0.61x of one's time (`python scripts/threads.py`; the README's "Threads")."""
     given = os.environ.get("OMP_NUM_THREADS", "")
-    if given.isdigit() and int(given) > 0:
-        return int(given)
+    if given:
+        return omp_threads(given)
     return max(1, (os.cpu_count() or 1) - round(os.getloadavg()[0]))
+
+
+def omp_threads(given):
+    """OMP_NUM_THREADS, checked: a whole number from 1 to the machine's cores (torch crashes on 100000 threads, and
+    more threads than cores only wait for each other)."""
+    cores = os.cpu_count() or 1
+    if not (given.isascii() and given.isdigit() and 1 <= int(given) <= cores):
+        raise UserError(f"OMP_NUM_THREADS={given!r}: use a whole number of threads from 1 to the {cores} cores here")
+    return int(given)
 
 
 def run(main):
@@ -41,19 +52,24 @@ def run(main):
     exit status 1."""
     import torch  # here, not at the top: data/prepare.py needs torch only for its C++ source
 
-    torch.set_num_threads(cpu_threads())
     try:
+        torch.set_num_threads(cpu_threads())
         main(sys.argv[1:])
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(one_line(f"error: {e}"), file=sys.stderr)
         sys.exit(1)
     except OSError as e:  # the file system's faults: read-only, full, a folder where a file should be...
         where = f"{e.filename}: " if e.filename else ""
-        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        print(one_line(f"error: {where}{e.strerror or e}"), file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is intact; continue with --init_from=resume", file=sys.stderr)
         sys.exit(130)
+
+
+def one_line(message):
+    """The message on one line: a newline inside it (a file name may hold one) is written as \\n."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
 
 
 # Bounds a config class may give its fields, as CHECKS = {field: bound}: (what the value must be, its test).
@@ -68,8 +84,58 @@ def one_of(*choices):
     return ("one of " + ", ".join(map(str, choices)), lambda v: v in choices)
 
 
+NAME = re.compile(r"[A-Za-z0-9_-]+")  # a domain's, task's or corpus source's name: it names folders and files
+
+
+def is_name(value):
+    """A name that can be a folder's: letters, digits, _ and - only (no "/", "..", space or control character)."""
+    return isinstance(value, str) and NAME.fullmatch(value) is not None
+
+
+A_NAME = ("a name of letters, digits, _ and - (it names files)", lambda v: v == "" or is_name(v))  # "": not given
+NAMES = (
+    "names of letters, digits, _ and -, separated by commas",
+    lambda v: all(is_name(n.strip()) for n in v.split(",") if n.strip()),
+)
+FILE_NAME = (  # an output's --name: a file in out_dir, never a path out of it
+    "a file name of letters, digits, _, -, + and . that does not start with .",
+    lambda v: v == "" or re.fullmatch(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]*", v) is not None,
+)
+
+
+def memory_bytes():
+    """Bytes of memory a new job may take on this machine now: MemAvailable of /proc/meminfo (Linux), else all of
+    the physical memory; None where neither can be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_memory(need, flags):
+    """A UserError naming `flags` when `need` bytes, a lower bound of what they make a script allocate, are more than
+    the machine has free: said before anything is allocated, not as a MemoryError minutes later, or the kernel's
+    out-of-memory killer ending other jobs first."""
+    have = memory_bytes()
+    if have is not None and need > have:
+        raise UserError(f"{flags} need at least {size(need)} of memory, more than the {size(have)} free here: use less")
+
+
+def size(n):
+    """Bytes as a reader wants them: 3.2 GiB, 512.0 MiB."""
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**29 else f"{n / 2**20:,.1f} MiB"
+
+
 def setting(key, value, source):
     """A setting as an error names it: the flag as the user wrote it, or the key and value of a config file."""
+    value = value if str(value).isprintable() else repr(value)  # a newline in a value must not break the line
     return f"--{key}={value}" if source == "the command line" else f"{key}={value!r} in {source}"
 
 
@@ -90,7 +156,11 @@ def parse_value(text, kind, key, source="the command line"):
 
 
 def parse_config(cls, argv):
-    """Builds cls() from argv: JSON config files (in order), then --key=value overrides (--flag for True)."""
+    """Builds cls() from argv: JSON config files (in order), then --key=value overrides (--flag for True).
+    --help (or -h) prints every flag (help_text) and exits."""
+    if "--help" in argv or "-h" in argv:
+        print(help_text(cls))
+        sys.exit(0)
     cfg = cls()
     kinds = {f.name: f.type for f in fields(cls)}
     given = set()  # list fields given on the command line: their first item replaces the default
@@ -118,7 +188,7 @@ def parse_config(cls, argv):
         try:
             with open(arg, encoding="utf-8") as f:
                 overrides = json.load(f)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deeply
             raise UserError(f"cannot read config file {arg}: {e}") from None
         if not isinstance(overrides, dict):
             raise UserError(f"config file {arg} must hold a JSON object of key: value")
@@ -135,6 +205,33 @@ def parse_config(cls, argv):
         assign(key, value, "the command line")
     check_bounds(cfg, sources)
     return cfg
+
+
+def help_text(cls):
+    """Every flag of a config dataclass: its default, its type and the comment written beside its field (in the
+    class, or the class it extends), read from the source, so the dataclass is the one place they are written."""
+    comments = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            lines = inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):  # a class without source (object)
+            continue
+        for i, line in enumerate(lines):
+            field = re.match(r"\s+(\w+): \w+ = .*?(?:  # (.*))?$", line)
+            if field and field[2]:
+                more = []
+                for follow in lines[i + 1 :]:  # a comment carried on to the lines below the field
+                    carried = re.match(r"\s+# (.*)$", follow)
+                    if not carried:
+                        break
+                    more.append(carried[1])
+                comments[field[1]] = " ".join([field[2], *more])
+    doc = (sys.modules[cls.__module__].__doc__ or cls.__name__).strip().splitlines()[0]
+    out = [doc, "", "Flags (--key=value; --flag alone switches a bool on; JSON config files as arguments too):"]
+    for f in fields(cls):
+        flag = f"  --{f.name}={getattr(cls(), f.name)}"
+        out.append(f"{flag:<34} {f.type.__name__:<6}{comments.get(f.name, '')}".rstrip())
+    return "\n".join(out)
 
 
 def check_bounds(cfg, sources):

@@ -1,17 +1,26 @@
 """The whole of nanoMoA in one command: data, base, experts, routers, baselines, the results, examples.
 
-    python demo.py              # everything once, on 2 CPU cores in about 15 minutes, into out/
-    python demo.py --seeds=3    # everything after the base for seeds 1, 2, 3: the README's tables
+    python demo.py              # the demo: one seed, every main row, on 2 CPU cores in about 15 minutes
+    python demo.py --full       # the study behind the README: 3 seeds, the budget sweep, the transfer matrix,
+                                # the imbalanced variant and the base without skills (see --help for its time)
     python demo.py --quick      # a first look in a few minutes, into out/quick/ (numbers not meaningful)
 
 Each step runs the script a user would run by hand (the command is shown as it starts), and is skipped
-when its output already exists, so an interrupted demo goes on where it stopped. The base is trained
-once (out/base); each seed's experts and bundles go to out/runs/seed<N>/. Every baseline trains on as
-many records in all as MoA does: K stage-1 experts of S1 steps plus S2 steps of stage 2, at the same
-batch size. On a CPU, steps that do not wait for each other run side by side, one process per core on
-one thread each (--jobs), their output in out/logs/: at nanoMoA's sizes two one-thread processes do
-twice one thread's work where one two-thread process does 1.6-1.75 times it (scripts/threads.py), and
-they do not collapse when another job shares the cores.
+when its output already exists, so an interrupted run goes on where it stopped. The base is trained
+once (out/base); each seed's experts and bundles go to out/runs/seed<N>/. One progress bar counts the
+training records still to go, with an estimate of the time left; the end prints where the time went.
+
+Every model is trained to its plateau (--stop_flat, the same rule for all, with --cap steps at most),
+and also saved on the way at the steps the budget comparisons need (--save_at): for each budget b of
+--budgets, MoA's experts after b steps each plus b steps of stage 2, against the baselines after as
+many training records ((K + 1) b steps) and after as many optimizer updates (2 b steps). Every task
+stage runs at a constant learning rate after warmup, so a model saved at step s is exactly the model
+a run of s steps gives.
+
+On a CPU, steps that do not wait for each other run side by side, one process per core on one thread
+each (--jobs), their output in out/logs/: at nanoMoA's sizes two one-thread processes do twice one
+thread's work where one two-thread process does 1.6-1.75 times it (scripts/threads.py), and they do
+not collapse when another job shares the cores.
 
 Read next: bench.py.
 """
@@ -31,30 +40,38 @@ import results
 import train_base
 import train_lora
 import train_router
-from config import AT_LEAST_0, AT_LEAST_1, UserError, parse_config, run
+from batches import TaskData
+from config import AT_LEAST_0, AT_LEAST_1, FRACTION, UserError, parse_config, run
+from data.tasks import HAND_WRITTEN
 from evaluate import answers, rouge_l
 from files import add_expert_file, load_base, load_bundle
 from tokenizer import encode, get_tokenizer
-from trainer import TaskData, pick_device
+from trainer import pick_device
 
 
 @dataclass
 class DemoConfig:
+    full: bool = False  # the whole study: 3 seeds, budget sweep, transfer matrix, imbalanced data, plain base
     quick: bool = False  # a first look in a few minutes, into out/quick (numbers not meaningful)
-    seeds: int = 1  # runs after the base, with seeds 1..seeds
-    data_dir: str = "data/default"
-    out: str = "out"
-    base_iters: int = 1200
-    stage1_iters: int = 300  # per expert
-    stage2_iters: int = 300
+    seeds: int = 0  # runs after the base, with seeds 1..seeds (0: 1, or 3 with --full)
+    data_dir: str = "data/default"  # where the data set is (prepared first if missing)
+    out: str = "out"  # where everything goes: base/, runs/seed<N>/, results/, logs/
+    base_iters: int = 1200  # steps of the base's pretraining
+    cap: int = 0  # an expert's most steps to its plateau (a shared LoRA's: K times it); 0: 300, or 1000 with --full
+    stop_flat: float = 0.02  # the plateau rule (trainer.flat): less than 2% better over the last 20% of steps
+    budgets: str = "100"  # stage-1 steps per expert at each budget point (--full: 50,100,150)
+    pair_steps: int = 150  # steps of each LoRA of the transfer matrix (--full)
+    add_iters: int = 300  # steps of the new router row when a task is added
     device: str = "auto"  # every step's: auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     jobs: int = 0  # steps at once, each a process on one thread; 0: one per CPU core on a CPU, 1 on a GPU
 
     CHECKS = {
-        "seeds": AT_LEAST_1,
+        "seeds": AT_LEAST_0,
         "base_iters": AT_LEAST_1,
-        "stage1_iters": AT_LEAST_1,
-        "stage2_iters": AT_LEAST_1,
+        "cap": AT_LEAST_0,
+        "stop_flat": FRACTION,
+        "pair_steps": AT_LEAST_1,
+        "add_iters": AT_LEAST_1,
         "jobs": AT_LEAST_0,
     }
 
@@ -66,6 +83,7 @@ class Step:
     script: object  # the module whose file runs, with args
     args: list
     needs: list = field(default_factory=list)  # files that must exist before it starts (other steps' outputs)
+    cost: float = 1.0  # training records it will see, about: what the progress bar and its estimate count
 
     def command(self):
         return ["python", os.path.relpath(self.script.__file__), *self.args]
@@ -75,14 +93,15 @@ def run_steps(steps, jobs, log_dir):
     """Runs the steps whose output does not exist yet, each as `python script args` in a process of its own,
     up to `jobs` at once and each once the files it needs exist. With more than one at a time each runs on
     one thread with its output in log_dir/<title>.log; alone, it prints as it goes. A failed step stops the
-    others and ends the demo with a one-line error naming its log."""
+    others and ends the run with a one-line error naming its log. Returns {title: seconds} of the steps run."""
     todo = []
     for s in steps:
         if os.path.exists(s.output):
             print(f"[skip] {s.title}: {s.output} exists")
         else:
             todo.append(s)
-    running = {}  # process -> (step, start time, log file or None)
+    progress = Progress(sum(s.cost for s in todo))
+    running, took = {}, {}  # process -> (step, start time, log file or None); title -> seconds
     try:
         while todo or running:
             ready = [s for s in todo if all(os.path.exists(n) for n in s.needs)]
@@ -92,126 +111,299 @@ def run_steps(steps, jobs, log_dir):
             while ready and len(running) < jobs:
                 s = ready.pop(0)
                 todo.remove(s)
-                alone = jobs == 1
-                print(f"\n[{s.title}] {' '.join(s.command())}", flush=True)
-                log = None
-                if not alone:
-                    os.makedirs(log_dir, exist_ok=True)
-                    log = open(os.path.join(log_dir, re.sub(r"[^\w+.-]+", "_", s.title) + ".log"), "w")
-                env = os.environ if alone else {**os.environ, "OMP_NUM_THREADS": "1"}
-                cmd = [sys.executable, *s.command()[1:]]
-                running[subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT if log else None, env=env)] = (
-                    s,
-                    time.time(),
-                    log,
-                )
+                running[start(s, jobs, log_dir)] = (s, time.time())
             time.sleep(0.2)
             for proc in [p for p in running if p.poll() is not None]:
-                s, t0, log = running.pop(proc)
-                if log:
-                    log.close()
+                s, t0 = running.pop(proc)
+                if proc.log:
+                    proc.log.close()
                 if proc.returncode != 0:
-                    where = f"; its output: {log.name}" if log else ""
+                    where = f"; its output: {proc.log.name}" if proc.log else ""
                     raise UserError(f"step '{s.title}' failed (exit status {proc.returncode}){where}")
-                print(f"[{s.title}] done in {time.time() - t0:.0f}s", flush=True)
+                took[s.title] = time.time() - t0
+                progress.done(s, took[s.title])
     finally:
-        for proc, (_, _, log) in running.items():  # on a failure or Ctrl-C: stop the others too
+        for proc in running:  # on a failure or Ctrl-C: stop the others too
             proc.kill()
             proc.wait()
-            if log:
-                log.close()
+            if proc.log:
+                proc.log.close()
+    return took
+
+
+def start(s, jobs, log_dir):
+    """Starts one step's process: alone with the caller's threads and output, or on one thread into its log."""
+    alone = jobs == 1
+    print(f"\n[{s.title}] {' '.join(s.command())}", flush=True)
+    log = None
+    if not alone:
+        os.makedirs(log_dir, exist_ok=True)
+        log = open(os.path.join(log_dir, re.sub(r"[^\w+.-]+", "_", s.title) + ".log"), "w")
+    env = os.environ if alone else {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, *s.command()[1:]]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT if log else None, env=env)
+    proc.log = log
+    return proc
+
+
+class Progress:
+    """The share of the work done (by the steps' costs) and the time left at the pace so far."""
+
+    def __init__(self, total):
+        self.total, self.finished, self.t0 = total, 0.0, time.time()
+
+    def done(self, step, seconds):
+        self.finished += step.cost
+        share = self.finished / max(self.total, 1e-9)
+        elapsed = time.time() - self.t0
+        left = elapsed * (1 - share) / max(share, 1e-9)
+        print(
+            f"[{step.title}] done in {seconds:.0f}s | {100 * share:.0f}% of the work, "
+            f"{elapsed / 60:.1f} min so far, about {left / 60:.0f} min left",
+            flush=True,
+        )
+
+
+def budgets(cfg):
+    text = cfg.budgets if not cfg.full or cfg.budgets != DemoConfig.budgets else "50,100,150"
+    try:
+        values = sorted({int(b) for b in text.split(",") if b.strip()})
+    except ValueError:
+        raise UserError(f"--budgets={cfg.budgets}: expected comma-separated step counts") from None
+    if not values or values[0] < 1 or values[-1] >= cfg.cap:
+        raise UserError(f"--budgets={cfg.budgets}: steps of at least 1, each below --cap={cfg.cap}")
+    return values
 
 
 def seed_steps(cfg, out, seed, tasks, added):
-    """Stage 1, stage 2, the baselines and the adding-a-task experiment for one seed, each with what it needs."""
-    K, S1, S2 = len(tasks), cfg.stage1_iters, cfg.stage2_iters
-    run_dir = f"{out}/runs/seed{seed}"
-    experts, bundles = f"{run_dir}/experts", f"{run_dir}/moa"
-    common = [f"--data_dir={cfg.data_dir}", f"--base={out}/base", f"--seed={seed}", f"--device={cfg.device}"]
-    same_compute = f"--max_iters={K * S1 + S2}"  # as many training records as MoA saw in both stages
-    lora_dir, router_dir = common + [f"--out_dir={experts}"], common + [f"--experts={experts}", f"--out_dir={bundles}"]
-    lora, router = lora_dir + [f"--max_iters={S1}"], router_dir + [f"--max_iters={S2}"]
-    stage1 = [f"{experts}/{task}.safetensors" for task in tasks]
-    moa, mixed = f"{bundles}/moa.safetensors", f"{experts}/all.safetensors"
-    steps = [
-        Step(f"seed {seed}, stage 1: {t} expert", e, train_lora, lora + [f"--domain={t}"])
-        for t, e in zip(tasks, stage1)
-    ]
-    steps.append(Step(f"seed {seed}, stage 2: MoA (joint)", moa, train_router, router, stage1))
+    """One seed's runs: stage 1, MoA and its budget points, the baselines, the ablations, adding a task; with
+    --full, for seed 1, also the transfer matrix, the imbalanced variant and the base without skills."""
+    plan = Plan(cfg, out, seed, tasks)
     if cfg.quick:
-        return steps
-    steps[:0] = [  # the longest step first: it needs only the base
-        Step(
-            f"seed {seed}, ablation: MoE-LoRA naive",
-            f"{bundles}/moe_lora_naive.safetensors",
-            train_router,
-            router_dir + [same_compute, "--mode=token", "--eta=0", "--expert_init=random", "--name=moe_lora_naive"],
-        ),
-    ]
-    steps += [
-        Step(
-            f"seed {seed}, baseline: one LoRA on every task",
-            mixed,
-            train_lora,
-            lora_dir + [same_compute, "--domain=all", f"--eval_interval={S1}"],
-        ),
-        Step(
-            f"seed {seed}, baseline: one LoRA, rank {8 * K}",
-            f"{experts}/all_r{K}.safetensors",
-            train_lora,
-            lora_dir + [same_compute, "--domain=all", f"--eval_interval={S1}", f"--rank={8 * K}", f"--name=all_r{K}"],
-        ),
-        Step(
-            f"seed {seed}, MoA, routers only",
-            f"{bundles}/moa_routers.safetensors",
-            train_router,
-            router + ["--train_experts=False", "--name=moa_routers"],
-            stage1,
-        ),
-        Step(
-            f"seed {seed}, ablation: MoE-LoRA",
-            f"{bundles}/moe_lora.safetensors",
-            train_router,
-            router + ["--mode=token", "--eta=0", "--name=moe_lora"],
-            stage1,
-        ),
-    ]
-    if added is None:  # no held-back task in the data
-        return steps
-    new_expert = f"{experts}/{added}.safetensors"
-    steps += [
-        Step(f"seed {seed}, adding a task: the {added} expert", new_expert, train_lora, lora + [f"--domain={added}"]),
-        Step(
-            f"seed {seed}, adding a task: MoA + {added}",
-            f"{bundles}/moa+{added}.safetensors",
-            train_router,
-            router + [f"--add_domain={added}", f"--bundle={moa}"],
-            [moa, new_expert],
-        ),
-        Step(
-            f"seed {seed}, adding a task, every router row retrained",
-            f"{bundles}/moa+{added}_allrows.safetensors",
-            train_router,
-            router
-            + [f"--add_domain={added}", f"--bundle={moa}", "--train_old_rows=True", f"--name=moa+{added}_allrows"],
-            [moa, new_expert],
-        ),
-        Step(
-            f"seed {seed}, alternative: the mixed LoRA trained on {added}",
-            f"{experts}/all+{added}.safetensors",
-            train_lora,
-            lora + [f"--domain={added}", f"--init_expert={mixed}", f"--name=all+{added}"],
-            [mixed],
-        ),
-        Step(
-            f"seed {seed}, alternative: MoA retrained on {K + 1} tasks",
-            f"{bundles}/moa_all.safetensors",
-            train_router,
-            router + [f"--domains={','.join(tasks + [added])}", "--name=moa_all"],
-            stage1 + [new_expert],
-        ),
-    ]
+        return plan.stage1() + plan.moa()[:1]
+    steps = plan.stage1() + plan.baselines() + plan.moa() + plan.budgets()
+    if not cfg.full:  # the demo: the main rows, without the ablations trained per token (the slowest runs)
+        steps = [s for s in steps if "MoE-LoRA" not in s.title]
+    if added is not None:
+        steps += plan.adding(added)
+    if cfg.full and seed == 1:  # one seed of each: the controls above carry the spread over seeds
+        steps += plan.matrix() + plan.imbalanced() + plan.regime()
     return steps
+
+
+class Plan:
+    """The steps of one seed, each the command a user would type, with the files it needs and its cost (about
+    the training records it sees: what the progress bar counts). Paths: out/runs/seed<N>/{experts,mixed,moa}."""
+
+    def __init__(self, cfg, out, seed, tasks):
+        self.cfg, self.out, self.seed, self.tasks, self.K = cfg, out, seed, tasks, len(tasks)
+        self.run = f"{out}/runs/seed{seed}"
+        self.E, self.M, self.X = f"{self.run}/experts", f"{self.run}/moa", f"{self.run}/mixed"
+        self.common = [f"--data_dir={cfg.data_dir}", f"--base={out}/base", f"--seed={seed}", f"--device={cfg.device}"]
+        self.plateau = [f"--stop_flat={cfg.stop_flat}", f"--max_iters={cfg.cap}"]
+        # a shared LoRA (or MoE-LoRA naive) may see as many records as the K experts together: K times the steps
+        self.shared_plateau = [f"--stop_flat={cfg.stop_flat}", f"--max_iters={self.K * cfg.cap}"]
+        self.router = self.common + [f"--experts={self.E}", f"--out_dir={self.M}"]
+        self.stage1_files = [f"{self.E}/{t}.safetensors" for t in tasks]
+        self.per_step = train_lora.LoRAConfig.batch_size
+        self.S = cfg.cap // 2 * self.per_step  # what a run to its plateau costs, about
+
+    def step(self, what, output, script, args, needs=(), cost=None):
+        return Step(f"seed {self.seed}: {what}", output, script, args, list(needs), self.S if cost is None else cost)
+
+    def stage1(self):
+        """The K experts in one run (each exactly as its own run), saved on the way at the budgets' steps."""
+        tasks, saves = ",".join(self.tasks), ",".join(map(str, budgets(self.cfg)))
+        args = self.common + [f"--domain={tasks}", f"--out_dir={self.E}", "--name=stage1", f"--save_at={saves}"]
+        return [
+            self.step(
+                f"stage 1, {self.K} experts",
+                self.stage1_files[-1],
+                train_lora,
+                args + self.plateau,
+                cost=self.K * self.S,
+            )
+        ]
+
+    def baselines(self):
+        """One LoRA on all tasks at rank r and K r, and MoE-LoRA naive: saved at the steps of equal records
+        ((K + 1) b) and equal updates (2 b) of each budget b."""
+        steps = sorted({(self.K + 1) * b for b in budgets(self.cfg)} | {2 * b for b in budgets(self.cfg)})
+        saves = [f"--save_at={','.join(str(s) for s in steps)}"] + self.shared_plateau
+        mixed, K = self.common + ["--domain=all", f"--out_dir={self.X}"], self.K
+        naive = self.router + ["--mode=token", "--eta=0", "--expert_init=random", "--name=moe_lora_naive"]
+        return [
+            self.step("one LoRA on all tasks", f"{self.X}/all.safetensors", train_lora, mixed + saves),
+            self.step(
+                f"one LoRA, rank {8 * K}",
+                f"{self.X}/all_r{K}.safetensors",
+                train_lora,
+                mixed + [f"--rank={8 * K}", f"--name=all_r{K}"] + saves,
+            ),
+            self.step(
+                "MoE-LoRA naive", f"{self.M}/moe_lora_naive.safetensors", train_router, naive + saves, cost=2 * self.S
+            ),
+        ]
+
+    def moa(self):
+        """Stage 2 from the stage-1 experts: MoA, its routers alone, and MoE-LoRA (per token, no label loss)."""
+        M, need = self.M, self.stage1_files
+        return [
+            self.step("MoA (joint)", f"{M}/moa.safetensors", train_router, self.router + self.plateau, need),
+            self.step(
+                "MoA, routers only",
+                f"{M}/moa_routers.safetensors",
+                train_router,
+                self.router + ["--train_experts=False", "--name=moa_routers"] + self.plateau,
+                need,
+                cost=self.S / 3,
+            ),
+            self.step(
+                "MoE-LoRA",
+                f"{M}/moe_lora.safetensors",
+                train_router,
+                self.router + ["--mode=token", "--eta=0", "--name=moe_lora"] + self.plateau,
+                need,
+                cost=2 * self.S,
+            ),
+        ]
+
+    def budgets(self):
+        """MoA at each budget b: the experts saved after b steps, then b steps of stage 2."""
+        return [
+            self.step(
+                f"MoA at budget {b}",
+                f"{self.M}/moa_b{b}.safetensors",
+                train_router,
+                self.router + [f"--expert_step={b}", f"--max_iters={b}", f"--name=moa_b{b}"],
+                self.stage1_files,
+                cost=b * self.per_step,
+            )
+            for b in budgets(self.cfg)
+        ]
+
+    def adding(self, added):
+        """A held-back task added later: its expert, the new router row (or every row), and the alternatives."""
+        E, M, X, cfg = self.E, self.M, self.X, self.cfg
+        new, moa, mixed = f"{E}/{added}.safetensors", f"{M}/moa.safetensors", f"{X}/all.safetensors"
+        add = self.router + [f"--add_domain={added}", f"--bundle={moa}", f"--max_iters={cfg.add_iters}"]
+        further = [f"--domain={added}", f"--init_expert={mixed}", f"--name=all+{added}", f"--out_dir={X}"]
+        every = [f"--domains={','.join(self.tasks + [added])}", "--name=moa_all"]
+        cost = cfg.add_iters * self.per_step
+        return [
+            self.step(
+                f"the {added} expert",
+                new,
+                train_lora,
+                self.common + [f"--domain={added}", f"--out_dir={E}"] + self.plateau,
+                self.stage1_files[-1:],
+            ),
+            self.step(f"MoA + {added}", f"{M}/moa+{added}.safetensors", train_router, add, [moa, new], cost),
+            self.step(
+                f"MoA + {added}, every router row",
+                f"{M}/moa+{added}_allrows.safetensors",
+                train_router,
+                add + ["--train_old_rows=True", f"--name=moa+{added}_allrows"],
+                [moa, new],
+                cost,
+            ),
+            self.step(
+                f"the mixed LoRA trained on {added}",
+                f"{X}/all+{added}.safetensors",
+                train_lora,
+                self.common + further + [f"--max_iters={cfg.add_iters}"],
+                [mixed],
+                cost,
+            ),
+            self.step(
+                f"MoA retrained on {self.K + 1} tasks",
+                f"{M}/moa_all.safetensors",
+                train_router,
+                self.router + every + self.plateau,
+                self.stage1_files + [new],
+            ),
+        ]
+
+    def matrix(self):
+        """--full: every task alone and with each other one (the same records of each), in one run."""
+        pairs = [f"{a}+{b}" for i, a in enumerate(self.tasks) for b in self.tasks[i + 1 :]]
+        steps = self.cfg.pair_steps
+        args = [f"--domain={','.join(self.tasks + pairs)}", f"--out_dir={self.run}/pairs", "--name=matrix"]
+        return [
+            self.step(
+                "transfer matrix",
+                f"{self.run}/pairs/{pairs[-1]}.safetensors",
+                train_lora,
+                self.common + args + [f"--max_iters={steps}", f"--eval_interval={steps}"],
+                cost=steps * self.per_step * self.K * self.K,
+            )
+        ]
+
+    def imbalanced(self):
+        """--full: tasks[1] with a tenth of the records: its expert (the others are the run's), MoA, the mixed LoRA."""
+        small, data, imb = self.tasks[1], small_data_dir(self.cfg, self.tasks), f"{self.run}/imbalanced"
+        on_small = [f"--data_dir={data}", *self.common[1:]]  # common[0] is --data_dir
+        experts = [f"{self.E}/{t}.safetensors" for t in self.tasks]
+        return [
+            self.step(
+                f"imbalanced, the {small} expert",
+                f"{imb}/experts/{small}.safetensors",
+                train_lora,
+                on_small + [f"--domain={small}", f"--out_dir={imb}/experts"] + self.plateau,
+                [f"{data}/meta.json"],
+            ),
+            self.step(
+                "imbalanced, MoA",
+                f"{imb}/moa.safetensors",
+                train_router,
+                on_small + [f"--experts={imb}/experts,{self.E}", f"--out_dir={imb}"] + self.plateau,
+                [f"{imb}/experts/{small}.safetensors"] + experts,
+            ),
+            self.step(
+                "imbalanced, one LoRA on all tasks",
+                f"{imb}/all.safetensors",
+                train_lora,
+                on_small + ["--domain=all", f"--out_dir={imb}"] + self.plateau,
+                [f"{data}/meta.json"],
+            ),
+        ]
+
+    def regime(self):
+        """--full, seed 1: the other regime, a base that never saw the skills, its experts and mixed LoRA."""
+        plain_dir, plain_base, cfg = f"{self.run}/plain", f"{self.out}/base_plain", self.cfg
+        plain = [self.common[0], f"--base={plain_base}", *self.common[2:]]
+        base_args = [self.common[0], f"--out_dir={plain_base}", f"--max_iters={cfg.base_iters}"]
+        return [
+            Step(
+                "seed 1: the base without skills",
+                f"{plain_base}/ckpt.pt",
+                train_base,
+                base_args + ["--corpus=python,cpp,prose", self.common[-1]],
+                cost=cfg.base_iters * 16 * 3,
+            ),
+            self.step(
+                "plain base, stage 1",
+                f"{plain_dir}/experts/{self.tasks[-1]}.safetensors",
+                train_lora,
+                plain
+                + [f"--domain={','.join(self.tasks)}", f"--out_dir={plain_dir}/experts", "--name=stage1"]
+                + self.plateau,
+                [f"{plain_base}/ckpt.pt"],
+                cost=self.K * self.S,
+            ),
+            self.step(
+                "plain base, one LoRA on all tasks",
+                f"{plain_dir}/all.safetensors",
+                train_lora,
+                plain + ["--domain=all", f"--out_dir={plain_dir}"] + self.plateau,
+                [f"{plain_base}/ckpt.pt"],
+            ),
+        ]
+
+
+def small_data_dir(cfg, tasks):
+    """The imbalanced variant's data set, beside the default one: tasks[1] with a tenth of its records."""
+    return f"{cfg.data_dir}_{tasks[1]}_small"
 
 
 @torch.no_grad()
@@ -222,7 +414,7 @@ def examples(cfg, out, tasks, per_task=2):
     run_dir = f"{out}/runs/seed1"
     gpt, tokenizer = load_base(f"{out}/base")
     moa = fast.enable(load_bundle(f"{run_dir}/moa/moa.safetensors", gpt.to(cfg.device), tokenizer)[0]).eval()
-    mixed_path = f"{run_dir}/experts/all.safetensors"
+    mixed_path = f"{run_dir}/mixed/all.safetensors"
     mixed = None
     if os.path.isfile(mixed_path):
         mixed = load_base(f"{out}/base")[0].to(cfg.device)
@@ -234,15 +426,15 @@ def examples(cfg, out, tasks, per_task=2):
         rows += [
             (name, p, enc.decode(r[:-1]), False) for p, r in (data.record(name, "val", i) for i in range(per_task))
         ]
-        rows += [(name, encode(enc, p), a, True) for p, a in results.HAND_WRITTEN.get(name, [])[:1]]
+        rows += [(name, encode(enc, p + "\n"), a, True) for p, a in HAND_WRITTEN.get(name, [])[:2]]
     prompts = [p for _, p, _, _ in rows]
     longest = max(len(encode(enc, a)) for _, _, a, _ in rows) + 1
     routed = answers(moa, prompts, longest, data.eot, mode="last")
     decision, confidence = moa.routing["decision"].tolist(), moa.routing["confidence"].tolist()
     plain = answers(mixed, prompts, longest, data.eot) if mixed else [None] * len(rows)
     print(
-        "\n[examples] MoA (mode last) against one LoRA on every task: validation prompts, and one hand-written "
-        "prompt per task (marked *)"
+        "\n[examples] MoA (mode last) against one LoRA on every task: validation prompts, and hand-written "
+        "prompts (marked *)"
     )
     for (task, prompt, answer, hand), got, other, k, p in zip(rows, routed, plain, decision, confidence):
         mark = lambda text, answer=answer: f"{'+' if text == answer else '-'} {text!r}"  # noqa: E731
@@ -254,29 +446,68 @@ def examples(cfg, out, tasks, per_task=2):
         )
 
 
+def where_the_time_went(took):
+    """The seconds of every step run, added up by kind (the title without its seed)."""
+    kinds = {}
+    for title, seconds in took.items():
+        kind = title.split(": ", 1)[-1]
+        kinds[kind] = kinds.get(kind, 0.0) + seconds
+    total = sum(kinds.values()) or 1.0
+    print("\n[time] where the time went (step time, summed over seeds; steps side by side overlap):")
+    for kind, seconds in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        print(f"  {seconds / 60:6.1f} min  {100 * seconds / total:4.0f}%  {kind}")
+
+
 def main(argv=None):
     cfg = parse_config(DemoConfig, argv or [])
     cfg.device = pick_device(cfg.device)[0]  # auto -> the device; one that is not here: an error now
     out = f"{cfg.out}/quick" if cfg.quick else cfg.out
+    cfg.cap = cfg.cap or (1000 if cfg.full else 300)
     if cfg.quick:
-        cfg.base_iters, cfg.stage1_iters, cfg.stage2_iters = 200, 60, 60
+        cfg.base_iters, cfg.cap, cfg.budgets = 200, 60, "20"
+    cfg.seeds = cfg.seeds or (3 if cfg.full else 1)
     if cfg.jobs == 0:
         cfg.jobs = (os.cpu_count() or 1) if cfg.device == "cpu" else 1
     t0 = time.time()
-    run_steps([Step("data", f"{cfg.data_dir}/meta.json", data.prepare, [f"--out_dir={cfg.data_dir}"])], 1, None)
+    prepared = [Step("data", f"{cfg.data_dir}/meta.json", data.prepare, [f"--out_dir={cfg.data_dir}"])]
+    meta_path = f"{cfg.data_dir}/meta.json"
+    took = run_steps(prepared, 1, None)
     meta = TaskData(cfg.data_dir).meta
     tasks, added = [t for t in meta["tasks"] if t not in meta["held_back"]], (meta["held_back"] or [None])[0]
     base_args = [f"--data_dir={cfg.data_dir}", f"--out_dir={out}/base", f"--max_iters={cfg.base_iters}"]
-    run_steps([Step("base", f"{out}/base/ckpt.pt", train_base, base_args + [f"--device={cfg.device}"])], 1, None)
+    firsts = [Step("base", f"{out}/base/ckpt.pt", train_base, base_args + [f"--device={cfg.device}"])]
+    if cfg.full:  # the imbalanced variant: the same data, one task with a tenth of the training records
+        small = f"{cfg.data_dir}_{tasks[1]}_small"
+        firsts.append(
+            Step(
+                "data, imbalanced",
+                f"{small}/meta.json",
+                data.prepare,
+                [f"--out_dir={small}", f"--small_task={tasks[1]}"],
+                [meta_path],
+            )
+        )
+    took.update(run_steps(firsts, 1, None))
     steps = [s for seed in range(1, cfg.seeds + 1) for s in seed_steps(cfg, out, seed, tasks, added)]
-    run_steps(steps, cfg.jobs, f"{out}/logs")
+    took.update(run_steps(steps, cfg.jobs, f"{out}/logs"))
     print("\n[results] python results.py", flush=True)
+    t_results = time.time()
     results.main(
-        [f"--out={out}", f"--data_dir={cfg.data_dir}", f"--device={cfg.device}"]
+        [
+            f"--out={out}",
+            f"--data_dir={cfg.data_dir}",
+            f"--device={cfg.device}",
+            f"--budgets={','.join(map(str, budgets(cfg)))}",
+        ]
         + (["--records=32", "--plots=False"] if cfg.quick else [])
     )
+    took["results (python results.py)"] = time.time() - t_results
     examples(cfg, out, tasks)
-    print(f"\ndemo finished in {(time.time() - t0) / 60:.1f} min; the tables are in {out}/results/results.md")
+    where_the_time_went(took)
+    print(f"\nfinished in {(time.time() - t0) / 60:.1f} min; the tables are in {out}/results/results.md")
+    pictures = sorted(p for p in os.listdir(f"{out}/results") if p.endswith(".png"))
+    if pictures:
+        print(f"pictures: {', '.join(f'{out}/results/{p}' for p in pictures)}")
 
 
 if __name__ == "__main__":

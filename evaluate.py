@@ -19,7 +19,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import KVCache
 from tokenizer import get_tokenizer
 
 
@@ -88,7 +87,7 @@ def response_loss(model, prompts, responses, pad_id, served=True, **kwargs):
         nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), x[:, 1:].to(device), reduction="none")
         return (nll * scored).sum(1), scored.sum(1)
     idx, mask = left_pad(prompts, pad_id)
-    cache = KVCache(model.config.n_layer)
+    cache = model.new_cache()
     first, _ = model(idx.to(device), pad_mask=mask.to(device), cache=cache, **kwargs)  # (B, P, V)
     response, real = (t.to(device) for t in right_pad(responses, pad_id))  # (B, R)
     rest, _ = model(response, pad_mask=real, cache=cache, **kwargs)  # (B, R, V)
@@ -115,9 +114,11 @@ def rouge_l(candidate, reference):
 
 @torch.no_grad()
 def answers(model, prompts, max_new_tokens, eot, **kwargs):
-    """Greedy answers to prompts (token lists), each cut at its first EOT -> [token list]."""
+    """Greedy answers to prompts (token lists), each cut at its first EOT -> [token list]. A prompt too long for
+    the context with the answer is cut to its last tokens, as it would be served."""
     device = next(model.parameters()).device
-    idx, mask = left_pad(prompts, eot)
+    room = model.config.block_size - max_new_tokens
+    idx, mask = left_pad([p[-room:] for p in prompts], eot)
     out = model.generate(
         idx.to(device), max_new_tokens, temperature=0, pad_mask=mask.to(device), stop_token=eot, **kwargs
     )[:, idx.size(1) :].tolist()
@@ -197,7 +198,8 @@ def fit_temperature(moa, data, split="calib"):
     trained on, a wrong route no longer reads as certain. -> (T, routing accuracy on those prompts)."""
     logits, labels = [], []
     for label, name in enumerate(data.domains):
-        prompts = [data.record(name, split, i)[0] for i in range(data.count(name, split))]
+        block = moa.config.block_size
+        prompts = [data.record(name, split, i)[0][-block:] for i in range(data.count(name, split))]  # as served
         for start in range(0, len(prompts), 64):
             idx, mask = left_pad(prompts[start : start + 64], data.eot)
             device = next(moa.parameters()).device

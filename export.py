@@ -25,12 +25,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from config import UserError, parse_config, run
+from config import A_NAME, UserError, parse_config, run
 from files import (
     add_expert_file,
-    atomic_write,
     base_files,
-    check_outputs,
     expert_tensors,
     file_shapes,
     fingerprint,
@@ -38,12 +36,10 @@ from files import (
     is_size,
     load_base,
     load_bundle,
-    read_json,
-    read_safetensors,
     save_expert,
-    write_safetensors,
 )
 from moa import TARGETS, add_experts, lora_layers
+from storage import atomic_write, check_outputs, check_weights, read_json, read_safetensors, write_safetensors
 
 CONV1D = tuple(f"{t}.weight" for t in TARGETS)  # stored (in, out) in GPT-2's checkpoints
 PEFT_PREFIX = "base_model.model."
@@ -78,6 +74,8 @@ class ExportConfig:
     domain: str = ""  # the domain name of the imported expert
     out: str = ""  # the folder (or, for import-peft, the expert file) to write
     force: bool = False  # replace an existing output
+
+    CHECKS = {"domain": A_NAME}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,6 +268,7 @@ def import_peft(cfg):
                 f"{weights_path}: {name} is {t.dtype} {tuple(t.shape)}, {cfg.base} with r={rank} wants "
                 f"{wanted[name]}: another base, or another rank"
             )
+    check_weights(theirs, weights_path)  # finite: a NaN would pass into every output
     add_experts(model, 1, rank, float(alpha), targets=targets)
     with torch.no_grad():
         for name, t in expert_tensors(model, 0).items():  # views of the new expert's parameters
@@ -298,6 +297,8 @@ def check_free(path, force, folder):
 
 def main(argv=None):
     argv = list(argv or [])
+    if argv and argv[0] in ("--help", "-h"):  # the flags of every command
+        parse_config(ExportConfig, argv[:1])
     if not argv or argv[0] not in COMMANDS:
         raise UserError(f"say what to export: python export.py {'|'.join(COMMANDS)} --key=value ...")
     command, cfg = argv[0], parse_config(ExportConfig, argv[1:])

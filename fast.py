@@ -27,7 +27,7 @@ Read next: train_lora.py.
 import torch
 import torch.nn.functional as F
 
-from moa import LoRALinear, MoA
+from moa import LoRALinear, MoA, RoutedCache
 
 
 class LoRAFunction(torch.autograd.Function):
@@ -134,13 +134,21 @@ class FastLoRALinear(LoRALinear):
         return y.view(*x.shape[:-1], -1)
 
 
+class MergedCache(RoutedCache):
+    """FastMoA's KV cache: also, per block, the weights with the one expert of every sample merged in."""
+
+    merged = None  # per block: [(layer.__dict__, merged weight)], or None where samples use different experts
+
+
 class FastMoA(MoA):
     """MoA with the speed paths: sorted mixed batches at inference, merged experts while decoding."""
 
-    def forward(self, idx, targets=None, pad_mask=None, cache=None, domain=None, mode="label", router_mask=None):
+    def forward(
+        self, idx, targets=None, pad_mask=None, cache=None, domain=None, mode="label", router_mask=None, noise=()
+    ):
         sortable = mode == "label" and cache is None and domain is not None and not torch.is_grad_enabled()
         if not sortable or not bool((domain[1:] < domain[:-1]).any()):  # nothing to sort
-            return super().forward(idx, targets, pad_mask, cache, domain, mode, router_mask)
+            return super().forward(idx, targets, pad_mask, cache, domain, mode, router_mask, noise)
         order = domain.argsort(stable=True)  # each expert's samples side by side: one run of rows each
         idx, targets, pad_mask, router_mask = (
             None if t is None else t[order] for t in (idx, targets, pad_mask, router_mask)
@@ -152,7 +160,12 @@ class FastMoA(MoA):
         }
         return logits[inverse], loss
 
+    def new_cache(self):
+        return MergedCache(self.config.n_layer)
+
     def decode(self, idx, pad_mask, cache):
+        if not isinstance(cache, MergedCache):  # a cache made before the speed paths were switched on
+            return super().decode(idx, pad_mask, cache)
         if cache.merged is None:  # the first decoding step: merge each block's one expert, once per generation
             cache.merged = []
             for i, route in enumerate(cache.route):

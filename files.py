@@ -1,239 +1,33 @@
-"""Files: expert and bundle files, training checkpoints and the base model, written atomically and
-checked when read. A first reading can skip this file: the method is in moa.py.
+"""The files nanoMoA writes, what each holds, and the checks each passes when read. A first reading can skip
+this file: the method is in moa.py; how files are written and read, whatever they hold, is storage.py.
 
 - Expert file (train_lora.py): one expert's A and B beside every adapted linear map, as .safetensors,
   named by the layer ("transformer.h.0.attn.c_attn.lora_A"), with JSON metadata under the key
   "nanomoa": kind "expert", domain, rank, alpha, targets, tokenizer, and the base's fingerprint.
-- Bundle (train_router.py): every expert, the routers and the domain names in one .safetensors file.
-- Checkpoint (trainer.py): the trainable weights, the optimizer and the loss scale, torch.save'd
-  and read with weights_only=True, so no pickled code is ever executed.
-- The base: a train_base.py checkpoint, or GPT-2 weights (a hub name, or a local folder).
+- Bundle (train_router.py): every expert, the routers, the domain names and the routing settings in one
+  .safetensors file.
+- The base: a train_base.py checkpoint, or GPT-2 weights (a hub name, or a local folder: gpt2.py).
 
-Tensor files are read and written by the `safetensors` package (the format's own implementation);
-whatever it refuses becomes a one-line UserError naming the file. Metadata is type-checked, and its
-sizes checked against the stored tensors, before any model is built from it: a file cannot make us
-allocate more than it holds. Every write goes to a temporary file first and is renamed into place: a
-crash never leaves half a file, and what a killed run left behind is cleared by the next write there.
-No output may replace an input (check_outputs), and a folder being trained into is locked (locked).
+Metadata is type-checked, and its sizes checked against the stored tensors, before any model is built
+from it: a file cannot make us allocate more than it holds. An expert or bundle loads only onto the base
+it was trained on (its fingerprint: the base's config and the SHA-256 of its weights).
 
 Read next: trainer.py.
 """
 
 import hashlib
-import io
 import json
 import math
 import os
-import re
-import shutil
-from contextlib import contextmanager
-from dataclasses import asdict, fields
+from dataclasses import asdict
 
 import torch
 
-from config import UserError
-from moa import TARGETS, LoRALinear, MoA, add_experts, lora_layers, set_route
-from model import GPT, GPTConfig
-
-# ----------------------------------------------------------------------------------------------
-# Writing atomically, locking a run's folder, checking outputs against inputs
-
-
-def atomic_write(path, write, folder=False):
-    """Calls write(tmp), then puts tmp in the place of path: readers see the old file (or folder) or
-    the new one, never half of one. tmp is a file path, or with folder=True a fresh empty folder.
-    A file-system fault (read-only, full, a folder in the way) is a UserError naming path."""
-    path = os.path.normpath(path)
-    tmp, old = f"{path}.tmp{os.getpid()}", f"{path}.old{os.getpid()}"
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        clear_stale(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
-        if folder:
-            os.makedirs(tmp)
-        write(tmp)
-        if folder and os.path.isdir(path):  # a folder is not replaced in one rename: the old one steps aside first
-            os.replace(path, old)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        for leftover in (tmp, old):
-            remove(leftover)
-
-
-def remove(path):
-    """Deletes a file or a folder, if there."""
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.lexists(path):
-        os.remove(path)
-
-
-def pid_alive(pid):
-    """Whether process `pid` still runs: a lock or temporary file whose process is gone was left by a killed run."""
-    if os.name == "nt":  # Windows has no harmless probe (os.kill ends the process): assume it runs
-        return True
-    try:
-        os.kill(pid, 0)  # signal 0 only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except OSError:  # e.g. another user's process
-        return True
-    return True
-
-
-def clear_stale(folder, name=None):
-    """Removes what atomic_write calls of killed processes left in folder (of `name` only, if given):
-    <name>.tmp<pid> half-written, and <name>.old<pid>, put back in place of <name> if <name> is missing (the kill
-    came between the old one stepping aside and the new one moving in)."""
-    for entry in sorted(os.listdir(folder)):
-        stale = re.fullmatch(r"(.+)\.(tmp|old)(\d+)", entry)
-        if not stale or (name is not None and stale[1] != name) or pid_alive(int(stale[3])):
-            continue
-        target = os.path.join(folder, stale[1])
-        if stale[2] == "old" and not os.path.lexists(target):
-            os.replace(os.path.join(folder, entry), target)
-        else:
-            remove(os.path.join(folder, entry))
-
-
-@contextmanager
-def locked(folder):
-    """Holds folder/lock, holding this process's id, while a run writes into folder: a second run on the same
-    folder refuses before it touches anything there. The lock of a killed run (its process gone) is taken over,
-    and the temporary files it left are cleared."""
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, "lock")
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # atomic: one of two runs creates it
-            break
-        except FileExistsError:
-            try:
-                with open(path, "rb") as f:
-                    text = f.read().decode(errors="replace").strip()
-            except FileNotFoundError:  # released meanwhile: try again
-                continue
-            owner = int(text) if text.isdigit() and int(text) > 0 else None
-            if owner is None or pid_alive(owner):
-                raise UserError(
-                    f"{folder} is in use by process {owner or '(unknown)'}, whose lock is {path}: wait for "
-                    f"that run to end, or delete the lock if no run is using {folder}"
-                ) from None
-            os.remove(path)  # its process is gone: a killed run's lock
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        clear_stale(folder)
-        yield
-    finally:
-        if os.path.exists(path):
-            os.remove(path)
-
-
-def check_outputs(outputs, inputs):
-    """No output (a file, or a folder that is replaced whole) is or holds one of the inputs, the paths compared
-    after resolving links and "..": else a UserError, raised before anything is written."""
-    for path in outputs:
-        out = os.path.realpath(path)
-        for given in inputs:
-            if os.path.commonpath([out, os.path.realpath(given)]) == out:
-                raise UserError(f"the output {path} would overwrite the input {given}: write it somewhere else")
-
-
-def read_json(path):
-    """The JSON object in the file at path; a missing, unreadable, non-UTF-8, empty or malformed file, or one that
-    does not hold an object, is a UserError naming it."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path} not found" if not os.path.exists(path) else f"{path} is not a file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
-    except ValueError as e:  # not UTF-8, not JSON
-        raise UserError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{path} does not hold a JSON object")
-    return value
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading and writing tensors
-
-
-def write_text(path, text):
-    """Writes a text file (a results table, a JSON report) atomically."""
-
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_write(path, write)
-
-
-def write_safetensors(path, tensors, metadata=None):
-    """Writes {name: tensor} and metadata (values written as str) as a .safetensors file, atomically."""
-    from safetensors.torch import save
-
-    tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-    metadata = None if metadata is None else {str(k): str(v) for k, v in metadata.items()}
-    data = save(tensors, metadata)  # in memory first: a full disk is then an OSError of our own write
-    atomic_write(path, lambda tmp: write_bytes(tmp, data))
-
-
-def write_bytes(path, data):
-    with open(path, "wb") as f:
-        f.write(data)
-
-
-def read_safetensors(path):
-    """Reads a .safetensors file -> ({name: tensor}, metadata dict); anything malformed is a UserError."""
-    from safetensors import safe_open
-
-    if not os.path.isfile(path):
-        raise UserError(f"{path} not found" if not os.path.exists(path) else f"{path} is not a file")
-    try:
-        with safe_open(path, framework="pt") as f:  # the package checks every offset against the file's size
-            return {name: f.get_tensor(name) for name in f.keys()}, f.metadata() or {}
-    except Exception as e:  # SafetensorError, OSError, ...: one line naming the file
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"cannot read {path} as safetensors: {reason}") from None
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def save_checkpoint(path, state):
-    """state: a dict of tensors, plain containers and JSON text (no objects to unpickle later)."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)  # in memory first: a full disk is then an OSError of our own write, not torch's
-    atomic_write(path, lambda tmp: write_bytes(tmp, buffer.getbuffer()))
-
-
-def load_checkpoint(path):
-    """Loads a checkpoint written by trainer.train (weights_only: no pickled code is executed): its "model"
-    tensors by name and its "meta" JSON object, checked to be there."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} {'is not a file' if os.path.exists(path) else 'not found'}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        ckpt["meta"] = json.loads(ckpt["meta"])
-    except Exception as e:
-        raise UserError(f"checkpoint {path} is corrupt or not a nanoMoA checkpoint ({type(e).__name__})") from None
-    model = ckpt.get("model")
-    if (
-        not isinstance(ckpt["meta"], dict)
-        or not isinstance(model, dict)
-        or not all(isinstance(t, torch.Tensor) for t in model.values())
-    ):
-        raise UserError(f"checkpoint {path} is not a nanoMoA checkpoint: no meta object or no model tensors")
-    return ckpt
-
-
-# ----------------------------------------------------------------------------------------------
-# The base
+from config import UserError, is_name
+from gpt2 import load_gpt2
+from moa import ROUTER_INPUTS, TARGETS, LoRALinear, MoA, add_experts, lora_layers, set_route
+from model import GPT, checked_config
+from storage import check_weights, load_checkpoint, read_safetensors, write_safetensors
 
 
 def fingerprint(model):
@@ -277,68 +71,20 @@ def load_base(path):
             raise UserError(f"{ckpt_path} is not a base checkpoint (kind: {ckpt['meta'].get('kind')})")
         if not isinstance(ckpt["meta"].get("tokenizer"), str):
             raise UserError(f"{ckpt_path} names no tokenizer: not a checkpoint written by train_base.py")
-        model = GPT(gpt_config(ckpt["meta"].get("model"), ckpt["model"], ckpt_path))
         try:
-            missing = model.load_state_dict(ckpt["model"], strict=False).missing_keys
+            model = GPT(checked_config(ckpt["meta"].get("model"), ckpt["model"]))
+        except ValueError as e:
+            raise UserError(f"{ckpt_path}: {e}") from None
+        try:
+            keys = model.load_state_dict(ckpt["model"], strict=False)
         except RuntimeError as e:  # a tensor of another shape
             raise UserError(f"{ckpt_path} does not match its own config: {str(e).splitlines()[-1].strip()}") from None
-        if missing != ["lm_head.weight"]:  # lm_head is tied to wte, saved once
-            raise UserError(f"{ckpt_path} does not match its own config: missing {missing[:3]}")
+        if keys.missing_keys != ["lm_head.weight"]:  # lm_head is tied to wte, saved once
+            raise UserError(f"{ckpt_path} does not match its own config: missing {keys.missing_keys[:3]}")
+        if keys.unexpected_keys:  # e.g. biases in the file of a config with bias=False: they would be dropped
+            raise UserError(f"{ckpt_path} does not match its own config: it holds {keys.unexpected_keys[0]}")
         return model, ckpt["meta"]["tokenizer"]
-    try:
-        return GPT.from_pretrained(path), path if os.path.isdir(path) else "gpt2"
-    except ValueError as e:
-        raise UserError(str(e)) from None
-
-
-def gpt_config(values, tensors, where):
-    """GPTConfig(**values) for values read from a file (a checkpoint's config, GPT-2's config.json), checked before
-    any model is built from them: every field there and of its type, heads that divide the width, one block per
-    block of the file, and no more parameters than the file's tensors hold: a file cannot make us allocate more
-    than it holds."""
-    names = [f.name for f in fields(GPTConfig)]
-    if not isinstance(values, dict) or sorted(values) != sorted(names):
-        raise UserError(f"{where}: its model config must have exactly the keys {', '.join(names)}")
-    kinds = {
-        "dropout": ("a number in [0, 1)", lambda v: is_number(v) and 0 <= v < 1),
-        "bias": ("a bool", lambda v: isinstance(v, bool)),
-    }
-    for key in names:
-        what, ok = kinds.get(key, ("an integer >= 1", is_size))
-        if not ok(values[key]):
-            raise UserError(f"{where}: {key} must be {what}, got {values[key]!r}")
-    if values["n_embd"] % values["n_head"]:
-        raise UserError(f"{where}: n_embd={values['n_embd']} is not a multiple of n_head={values['n_head']}")
-    blocks = {int(m[1]) for m in (re.match(r"(?:transformer\.)?h\.(\d+)\.", name) for name in tensors) if m}
-    if len(blocks) != values["n_layer"] or max(blocks, default=-1) != values["n_layer"] - 1:  # blocks 0..n_layer-1
-        raise UserError(f"{where}: its config says {values['n_layer']} blocks, its weights hold {len(blocks)}")
-    config = GPTConfig(**values)
-    with torch.device("meta"):  # shapes only: nothing is allocated
-        wanted = GPT(config).num_params()
-    held = sum(t.numel() for t in tensors.values())
-    if wanted > held:
-        raise UserError(f"{where}: its config needs {wanted:,} parameters, its weights hold {held:,}")
-    return config
-
-
-def read_hf_weights(folder):
-    """The tensors of a Hugging Face checkpoint folder, as a dict name -> tensor."""
-    st, pt = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
-    if os.path.isfile(st):
-        return read_safetensors(st)[0]
-    if os.path.isfile(pt):
-        try:
-            state = torch.load(pt, map_location="cpu", weights_only=True)  # no pickled code is executed
-        except Exception as e:
-            raise UserError(f"cannot read {pt}: corrupt, or not a PyTorch state dict ({type(e).__name__})") from None
-        if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
-            raise UserError(f"{pt} does not hold a dict of tensors")
-        return state
-    raise ValueError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
-
-
-# ----------------------------------------------------------------------------------------------
-# Expert files and bundles
+    return load_gpt2(path), path if os.path.isdir(path) else "gpt2"
 
 
 def expert_tensors(model, k):
@@ -383,10 +129,13 @@ def save_bundle(path, moa, tokenizer, base, extra=None):
         "kind": "bundle",
         "domains": moa.domains,
         "pooling": moa.pooling,
+        "router_input": moa.router_input,
         "temperature": moa.temperature,
         **expert_meta(moa, tokenizer, base),
         **(extra or {}),
     }
+    if "top_k" in meta:  # experts per token: top_k of fewer experts (one domain, or some removed) is all of them
+        meta["top_k"] = min(meta["top_k"], len(moa.domains))
     tensors = {name: p for name, p in moa.named_parameters() if "lora_" in name or name.startswith("routers.")}
     write_safetensors(path, tensors, {"nanomoa": json.dumps(meta)})
 
@@ -412,22 +161,28 @@ META_CHECKS = {  # key -> (what it must be, the check), for both kinds of file
         lambda v: isinstance(v, dict) and isinstance(v.get("config"), dict) and isinstance(v.get("sha256"), str),
     ),
 }
+
 KIND_CHECKS = {
-    "expert": {"domain": ("a string", lambda v: isinstance(v, str) and v)},
+    "expert": {"domain": ("a name of letters, digits, _ and -", is_name)},
     "bundle": {
-        "domains": (
-            "a list of distinct names",
-            lambda v: isinstance(v, list) and v and all(isinstance(d, str) and d for d in v) and len(set(v)) == len(v),
+        "domains": (  # export.py makes a folder of each name: never a path out of --out
+            "a list of distinct names of letters, digits, _ and -",
+            lambda v: isinstance(v, list) and v and all(map(is_name, v)) and len(set(v)) == len(v),
         ),
         "pooling": ("mean or last", lambda v: v in ("mean", "last")),
+        "router_input": ("block or base", lambda v: v in ROUTER_INPUTS),
         "temperature": ("a positive number", lambda v: is_number(v) and v > 0),
     },
 }
-OPTIONAL = {"temperature": 1.0}  # a bundle written before its routers' confidence was calibrated has none
+
+OPTIONAL = {"temperature": 1.0, "router_input": "block"}  # what older bundles lack: uncalibrated, routers on blocks
+
 OPTIONAL_CHECKS = {  # keys some files have (train_router.py's settings, training records seen...)
     "top_k": ("an integer >= 1", is_size),
-    "mode": ("a string", lambda v: isinstance(v, str)),
+    "eta": ("a number >= 0", lambda v: is_number(v) and v >= 0),
+    "mode": ("label, token or layer", lambda v: v in ("label", "token", "layer")),  # the routing it trained with
     "samples": ("an integer >= 0", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+    "steps": ("an integer >= 0", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
 }
 
 
@@ -439,7 +194,7 @@ def read_meta(path, kind, gpt=None):
         raise UserError(f"{path} has no nanoMoA metadata: not an expert or bundle written by nanoMoA")
     try:
         meta = json.loads(meta["nanomoa"])
-    except ValueError:
+    except (ValueError, RecursionError):
         raise UserError(f"{path}: its nanoMoA metadata is not valid JSON") from None
     if not isinstance(meta, dict):
         raise UserError(f"{path}: its nanoMoA metadata is not a JSON object")
@@ -456,6 +211,9 @@ def read_meta(path, kind, gpt=None):
     for key, (what, ok) in OPTIONAL_CHECKS.items():
         if key in meta and not ok(meta[key]):
             raise UserError(f"{path}: metadata {key!r} must be {what}, got {meta[key]!r}")
+    if kind == "bundle" and meta.get("top_k", 1) > len(meta["domains"]):
+        raise UserError(f"{path}: metadata 'top_k' is {meta['top_k']}, more than its {len(meta['domains'])} experts")
+    check_weights(tensors, path)
     if gpt is not None:
         check_tensors(path, tensors, meta, kind, gpt)
     return tensors, meta
@@ -542,8 +300,9 @@ def add_expert_file(model, path, tokenizer, dropout=0.0):
     return meta
 
 
-def load_bundle(path, gpt, tokenizer, base=None):
-    """A MoA built on `gpt` (a plain GPT) from the bundle at `path`, frozen; errors if it belongs to another base."""
+def load_bundle(path, gpt, tokenizer, base=None, eta=None):
+    """A MoA built on `gpt` (a plain GPT) from the bundle at `path`, frozen, with every setting the bundle was saved
+    with (eta: another weight of L_cls, to train it further); errors if it belongs to another base."""
     tensors, meta = read_meta(path, "bundle")
     check_base(path, meta, base or fingerprint(gpt), tokenizer)
     check_tensors(path, tensors, meta, "bundle", gpt)  # before MoA allocates what meta says
@@ -554,10 +313,12 @@ def load_bundle(path, gpt, tokenizer, base=None):
         meta["alpha"],
         targets=meta["targets"],
         pooling=meta["pooling"],
+        eta=meta.get("eta", 1.0) if eta is None else eta,
         top_k=meta.get("top_k", 1),
+        router_input=meta["router_input"],
+        temperature=meta["temperature"],
     )
     moa.load_state_dict(tensors, strict=False)
-    moa.temperature = meta["temperature"]
     for p in moa.parameters():
         p.requires_grad_(False)
     return moa, meta

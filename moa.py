@@ -23,19 +23,44 @@ Read next: train_lora.py (stage 1), then train_router.py (stage 2).
 """
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from config import UserError
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, KVCache
 
 TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # every linear map of a block
 # Routing modes, MoA.forward(mode=...): label (the domain label picks the expert: training, or inference with
 # the label given), layer (each block's router picks), last / vote (the last router, or a vote of all,
 # decides once from the prompt), token (the MoE-LoRA ablation: a per-token mixture). See MoA.forward.
 MODES = ("label", "layer", "last", "vote", "token")
+# What a router reads, pooled over the prompt (MoA(router_input=...)): block, the block's input, with the earlier
+# blocks' experts in it (as the paper draws it); base, the frozen base's hidden state at that block, the same in
+# training (the label picks the experts) and at inference (the routers do), for one more pass of the frozen blocks
+# over the prompt. With block, the routers of later blocks can learn the label from the earlier experts' output.
+ROUTER_INPUTS = ("block", "base")
+
+
+class LoRADropout(nn.Dropout):
+    """Dropout on a LoRA expert's input. In training, the masks come from `noise`, set for one forward by
+    `routed`: one (length, generator) per row, each row's mask drawn from its own generator over its own
+    real tokens, the layers drawing in turn. So a row's masks are the same whatever shares its batch, and
+    however it is padded: train_lora.py trains several experts in one batch exactly as each would train
+    alone (batches.JointData). Without noise, nn.Dropout's own masks."""
+
+    noise = ()
+
+    def forward(self, x):  # x (B, T, in)
+        if not self.training or self.p == 0 or not self.noise:
+            return super().forward(x)
+        mask = torch.ones_like(x)
+        for b, (n, gen) in enumerate(self.noise):
+            keep = torch.rand(n, x.size(-1), generator=gen, device=gen.device) >= self.p  # (n, in)
+            mask[b, :n] = keep.to(x.dtype) / (1 - self.p)
+        return x * mask
 
 
 class LoRALinear(nn.Module):
@@ -44,7 +69,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, n_experts=1, rank=8, alpha=16.0, dropout=0.0):
         super().__init__()
         self.base, self.rank, self.alpha, self.scale = base, rank, alpha, alpha / rank
-        self.lora_dropout = nn.Dropout(dropout)
+        self.lora_dropout = LoRADropout(dropout)
         # One parameter pair per expert, so an expert can be frozen, added or removed on its own.
         self.lora_A = nn.ParameterList()  # each (r, in)
         self.lora_B = nn.ParameterList()  # each (out, r)
@@ -129,8 +154,33 @@ def lora_layers(model):
 
 
 def set_route(module, route):
+    """Routes every LoRA layer of a model the same way until told otherwise: a base with one expert loaded
+    for good (files.add_expert_file). For one call, use `routed`."""
     for layer in lora_layers(module):
         layer.route = route
+
+
+def noise_generators(batch):
+    """A training batch's rows -> [(real tokens, generator seeded with the row's seed)] for LoRADropout: made
+    once per forward, then drawn from by every LoRA layer in turn. () for a batch without seeds."""
+    if batch.seed is None:
+        return ()
+    device = batch.x.device
+    return [(n, torch.Generator(device).manual_seed(s)) for n, s in zip(batch.length.tolist(), batch.seed.tolist())]
+
+
+@contextmanager
+def routed(layers, route, noise=()):
+    """Sets the route of LoRA layers, and their dropout's noise (see noise_generators), for one call, and
+    restores what was there when the call ends, even on an exception."""
+    before = [(layer.route, layer.lora_dropout.noise) for layer in layers]
+    try:
+        for layer in layers:
+            layer.route, layer.lora_dropout.noise = route, noise
+        yield
+    finally:
+        for layer, (old_route, old_noise) in zip(layers, before):
+            layer.route, layer.lora_dropout.noise = old_route, old_noise
 
 
 def count_params(model):
@@ -141,6 +191,12 @@ def count_params(model):
 
 # ----------------------------------------------------------------------------------------------
 # MoA: experts side by side, routers, routing modes.
+
+
+class RoutedCache(KVCache):
+    """A MoA's KV cache: also each block's route per sample, decided at prefill and kept for every new token."""
+
+    route = None  # (L, B) expert ids, set by MoA.forward at prefill
 
 
 def pool(x, mask, how):
@@ -183,13 +239,27 @@ class MoA(nn.Module):
     """
 
     def __init__(
-        self, gpt: GPT, domains, rank=8, alpha=16.0, dropout=0.0, targets=TARGETS, pooling="mean", eta=1.0, top_k=1
+        self,
+        gpt: GPT,
+        domains,
+        rank=8,
+        alpha=16.0,
+        dropout=0.0,
+        targets=TARGETS,
+        pooling="mean",
+        eta=1.0,
+        top_k=1,
+        router_input="block",
+        temperature=1.0,
     ):
         super().__init__()
         if pooling not in ("mean", "last"):
             raise UserError(f"pooling must be mean or last, got {pooling!r}")
+        if router_input not in ROUTER_INPUTS:
+            raise UserError(f"router_input must be {' or '.join(ROUTER_INPUTS)}, got {router_input!r}")
         self.gpt = add_experts(gpt, len(domains), rank, alpha, dropout, targets)
         self.domains, self.pooling, self.eta, self.top_k = list(domains), pooling, eta, top_k
+        self.router_input = router_input
         C, K, device = gpt.config.n_embd, len(domains), gpt.lm_head.weight.device
         self.routers = nn.ModuleList([nn.Linear(C, K, device=device) for _ in range(gpt.config.n_layer)])
         for r in self.routers:
@@ -197,45 +267,55 @@ class MoA(nn.Module):
             nn.init.zeros_(r.bias)
         self.blocks = [lora_layers(block) for block in gpt.transformer.h]  # each block's LoRALinear layers
         self.routing = {}
-        self.temperature = 1.0  # divides the last router's logits for the confidence it reports (train_router.py)
+        self.temperature = temperature  # divides the last router's logits for the confidence it reports: fitted by
+        # train_router.py on held-out prompts (evaluate.fit_temperature), kept in the bundle
 
     @property
     def config(self) -> GPTConfig:
         return self.gpt.config
 
-    generate = GPT.generate  # the same decoding loop: it only calls self(idx, pad_mask=, cache=)
+    generate = GPT.generate  # the same decoding loop: it only calls self.new_cache() and self(idx, pad_mask=, cache=)
 
-    def forward(self, idx, targets=None, pad_mask=None, cache=None, domain=None, mode="label", router_mask=None):
+    def new_cache(self):
+        return RoutedCache(self.config.n_layer)
+
+    def forward(
+        self, idx, targets=None, pad_mask=None, cache=None, domain=None, mode="label", router_mask=None, noise=()
+    ):
         """Returns (logits, loss); loss = L_LM + eta * L_cls when targets and domain labels are given.
 
         domain (B,): each sample's domain label (needed in label mode). router_mask (B, T) bool: the
         tokens the routers read (default: pad_mask, every real token); training passes each record's
-        prompt, which is all that exists when a request arrives.
+        prompt, which is all that exists when a request arrives. noise: a training batch's LoRA dropout
+        generators (noise_generators).
         """
         if mode not in MODES:
             raise UserError(f"unknown routing mode {mode!r}; choose from {', '.join(MODES)}")
         if mode == "label" and domain is None:
             raise UserError("routing mode label needs the domain labels")
+        if cache is not None and not isinstance(cache, RoutedCache):
+            raise TypeError("a MoA decodes with its own cache: moa.new_cache(), a RoutedCache")
         if cache is not None and cache.route is not None:  # decoding: the route was decided at prefill
             return self.decode(idx, pad_mask, cache)
+        base_stream = self.router_input == "base" and (cache is None or cache.length == 0)  # mode token decodes here
         x, attn_mask = self.gpt.embed(idx, pad_mask, cache)  # (B, T, C)
         mask = pad_mask if router_mask is None else router_mask
+        seen = x  # what the routers read: block i's input, or (router_input base) the frozen base's there
         router_logits, routes = [], []  # per block: (B, K), (B,)
         for i in range(len(self.blocks)):
-            if mode == "token":
+            logits, route = self.route_block(i, seen, mask, domain, "layer" if mode == "token" else mode)
+            router_logits.append(logits)
+            routes.append(route)
+            if mode == "token":  # the per-token mixture routes; the pooled logits above only feed L_cls
                 route = self.token_mixture(i, x)  # (B, T, K)
-            else:
-                logits, route = self.route_block(i, x, mask, domain, mode)
-                router_logits.append(logits)
-                routes.append(route)
-            x = self.run_block(i, x, route, attn_mask, cache)
+            if base_stream and i + 1 < len(self.blocks):
+                seen = self.base_block(i, seen, attn_mask)
+            x = self.run_block(i, x, route, attn_mask, cache, noise)
+            seen = seen if base_stream else x
         logits, lm_loss = self.gpt.head(x, targets)
-        if mode == "token":  # no sequence-level choice to report
-            self.routing = {}
-            return logits, lm_loss
         router_logits, routes = torch.stack(router_logits), torch.stack(routes)  # (L, B, K), (L, B)
-        self.routing = self.summary(router_logits, routes, mode)
-        if cache is not None:
+        self.routing = {} if mode == "token" else self.summary(router_logits, routes, mode)  # token: no one choice
+        if cache is not None and mode != "token":
             # BEGIN ASSIGNMENT 4: cache.route (L, B): last/vote: the decision in every layer; else each layer's own
             fixed = mode in ("last", "vote")
             cache.route = self.routing["decision"].expand_as(routes) if fixed else routes  # kept for every new token
@@ -263,14 +343,16 @@ class MoA(nn.Module):
         top, ids = probs.topk(self.top_k, dim=-1)
         return torch.zeros_like(probs).scatter(-1, ids, top / top.sum(-1, keepdim=True))
 
-    def run_block(self, i, x, route, attn_mask, cache):
-        """Block i with its LoRA layers routed by `route`, for this call only."""
-        for layer in self.blocks[i]:
-            layer.route = route
-        x = self.gpt.transformer.h[i](x, attn_mask, cache, i)
-        for layer in self.blocks[i]:
-            layer.route = None
-        return x
+    @torch.no_grad()
+    def base_block(self, i, x, attn_mask):
+        """Block i of the frozen base alone (no expert, no cache): what router i + 1 reads with router_input base.
+        Nothing flows back through it: L_cls then trains the routers only."""
+        return self.run_block(i, x, None, attn_mask, None)
+
+    def run_block(self, i, x, route, attn_mask, cache, noise=()):
+        """Block i with its LoRA layers routed by `route` (and their dropout drawing from noise), for this call."""
+        with routed(self.blocks[i], route, noise):
+            return self.gpt.transformer.h[i](x, attn_mask, cache, i)
 
     def decode(self, idx, pad_mask, cache):
         """One decoding step: block i uses the route that prefill kept in cache.route[i]; no router runs."""
@@ -288,7 +370,7 @@ class MoA(nn.Module):
         softmax at self.temperature, which train_router.py fits on prompts phrased unlike any it trained on)."""
         probs = F.softmax(router_logits.float(), dim=-1)  # (L, B, K)
         predicted = router_logits.argmax(-1)  # (L, B): each router's own choice, whatever routed this pass
-        decision = {"last": predicted[-1], "vote": vote(predicted, probs)}.get(mode, routes[-1])  # (B,)
+        decision = predicted[-1] if mode == "last" else vote(predicted, probs) if mode == "vote" else routes[-1]  # (B,)
         confidence = F.softmax(router_logits[-1].float() / self.temperature, dim=-1)  # (B, K)
         return {
             "logits": router_logits.detach(),

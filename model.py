@@ -17,8 +17,8 @@ Read next: moa.py (the method: LoRA experts and routers).
 """
 
 import math
-import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -37,7 +37,7 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, per layer, plus what decoding needs to go on.
+    """Keys and values of the tokens seen so far, per layer, and where padding was.
 
     Each layer's keys and values live in a buffer (B, n_head, capacity, head_dim) that doubles when full,
     so a new token costs one small write, not a copy of everything seen (as torch.cat would).
@@ -49,8 +49,6 @@ class KVCache:
         self.seen = [0] * n_layer
         self.key_mask = None  # (B, T_seen) bool, False at padding
         self.n_real = None  # (B,) real tokens seen per sample, the next token's position (None: no padding yet)
-        self.route = None  # (L, B) moa.py: each block's expert per sample, decided at prefill
-        self.merged = None  # fast.py: per block, weights with the one expert of every sample merged in
 
     @property
     def length(self):
@@ -148,6 +146,10 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def new_cache(self):
+        """An empty KV cache for one generation (a MoA's holds its routes too: moa.RoutedCache)."""
+        return KVCache(self.config.n_layer)
+
     def num_params(self):
         """Parameters counted once (the tied head shares the embedding)."""
         return sum(p.numel() for p in self.parameters())
@@ -220,7 +222,7 @@ class GPT(nn.Module):
         if use_cache:
             assert idx.size(1) + max_new_tokens <= config.block_size, "prompt + new tokens exceed block_size"
         B = idx.size(0)
-        cache = KVCache(config.n_layer) if use_cache else None
+        cache = self.new_cache() if use_cache else None
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         step_in, step_mask = idx, pad_mask
         for _ in range(max_new_tokens):
@@ -240,41 +242,6 @@ class GPT(nn.Module):
                 break
         return idx
 
-    @classmethod
-    def from_pretrained(cls, name_or_path, dropout=0.0):
-        """OpenAI's GPT-2 weights, from a local folder (config.json + model.safetensors or
-        pytorch_model.bin) or, when online, from the Hugging Face hub (gpt2, gpt2-medium, -large, -xl)."""
-        folder = name_or_path if os.path.isdir(name_or_path) else download_gpt2(name_or_path)
-        from files import gpt_config, read_hf_weights, read_json  # files.py imports this file: import it here
-
-        hf = read_json(os.path.join(folder, "config.json"))
-        sizes = {
-            "block_size": hf.get("n_positions"),
-            "vocab_size": hf.get("vocab_size"),
-            "n_layer": hf.get("n_layer"),
-            "n_head": hf.get("n_head"),
-            "n_embd": hf.get("n_embd"),
-            "dropout": dropout,
-            "bias": True,
-        }
-        state = read_hf_weights(folder)
-        model = cls(gpt_config(sizes, state, os.path.join(folder, "config.json")))  # sizes checked against the weights
-        ours = model.state_dict()
-        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-        for key in ours:
-            if key == "lm_head.weight":
-                continue  # tied to wte
-            src = state.get(key, state.get(key[len("transformer.") :]))  # some files drop the prefix
-            if src is None:
-                raise ValueError(f"{folder}: weight {key} missing: not a GPT-2 checkpoint")
-            if key.endswith(conv1d):
-                src = src.t()  # GPT-2 stores these as Conv1D: (in, out), nn.Linear wants (out, in)
-            if src.shape != ours[key].shape:
-                raise ValueError(f"{folder}: {key} has shape {tuple(src.shape)}, expected {tuple(ours[key].shape)}")
-            with torch.no_grad():
-                ours[key].copy_(src)
-        return model
-
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """logits (B, vocab) -> next token ids (B, 1): greedy at temperature 0, else top-k / nucleus sampling."""
@@ -293,21 +260,33 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
 
 
-GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-
-
-def download_gpt2(name):
-    """Fetches a GPT-2 checkpoint folder from the Hugging Face hub (needs the optional huggingface_hub)."""
-    if name not in GPT2_NAMES:
-        raise ValueError(f"{name!r} is neither a folder nor one of {', '.join(GPT2_NAMES)}")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(
-            f"openai-community/{name}", allow_patterns=["config.json", "model.safetensors", "vocab.json", "merges.txt"]
-        )
-    except Exception as e:
-        raise ValueError(
-            f"cannot download {name} ({type(e).__name__}): with network, `pip install huggingface_hub`; "
-            f"offline, copy the hub folder (config.json + model.safetensors) here and pass its path"
-        ) from None
+def checked_config(values, tensors):
+    """GPTConfig(**values) for values read from a file (a checkpoint's config, GPT-2's config.json), checked
+    before any model is built from them: every field there and of its type, heads that divide the width, one
+    block per block of the tensors, and no more parameters than the tensors hold: a file cannot make us allocate
+    more than it holds. A ValueError says what is wrong (the caller names the file)."""
+    names = [f.name for f in fields(GPTConfig)]
+    if not isinstance(values, dict) or sorted(values) != sorted(names):
+        raise ValueError(f"its model config must have exactly the keys {', '.join(names)}")
+    for key in names:
+        value = values[key]
+        if key == "dropout":
+            ok, what = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1, "in [0, 1)"
+        elif key == "bias":
+            ok, what = isinstance(value, bool), "a bool"
+        else:
+            ok, what = isinstance(value, int) and not isinstance(value, bool) and value >= 1, "an integer >= 1"
+        if not ok:
+            raise ValueError(f"{key} must be {what}, got {value!r}")
+    if values["n_embd"] % values["n_head"]:
+        raise ValueError(f"n_embd={values['n_embd']} is not a multiple of n_head={values['n_head']}")
+    blocks = {int(m[1]) for m in (re.match(r"(?:transformer\.)?h\.(\d+)\.", name) for name in tensors) if m}
+    if len(blocks) != values["n_layer"] or max(blocks, default=-1) != values["n_layer"] - 1:  # blocks 0..n_layer-1
+        raise ValueError(f"its config says {values['n_layer']} blocks, its weights hold {len(blocks)}")
+    config = GPTConfig(**values)
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        wanted = GPT(config).num_params()
+    held = sum(t.numel() for t in tensors.values())
+    if wanted > held:
+        raise ValueError(f"its config needs {wanted:,} parameters, its weights hold {held:,}")
+    return config

@@ -1,25 +1,22 @@
-"""The results: every variant of the method scored the same way on the same validation records of
-every task, as the paper's Tables 2, 3, 5 and 8 in miniature, then the adding-a-task experiment.
+"""The results: every variant scored the same way on the same validation records of every task, then the
+comparisons the README draws, each under a control it names.
 
     python results.py                 # reads out/ as demo.py writes it; writes out/results/results.{md,json} + PNGs
     python results.py --records=500   # validation records per task (default 256)
 
-demo.py trains the base once (out/base) and everything else once per seed (out/runs/seed<N>/:
-experts/, moa/). Each run is scored on its own; with several seeds a cell is their mean ± standard
-deviation. Each record is served as a request would be (evaluate.evaluate_tasks): its prompt first,
-where routed rows route, then its response. Rows, and the routing behind each:
+demo.py trains the base once (out/base) and everything else once per seed (out/runs/seed<N>/). Each run is
+scored on its own; with several seeds a cell is their mean ± standard deviation over seeds. Each record is
+served as a request would be (evaluate.evaluate_tasks): its prompt first, where routed rows route, then its
+response. The tables:
 
-  base                                   no expert
-  Single-LoRA (label given)              each task's stage-1 expert, picked by the task label
-  one LoRA, mixed tasks (rank r)         one LoRA trained on all tasks, the same training samples as MoA in all
-  one LoRA, mixed tasks (rank K r)       ... with as many parameters as the K experts
-  MoE-LoRA (no label loss)               the stage-1 experts + routers trained with eta = 0: per token, top-2
-  MoE-LoRA naive (random experts)        the same from random experts, all of MoA's samples in this one stage
-  MoA, routers only                      stage-1 experts frozen, routers trained with L_cls; mode --mode
-  MoA (joint)                            experts and routers trained together (the paper's MoA); mode --mode
-  MoA experts alone (label given)        MoA (joint)'s experts, each picked by the task label (Table 8)
-  Classifier + LoRAs                     stage-1 experts, picked by a classifier of the prompt (baselines.py)
-  Arrow (no labels, no training)         stage-1 experts mixed per token by Arrow (baselines.py)
+- Main rows, each model at its plateau (the same stopping rule for every one): response loss, exact match
+  and ROUGE-L per task; the routing from the prompt on validation prompts, on the unseen phrasing family and
+  on the hand-written prompts (data/tasks.py), with exact match there too.
+- The controls: MoA against the shared LoRAs at equal training records, at equal optimizer updates (for each
+  budget of demo.py --budgets) and at each one's plateau.
+- The transfer matrix (demo.py --full): task i from a LoRA trained on i alone against one trained on i and
+  j, with the same records of i.
+- Adding a task; the imbalanced variant; the regime (a base that saw the skills, or not).
 
 A variant whose files are missing is skipped. Losses are in nats per response token.
 
@@ -36,45 +33,25 @@ import torch
 
 import fast
 from baselines import Arrow, ClassifierRouted, PromptClassifier
+from batches import TaskData
 from config import AT_LEAST_1, UserError, one_of, parse_config, run
-from evaluate import evaluate_tasks, left_pad
-from files import add_expert_file, fingerprint, load_base, load_bundle, load_expert, read_meta, write_text
+from data.tasks import HAND_WRITTEN
+from evaluate import answers, evaluate_tasks
+from files import add_expert_file, fingerprint, load_base, load_bundle, load_expert, read_meta
 from moa import MoA
+from storage import write_text
 from tokenizer import encode, get_tokenizer
-from trainer import TaskData, pick_device
-
-HAND_WRITTEN = {  # what a user might type, phrased unlike the generated prompts: (prompt, answer)
-    "upper": [
-        ("make this word uppercase: river\n", "RIVER"),
-        ("Write forest in capital letters.\n", "FOREST"),
-        ("caps lock on: music\n", "MUSIC"),
-    ],
-    "double": [
-        ("Repeat each letter two times: cat\n", "ccaatt"),
-        ("write every character twice: moon\n", "mmoooonn"),
-        ("Stutter the word dog\n", "ddoogg"),
-    ],
-    "reverse": [
-        ("please reverse: garden\n", "nedrag"),
-        ("what is 'window' spelled backwards?\n", "wodniw"),
-        ("Flip the letters of planet around.\n", "tenalp"),
-    ],
-    "arith": [("How much is 45 plus 7?\n", "52"), ("Calculate 81-6.\n", "75"), ("Add 30 and 9.\n", "39")],
-    "count": [
-        ("length of 'table'?\n", "5"),
-        ("How long is the word sun?\n", "3"),
-        ("number of letters in dragon\n", "6"),
-    ],
-}
+from trainer import pick_device
 
 
 @dataclass
 class ResultsConfig:
     out: str = "out"  # where demo.py put base/ and runs/seed<N>/
-    data_dir: str = "data/default"
+    data_dir: str = "data/default"  # the data set the runs were trained on
     records: int = 256  # validation records per task
-    batch_size: int = 64
+    batch_size: int = 64  # records scored at once
     mode: str = "last"  # how the routed MoA rows route: last | vote | layer (decided from the prompt)
+    budgets: str = ""  # demo.py's --budgets ("": found from the files)
     added: str = ""  # the task added later, for the adding-a-task table; "": the data set's held-back task
     plots: bool = True  # PNG pictures (needs matplotlib)
     fast: bool = True  # fast.py's speed paths (False: the plain method of moa.py; the same numbers)
@@ -83,40 +60,49 @@ class ResultsConfig:
     CHECKS = {"records": AT_LEAST_1, "batch_size": AT_LEAST_1, "mode": one_of("last", "vote", "layer")}
 
 
-def variants(cfg, K):
+# ----------------------------------------------------------------------------------------------
+# Building and scoring one variant
+
+
+def main_rows(cfg, K):
     """(row name, kind, file in the run folder, forward kwargs) of every main row, in the paper's order."""
     routed = {"mode": cfg.mode}
     return [
         ("base", "base", None, {}),
-        ("Single-LoRA (label given)", "experts", None, {"mode": "label"}),
-        ("one LoRA, mixed tasks (rank r)", "expert", "experts/all.safetensors", {}),
-        (f"one LoRA, mixed tasks (rank {K}r)", "expert", f"experts/all_r{K}.safetensors", {}),
-        ("MoE-LoRA (no label loss, token top-2)", "bundle", "moa/moe_lora.safetensors", {"mode": "token"}),
+        ("stage-1 experts (label given)", "experts", "experts", {"mode": "label"}),
+        ("one LoRA, all tasks (rank r)", "expert", "mixed/all.safetensors", {}),
+        (f"one LoRA, all tasks (rank {K}r)", "expert", f"mixed/all_r{K}.safetensors", {}),
+        ("MoE-LoRA (token top-2, no label loss)", "bundle", "moa/moe_lora.safetensors", {"mode": "token"}),
         ("MoE-LoRA naive (random experts)", "bundle", "moa/moe_lora_naive.safetensors", {"mode": "token"}),
         ("MoA, routers only", "bundle", "moa/moa_routers.safetensors", routed),
         ("MoA (joint)", "bundle", "moa/moa.safetensors", routed),
         ("MoA experts alone (label given)", "bundle", "moa/moa.safetensors", {"mode": "label"}),
-        ("Classifier + LoRAs", "classifier", None, {}),
-        ("Arrow (no labels, no training)", "arrow", None, {}),
+        ("classifier + stage-1 experts", "classifier", "experts", {}),
+        ("Arrow + stage-1 experts (no labels)", "arrow", "experts", {}),
     ]
 
 
-def build(kind, path, run_dir, cfg, domains):
-    """-> (model, parameters added to the base, training samples seen in all), or None if files are missing."""
-    gpt, tokenizer = load_base(os.path.join(cfg.out, "base"))
+def build(cfg, kind, path, run_dir, domains, base="base"):
+    """-> (model, parameters added to the base, training records seen, steps), or None if files are missing.
+    kind: base | expert (one LoRA file) | bundle | experts, classifier, arrow (the stage-1 experts in `path`,
+    a folder, or a comma list of folders searched in order)."""
+    gpt, tokenizer = load_base(os.path.join(cfg.out, base))
     gpt.to(cfg.device)  # experts and routers are made on the base's device
     if kind == "base":
-        return gpt, 0, 0
+        return gpt, 0, 0, 0
     if kind in ("experts", "classifier", "arrow"):  # the stage-1 experts side by side
-        paths = [os.path.join(run_dir, "experts", f"{d}.safetensors") for d in domains]
-        if not all(os.path.isfile(p) for p in paths):
+        folders = [os.path.join(run_dir, f) for f in path.split(",")]
+        paths = [
+            next((p for p in (os.path.join(f, f"{d}.safetensors") for f in folders) if os.path.isfile(p)), None)
+            for d in domains
+        ]
+        if None in paths:
             return None
         metas = [read_meta(p, "expert", gpt)[1] for p in paths]  # tensors checked: metas[0] sizes the MoA
-        base = fingerprint(gpt)
+        fp = fingerprint(gpt)
         model = MoA(gpt, domains, metas[0]["rank"], metas[0]["alpha"], targets=metas[0]["targets"])
         for k, p in enumerate(paths):
-            load_expert(p, model, k, base, tokenizer)
-        samples = sum(m.get("samples", 0) for m in metas)
+            load_expert(p, model, k, fp, tokenizer)
         added = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
         if kind == "classifier":
             classifier = PromptClassifier(len(domains)).fit(TaskData(cfg.data_dir, ",".join(domains)))
@@ -124,7 +110,7 @@ def build(kind, path, run_dir, cfg, domains):
             model = ClassifierRouted(fast.enable(model, cfg.fast), classifier)
         elif kind == "arrow":
             model = Arrow(fast.enable(model, cfg.fast))
-        return fast.enable(model, cfg.fast), added, samples
+        return fast.enable(model, cfg.fast), added, sum(m.get("samples", 0) for m in metas), max_steps(metas)
     path = os.path.join(run_dir, path)
     if not os.path.isfile(path):
         return None
@@ -134,37 +120,71 @@ def build(kind, path, run_dir, cfg, domains):
     else:
         model, meta = load_bundle(path, gpt, tokenizer)
     added = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n or n.startswith("routers."))
-    return fast.enable(model, cfg.fast), added, meta.get("samples", 0)
+    return fast.enable(model, cfg.fast), added, meta.get("samples", 0), meta.get("steps", 0)
 
 
-def score(model, kwargs, data, cfg):
-    """A variant's scores on the validation records; for routed models also their routing of the calib prompts
-    (a phrasing no split trains on) and of the hand-written prompts, with the confidence they report there."""
+def max_steps(metas):
+    return max(m.get("steps", 0) for m in metas)
+
+
+def score(model, kwargs, data, cfg, full=True):
+    """A variant's scores on the validation records; with full, also exact match and routing on the unseen
+    phrasing family and on the hand-written prompts, with the confidence a routed MoA reports there."""
     model.eval()
     row = evaluate_tasks(model, data, cfg.records, cfg.batch_size, **kwargs)
-    if "route_mean" not in row:
+    if not full:
         return row
-    if all(data.count(d, "calib") for d in data.domains):
-        row["unseen_mean"] = evaluate_tasks(model, data, cfg.records, cfg.batch_size, False, "calib", **kwargs)[
-            "route_mean"
-        ]
-    enc = get_tokenizer(data.tokenizer)
-    rows, truth = [], []
-    for label, name in enumerate(data.domains):
-        rows += [encode(enc, p) for p, _ in HAND_WRITTEN.get(name, [])]
-        truth += [label] * len(HAND_WRITTEN.get(name, []))
-    idx, mask = left_pad(rows, data.eot)
-    model.routing = {}
-    with torch.no_grad():
-        model(idx.to(cfg.device), pad_mask=mask.to(cfg.device), **kwargs)
-    right = model.routing["decision"].cpu() == torch.tensor(truth)
-    row["hand_mean"] = right.float().mean().item()
-    if "confidence" in model.routing:  # MoA's last router, at its calibrated temperature
-        confidence = model.routing["confidence"].cpu()
-        for key, which in (("hand_confidence_right", right), ("hand_confidence_wrong", ~right)):
-            if which.any():
-                row[key] = confidence[which].mean().item()
+    if all(data.count(d, "unseen") for d in data.domains):
+        unseen = evaluate_tasks(model, data, cfg.records, cfg.batch_size, split="unseen", **kwargs)
+        row.update({f"unseen_{k}": v for k, v in unseen.items() if k in ("em_mean", "route_mean")})
+    row.update(hand_written(model, kwargs, data, cfg))
     return row
+
+
+@torch.no_grad()
+def hand_written(model, kwargs, data, cfg):
+    """Exact match on the hand-written prompts of data's tasks (each ended with the newline every prompt ends
+    with), and for a routed model the share routed right and the confidence it reports on right and wrong."""
+    enc = get_tokenizer(data.tokenizer)
+    prompts, truth, wanted = [], [], []
+    for label, name in enumerate(data.domains):
+        for prompt, answer in HAND_WRITTEN.get(name, []):
+            prompts.append(encode(enc, prompt + "\n"))
+            truth.append(label)
+            wanted.append(answer)
+    if not prompts:
+        return {}
+    kw = {**kwargs, "domain": torch.tensor(truth, device=cfg.device)} if kwargs.get("mode") == "label" else kwargs
+    longest = max(len(encode(enc, a)) for a in wanted) + 1
+    if hasattr(model, "routing"):
+        model.routing = {}
+    got = answers(model, prompts, longest, data.eot, **kw)
+    out = {"hand_em": sum(enc.decode(g) == a for g, a in zip(got, wanted)) / len(wanted)}
+    routing = getattr(model, "routing", {})
+    if "decision" in routing and kwargs.get("mode") != "label":
+        right = routing["decision"].cpu() == torch.tensor(truth)
+        out["hand_route"] = right.float().mean().item()
+        if "confidence" in routing:  # MoA's last router, at its calibrated temperature
+            confidence = routing["confidence"].cpu()
+            for key, which in (("hand_confidence_right", right), ("hand_confidence_wrong", ~right)):
+                if which.any():
+                    out[key] = confidence[which].mean().item()
+    return out
+
+
+def scored(cfg, run_dir, data, kind, path, kwargs, full=False, base="base"):
+    """build + score -> the row with its params, records and steps, or None if its files are missing."""
+    built = build(cfg, kind, path, run_dir, data.domains, base)
+    if built is None:
+        return None
+    model, params, samples, steps = built
+    row = score(model, kwargs, data, cfg, full)
+    routing = kwargs.get("mode", kind if kind in ("classifier", "arrow") else "none")
+    return {**row, "params": params, "samples": samples, "steps": steps, "routing": routing}
+
+
+# ----------------------------------------------------------------------------------------------
+# The experiments, per run folder
 
 
 def runs(out):
@@ -173,90 +193,71 @@ def runs(out):
     return sorted(found, key=lambda p: int(os.path.basename(p)[4:]) if os.path.basename(p)[4:].isdigit() else 0)
 
 
-def aggregate(rows_per_run):
-    """[{row: {metric: value}}] per run -> {row: {metric: (mean, std over runs, runs)}} (lists are kept from run 1)."""
-    out = {}
-    for name in rows_per_run[0]:
-        values = [r[name] for r in rows_per_run if name in r]
-        out[name] = {}
-        for key, first in values[0].items():
-            if isinstance(first, (int, float)):
-                xs = [v[key] for v in values if key in v]
-                mean = sum(xs) / len(xs)
-                std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-                out[name][key] = (mean, std, len(xs))
-            else:
-                out[name][key] = first
-    return out
-
-
-def cell(stat, percent=False, digits=3):
-    """(mean, std, n) -> "mean" or "mean ± std" (n > 1); a percentage with percent."""
-    mean, std, n = stat
-    scale, unit = (100, "%") if percent else (1, "")
-    text = f"{scale * mean:.{1 if percent else digits}f}{unit}"
-    return text + (f" ± {scale * std:.{1 if percent else digits}f}" if n > 1 else "")
-
-
-def table(rows, domains, metric, percent=False, extra=()):
-    """A markdown table of one metric: a row per variant, a column per task, then the mean and extra columns."""
-    head = "| variant | " + " | ".join(domains) + " | mean" + "".join(f" | {h}" for h, _ in extra) + " |"
-    lines = [head, "|" + "---|" * (len(domains) + 2 + len(extra))]
-    for name, r in rows.items():
-        if f"{metric}_mean" not in r:
+def main_experiment(cfg, run_dir, data):
+    rows = {}
+    for name, kind, path, kwargs in main_rows(cfg, len(data.domains)):
+        row = scored(cfg, run_dir, data, kind, path, kwargs, full=True)
+        if row is None:
+            print(f"{os.path.basename(run_dir)}: skipped {name}: files not found")
             continue
-        cells = [cell(r[f"{metric}/{d}"], percent) if f"{metric}/{d}" in r else "-" for d in domains]
-        cells.append(cell(r[f"{metric}_mean"], percent))
-        lines.append(f"| {name} | " + " | ".join(cells) + "".join(f" | {f(r)}" for _, f in extra) + " |")
-    return "\n".join(lines)
+        rows[name] = row
+        print(f"{os.path.basename(run_dir)}: {name}: loss {row['loss_mean']:.4f}, exact match {row['em_mean']:.1%}")
+    return rows
 
 
-def em_error(r, n_records, K):
-    """The standard error of one run's mean exact match over K tasks of n_records each (binomial)."""
-    p = [r[k][0] for k in r if k.startswith("em/")]
-    return math.sqrt(sum(x * (1 - x) / n_records for x in p)) / K
+def snapshot(run_dir, path, step):
+    """A run's file saved at `step` (train_lora/train_router --save_at), or its final file if the run reached its
+    plateau before that step; None if neither."""
+    stem, ext = os.path.splitext(path)
+    at = os.path.join(run_dir, f"{stem}@{step}{ext}")
+    if os.path.isfile(at):
+        return os.path.relpath(at, run_dir)
+    final = os.path.join(run_dir, path)
+    if os.path.isfile(final):
+        kind = "bundle" if path.startswith("moa/") else "expert"
+        if read_meta(final, kind)[1].get("steps", step) <= step:
+            return path
+    return None
 
 
-def main_tables(rows, domains, cfg):
-    K = len(domains)
-    about = [
-        ("params", lambda r: f"{int(r['params'][0]):,}"),
-        ("samples trained", lambda r: f"{int(r['samples'][0]):,}"),
-        ("routing", lambda r: r["routing"]),
+def budget_experiment(cfg, run_dir, data, budgets):
+    """For each budget b: MoA (experts b steps each, then b steps of stage 2), the stage-1 experts at b steps,
+    and each shared baseline after as many records ((K + 1) b steps) and as many updates (2 b steps)."""
+    K, rows = len(data.domains), {}
+    baselines = [
+        ("one LoRA (rank r)", "expert", "mixed/all.safetensors", {}),
+        (f"one LoRA (rank {K}r)", "expert", f"mixed/all_r{K}.safetensors", {}),
+        ("MoE-LoRA naive", "bundle", "moa/moe_lora_naive.safetensors", {"mode": "token"}),
     ]
-    return "\n\n".join(
-        [
-            "Response loss (nats per token; perplexity is its exp):\n\n" + table(rows, domains, "loss", extra=about),
-            "Exact match of the greedy answer (the last column: one run's standard error of the mean):\n\n"
-            + table(rows, domains, "em", True, [("s.e.", lambda r: f"{100 * em_error(r, cfg.records, K):.1f}")]),
-            "ROUGE-L of the greedy answer against the reference, over characters:\n\n"
-            + table(rows, domains, "rouge", True),
-            f"Routing accuracy from the prompt (validation prompts; mode {cfg.mode} for MoA), on prompts in a phrasing "
-            f"no split trains on (calib), and on {sum(len(v) for v in HAND_WRITTEN.values()) // len(HAND_WRITTEN)} "
-            "hand-written prompts per task, with the last router's mean confidence in right and wrong routes there:\n\n"
-            + table(
-                rows,
-                domains,
-                "route",
-                True,
-                [
-                    ("unseen phrasing", lambda r: cell(r["unseen_mean"], True) if "unseen_mean" in r else "-"),
-                    ("hand-written", lambda r: cell(r["hand_mean"], True)),
-                    (
-                        "confidence right / wrong",
-                        lambda r: (
-                            " / ".join(
-                                f"{r[k][0]:.2f}" if k in r else "-"
-                                for k in ("hand_confidence_right", "hand_confidence_wrong")
-                            )
-                            if "hand_confidence_right" in r or "hand_confidence_wrong" in r
-                            else "-"
-                        ),
-                    ),
-                ],
-            ),
-        ]
-    )
+    for b in budgets:
+        row = scored(cfg, run_dir, data, "bundle", f"moa/moa_b{b}.safetensors", {"mode": cfg.mode})
+        if row is not None:
+            rows[f"MoA, budget {b}"] = {**row, "budget": b, "variant": "MoA", "control": "budget"}
+        for name, kind, path, kwargs in baselines:
+            for control, steps in (("equal records", (K + 1) * b), ("equal updates", 2 * b)):
+                at = snapshot(run_dir, path, steps)
+                row = None if at is None else scored(cfg, run_dir, data, kind, at, kwargs)
+                if row is not None:
+                    rows[f"{name}, budget {b}, {control}"] = {**row, "budget": b, "variant": name, "control": control}
+    return rows
+
+
+def matrix_experiment(cfg, run_dir, data):
+    """The transfer matrix: task i's loss and exact match from its LoRA alone and from the LoRA of i and j."""
+    folder = os.path.join(run_dir, "pairs")
+    if not os.path.isdir(folder):
+        return None
+    cells = {}
+    for a in data.domains:
+        for b in data.domains:
+            name = a if a == b else "+".join(sorted((a, b), key=data.domains.index))
+            path = os.path.join("pairs", f"{name}.safetensors")
+            if not os.path.isfile(os.path.join(run_dir, path)):
+                return None
+            one = TaskData(cfg.data_dir, a)
+            row = scored(cfg, run_dir, one, "expert", path, {})
+            cells[f"{a}|{b}"] = {"loss": row[f"loss/{a}"], "em": row[f"em/{a}"]}
+    return cells
 
 
 def adaptation(cfg, run_dir, old, new):
@@ -269,11 +270,12 @@ def adaptation(cfg, run_dir, old, new):
         (f"MoA + {new} (new router row only)", f"moa/moa+{new}.safetensors", {"mode": cfg.mode}, before),
         (f"MoA + {new} (every router row retrained)", f"moa/moa+{new}_allrows.safetensors", {"mode": cfg.mode}, before),
         (f"{new} expert alone", f"experts/{new}.safetensors", {}, None),
-        (mixed, "experts/all.safetensors", {}, None),
-        (f"mixed LoRA, trained on {new}", f"experts/all+{new}.safetensors", {}, mixed),
+        (mixed, "mixed/all.safetensors", {}, None),
+        (f"mixed LoRA, trained on {new}", f"mixed/all+{new}.safetensors", {}, mixed),
         ("MoA retrained on K+1 tasks", "moa/moa_all.safetensors", {"mode": cfg.mode}, before),
     ]:
-        built = build("expert" if path.startswith("experts") else "bundle", path, run_dir, cfg, data.domains)
+        kind = "bundle" if path.startswith("moa/") else "expert"
+        built = build(cfg, kind, path, run_dir, data.domains)
         if built is None:
             return None
         model = built[0]
@@ -296,24 +298,202 @@ def adaptation(cfg, run_dir, old, new):
     return rows
 
 
+def imbalanced_experiment(cfg, run_dir, small_data):
+    """The imbalanced variant: its small task's expert beside the others, MoA, and one LoRA on the pooled data."""
+    folder = os.path.join(run_dir, "imbalanced")
+    if not os.path.isdir(folder):
+        return None
+    data = TaskData(small_data)
+    rows = {}
+    for name, kind, path, kwargs in [
+        ("stage-1 experts (label given)", "experts", "imbalanced/experts,experts", {"mode": "label"}),
+        ("one LoRA, all tasks, pooled (rank r)", "expert", "imbalanced/all.safetensors", {}),
+        ("MoA (joint)", "bundle", "imbalanced/moa.safetensors", {"mode": cfg.mode}),
+    ]:
+        row = scored(cfg, run_dir, data, kind, path, kwargs)
+        if row is not None:
+            rows[name] = row
+    return rows
+
+
+def regime_experiment(cfg, run_dir, data):
+    """The base that saw the skills in its text, against the one that did not: its response loss, and its stage-1
+    experts' and mixed LoRA's exact match and steps to their plateaus."""
+    if not os.path.isdir(os.path.join(run_dir, "plain")):
+        return None
+    rows = {}
+    for name, kind, path, kwargs, base in [
+        ("with skills: the base", "base", None, {}, "base"),
+        ("with skills: stage-1 experts", "experts", "experts", {"mode": "label"}, "base"),
+        ("with skills: one LoRA (rank r)", "expert", "mixed/all.safetensors", {}, "base"),
+        ("without skills: the base", "base", None, {}, "base_plain"),
+        ("without skills: stage-1 experts", "experts", "plain/experts", {"mode": "label"}, "base_plain"),
+        ("without skills: one LoRA (rank r)", "expert", "plain/all.safetensors", {}, "base_plain"),
+    ]:
+        row = scored(cfg, run_dir, data, kind, path, kwargs, base=base)
+        if row is not None:
+            rows[name] = row
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Over seeds: mean ± standard deviation
+
+
+def aggregate(rows_per_run):
+    """[{row: {metric: value}}] per run -> {row: {metric: (mean, std over runs, runs)}} (lists are kept from run 1)."""
+    out = {}
+    for name in rows_per_run[0]:
+        values = [r[name] for r in rows_per_run if name in r]
+        out[name] = {}
+        for key, first in values[0].items():
+            if isinstance(first, (int, float)) and not isinstance(first, bool):
+                xs = [v[key] for v in values if key in v]
+                mean = sum(xs) / len(xs)
+                std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+                out[name][key] = (mean, std, len(xs))
+            else:
+                out[name][key] = first
+    return out
+
+
+def cell(stat, percent=False, digits=3):
+    """(mean, std, n) -> "mean" or "mean ± std" (n > 1); a percentage with percent."""
+    mean, std, n = stat
+    scale, unit = (100, "%") if percent else (1, "")
+    text = f"{scale * mean:.{1 if percent else digits}f}{unit}"
+    return text + (f" ± {scale * std:.{1 if percent else digits}f}" if n > 1 else "")
+
+
+def table(rows, columns):
+    """A markdown table: a row per variant, columns [(heading, row -> text)]."""
+    lines = ["| variant | " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    for name, r in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f(r) for _, f in columns) + " |")
+    return "\n".join(lines)
+
+
+def get(key, percent=False, digits=3):
+    """A column's cell maker: the row's metric `key`, or "-" where the row has none."""
+    return lambda r: cell(r[key], percent, digits) if key in r else "-"
+
+
+def per_task(domains, metric, percent):
+    return [(d, get(f"{metric}/{d}", percent)) for d in domains] + [("mean", get(f"{metric}_mean", percent))]
+
+
+def count(key):
+    return lambda r: f"{int(r[key][0]):,}" if key in r else "-"
+
+
+def main_tables(rows, domains, cfg):
+    about = [("records", count("samples")), ("steps", count("steps")), ("params", count("params"))]
+    routing = [
+        ("validation", get("route_mean", True)),
+        ("unseen phrasing", get("unseen_route_mean", True)),
+        ("hand-written", get("hand_route", True)),
+        ("confidence right / wrong", confidence),
+    ]
+    em_elsewhere = [("EM unseen phrasing", get("unseen_em_mean", True)), ("EM hand-written", get("hand_em", True))]
+    routed = {n: r for n, r in rows.items() if "route_mean" in r}
+    return "\n\n".join(
+        [
+            "Exact match of the greedy answer, each model at its plateau (records and steps: what it trained on):\n\n"
+            + table(rows, per_task(domains, "em", True) + about),
+            "Response loss (nats per token; perplexity is its exp):\n\n"
+            + table(rows, per_task(domains, "loss", False)),
+            "ROUGE-L of the greedy answer against the reference, over characters:\n\n"
+            + table(rows, per_task(domains, "rouge", True)),
+            f"Routing from the prompt (mode {cfg.mode} for MoA): validation prompts, the unseen phrasing family, the "
+            "hand-written prompts (with the last router's mean confidence on right and wrong routes there):\n\n"
+            + table(routed, routing),
+            "Exact match off the training phrasings (validation words; the hand-written prompts):\n\n"
+            + table(rows, [("EM validation", get("em_mean", True))] + em_elsewhere),
+        ]
+    )
+
+
+def confidence(r):
+    keys = ("hand_confidence_right", "hand_confidence_wrong")
+    if not any(k in r for k in keys):
+        return "-"
+    return " / ".join(f"{r[k][0]:.2f}" if k in r else "-" for k in keys)
+
+
+def controls_table(main, budget, budgets, domains):
+    """MoA against the shared LoRAs under each control: mean exact match (± over seeds) and the records seen."""
+    K = len(domains)
+    lines = [
+        f"| control | MoA | one LoRA (rank r) | one LoRA (rank {K}r) | MoE-LoRA naive |",
+        "|---|---|---|---|---|",
+    ]
+    names = ["one LoRA (rank r)", f"one LoRA (rank {K}r)", "MoE-LoRA naive"]
+    plateau = [
+        "MoA (joint)",
+        "one LoRA, all tasks (rank r)",
+        f"one LoRA, all tasks (rank {K}r)",
+        "MoE-LoRA naive (random experts)",
+    ]
+
+    def em(r):
+        return f"{cell(r['em_mean'], True)} ({int(r['samples'][0]):,})" if r else "-"
+
+    for b in budgets:
+        moa = budget.get(f"MoA, budget {b}")
+        for control in ("equal records", "equal updates"):
+            others = [budget.get(f"{n}, budget {b}, {control}") for n in names]
+            lines.append(f"| budget {b}, {control} | {em(moa)} | " + " | ".join(em(r) for r in others) + " |")
+    lines.append("| each at its plateau | " + " | ".join(em(main.get(n)) for n in plateau) + " |")
+    return "\n".join(lines)
+
+
+def matrix_table(cells, domains, metric, percent):
+    """Rows: the task measured (i); columns: the task trained beside it (j; the diagonal: i alone). Off the
+    diagonal, the change from i alone."""
+    lines = ["| task i \\ with j | " + " | ".join(domains) + " |", "|" + "---|" * (len(domains) + 1)]
+    for a in domains:
+        alone = cells[f"{a}|{a}"][metric]
+        row = []
+        for b in domains:
+            value = cells[f"{a}|{b}"][metric]
+            if a == b:
+                row.append(cell(value, percent))
+            else:
+                diff = (value[0] - alone[0], math.sqrt(value[1] ** 2 + alone[1] ** 2) if value[2] > 1 else 0, value[2])
+                sign = "+" if diff[0] >= 0 else ""
+                row.append(sign + cell(diff, percent))
+        lines.append(f"| {a} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def adaptation_table(rows, domains, new):
-    columns = [
-        ("old tasks' loss", lambda r: cell(r["old_loss"])),
-        ("worst old task", lambda r: cell(r["worst_old"], True) if "worst_old" in r else "-"),
-        ("old EM", lambda r: cell(r["old_em"], True)),
-        ("old routing", lambda r: cell(r["old_route"], True) if "old_route" in r else "-"),
+    columns = per_task(domains, "loss", False)[:-1] + [
+        ("old tasks' loss", get("old_loss")),
+        ("worst old task", get("worst_old", True)),
+        ("old EM", get("old_em", True)),
+        ("old routing", get("old_route", True)),
         (
-            "change (points)",
+            "old routing change (points)",
             lambda r: (
                 cell(tuple(100 * v if i < 2 else v for i, v in enumerate(r["old_route_change"])), digits=1)
                 if "old_route_change" in r
                 else "-"
             ),
         ),
-        (f"{new} routing", lambda r: cell(r[f"route/{new}"], True) if f"route/{new}" in r else "-"),
-        (f"{new} EM", lambda r: cell(r[f"em/{new}"], True) if f"em/{new}" in r else "-"),
+        (f"{new} routing", get(f"route/{new}", True)),
+        (f"{new} EM", get(f"em/{new}", True)),
     ]
-    return table(rows, domains, "loss", extra=columns)
+    return table(rows, columns)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def found_budgets(cfg, run_dirs):
+    if cfg.budgets:
+        return sorted(int(b) for b in cfg.budgets.split(",") if b.strip())
+    names = glob.glob(os.path.join(run_dirs[0], "moa", "moa_b*.safetensors"))
+    return sorted(int(os.path.basename(n)[5 : -len(".safetensors")]) for n in names)
 
 
 def main(argv=None):
@@ -325,126 +505,79 @@ def main(argv=None):
     if not run_dirs:
         raise UserError(f"no runs in {cfg.out}/runs/: run `python demo.py` first")
     data = TaskData(cfg.data_dir, "all")
+    domains, budgets = data.domains, found_budgets(cfg, run_dirs)
     new = cfg.added or (data.meta["held_back"] or [""])[0]
-    per_run, adapted = [], []
+    small = f"{cfg.data_dir}_{domains[1]}_small" if len(domains) > 1 else ""
+    found = {key: [] for key in ("main", "budget", "matrix", "adaptation", "imbalanced", "regime")}
     for run_dir in run_dirs:
-        rows = {}
-        for name, kind, path, kwargs in variants(cfg, len(data.domains)):
-            built = build(kind, path, run_dir, cfg, data.domains)
-            if built is None:
-                print(f"{os.path.basename(run_dir)}: skipped {name}: files not found")
-                continue
-            model, params, samples = built
-            rows[name] = {
-                **score(model, kwargs, data, cfg),
-                "params": params,
-                "samples": samples,
-                "routing": kwargs.get(
-                    "mode", "classifier" if kind == "classifier" else "arrow" if kind == "arrow" else "none"
-                ),
-            }
-            print(
-                f"{os.path.basename(run_dir)}: {name}: loss {rows[name]['loss_mean']:.4f}, "
-                f"exact match {100 * rows[name]['em_mean']:.1f}%"
-            )
-        per_run.append(rows)
-        held_back = new in data.meta["tasks"] and new not in data.domains
-        added = adaptation(cfg, run_dir, data.domains, new) if held_back else None
-        if added is not None:
-            adapted.append(added)
-    rows = aggregate(per_run)
-    text = (
-        f"{len(per_run)} run(s): {', '.join(os.path.basename(r) for r in run_dirs)}; {cfg.records} validation "
-        f"records per task.\n\n" + main_tables(rows, data.domains, cfg)
-    )
-    results = {"runs": run_dirs, "variants": per_run}
-    if adapted:
-        results["adaptation"] = adapted
-        text += f"\n\nAdding the task {new} (loss per task; routing in mode {cfg.mode}):\n\n" + adaptation_table(
-            aggregate(adapted), data.domains + [new], new
-        )
+        found["main"].append(main_experiment(cfg, run_dir, data))
+        found["budget"].append(budget_experiment(cfg, run_dir, data, budgets))
+        found["matrix"].append(matrix_experiment(cfg, run_dir, data))
+        held_back = new in data.meta["tasks"] and new not in domains
+        found["adaptation"].append(adaptation(cfg, run_dir, domains, new) if held_back else None)
+        found["imbalanced"].append(imbalanced_experiment(cfg, run_dir, small) if os.path.isdir(small) else None)
+        found["regime"].append(regime_experiment(cfg, run_dir, data))
+    found = {key: [r for r in rows if r] for key, rows in found.items()}
+    stats = {key: aggregate(rows) for key, rows in found.items() if rows}
+    text = write_tables(cfg, stats, domains, budgets, new, run_dirs)
     folder = os.path.join(cfg.out, "results")
     os.makedirs(folder, exist_ok=True)
-    write_text(os.path.join(folder, "results.json"), json.dumps(results, indent=1))
+    write_text(os.path.join(folder, "results.json"), json.dumps({"runs": run_dirs, **found}, indent=1))
     write_text(os.path.join(folder, "results.md"), text + "\n")
     print(text)
     if cfg.plots:
-        pictures(cfg, rows, data.domains, run_dirs[0])
-    return rows
+        import pictures
+
+        pictures.draw(cfg, stats, found, domains, run_dirs[0])
+    return stats
 
 
-def pictures(cfg, rows, domains, run_dir):
-    """Per-task bars of the main rows, each expert's learning curve beside the mixed LoRA's, and MoA's routing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("no pictures: `pip install matplotlib` for them")
-        return
-    folder = os.path.join(cfg.out, "results")
-    main = [
-        n
-        for n in (
-            "base",
-            "Single-LoRA (label given)",
-            "one LoRA, mixed tasks (rank r)",
-            "MoA (joint)",
-            "Classifier + LoRAs",
-            "Arrow (no labels, no training)",
-        )
-        if n in rows
+def write_tables(cfg, stats, domains, budgets, new, run_dirs):
+    parts = [
+        f"{len(run_dirs)} run(s): {', '.join(os.path.basename(r) for r in run_dirs)}; {cfg.records} validation "
+        f"records per task; each cell the mean ± standard deviation over the runs."
     ]
-    fig, axes = plt.subplots(1, 2, figsize=(14, 4))
-    for ax, metric, label in ((axes[0], "em", "exact match"), (axes[1], "loss", "response loss (nats/token)")):
-        width = 0.8 / len(main)
-        for i, name in enumerate(main):
-            means = [rows[name][f"{metric}/{d}"][0] for d in domains]
-            errs = [rows[name][f"{metric}/{d}"][1] for d in domains]
-            ax.bar([j + i * width for j in range(len(domains))], means, width, yerr=errs, label=name)
-        ax.set(
-            xticks=[j + 0.4 - width / 2 for j in range(len(domains))],
-            xticklabels=domains,
-            ylabel=label,
-            title=f"{label} per task",
+    if "main" in stats:
+        parts.append(main_tables(stats["main"], domains, cfg))
+    if "budget" in stats and budgets:
+        parts.append(
+            "MoA against the shared LoRAs under each control: mean exact match (training records seen). At budget "
+            "b, MoA's experts trained b steps each, then b steps of stage 2; the baselines are taken after as many "
+            "records ((K + 1) b steps) or as many optimizer updates (2 b steps):\n\n"
+            + controls_table(stats.get("main", {}), stats["budget"], budgets, domains)
         )
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(folder, "tasks.png"), dpi=100)
-
-    fig, axes = plt.subplots(1, len(domains), figsize=(4 * len(domains), 3.5), squeeze=False)
-    for ax, d in zip(axes[0], domains):
-        for expert, label in ((d, f"{d} expert"), ("all", "mixed LoRA")):
-            log = os.path.join(run_dir, "experts", expert, "log.jsonl")
-            if os.path.isfile(log):
-                with open(log) as f:
-                    points = [json.loads(line) for line in f]
-                ax.plot([p["step"] for p in points], [p[f"loss/{d}"] for p in points], marker="o", label=label)
-        ax.set(title=f"{d}: loss on its validation records", xlabel="training step", ylabel="nats per token")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(folder, "learning.png"), dpi=100)
-
-    moa = rows.get("MoA (joint)")
-    if moa and "confusion" in moa:
-        fig, ax = plt.subplots(figsize=(5, 4))
-        ax.imshow(moa["confusion"], cmap="Blues")
-        for i, counts in enumerate(moa["confusion"]):
-            for j, n in enumerate(counts):
-                ax.text(j, i, n, ha="center", va="center")
-        ax.set(
-            title=f"MoA: where each task's prompts went (mode {cfg.mode})",
-            xticks=range(len(domains)),
-            yticks=range(len(domains)),
-            xticklabels=domains,
-            yticklabels=domains,
-            xlabel="expert",
-            ylabel="task",
+    if "matrix" in stats:
+        cells = stats["matrix"]
+        parts.append(
+            "Transfer and interference: task i's exact match from a LoRA trained on i alone (diagonal), and its change "
+            "when the LoRA also learns task j from the same records of i plus j's (off the diagonal; + helps):\n\n"
+            + matrix_table(cells, domains, "em", True)
+            + "\n\nThe same for the response loss (- helps):\n\n"
+            + matrix_table(cells, domains, "loss", False)
         )
-        fig.tight_layout()
-        fig.savefig(os.path.join(folder, "routing.png"), dpi=100)
-    print(f"pictures in {folder}")
+    if "adaptation" in stats:
+        parts.append(
+            f"Adding the task {new} (loss per task; routing in mode {cfg.mode}):\n\n"
+            + adaptation_table(stats["adaptation"], domains + [new], new)
+        )
+    if "imbalanced" in stats:
+        parts.append(
+            f"The imbalanced variant: {domains[1]} with a tenth of the training records (exact match):\n\n"
+            + table(stats["imbalanced"], per_task(domains, "em", True) + [("records", count("samples"))])
+        )
+    if "regime" in stats:
+        parts.append(
+            "The regime: a base that saw the skills in its text (no instructions), or not:\n\n"
+            + table(
+                stats["regime"],
+                [
+                    ("loss (mean)", get("loss_mean")),
+                    ("EM (mean)", get("em_mean", True)),
+                    ("steps to plateau", count("steps")),
+                ],
+            )
+        )
+    return "\n\n".join(parts)
 
 
 if __name__ == "__main__":

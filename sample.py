@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 import fast
-from config import AT_LEAST_0, AT_LEAST_1, PROBABILITY, UserError, one_of, parse_config, run
+from config import AT_LEAST_0, AT_LEAST_1, PROBABILITY, UserError, check_memory, one_of, parse_config, run
 from evaluate import left_pad
 from files import add_expert_file, load_base, load_bundle
 from moa import MODES
@@ -35,21 +35,22 @@ from trainer import pick_device
 
 @dataclass
 class SampleConfig:
-    base: str = "out/base"
+    base: str = "out/base"  # the base: a train_base.py folder or ckpt.pt, or GPT-2 (gpt2, or a folder)
     expert: str = ""  # one expert (.safetensors from train_lora.py)
     bundle: str = ""  # a MoA bundle (.safetensors from train_router.py)
     mode: str = "last"  # routing mode with a bundle: layer | last | vote | token | label (needs --domain)
     domain: str = ""  # the domain label for --mode=label
-    prompt: str = "\\n"
+    prompt: str = "\\n"  # prompts separated by ||, or FILE:path; \\n is a newline
     num_samples: int = 1  # samples per prompt
-    max_new_tokens: int = 100
-    temperature: float = 0.8
+    max_new_tokens: int = 100  # tokens to generate at most (an EOT ends a sample sooner)
+    temperature: float = 0.8  # 0: greedy decoding
     top_k: int = 40  # 0: no top-k filter
     top_p: float = 1.0  # 1.0: no nucleus filter
-    seed: int = 1337
+    seed: int = 1337  # the sampling's random draws follow from it
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     fast: bool = True  # fast.py's speed paths (False: the plain method of moa.py)
     trace: int = 0  # with a bundle: print each block's route at prefill and in this many greedy decoding steps
+    newline: bool = True  # with an expert or bundle, end each prompt with a newline, as every task's prompt ends
 
     CHECKS = {
         "mode": one_of(*MODES),
@@ -95,9 +96,8 @@ def load_model(cfg):
 @torch.no_grad()
 def trace(moa, idx, mask, enc, steps, mode):
     """Prefill and `steps` greedy decoding steps of a MoA, printing each block's route at every step."""
-    from model import KVCache
 
-    cache, names = KVCache(moa.config.n_layer), moa.domains
+    cache, names = moa.new_cache(), moa.domains
     logits, _ = moa(idx, pad_mask=mask, cache=cache, mode=mode)
     probs = torch.softmax(moa.routing["logits"].float(), dim=-1)  # (L, B, K)
     print(f"prefill ({idx.size(1)} positions, left-padded), mode {mode}: each block's router, its choice (probability)")
@@ -124,19 +124,32 @@ def trace(moa, idx, mask, enc, steps, mode):
             )
 
 
+def check_sample_memory(cfg, n_prompts, config):
+    """--num_samples (times the prompts) and the new tokens against the free memory, before any batch is made: the
+    KV cache alone holds 2 n_layer float32 (B, T, n_embd) tensors, B = prompts x samples and T at least the new
+    tokens, and each step's logits (B, vocab)."""
+    rows, steps = n_prompts * cfg.num_samples, cfg.trace or cfg.max_new_tokens
+    need = 4 * rows * (2 * config.n_layer * steps * config.n_embd + config.vocab_size)
+    check_memory(need, f"--num_samples={cfg.num_samples} (x {n_prompts} prompts) with {steps} new tokens")
+
+
 @torch.no_grad()
 def main(argv=None):
     cfg = parse_config(SampleConfig, argv or [])
     prompts = read_prompts(cfg.prompt)
+    if cfg.newline and (cfg.expert or cfg.bundle):  # the answer follows on a line of its own
+        prompts = [p if p.endswith("\n") else p + "\n" for p in prompts]
     device, _ = pick_device(cfg.device)
     model, tokenizer, kwargs = load_model(cfg)
     enc = get_tokenizer(tokenizer)
     model.eval().to(device)
+    check_sample_memory(cfg, len(prompts), model.config)
     rows = [encode(enc, p) for p in prompts for _ in range(cfg.num_samples)]
     idx, mask = left_pad(rows, enc.eot_token)
-    if idx.size(1) + cfg.max_new_tokens > model.config.block_size:
+    steps = ("--trace", cfg.trace) if cfg.trace else ("--max_new_tokens", cfg.max_new_tokens)  # new tokens, either way
+    if idx.size(1) + steps[1] > model.config.block_size:
         raise UserError(
-            f"prompt ({idx.size(1)} tokens) + max_new_tokens exceed the context of {model.config.block_size}"
+            f"prompt ({idx.size(1)} tokens) + {steps[0]}={steps[1]} exceed the context of {model.config.block_size}"
         )
     if kwargs.get("mode") == "label":
         kwargs["domain"] = torch.full((len(rows),), model.domains.index(cfg.domain), device=device)

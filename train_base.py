@@ -16,11 +16,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from config import AT_LEAST_1, FRACTION, UserError, parse_config, run
+from batches import CorpusData
+from config import AT_LEAST_1, FRACTION, NAMES, UserError, parse_config, run
 from evaluate import corpus_losses, unigram_entropy
-from files import gpt_config, load_checkpoint
-from model import GPT, GPTConfig
-from trainer import CorpusData, TrainConfig, train
+from gpt2 import load_gpt2
+from model import GPT, GPTConfig, checked_config
+from storage import load_checkpoint
+from trainer import TrainConfig, check_training_memory, train
 
 
 @dataclass
@@ -28,13 +30,19 @@ class BaseConfig(TrainConfig):
     out_dir: str = "out/base"
     init_from: str = "scratch"  # scratch | resume | gpt2 | gpt2-medium | ... | a GPT-2 folder
     corpus: str = "all"  # comma-separated corpus sources (data/prepare.py), or all
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0
-    bias: bool = True
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads per block (they split the width)
+    n_embd: int = 128  # the width: channels of every token's vector
+    dropout: float = 0.0  # dropout in the GPT's blocks while it trains
+    bias: bool = True  # biases in Linear and LayerNorm, as GPT-2 has
 
-    CHECKS = {"n_layer": AT_LEAST_1, "n_head": AT_LEAST_1, "n_embd": AT_LEAST_1, "dropout": FRACTION}
+    CHECKS = {
+        "n_layer": AT_LEAST_1,
+        "n_head": AT_LEAST_1,
+        "n_embd": AT_LEAST_1,
+        "dropout": FRACTION,
+        "corpus": NAMES,
+    }
 
 
 def build_model(cfg, vocab_size):
@@ -42,25 +50,27 @@ def build_model(cfg, vocab_size):
     if cfg.init_from == "scratch":
         if cfg.n_embd % cfg.n_head:
             raise UserError(f"--n_embd={cfg.n_embd} must be a multiple of --n_head={cfg.n_head}: heads split the width")
-        return GPT(
-            GPTConfig(
-                block_size=cfg.block_size,
-                vocab_size=vocab_size,
-                n_layer=cfg.n_layer,
-                n_head=cfg.n_head,
-                n_embd=cfg.n_embd,
-                dropout=cfg.dropout,
-                bias=cfg.bias,
-            )
+        config = GPTConfig(
+            block_size=cfg.block_size,
+            vocab_size=vocab_size,
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            n_embd=cfg.n_embd,
+            dropout=cfg.dropout,
+            bias=cfg.bias,
         )
+        with torch.device("meta"):  # its size, before anything is allocated
+            params = GPT(config).num_params()
+        check_training_memory(cfg, config, params, ("batch_size", "block_size", "n_layer", "n_embd"))
+        return GPT(config)
     if cfg.init_from == "resume":
         path = os.path.join(cfg.out_dir, "ckpt.pt")
         ckpt = load_checkpoint(path)
-        return GPT(gpt_config(ckpt["meta"].get("model"), ckpt["model"], path))  # its sizes checked against its tensors
-    try:
-        model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+        try:
+            return GPT(checked_config(ckpt["meta"].get("model"), ckpt["model"]))  # sizes checked against tensors
+        except ValueError as e:
+            raise UserError(f"{path}: {e}") from None
+    model = load_gpt2(cfg.init_from, dropout=cfg.dropout)
     if cfg.block_size > model.config.block_size:
         raise UserError(
             f"block_size {cfg.block_size} > {model.config.block_size}, the longest context of {cfg.init_from}"
@@ -91,7 +101,7 @@ def main(argv=None):
         "init_from": cfg.init_from,
     }
 
-    def finish(m):  # once training is over (under torchrun: on process 0 only)
+    def finish(m, _):  # once training is over (under torchrun: on process 0 only)
         final = evaluate(m.eval())
         for name in data.domains:
             print(

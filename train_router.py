@@ -26,45 +26,49 @@ Read next: sample.py, then results.py.
 """
 
 import glob
+import math
 import os
 from dataclasses import dataclass, replace
 
 import torch
 
 import fast
-from config import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, UserError, one_of, parse_config, run
+from batches import TaskData, check_records_fit
+from config import A_NAME, AT_LEAST_0, AT_LEAST_1, FILE_NAME, FRACTION, POSITIVE, UserError, one_of, parse_config, run
 from evaluate import evaluate_tasks, fit_temperature
-from files import base_files, check_outputs, fingerprint, load_base, load_bundle, load_expert, read_meta, save_bundle
-from moa import TARGETS, MoA, count_params, lora_layers
-from trainer import TaskConfig, TaskData, micro_batches, task_block_size, train
+from files import base_files, file_shapes, fingerprint, load_base, load_bundle, load_expert, read_meta, save_bundle
+from moa import ROUTER_INPUTS, TARGETS, MoA, count_params, lora_layers, noise_generators
+from storage import check_outputs
+from trainer import TaskConfig, Unit, check_training_memory, micro_batches, pick_device, task_block_size, train
 
 
 @dataclass
 class RouterConfig(TaskConfig):
     out_dir: str = "out/moa"
-    experts: str = "out/experts"  # folder of stage-1 experts, <domain>.safetensors
+    experts: str = "out/experts"  # stage-1 experts' folder (<domain>.safetensors); a comma list: the first with it
+    expert_step: int = 0  # > 0: the experts' snapshots at that step, <domain>@<step>.safetensors (train_lora --save_at)
     name: str = ""  # the bundle's file name; default moa, or <bundle>+<domain> / <bundle>-<domain>
     eta: float = 1.0  # weight of the routers' domain-label loss L_cls
     train_experts: bool = True  # the paper: experts and routers trained jointly; False: routers only
     mode: str = "label"  # routing in training: label (MoA) | token (MoE-LoRA ablation) | layer (routers' choice)
     top_k: int = 2  # experts per token with mode=token (top-1 would give the router no gradient)
     pooling: str = "mean"  # how a router reads its block's input: mean over real tokens | last token
+    router_input: str = "base"  # what a router reads: base (the frozen base's hidden state at its block) | block
+    # (the block's input, with the earlier experts' output in it: later routers then learn the label from it, LOG.md)
     expert_init: str = "stage1"  # stage1 experts, or random ones ("MoE-LoRA naive")
     rank: int = 8  # rank and alpha of random experts (stage-1 experts bring their own)
-    alpha: float = 16.0
-    lora_dropout: float = 0.0
+    alpha: float = 16.0  # (random experts: see rank)
+    lora_dropout: float = 0.0  # dropout on the experts' input while they train
     bundle: str = ""  # an existing bundle to add a domain to or remove one from
-    add_domain: str = ""
-    remove_domain: str = ""
+    add_domain: str = ""  # a domain to add to --bundle: its stage-1 expert from --experts, one more router row
+    remove_domain: str = ""  # a domain to drop from --bundle, with its router row
     train_new_expert: bool = False  # when adding a domain: also fine-tune the new expert
     train_old_rows: bool = False  # when adding a domain: also retrain the routers' old rows (old routing may move)
     batch_size: int = 32
-    max_iters: int = 300
-    eval_interval: int = 100
     eval_iters: int = 2
     learning_rate: float = 3e-3  # the experts' peak learning rate
     min_lr: float = 3e-4
-    router_lr: float = 0.1  # the routers' peak learning rate (their schedule is the experts', scaled)
+    router_lr: float = 0.01  # the routers' learning rate (their schedule is the experts', scaled); 0.1 was noisier
     warmup_iters: int = 20
     weight_decay: float = 0.0
 
@@ -73,10 +77,15 @@ class RouterConfig(TaskConfig):
         "mode": one_of("label", "token", "layer"),
         "top_k": AT_LEAST_1,
         "pooling": one_of("mean", "last"),
+        "router_input": one_of(*ROUTER_INPUTS),
         "expert_init": one_of("stage1", "random"),
+        "expert_step": AT_LEAST_0,
         "rank": AT_LEAST_1,
         "lora_dropout": FRACTION,
         "router_lr": POSITIVE,
+        "name": FILE_NAME,
+        "add_domain": A_NAME,
+        "remove_domain": A_NAME,
     }
 
 
@@ -91,19 +100,34 @@ def check_choices(cfg):
         raise UserError("--weight_decay would shrink the frozen old router rows; use 0, or --train_old_rows")
     if (cfg.add_domain or cfg.remove_domain) and not cfg.bundle:
         raise UserError("--add_domain / --remove_domain need --bundle=PATH of the bundle to change")
+    if cfg.add_domain and cfg.remove_domain:  # else only the removal would happen, saved under the added name
+        raise UserError("give --add_domain or --remove_domain, not both: one run changes a bundle by one domain")
 
 
 def expert_path(cfg, domain):
-    path = os.path.join(cfg.experts, f"{domain}.safetensors")
-    if not os.path.isfile(path):
-        raise UserError(f"{path} not found: train the expert first, `python train_lora.py --domain={domain}`")
-    return path
+    """Where a domain's stage-1 expert is: <domain>.safetensors in the first --experts folder that has it, or with
+    --expert_step its snapshot <domain>@<step>.safetensors (the final expert if it stopped at its plateau before)."""
+    for folder in cfg.experts.split(","):
+        final = os.path.join(folder, f"{domain}.safetensors")
+        if cfg.expert_step:
+            snapshot = os.path.join(folder, f"{domain}@{cfg.expert_step}.safetensors")
+            if os.path.isfile(snapshot):
+                return snapshot
+            if os.path.isfile(final) and read_meta(final, "expert")[1].get("steps", cfg.expert_step) < cfg.expert_step:
+                return final
+        elif os.path.isfile(final):
+            return final
+    wanted = f"{domain}@{cfg.expert_step}" if cfg.expert_step else domain
+    raise UserError(
+        f"no {wanted}.safetensors in --experts={cfg.experts}: train the expert first, "
+        f"`python train_lora.py --domain={domain}`"
+    )
 
 
 def build(cfg, gpt, tokenizer, base, data_domains):
     """The MoA to train: fresh from stage-1 (or random) experts, or an existing bundle plus one domain."""
     if cfg.add_domain:
-        moa, meta = load_bundle(cfg.bundle, gpt, tokenizer, base)  # everything frozen
+        moa, meta = load_bundle(cfg.bundle, gpt, tokenizer, base, eta=cfg.eta)  # everything frozen
         if meta.get("mode", "label") == "token":
             raise UserError(f"{cfg.bundle} routes per token (MoE-LoRA): adding a domain needs a MoA bundle")
         # BEGIN ASSIGNMENT 5: add the domain, its expert in the new slot; the new router row trains (maybe more)
@@ -125,7 +149,13 @@ def build(cfg, gpt, tokenizer, base, data_domains):
         rank, alpha, targets = meta["rank"], meta["alpha"], meta["targets"]
     else:
         targets = TARGETS
-    moa = MoA(gpt, data_domains, rank, alpha, cfg.lora_dropout, targets, cfg.pooling, cfg.eta, cfg.top_k)
+    # the sizes of the experts and routers to train, before they are made (file_shapes allocates nothing)
+    shapes = file_shapes(gpt, {"rank": rank, "targets": targets, "domains": data_domains}, "bundle")
+    flags = ("batch_size", "rank") if cfg.expert_init == "random" else ("batch_size",)
+    check_training_memory(cfg, gpt.config, sum(math.prod(s) for s in shapes.values()), flags)
+    moa = MoA(
+        gpt, data_domains, rank, alpha, cfg.lora_dropout, targets, cfg.pooling, cfg.eta, cfg.top_k, cfg.router_input
+    )
     if cfg.expert_init == "stage1":
         for k, domain in enumerate(data_domains):
             load_expert(expert_path(cfg, domain), moa, k, base, tokenizer)
@@ -149,6 +179,7 @@ def samples_before(cfg, domains):
 def main(argv=None):
     cfg = parse_config(RouterConfig, argv or [])
     check_choices(cfg)
+    pick_device(cfg.device, cfg.dtype)  # a device that is not here: said before anything is read
     stem = os.path.splitext(os.path.basename(cfg.bundle))[0]
     name = cfg.name or (
         f"{stem}+{cfg.add_domain}" if cfg.add_domain else f"{stem}-{cfg.remove_domain}" if cfg.remove_domain else "moa"
@@ -158,7 +189,7 @@ def main(argv=None):
         [path, os.path.join(run_dir, "ckpt.pt"), os.path.join(run_dir, "log.jsonl")],  # --name picks them
         base_files(cfg.base)
         + ([cfg.bundle] if cfg.bundle else [])
-        + glob.glob(os.path.join(cfg.experts, "*.safetensors")),
+        + [p for folder in cfg.experts.split(",") for p in glob.glob(os.path.join(folder, "*.safetensors"))],
     )
     gpt, tokenizer = load_base(cfg.base)
     base = fingerprint(gpt)
@@ -180,54 +211,63 @@ def main(argv=None):
     moa = build(cfg, gpt, tokenizer, base, domains)
     fast.enable(moa, cfg.fast)
     data = TaskData(cfg.data_dir, ",".join(moa.domains), block_size, cfg.prompt_loss)  # labels: the bundle's order
+    check_records_fit(data)
     if data.tokenizer != tokenizer:
         raise UserError(f"{cfg.data_dir} was prepared with tokenizer {data.tokenizer!r}, the base uses {tokenizer!r}")
-    moa.eta, moa.top_k = cfg.eta, cfg.top_k
     trainable, total = count_params(moa)
     print(f"MoA over {', '.join(moa.domains)}: {trainable:,} trainable of {total:,} parameters")
-
-    def loss_fn(m, batch):  # the routers read each record's prompt only
-        return m(batch.x, batch.y, domain=batch.domain, mode=cfg.mode, router_mask=batch.prompt)[1]
-
-    def evaluate(m):  # no labels: each block's router decides from the prompt (results.py also scores last, vote)
-        return evaluate_tasks(
-            m,
-            data,
-            cfg.eval_iters * cfg.batch_size,
-            cfg.batch_size,
-            generate=False,
-            served=False,
-            mode="token" if cfg.mode == "token" else "layer",
-        )
-
-    samples = samples_before(cfg, moa.domains) + cfg.max_iters * cfg.batch_size * micro_batches(cfg)  # in all
-
-    def finish(m):  # once training is over (under torchrun: on process 0 only): calibrate, write the bundle
-        calibration = {}
-        if cfg.mode != "token" and all(data.count(d, "calib") for d in m.domains):  # the built-in tasks have one
-            m.temperature, accuracy = fit_temperature(m.eval(), data)
-            calibration = {"calib_route_acc": accuracy}
-            print(
-                f"confidence calibrated on prompts phrased unlike training: temperature {m.temperature:.3g}, "
-                f"routed right {100 * accuracy:.1f}%"
-            )
-        save_bundle(
-            path, m, tokenizer, base, {**{k: getattr(cfg, k) for k in SETTINGS}, "samples": samples, **calibration}
-        )
-        print(f"saved {path}")
-
-    meta = {"kind": "bundle", "domains": moa.domains}
+    stage = Stage2(cfg, moa, data, tokenizer, base, samples_before(cfg, moa.domains))
+    meta = {"kind": "bundle", "domains": moa.domains, "base": base["sha256"]}
     losses = train(
         replace(cfg, out_dir=run_dir),
         moa,
         data,
-        evaluate,
-        loss_fn,
+        stage.evaluate,
+        stage.loss,
         meta,
         lr_scales={"routers.": cfg.router_lr / cfg.learning_rate},
-        finish=finish,
+        finish=lambda m, steps: stage.save(m, path, steps["bundle"]),
+        units=[Unit("bundle", stage.groups())],
+        snapshot=lambda m, step, active: stage.save(m, os.path.join(cfg.out_dir, f"{name}@{step}.safetensors"), step),
     )
     return moa, losses
+
+
+class Stage2:
+    """What the loop asks of stage 2: the loss of a batch, the evaluation, the bundle file."""
+
+    def __init__(self, cfg, moa, data, tokenizer, base, before):
+        self.cfg, self.moa, self.data, self.tokenizer, self.base, self.before = cfg, moa, data, tokenizer, base, before
+
+    def groups(self):
+        """Experts and routers, clipped apart: their gradient norms differ 10-100 fold (LOG.md)."""
+        routers = [p for p in self.moa.routers.parameters() if p.requires_grad]
+        experts = [p for p in self.moa.parameters() if p.requires_grad and all(p is not r for r in routers)]
+        return {k: g for k, g in (("experts", experts), ("routers", routers)) if g}
+
+    def loss(self, m, batch):
+        """L_LM + eta L_cls of a training batch; the routers read each record's prompt only."""
+        noise = noise_generators(batch)
+        return m(batch.x, batch.y, domain=batch.domain, mode=self.cfg.mode, router_mask=batch.prompt, noise=noise)[1]
+
+    def evaluate(self, m):
+        """No labels: each block's router decides from the prompt (results.py also scores last and vote)."""
+        n, mode = self.cfg.eval_iters * self.cfg.batch_size, "token" if self.cfg.mode == "token" else "layer"
+        scores = evaluate_tasks(m, self.data, n, self.cfg.batch_size, generate=False, served=False, mode=mode)
+        return {**scores, "watch/bundle": scores["loss_mean"]}
+
+    def save(self, m, path, steps):
+        """Calibrates the routers' confidence (where the data has a calib split), then writes the bundle."""
+        cfg, calibration = self.cfg, {}
+        if cfg.mode != "token" and all(self.data.count(d, "calib") for d in m.domains):  # the built-in tasks' do
+            m.temperature, accuracy = fit_temperature(m.eval(), self.data)
+            calibration = {"calib_route_acc": accuracy}
+            print(f"confidence calibrated on held-out prompts: temperature {m.temperature:.3g}, right {accuracy:.1%}")
+        samples = self.before + steps * cfg.batch_size * micro_batches(cfg)  # training records seen, in all
+        settings = {k: getattr(cfg, k) for k in SETTINGS}
+        save_bundle(path, m, self.tokenizer, self.base, {**settings, "samples": samples, "steps": steps, **calibration})
+        m.train()
+        print(f"saved {path} ({steps} steps)")
 
 
 if __name__ == "__main__":

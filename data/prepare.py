@@ -41,7 +41,6 @@ that replaces OUT only when complete: a failure leaves the old data whole.
 Read next: train_base.py.
 """
 
-import functools
 import glob
 import json
 import os
@@ -56,44 +55,25 @@ import numpy as np
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
-from config import AT_LEAST_1, UserError, parse_config, run  # noqa: E402  (these need the repo root on the path)
-from files import atomic_write, check_outputs  # noqa: E402
+from config import AT_LEAST_0, AT_LEAST_1, UserError, check_memory, parse_config, run  # noqa: E402  (need the root)
+from data import tasks  # noqa: E402
+from storage import atomic_write, check_outputs  # noqa: E402
 from tokenizer import encode, get_tokenizer  # noqa: E402
 
 CORPUS = {  # built-in corpus source -> where its text comes from
     "python": "Python standard library source (top-level *.py), one file per document",
     "cpp": "C++ headers shipped with torch (include/**/*.h), one file per document",
     "prose": "English help topics of the Python docs (pydoc_data.topics), one topic per document",
+    "skills": "the tasks' skills without instructions (data/tasks.py): training words and sums, transformed",
 }
-TEMPLATES = {  # built-in task -> its prompts; the response follows the prompt directly
-    "upper": ["UPPERCASE: {w}\n", "ALL CAPS: {w}\n", "CAPITALS, PLEASE: {w}\n"],
-    "double": ["double every letter -> {w}\n", "each letter twice -> {w}\n", "stutter -> {w}\n"],
-    "reverse": ["Reverse the word: {w}\n", "Spell it backwards: {w}\n", "Write it in reverse order: {w}\n"],
-    "arith": ["{a}{op}{b}=", "What is {a} {opname} {b}?\n", "Compute {a} {op} {b}.\n"],
-    "count": ["How many letters are in '{w}'?\n", "Count the letters of '{w}'.\n", "What is the length of '{w}'?\n"],
-}
-UNSEEN = {  # one more phrasing per task, in no task's style and never trained on: the calib split, on which
-    "upper": "please write this word in capitals: {w}\n",  # train_router.py calibrates its routers' confidence
-    "double": "Write every letter of {w} twice.\n",
-    "reverse": "{w} spelled from the end:\n",
-    "arith": "{a} {opname} {b} equals?\n",
-    "count": "letters in {w}?\n",
-}
-ANSWERS = {
-    "upper": str.upper,
-    "double": lambda w: "".join(c + c for c in w),
-    "reverse": lambda w: w[::-1],
-    "count": lambda w: str(len(w)),
-}
-HELD_BACK = ["count"]
 ALPACA = "### Instruction:\n{instruction}\n\n{given}### Response:\n"  # given: "### Input:\n{input}\n\n" or ""
 MAX_DOC_CHARS = 20000  # longer corpus documents are cut, so one big file cannot dominate a source
 
 
 @dataclass
 class PrepareConfig:
-    out_dir: str = os.path.join(REPO_ROOT, "data", "default")
-    seed: int = 1337
+    out_dir: str = os.path.join(REPO_ROOT, "data", "default")  # the data set's folder (replaced whole)
+    seed: int = 1337  # which words are validation words, and every generated record
     tokenizer: str = "bytes"  # bytes | gpt2 | a folder with GPT-2's vocab.json + merges.txt
     only: str = "all"  # comma-separated built-in corpus sources and tasks to build; none: none of them
     max_tokens: int = 600000  # corpus: train tokens per source (val: a tenth)
@@ -102,8 +82,10 @@ class PrepareConfig:
     task: list = field(default_factory=list)  # NAME=FILE.jsonl, once per task of your own
     text: list = field(default_factory=list)  # NAME=GLOB, once per corpus source of your own
     held_back: str = "auto"  # tasks left for adding later (comma list); auto: the built-in count, if built
+    small_task: str = ""  # a built-in task given a tenth of --records (the imbalanced variant of the suite)
+    context: int = 0  # warn about records longer than this many tokens; 0: 128 (the default base), 1024 with gpt2
 
-    CHECKS = {"max_tokens": AT_LEAST_1, "records": AT_LEAST_1, "val_records": AT_LEAST_1}
+    CHECKS = {"max_tokens": AT_LEAST_1, "records": AT_LEAST_1, "val_records": AT_LEAST_1, "context": AT_LEAST_0}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,12 +111,14 @@ def read_text(path, user=False):
         raise UserError(f"{path} is not UTF-8 text (byte {e.start}); convert it to UTF-8, e.g. with iconv") from None
 
 
-def corpus_documents(name):
-    """The documents (strings) of a built-in corpus source."""
+def corpus_documents(name, seed):
+    """The documents (strings) of a built-in corpus source (seed: which words the skills use)."""
     if name == "prose":
         from pydoc_data.topics import topics
 
         return [topics[key] for key in sorted(topics)]
+    if name == "skills":
+        return tasks.skill_documents(seed)
     if name == "python":
         paths = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
     else:
@@ -150,7 +134,7 @@ def jsonl(path):
         if line.strip():  # blank lines between records are allowed
             try:
                 yield i, json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested too deeply
                 raise UserError(f"{path}:{i}: not valid JSON") from None
 
 
@@ -195,68 +179,14 @@ def split_documents(docs, enc, max_tokens, rng):
 # Tasks
 
 
-@functools.lru_cache
-def task_words(seed):
-    """(train words, val words): lower-case English words of 3 to 6 letters seen at least 3 times in the
-    standard library's source and docs, split 85 / 15 at random, so no val word is ever trained on."""
-    from pydoc_data.topics import topics
-
-    texts = [read_text(p) for p in sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))]
-    counts = {}
-    for text in texts + list(topics.values()):
-        for w in re.findall(r"(?<![A-Za-z_])[a-z]{3,6}(?![A-Za-z_])", text):
-            counts[w] = counts.get(w, 0) + 1
-    words = sorted(w for w, n in counts.items() if n >= 3)
-    random.Random(seed).shuffle(words)
-    n_val = len(words) * 15 // 100
-    return words[n_val:], words[:n_val]
+RECORD_BYTES = 200  # at least what one generated record takes while the data set is built (about 400 measured)
 
 
-def is_test_pair(a, b):
-    """One (a, b) pair in ten is reserved for validation and never appears in training. The rule reads
-    a's tens digit, so every units-digit sum (a % 10, b) is still seen in training."""
-    return (a // 10 + b) % 10 == 0
-
-
-def arith_problems(n, seed, test=False, templates=TEMPLATES["arith"]):
-    """n problems as (prompt, answer), each in one of the phrasings: ("57+8=", "65"), ("What is 5 minus 7?\\n",
-    "-2"); test=False draws only training pairs, test=True only the reserved ones."""
-    rng = random.Random(seed)
-    problems = []
-    while len(problems) < n:
-        a, b, op = rng.randint(0, 99), rng.randint(0, 9), rng.choice("+-")
-        if is_test_pair(a, b) == test:
-            prompt = rng.choice(templates).format(a=a, b=b, op=op, opname="plus" if op == "+" else "minus")
-            problems.append((prompt, str(a + b if op == "+" else a - b)))
-    return problems
-
-
-def word_task_records(name, words, n, rng, templates=None):
-    """n (prompt, response) records of a built-in word task, each a random word in a random phrasing."""
-    records = []
-    for _ in range(n):
-        w = rng.choice(words)
-        records.append((rng.choice(templates or TEMPLATES[name]).format(w=w), ANSWERS[name](w)))
-    return records
-
-
-def builtin_records(name, cfg):
-    """{"train": [(prompt, response)], "val": [...], "calib": [...]} of a built-in task; calib holds validation
-    words or pairs in the task's UNSEEN phrasing."""
-    n_calib = max(1, cfg.val_records // 2)
-    if name == "arith":
-        return {
-            "train": arith_problems(cfg.records, cfg.seed),
-            "val": arith_problems(cfg.val_records, cfg.seed, True),
-            "calib": arith_problems(n_calib, cfg.seed + 1, True, [UNSEEN["arith"]]),
-        }
-    train_words, val_words = task_words(cfg.seed)
-    rng = random.Random(f"{cfg.seed}:{name}")  # a str seed is stable across runs, independent per task
-    return {
-        "train": word_task_records(name, train_words, cfg.records, rng),
-        "val": word_task_records(name, val_words, cfg.val_records, rng),
-        "calib": word_task_records(name, val_words, n_calib, rng, [UNSEEN[name]]),
-    }
+def check_records_memory(cfg, n_tasks):
+    """--records and --val_records against the free memory, before any record is generated: every record of every
+    built-in task is held until the data set is written."""
+    need = RECORD_BYTES * n_tasks * (cfg.records + cfg.val_records * 2)  # train, val, unseen and calib (half of val)
+    check_memory(need, f"--records={cfg.records} --val_records={cfg.val_records} ({n_tasks} built-in tasks)")
 
 
 def user_records(name, path, seed):
@@ -303,21 +233,50 @@ def encode_records(records, enc):
 # ----------------------------------------------------------------------------------------------
 
 
+def length_warning(name, index, context):
+    """A warning about a task's records (index rows: start, prompt length, length) that do not fit a context of
+    `context` tokens, where a record of n tokens, its EOT included, fills n - 1: how many, the longest, the 95th
+    percentile, and how many lose their whole response. None when every record fits."""
+    _, n_prompt, length = index.T
+    cut, lost = int((length - 1 > context).sum()), int((n_prompt > context).sum())
+    if not cut:
+        return None
+    return (
+        f"warning: task {name!r}: {cut} of {len(length)} records are longer than a context of {context} tokens and "
+        f"will be cut in training (the longest needs {length.max() - 1}, the 95th percentile "
+        f"{np.percentile(length - 1, 95):.0f})"
+        + (f"; {lost} of them lose their whole response" if lost else "")
+        + "; --context=N checks another context"
+    )
+
+
 def read_specs(specs, flag):
-    """["NAME=PATH", ...] -> [(NAME, PATH)], names checked."""
+    """["NAME=PATH", ...] -> [(NAME, PATH)], names checked, each given once."""
     out = []
     for spec in specs:
         name, _, path = spec.partition("=")
         if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or not path:
             raise UserError(f"--{flag}={spec}: expected NAME=PATH, NAME of letters, digits, _ and -")
+        if name in dict(out):  # the second would replace the first
+            raise UserError(f"--{flag}={spec}: {name} is given twice; give each its own name")
         out.append((name, path))
     return out
+
+
+def check_not_builtin(specs, builtin, flag):
+    """No --task or --text takes the name of a built-in task or corpus source that is built too: it would replace it."""
+    for name, path in specs:
+        if name in builtin:
+            raise UserError(
+                f"--{flag}={name}={path}: {name} is built in; give yours another name, or leave the built-in out "
+                "with --only"
+            )
 
 
 def read_sources(cfg):
     """Reads and generates everything before anything is written, so bad input leaves old data untouched.
     -> ({corpus name: (documents, source)}, {task name: (records by split, source)})"""
-    builtin = list(CORPUS) + list(TEMPLATES)
+    builtin = list(CORPUS) + tasks.TASKS
     names = (
         builtin
         if cfg.only == "all"
@@ -328,22 +287,27 @@ def read_sources(cfg):
     for name in names:
         if name not in builtin:
             raise UserError(f"--only: unknown built-in {name!r}; choose from {', '.join(builtin)} (or all, none)")
-    corpus = {n: (corpus_documents(n), CORPUS[n]) for n in names if n in CORPUS}
+    check_not_builtin(read_specs(cfg.text, "text"), [n for n in names if n in CORPUS], "text")
+    check_not_builtin(read_specs(cfg.task, "task"), [n for n in names if n in tasks.TASKS], "task")
+    check_records_memory(cfg, len([n for n in names if n in tasks.TASKS]))
+    corpus = {n: (corpus_documents(n, cfg.seed), CORPUS[n]) for n in names if n in CORPUS}
     for name, pattern in read_specs(cfg.text, "text"):
         corpus[name] = (user_documents(name, pattern), f"user files {pattern}")
-    tasks = {
-        n: (builtin_records(n, cfg), f"generated: {TEMPLATES[n][0]!r} and 2 other phrasings")
-        for n in names
-        if n in TEMPLATES
-    }
+    if cfg.small_task and cfg.small_task not in names:
+        raise UserError(f"--small_task={cfg.small_task}: not a built-in task being built ({', '.join(names)})")
+    built = {}
+    for n in [n for n in names if n in tasks.TASKS]:
+        n_train = max(1, cfg.records // 10) if n == cfg.small_task else cfg.records
+        family = f"{len(tasks.phrasings(n))} phrasings, {len(tasks.phrasings(n, unseen=True))} more unseen"
+        built[n] = (tasks.task_splits(n, n_train, cfg.val_records, cfg.seed), f"generated (data/tasks.py): {family}")
     for name, path in read_specs(cfg.task, "task"):
-        tasks[name] = (user_records(name, path, cfg.seed), f"user records {path}")
+        built[name] = (user_records(name, path, cfg.seed), f"user records {path}")
     for name, (docs, _) in corpus.items():
         if len(docs) < 2:
             raise UserError(f"corpus source {name!r} has {len(docs)} document(s); a train/val split needs at least 2")
-    if not corpus and not tasks:
+    if not corpus and not built:
         raise UserError("nothing to build: --only=none and no --task or --text given")
-    return corpus, tasks
+    return corpus, built
 
 
 def check_out_dir(cfg):
@@ -362,6 +326,47 @@ def check_out_dir(cfg):
     check_outputs([out], inputs)
 
 
+def write_corpus(folder, name, docs, source, enc, cfg):
+    """A corpus source's documents split and written as <folder>/corpus/<name>/{train,val}.bin -> its meta entry."""
+    splits = split_documents(docs, enc, cfg.max_tokens, random.Random(f"{cfg.seed}:{name}"))
+    os.makedirs(os.path.join(folder, "corpus", name))
+    for split, (tokens, _) in splits.items():
+        tokens.tofile(os.path.join(folder, "corpus", name, f"{split}.bin"))
+    (train, n_train), (val, n_val) = splits["train"], splits["val"]
+    print(f"corpus {name:>8}: docs {n_train}/{n_val}, tokens {len(train):,}/{len(val):,} (train/val)")
+    return {
+        "train_tokens": len(train),
+        "val_tokens": len(val),
+        "train_docs": n_train,
+        "val_docs": n_val,
+        "source": source,
+    }
+
+
+def write_task(folder, name, records, source, enc, held_back, context):
+    """A task's splits written as <folder>/tasks/<name>/<split>.{bin,idx}, with a warning for the records longer
+    than the context -> its meta entry."""
+    os.makedirs(os.path.join(folder, "tasks", name))
+    info, indexes = {"source": source}, []
+    for split, rows in records.items():
+        tokens, index = encode_records(rows, enc)
+        indexes.append(index)
+        tokens.tofile(os.path.join(folder, "tasks", name, f"{split}.bin"))
+        index.tofile(os.path.join(folder, "tasks", name, f"{split}.idx"))
+        info.update(
+            {f"{split}_records": len(rows), f"{split}_tokens": len(tokens), f"{split}_longest": int(index[:, 2].max())}
+        )
+    longest = max(info["train_longest"], info["val_longest"])
+    print(
+        f"task {name:>10}: records {info['train_records']}/{info['val_records']}, longest {longest} tokens"
+        + (" (held back)" if held_back else "")
+    )
+    warning = length_warning(name, np.concatenate(indexes), context)
+    if warning:
+        print(warning, file=sys.stderr)
+    return info
+
+
 def main(argv=None):
     cfg = parse_config(PrepareConfig, argv or [])
     t0 = time.time()
@@ -369,9 +374,10 @@ def main(argv=None):
     enc = get_tokenizer(cfg.tokenizer)
     if enc.n_vocab > 2**16:
         raise UserError(f"tokenizer {cfg.tokenizer!r} has {enc.n_vocab} tokens; the .bin files hold uint16 ids")
-    corpus, tasks = read_sources(cfg)
-    names = HELD_BACK if cfg.held_back == "auto" else [n.strip() for n in cfg.held_back.split(",") if n.strip()]
-    held_back = [n for n in names if n in tasks and (cfg.held_back != "auto" or tasks[n][1].startswith("generated"))]
+    corpus, built = read_sources(cfg)
+    names = tasks.HELD_BACK if cfg.held_back == "auto" else [n.strip() for n in cfg.held_back.split(",") if n.strip()]
+    held_back = [n for n in names if n in built and (cfg.held_back != "auto" or built[n][1].startswith("generated"))]
+    context = cfg.context or (128 if cfg.tokenizer == "bytes" else 1024)  # the default base's, or GPT-2's
     meta = {
         "tokenizer": cfg.tokenizer,
         "vocab_size": enc.n_vocab,
@@ -380,44 +386,15 @@ def main(argv=None):
         "corpus": {},
         "tasks": {},
         "held_back": held_back,
+        "small_task": cfg.small_task,
         "template": ALPACA,
     }
 
     def build(folder):
         for name, (docs, source) in corpus.items():
-            splits = split_documents(docs, enc, cfg.max_tokens, random.Random(f"{cfg.seed}:{name}"))
-            os.makedirs(os.path.join(folder, "corpus", name))
-            for split, (tokens, _) in splits.items():
-                tokens.tofile(os.path.join(folder, "corpus", name, f"{split}.bin"))
-            (train, n_train), (val, n_val) = splits["train"], splits["val"]
-            meta["corpus"][name] = {
-                "train_tokens": len(train),
-                "val_tokens": len(val),
-                "train_docs": n_train,
-                "val_docs": n_val,
-                "source": source,
-            }
-            print(f"corpus {name:>8}: docs {n_train}/{n_val}, tokens {len(train):,}/{len(val):,} (train/val)")
-        for name, (records, source) in tasks.items():
-            os.makedirs(os.path.join(folder, "tasks", name))
-            info = {"source": source}
-            for split, rows in records.items():
-                tokens, index = encode_records(rows, enc)
-                tokens.tofile(os.path.join(folder, "tasks", name, f"{split}.bin"))
-                index.tofile(os.path.join(folder, "tasks", name, f"{split}.idx"))
-                info.update(
-                    {
-                        f"{split}_records": len(rows),
-                        f"{split}_tokens": len(tokens),
-                        f"{split}_longest": int(index[:, 2].max()),
-                    }
-                )
-            meta["tasks"][name] = info
-            print(
-                f"task {name:>10}: records {info['train_records']}/{info['val_records']}, longest "
-                f"{max(info['train_longest'], info['val_longest'])} tokens"
-                f"{' (held back)' if name in held_back else ''}"
-            )
+            meta["corpus"][name] = write_corpus(folder, name, docs, source, enc, cfg)
+        for name, (records, source) in built.items():
+            meta["tasks"][name] = write_task(folder, name, records, source, enc, name in held_back, context)
         with open(os.path.join(folder, "meta.json"), "w") as f:
             json.dump(meta, f, indent=2)
 

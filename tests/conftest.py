@@ -2,8 +2,9 @@
 
 Both take a few seconds on a CPU, so every test file can train and evaluate real models. The models
 are tiny, so one thread is fastest; with more, a busy machine makes each matmul wait for a core.
-Also registers the markers assignment1..5, which select the tests that grade each course assignment,
-and `torchrun` for the tests that run scripts on 2 processes (gloo, on the CPU).
+Also registers the markers assignment1..6, which select the tests that grade each course assignment
+(`python -m pytest -q tests -m assignmentN`); holds `torchrun`, for the tests that run scripts on 2 processes
+(gloo, on the CPU), and the helpers the grading tests share.
 """
 
 import os
@@ -15,6 +16,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # also for the subprocesses the t
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
@@ -57,6 +60,40 @@ def randomize_B(model, seed=1, std=0.1):
                 B.normal_(0.0, std)
 
 
+def randomize_biases(model, seed=2, std=0.1):
+    """Gives every nn.Linear of model a non-zero bias (GPT's init zeroes them), so that code dropping a bias, or
+    adding one twice, changes the output."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0.0, std)
+
+
+class RecordOps(TorchDispatchMode):
+    """Records each tensor operation run inside `with RecordOps() as recorded:`, in recorded.ops as (name, shapes of
+    the tensors it returns, whether it only views its input): how a computation is done, for the handout's rules
+    (no Python loop over samples, no (out, in) product)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        shapes = [tuple(t.shape) for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        self.ops.append((func.__name__, shapes, func.is_view))
+        return out
+
+
+def ops_of(fn, *args):
+    """[(name, shapes, is_view)] of the tensor operations run while fn(*args) ran, views included (indexing one
+    sample is a view: a loop over samples shows in the count of every operation)."""
+    with RecordOps() as recorded:
+        fn(*args)
+    return recorded.ops
+
+
 TINY_BASE_ARGS = [
     "--n_layer=2",
     "--n_embd=32",
@@ -82,7 +119,7 @@ def tiny_data(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_base(tiny_data, tmp_path_factory):
-    """Path of the ckpt.pt of a 2-layer base (context 64) trained for 30 steps on tiny_data's corpus."""
+    """Path of the ckpt.pt of a 2-layer base (context 64) trained for 100 steps on tiny_data's corpus."""
     import train_base
 
     out = str(tmp_path_factory.mktemp("base"))

@@ -1,6 +1,6 @@
 """The mutation check: does the suite fail when the code is wrong?
 
-    python tests/mutate.py                                   # every mutant of tests/mutants_core.py (~9 min on 2 cores)
+    python tests/mutate.py                                   # every mutant of tests/mutants_core.py (~45 min, 2 cores)
     python tests/mutate.py --only trainer-unshifted-targets,kvcache-growth-forgets
     python tests/mutate.py --list assignments/mutants.py     # the course kit's: wrong and correct variants
     python tests/mutate.py --tests="tests --ignore=tests/test_assignments.py"   # one selection for every mutant

@@ -1,58 +1,138 @@
-"""The course kit (assignments/make.py): a student copy has every marked region replaced by a raise, still
-imports and passes the tests that use no assignment, and fails the grading tests of an assignment left to do.
+"""The course kit in a student's hands: assignments/make.py writes a student copy, and the handout's commands
+(assignments/README.md), read from the handout and run as written there, do what it says.
 
-On the reference, the grading tests (`python -m pytest -q tests -m assignmentN`) run with the rest of the
-suite and pass. The kit is left out of the student copy, so these tests only run on the reference.
+One student copy per session, written by the handout's command. In it, before the first assignment, the
+"before you start" tests pass; then, assignment by assignment as a student goes, the grading command fails while
+the assignment is left to do (every one of its tests on that assignment's raise, with the later ones still to do)
+and passes once it is filled in, here with the reference's code. Also: what make.py writes, its flags and errors.
+
+The kit is left out of the student copy, so these tests only run on the reference, where the grading tests also
+run with the rest of the suite.
 """
 
 import ast
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-from assignments.make import OPTIONAL, REQUIRED, blank, repo_files
+from assignments.make import BEGIN, KIT, OPTIONAL, REQUIRED, KitConfig, blank, repo_files
 from assignments.make import main as make_kit
-from config import UserError
+from config import UserError, parse_config
 from conftest import ASSIGNMENTS, REPO_ROOT
 
-# Every test marked assignmentN lives in these files; naming them spares each run collecting test_export.py,
-# which imports transformers and peft (8 s).
-GRADED = ["tests/test_lora.py", "tests/test_moa.py", "tests/test_adapt.py", "tests/test_fast.py"]
-UNRELATED = [
-    "tests/test_model.py",
-    "tests/test_data.py",
-    "tests/test_train.py",  # fast tests that need no assignment
-    "-k",
-    "not torchrun and not resume and not lowers and not cli_errors",
-]
+with open(os.path.join(REPO_ROOT, "assignments", "README.md"), encoding="utf-8") as f:
+    HANDOUT = f.read()
+
+
+def handout_command(comment):
+    """The command on the handout's line whose comment starts with `comment`, split as the shell splits it, without
+    the leading `python`."""
+    for line in HANDOUT.splitlines():
+        command, _, note = line.partition("  #")
+        if note.strip().startswith(comment):
+            argv = shlex.split(command)
+            assert argv[0] == "python", line
+            return argv[1:]
+    raise AssertionError(f"no command of the handout is commented '# {comment}...'")
+
+
+def grading_command(n):
+    """The handout's grading command of assignment n: "grades assignment 1; likewise 2 to 6"."""
+    argv = handout_command("grades assignment 1; likewise 2 to 6")
+    assert argv[-2:] == ["-m", "assignment1"], argv
+    return argv[:-1] + [f"assignment{n}"]
 
 
 def run_in(folder, *args):
     """Runs `python *args` in folder on one thread -> the finished process."""
-    return subprocess.run(
-        [sys.executable, *args],
-        cwd=folder,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    return run_all([(folder, args)])[0]
+
+
+def run_all(jobs):
+    """Runs each (folder, args) of jobs as `python *args` in its folder, all at once, each on one thread -> the
+    finished processes, in order. No bytecode is cached (the tests rewrite moa.py between runs, within a second)
+    and the terminal is wide enough for pytest's summary to show each failure's whole message."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1", "COLUMNS": "400"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *args], cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        for folder, args in jobs
+    ]
+    done = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return done
+
+
+def marked_files():
+    """{path: text} of the reference's files that hold assignment regions (the kit's own files aside)."""
+    found = {}
+    for path in repo_files(REPO_ROOT):
+        if path.endswith(".py") and path not in KIT:
+            with open(os.path.join(REPO_ROOT, path), encoding="utf-8") as f:
+                text = f.read()
+            if any(BEGIN.match(line) for line in text.splitlines()):
+                found[path] = text
+    return found
+
+
+def solve(folder, todo):
+    """Leaves the assignments in `todo` to do in the student copy at folder, and fills in every other one with the
+    reference's code, as a student who has done it has it."""
+    for path, text in marked_files().items():
+        with open(os.path.join(folder, path), "w", encoding="utf-8") as f:
+            f.write(blank(text, path, todo)[0])
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    """The folder of a student copy written by the handout's command for the student edition."""
+    folder = tmp_path_factory.mktemp("kit") / "nanomoa-student"
+    argv = handout_command("the student edition, 1 to 5 to do")
+    made = run_in(REPO_ROOT, *[f"--out_dir={folder}" if a.startswith("--out_dir=") else a for a in argv])
+    assert made.returncode == 0, made.stderr
+    return folder
+
+
+def test_before_you_start_the_given_tests_pass(student):
+    """With every assignment still to do, the handout's "before you start" command passes."""
+    solve(student, set(ASSIGNMENTS))
+    result = run_in(student, *handout_command("before you start"))
+    assert result.returncode == 0, result.stdout[-3000:]
+
+
+@pytest.mark.parametrize("n", sorted(ASSIGNMENTS))
+def test_grading_fails_while_to_do_and_passes_once_done(student, n, tmp_path):
+    """In the student copy, assignment n's grading command fails while n and every later assignment are still to do:
+    collection works, and every one of its tests fails on assignment n's NotImplementedError (none needs a later
+    one); with n filled in, the same command passes, as many tests."""
+    done = tmp_path / "done"  # the same copy with n filled in, graded beside it (one thread each)
+    shutil.copytree(student, done)
+    solve(student, {k for k in ASSIGNMENTS if k >= n})
+    solve(done, {k for k in ASSIGNMENTS if k > n})
+    failing, passing = run_all([(student, grading_command(n)), (done, grading_command(n))])
+    assert failing.returncode == 1, failing.stdout[-3000:]  # 1: tests failed (2: a collection error, 5: no test)
+    outcomes = [line for line in failing.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+    wrong = [line for line in outcomes if f" - NotImplementedError: Assignment {n}: " not in line]
+    assert outcomes and not wrong, "\n".join(wrong)
+    assert passing.returncode == 0, passing.stdout[-3000:]
+    assert re.search(r"\b(\d+) passed", passing.stdout).group(1) == str(len(outcomes)), passing.stdout[-300:]
 
 
 def test_student_copy_blanks_every_region_and_still_runs(tmp_path):
     """The student copy (--assignments=all) has one raise per marked region of the reference, every .py parses, no
-    marker or kit file is left, every script imports, and the tests that use no assignment pass; by default the
-    optional assignment 6 stays solved."""
+    marker or kit file is left, and every script imports; by default the optional assignment 6 stays solved."""
     out = tmp_path / "student"
     regions = make_kit([f"--out_dir={out}", "--assignments=all"])
-    marked = 0
-    for path in repo_files(REPO_ROOT):
-        if path.endswith(".py"):
-            with open(os.path.join(REPO_ROOT, path), encoding="utf-8") as f:
-                marked += len(re.findall(r"^ *# BEGIN ASSIGNMENT \d+: ", f.read(), flags=re.MULTILINE))
+    texts = marked_files().values()
+    marked = sum(len(re.findall(r"^ *# BEGIN ASSIGNMENT \d+: ", t, flags=re.MULTILINE)) for t in texts)
     assert len(regions) == marked and {n for _, n, _ in regions} == set(ASSIGNMENTS) == set(REQUIRED + OPTIONAL)
     default = make_kit([f"--out_dir={tmp_path / 'default'}"])
     assert {n for _, n, _ in default} == set(REQUIRED)
@@ -66,42 +146,40 @@ def test_student_copy_blanks_every_region_and_still_runs(tmp_path):
             raises += len(re.findall(r'^ *raise NotImplementedError\("Assignment \d+: ', text, flags=re.MULTILINE))
     assert raises == marked
     assert (out / "assignments" / "README.md").is_file()
-    assert not (out / "assignments" / "make.py").exists() and not (out / "tests" / "test_assignments.py").exists()
+    assert not any((out / path).exists() for path in KIT)
     scripts = (
         "import moa, fast, files, model, evaluate, train_base, train_lora, train_router, sample, results, bench, "
         "export, demo"
     )
     imported = run_in(out, "-c", scripts)
     assert imported.returncode == 0, imported.stderr
-    unrelated = run_in(out, "-m", "pytest", "-q", "-p", "no:cacheprovider", *UNRELATED)
-    assert unrelated.returncode == 0, unrelated.stdout[-3000:]
 
 
-@pytest.mark.parametrize("n", sorted(ASSIGNMENTS))
-def test_grading_fails_without_the_assignment(n, tmp_path):
-    """In a copy where only assignment n is left to do, its grading tests fail, on assignment n's raise."""
-    make_kit([f"--out_dir={tmp_path}", f"--assignments={n}"])
-    graded = run_in(tmp_path, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *GRADED, "-m", f"assignment{n}")
-    assert graded.returncode == 1, graded.stdout[-3000:]
-    assert f"NotImplementedError: Assignment {n}: " in graded.stdout, graded.stdout[-3000:]
+def test_shipped_tests_import_nothing_of_the_kit():
+    """No file of the student copy imports a module the copy lacks (make.py, the mutant lists, the mutation check,
+    these tests), at its top or inside a function, where collection would not see it."""
+    kit_modules = {os.path.splitext(path)[0].replace("/", ".") for path in KIT}
+    kit_modules |= {m.rsplit(".", 1)[1] for m in kit_modules if m.startswith("tests.")}  # tests/ is on the path
+    for path in repo_files(REPO_ROOT):
+        if path.endswith(".py") and path not in KIT:
+            with open(os.path.join(REPO_ROOT, path), encoding="utf-8") as f:
+                tree = ast.parse(f.read(), path)
+            for node in ast.walk(tree):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                assert not kit_modules & set(names), f"{path}:{node.lineno} imports {kit_modules & set(names)}"
 
 
-def test_earlier_assignments_pass_without_later_ones(tmp_path):
-    """With assignments 4, 5 and 6 left to do, the grading tests of 1 to 3 pass: training and evaluating a MoA never
-    reaches the inference-time code of 4 (checked by hand for every n: 1 to n pass without n+1 to 6)."""
-    make_kit([f"--out_dir={tmp_path}", "--assignments=4,5,6"])
-    graded = run_in(
-        tmp_path,
-        "-m",
-        "pytest",
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        *GRADED,
-        "-m",
-        "assignment1 or assignment2 or assignment3",
-    )
-    assert graded.returncode == 0, graded.stdout[-3000:]
+def test_kit_flags_are_checked():
+    """make.py's flags are checked as every script's are (tests/test_flags.py, which ships in the student copy, checks
+    the others): its defaults pass, each bound names one of its fields, and --force=maybe is a one-line UserError
+    naming the flag."""
+    parse_config(KitConfig, [])
+    assert set(vars(KitConfig).get("CHECKS", {})) <= set(KitConfig.__dataclass_fields__)
+    with pytest.raises(UserError, match="--force=") as e:
+        parse_config(KitConfig, ["--force=maybe"])
+    assert "\n" not in str(e.value)
 
 
 def test_markers_must_pair_and_errors_are_one_line(tmp_path):

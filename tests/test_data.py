@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from batches import TaskData
 from config import UserError
 from conftest import assert_one_line_error, run_script
-from data.prepare import ANSWERS, TEMPLATES, is_test_pair, task_words
+from data import tasks
 from data.prepare import main as prepare
 from tokenizer import EOT, encode, get_tokenizer
-from trainer import TaskData
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HARD_TEXT = (
@@ -51,7 +51,7 @@ def test_no_corpus_document_in_both_splits(tiny_data):
     with open(os.path.join(tiny_data, "meta.json")) as f:
         meta = json.load(f)
     enc = get_tokenizer(meta["tokenizer"])
-    assert set(meta["corpus"]) == {"python", "cpp", "prose"}
+    assert set(meta["corpus"]) == {"python", "cpp", "prose", "skills"}
     for name, info in meta["corpus"].items():
         train, val = documents(tiny_data, name, "train", enc), documents(tiny_data, name, "val", enc)
         assert len(train) == info["train_docs"] and len(val) == info["val_docs"]
@@ -83,7 +83,7 @@ def test_meta_counts_equal_file_sizes(tiny_data):
     with open(os.path.join(tiny_data, "meta.json")) as f:
         meta = json.load(f)
     assert meta["held_back"] == ["count"] and meta["vocab_size"] == 257 and meta["eot"] == 256
-    assert set(meta["tasks"]) == {"upper", "double", "reverse", "arith", "count"}
+    assert set(meta["tasks"]) == {"upper", "lower", "double", "reverse", "arith", "count"}
     for name, info in meta["corpus"].items():
         for split in ("train", "val"):
             assert (
@@ -96,25 +96,114 @@ def test_meta_counts_equal_file_sizes(tiny_data):
             assert os.path.getsize(os.path.join(folder, f"{split}.bin")) == 2 * info[f"{split}_tokens"]
 
 
+def word_in(prompt, word):
+    """The word as it stands in the prompt, in any casing, as a whole word: every place it stands."""
+    return re.findall(rf"(?<![A-Za-z]){re.escape(word)}(?![A-Za-z])", prompt, flags=re.IGNORECASE)
+
+
+def check_word_record(name, prompt, response, words):
+    """A word task's record: the prompt holds a word of `words` (in some casing) and the response is the task's
+    answer for it exactly as it stands in the prompt."""
+    base = {
+        "upper": response.lower(),
+        "lower": response,
+        "double": response[::2].lower(),
+        "reverse": response[::-1].lower(),
+    }.get(name)
+    in_prompt = [w.lower() for w in re.findall(r"[A-Za-z]+", prompt)]
+    candidates = [base] if base else [w for w in in_prompt if w in words and len(w) == int(response)]
+    assert candidates and candidates[0] in words, (name, prompt, response)
+    typed = word_in(prompt, candidates[0])
+    assert any(tasks.WORD_TASKS[name](t) == response for t in typed), (name, prompt, response)
+
+
+def arith_pair(prompt, response, val):
+    """An arith record: two numbers a, b of 0..99 whose sum or difference (in either order, as "subtract b from
+    a" puts them) is the response, and the pair is one kept for validation exactly when val."""
+    n1, n2 = map(int, re.findall(r"\d+", prompt))
+    options = [(a, b) for a, b in ((n1, n2), (n2, n1)) if str(a + b) == response or str(a - b) == response]
+    assert options, prompt
+    assert any(tasks.is_val_pair(a, b) == val for a, b in options), prompt
+
+
 def test_task_records_are_right_and_validation_is_unseen(tiny_data):
-    """Every record of every built-in task is one of its phrasings with the right answer; no word of a validation
-    record occurs in a training record, and no reserved arith pair is in training."""
-    data = TaskData(tiny_data, "upper,double,reverse,arith,count")
-    train_words, val_words = task_words(1337)
-    assert len(train_words) > 2000 and len(val_words) > 300 and not set(train_words) & set(val_words)
+    """Every record of every built-in task ends its prompt with a newline and answers its word (or sum) right;
+    no word of a validation, unseen or calib record occurs in a training record, and no reserved arith pair is
+    trained on."""
+    data = TaskData(tiny_data, ",".join(tasks.TASKS))
+    train_words, val_words = tasks.words(1337)
+    assert len(train_words) > 500 and len(val_words) > 100 and not set(train_words) & set(val_words)
     for name in data.domains:
-        for split in ("train", "val"):
+        for split in ("train", "val", "unseen", "calib"):
             words = set(train_words if split == "train" else val_words)
             for prompt, response in texts(data, name, split):
+                assert prompt.endswith("\n") and response, (prompt, response)
                 if name == "arith":
-                    a, op, b = re.fullmatch(r"\D*(\d+) ?([+-]|plus|minus) ?(\d+)\D*", prompt).groups()
-                    assert is_test_pair(int(a), int(b)) == (split == "val"), prompt
-                    assert int(response) == int(a) + (int(b) if op in ("+", "plus") else -int(b)), prompt
-                    continue
-                matches = [re.fullmatch(re.escape(t).replace(r"\{w\}", "([a-z]+)"), prompt) for t in TEMPLATES[name]]
-                word = next(m[1] for m in matches if m)  # StopIteration: not one of the task's phrasings
-                assert word in words and response == ANSWERS[name](word), (prompt, response)
-    assert [ANSWERS[n]("spam") for n in ("upper", "double", "reverse", "count")] == ["SPAM", "ssppaamm", "maps", "4"]
+                    arith_pair(prompt, response, split != "train")
+                else:
+                    check_word_record(name, prompt, response, words)
+
+
+def test_answers_and_hand_written_prompts():
+    """The word tasks' answers by hand, and every hand-written prompt (8 or more per task) answered right."""
+    assert [tasks.WORD_TASKS[n]("Spam") for n in ("upper", "lower", "double", "reverse", "count")] == [
+        "SPAM",
+        "spam",
+        "SSppaamm",
+        "mapS",
+        "4",
+    ]
+    for name, prompts in tasks.HAND_WRITTEN.items():
+        assert len(prompts) >= 8 and len({p for p, _ in prompts}) == len(prompts), name
+        for prompt, answer in prompts:
+            if name == "arith":
+                a, b = map(int, re.findall(r"\d+", prompt))
+                assert answer in (str(a + b), str(a - b), str(b - a)), prompt
+            else:
+                words = [w for w in re.findall(r"[A-Za-z]+", prompt) if tasks.WORD_TASKS[name](w) == answer]
+                assert words, (name, prompt, answer)
+
+
+def test_phrasing_families_are_disjoint_and_share_their_styles(tiny_data):
+    """Each task's training family has at least 30 phrasings and its unseen family at least 10 more, none in both;
+    and no task owns a style: every word task's training prompts show each input casing (lower, Title, UPPER),
+    each quote, instructions in capitals, and the word before and after the instruction."""
+    for name in tasks.TASKS:
+        seen, unseen = set(tasks.phrasings(name)), set(tasks.phrasings(name, unseen=True))
+        assert len(seen) >= 30 and len(unseen) >= 10 and not seen & unseen, name
+    data = TaskData(tiny_data, ",".join(tasks.TASKS))
+    for name in ("upper", "lower", "double", "reverse", "count"):
+        prompts = [p for p, _ in texts(data, name, "train")]
+        for quote in ("'", '"', "`"):
+            assert any(quote in p for p in prompts), (name, quote)
+        assert any(re.search(r"\b[A-Z]{5,} [A-Z]{2,}", p) for p in prompts), name  # an instruction in capitals
+        assert any(p.startswith(("Word:", "`", "'", '"')) or "\n" in p[:-1] for p in prompts), name  # word first
+        for casing in (str.islower, str.istitle, str.isupper):
+            assert any(casing(w) for p in prompts for w in re.findall(r"[A-Za-z]{3,}", p)[-1:]), name
+
+
+def test_skills_text_holds_no_validation_word_or_pair():
+    """The skills text (the base's corpus source `skills`) pairs training words with their transformations and
+    training sums with their results, one kind per document, and never shows a validation word or pair."""
+    train_words, val_words = tasks.words(1337)
+    val, train = set(val_words), set(train_words)
+    for doc in tasks.skill_documents(1337, n_docs=14, lines=20):
+        lines = doc.strip().split("\n")
+        assert len(lines) == 20
+        kinds = set(tasks.WORD_TASKS) | {"+", "-"}  # the kinds every line so far can be
+        titles = [line for line in lines if line.endswith(":")]  # every 10 lines or so, naming the transformation
+        assert lines[0] in titles and len(titles) >= len(lines) // 11
+        for line in [line for line in lines if line not in titles]:
+            if "=" in line:
+                a, op, b, _, c = line.split()
+                assert not tasks.is_val_pair(int(a), int(b))
+                assert int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+                kinds &= {op}
+            else:
+                word, result = line.split()
+                assert word.lower() not in val and word.lower() in train
+                kinds &= {n for n, f in tasks.WORD_TASKS.items() if f(word) == result}
+        assert kinds, doc  # one kind explains every line of the document
 
 
 def test_padded_batch_takes_the_loss_on_responses_only(tiny_data):
@@ -122,8 +211,8 @@ def test_padded_batch_takes_the_loss_on_responses_only(tiny_data):
     padding carry no loss (-1); with prompt_loss every real target does; `prompt` marks exactly the prompt tokens;
     the batch is balanced over tasks (counts differ by at most one)."""
     for prompt_loss in (False, True):
-        data = TaskData(tiny_data, "arith,reverse,double", 64, prompt_loss)
-        batch = data.batch(7, torch.Generator().manual_seed(0))
+        data = TaskData(tiny_data, "arith,reverse,double", 128, prompt_loss)
+        batch = data.batch(7, 0)
         assert sorted(torch.bincount(batch.domain, minlength=3).tolist()) == [2, 2, 3]
         T = batch.x.size(1)
         for b in range(7):
@@ -162,28 +251,21 @@ def test_user_task_jsonl_forms(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "a, b, reserved",
-    [
-        (10, 9, True),
-        (0, 0, True),
-        (55, 5, True),
-        (91, 1, True),
-        (19, 1, False),
-        (5, 5, False),
-        (9, 1, False),
-        (99, 9, False),
-    ],
+    "a, b, reserved", [(10, 9, True), (0, 0, True), (55, 5, True), (91, 1, True), (19, 1, False), (99, 9, False)]
 )
-def test_reserved_pairs_follow_the_tens_digit(a, b, reserved):
-    """An (a, b) pair is reserved for evaluation exactly when a's tens digit plus b ends in 0, by hand."""
-    assert is_test_pair(a, b) is reserved
+def test_reserved_pairs_by_hand(a, b, reserved):
+    """An (a, b) pair is kept for validation exactly when a's tens digit plus b ends in 0, by hand."""
+    assert tasks.is_val_pair(a, b) is reserved
 
 
 def test_training_pairs_cover_every_units_sum():
-    """One pair in ten is reserved, and every (units digit of a, b) combination still has training pairs."""
+    """One pair in ten is kept for validation, and every (units digit of a, b) combination still has training
+    pairs."""
     pairs = [(a, b) for a in range(100) for b in range(10)]
-    assert sum(is_test_pair(a, b) for a, b in pairs) == len(pairs) // 10
-    assert {(a % 10, b) for a, b in pairs if not is_test_pair(a, b)} == {(u, b) for u in range(10) for b in range(10)}
+    assert sum(tasks.is_val_pair(a, b) for a, b in pairs) == len(pairs) // 10
+    assert {(a % 10, b) for a, b in pairs if not tasks.is_val_pair(a, b)} == {
+        (u, b) for u in range(10) for b in range(10)
+    }
 
 
 def test_byte_tokenizer_round_trip():

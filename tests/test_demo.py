@@ -98,9 +98,11 @@ def test_a_need_that_nothing_makes_is_an_error(script, tmp_path):
 
 
 def test_demo_steps_then_results_make_every_table(tiny_data, tiny_base, tmp_path):
-    """One seed of demo.py's steps (3 training steps each, 2 jobs) on a tiny base, then results.py: every main row
-    and the adding-a-task table for the held-back task are there, and the baselines' training records and
-    parameters are those the README's fairness claims state (equal samples, rank 4r = 4 rank-r experts)."""
+    """One seed of demo.py's steps (an expert 6 steps at most, a shared LoRA 30, 2 jobs) on a tiny base, then
+    results.py: every main row the demo trains, the controls and the adding-a-task table are there, and the
+    controls hold what they name: at budget b, MoA's experts trained b steps each and stage 2 b steps, and the
+    shared LoRA saw as many records ((K + 1) b steps) or made as many updates (2 b steps); rank K r has the K
+    experts' parameters."""
     import shutil
 
     import demo
@@ -109,21 +111,29 @@ def test_demo_steps_then_results_make_every_table(tiny_data, tiny_base, tmp_path
     out = tmp_path / "out"
     (out / "base").mkdir(parents=True)
     shutil.copy(tiny_base, out / "base" / "ckpt.pt")
-    cfg = demo.DemoConfig(data_dir=tiny_data, stage1_iters=3, stage2_iters=3, device="cpu")
-    tasks = ["upper", "double", "reverse", "arith"]
+    cfg = demo.DemoConfig(data_dir=tiny_data, cap=6, budgets="1", add_iters=2, device="cpu")
+    tasks = ["upper", "lower", "double", "reverse", "arith"]
+    K, per_step = len(tasks), train_lora.LoRAConfig.batch_size
     run_steps(demo.seed_steps(cfg, str(out), 1, tasks, "count"), 2, str(out / "logs"))
     results.main([f"--out={out}", f"--data_dir={tiny_data}", "--records=8", "--plots=False", "--device=cpu"])
     written = json.loads((out / "results" / "results.json").read_text())
-    rows = written["variants"][0]
-    assert list(rows) == [name for name, *_ in results.variants(results.ResultsConfig(), len(tasks))]
-    moa, mixed, wide = (
-        rows["MoA (joint)"],
-        rows["one LoRA, mixed tasks (rank r)"],
-        rows["one LoRA, mixed tasks (rank 4r)"],
+    rows = written["main"][0]
+    demo_rows = [name for name, *_ in results.main_rows(results.ResultsConfig(), K) if "MoE-LoRA" not in name]
+    assert list(rows) == demo_rows  # the ablations per token are --full's
+    experts, mixed, wide = (
+        rows["stage-1 experts (label given)"],
+        rows["one LoRA, all tasks (rank r)"],
+        rows[f"one LoRA, all tasks (rank {K}r)"],
     )
-    assert mixed["samples"] == wide["samples"] == rows["MoE-LoRA naive (random experts)"]["samples"] == moa["samples"]
-    assert moa["samples"] == (len(tasks) * 3 + 3) * train_lora.LoRAConfig.batch_size
-    assert wide["params"] == len(tasks) * mixed["params"] == rows["Single-LoRA (label given)"]["params"]
+    assert wide["params"] == K * mixed["params"] == experts["params"]
+    assert experts["steps"] == 6 and mixed["steps"] == K * 6 and experts["samples"] == mixed["samples"]
+    budget = written["budget"][0]
+    moa = budget["MoA, budget 1"]
+    assert moa["samples"] == (K * 1 + 1) * per_step
+    for name in ("one LoRA (rank r)", f"one LoRA (rank {K}r)"):
+        assert budget[f"{name}, budget 1, equal records"]["samples"] == moa["samples"], name
+        assert budget[f"{name}, budget 1, equal updates"]["steps"] == 1 + 1, name
     added = written["adaptation"][0]
     assert "MoA + count (new router row only)" in added and "mixed LoRA, trained on count" in added
-    assert "Adding the task count" in (out / "results" / "results.md").read_text()
+    text = (out / "results" / "results.md").read_text()
+    assert "Adding the task count" in text and "under each control" in text

@@ -7,6 +7,7 @@ on and off. Marked assignment6: the optional speed chapter of the course.
 """
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -15,10 +16,10 @@ import torch.nn.functional as F
 import fast
 import train_lora
 import train_router
-from conftest import randomize_B
+from conftest import ops_of, randomize_B, randomize_biases
 from evaluate import left_pad
 from moa import LoRALinear, MoA, lora_layers
-from model import GPT, GPTConfig, KVCache
+from model import GPT, GPTConfig
 
 ROUTES = {
     "none": None,
@@ -111,10 +112,33 @@ def test_lora_function_backward_equals_autograd():
     torch.testing.assert_close(leaves[3].grad, expected_grads[3], rtol=0, atol=1e-10)
 
 
+@pytest.mark.assignment6
+@pytest.mark.parametrize("trains", list(itertools.product([False, True], repeat=3)), ids=str)
+def test_lora_function_computes_only_the_gradients_needed(trains):
+    """LoRAFunction.backward returns a gradient for x, W and b exactly when that input trains (x, the weight and the
+    bias each on its own flag), equal to autograd's (1e-10 in float64), and None for the others."""
+    torch.manual_seed(1)
+    x, W, b, A, B = (torch.randn(*shape, dtype=torch.float64) for shape in [(2, 5, 6), (7, 6), (7,), (3, 6), (7, 3)])
+    for t, flag in zip((x, W, b, A, B), trains + (True, True)):
+        t.requires_grad_(flag)
+    grad_out = torch.randn(2, 5, 7, dtype=torch.float64)
+    out = fast.LoRAFunction.apply(x, W, b, A, B, 1.5)
+    returned = fast.LoRAFunction.backward(out.grad_fn, grad_out)  # out.grad_fn is the ctx forward filled in
+    leaves = [t for t in (x, W, b, A, B) if t.requires_grad]
+    autograd = torch.autograd.grad(x @ W.t() + b + (x @ A.t() @ B.t()) * 1.5, leaves, grad_out)
+    expected = dict(zip(map(id, leaves), autograd))
+    for name, t, g in zip("xWbAB", (x, W, b, A, B), returned):
+        if not t.requires_grad:
+            assert g is None, f"a gradient for {name}, which does not train"
+        else:
+            torch.testing.assert_close(g, expected[id(t)], rtol=0, atol=1e-10, msg=f"gradient of {name}")
+
+
 def tiny_moa(bias=True, n_layer=2, seed=0):
-    """A plain MoA over a small random GPT (3 experts with random B, random routers)."""
+    """A plain MoA over a small random GPT (3 experts with random B, random routers, non-zero biases if any)."""
     torch.manual_seed(seed)
     gpt = GPT(GPTConfig(block_size=48, vocab_size=50, n_layer=n_layer, n_head=2, n_embd=16, bias=bias))
+    randomize_biases(gpt, seed)
     moa = MoA(gpt, ["a", "b", "c"], rank=4).eval()
     randomize_B(moa)
     for router in moa.routers:
@@ -131,14 +155,16 @@ def padded_batch(lengths=(12, 7, 12, 3), vocab=50):
 
 @pytest.mark.assignment6
 @pytest.mark.parametrize("bias", [True, False])
-def test_sorted_runs_equal_plain_in_the_callers_order(bias, monkeypatch):
+@pytest.mark.parametrize("labels", [[1, 0, 2, 0], [2, 0, 2, 0]], ids=["experts 0 1 2", "experts 0 2"])
+def test_sorted_runs_equal_plain_in_the_callers_order(bias, labels, monkeypatch):
     """Label mode at inference on an unsorted mixed batch: FastMoA sorts it, runs each expert's samples as one
     merged-weight matmul (forward_runs, in every map) and gives the plain logits (1e-5), routes and decision in
-    the caller's order; with runs shorter than min_run_rows the gather runs instead, with the same logits."""
+    the caller's order, with biases or without, whichever experts the runs use; with runs shorter than min_run_rows
+    the gather runs instead, with the same logits."""
     plain = tiny_moa(bias)
     quick = fast.enable(copy.deepcopy(plain))
     idx, mask = padded_batch()
-    labels = torch.tensor([1, 0, 2, 0])  # sorted: runs (0: 2 samples), (1: 1), (2: 1), 12 tokens each
+    labels = torch.tensor(labels)  # sorted: runs of 2, 1, 1 or of 2, 2 samples, 12 tokens each
     ran = []
     forward_runs = fast.FastLoRALinear.forward_runs
     monkeypatch.setattr(
@@ -161,6 +187,28 @@ def test_sorted_runs_equal_plain_in_the_callers_order(bias, monkeypatch):
 
 
 @pytest.mark.assignment6
+def test_forward_runs_is_one_matmul_per_run():
+    """forward_runs on a sorted batch gives each sample x W^T + b + s x A_k^T B_k^T for its expert k (1e-5), and
+    runs as many tensor operations for runs of 1, 1, 1 samples as for runs of 2, 3, 1: no loop over a run's samples."""
+    torch.manual_seed(0)
+    layer = fast.enable(LoRALinear(torch.nn.Linear(16, 24), n_experts=3, rank=4, alpha=6.0))
+    layer.min_run_rows = 1  # runs of any length pay here
+    for B in layer.lora_B:
+        torch.nn.init.normal_(B, std=0.1)
+    counts = []
+    for runs in ([1, 1, 1], [2, 3, 1]):
+        route = torch.repeat_interleave(torch.arange(3), torch.tensor(runs))  # (B,) sorted
+        x = torch.randn(len(route), 5, 16)
+        with torch.no_grad():
+            ops = ops_of(layer.forward_runs, x, [0, 1, 2], runs)
+            y = layer.forward_runs(x, [0, 1, 2], runs)
+            delta = torch.stack([x[j] @ layer.lora_A[k].t() @ layer.lora_B[k].t() for j, k in enumerate(route)])
+        torch.testing.assert_close(y, layer.base(x) + delta * 1.5, rtol=0, atol=1e-5)
+        counts.append(len(ops))
+    assert counts[0] == counts[1], counts
+
+
+@pytest.mark.assignment6
 def test_merged_decoding_equals_plain_decoding():
     """Decoding with each block's one expert merged into its weights (where every sample uses one expert) gives the
     plain path's greedy tokens, and a decoding step's logits (1e-5); blocks whose samples differ use the gather."""
@@ -174,7 +222,7 @@ def test_merged_decoding_equals_plain_decoding():
         assert model.generate(idx, 20, temperature=0, pad_mask=mask, mode="layer").shape == (4, 32)
     tokens = [m.generate(idx, 20, temperature=0, pad_mask=mask, mode="layer") for m in (plain, quick)]
     assert torch.equal(tokens[0], tokens[1])
-    caches = [KVCache(3), KVCache(3)]
+    caches = [plain.new_cache(), quick.new_cache()]
     with torch.no_grad():
         for model, cache in zip((plain, quick), caches):
             model(idx, pad_mask=mask, cache=cache, mode="layer")

@@ -26,13 +26,14 @@ from safetensors.torch import save_file
 import export
 import sample
 import train_base
+from batches import CorpusData, TaskData
 from config import UserError, parse_config
 from conftest import REPO_ROOT, TINY_BASE_ARGS
 from data.prepare import main as prepare
 from files import add_expert_file, expert_tensors, fingerprint, load_base, load_bundle, save_bundle, save_expert
 from moa import MoA, add_experts
 from model import GPT, GPTConfig
-from trainer import CorpusData, TaskData, TrainConfig
+from trainer import TrainConfig
 
 
 @contextmanager
@@ -71,7 +72,11 @@ def tiny_hf_folder(folder, **sizes):
 @pytest.fixture(scope="module")
 def valid(tiny_base, tmp_path_factory):
     """Valid files to corrupt: an expert and a bundle on tiny_base, a GPT-2 folder, a PEFT adapter on it."""
-    folder = tmp_path_factory.mktemp("valid")
+    return valid_files(tiny_base, tmp_path_factory.mktemp("valid"))
+
+
+def valid_files(tiny_base, folder):
+    """The files of the fixture valid, written into folder."""
     gpt, tokenizer = load_base(tiny_base)
     base = fingerprint(gpt)
     expert = str(folder / "expert.safetensors")

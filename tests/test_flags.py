@@ -16,7 +16,6 @@ import sample
 import train_base
 import train_lora
 import train_router
-from assignments.make import KitConfig
 from config import UserError, parse_config
 from conftest import TINY_BASE_ARGS, assert_one_line_error, run_script
 from data.prepare import PrepareConfig
@@ -30,7 +29,6 @@ CONFIGS = {
     "demo": demo.DemoConfig,
     "bench": bench.BenchConfig,
     "prepare": PrepareConfig,
-    "make": KitConfig,
     "export": export.ExportConfig,
 }
 
@@ -117,13 +115,14 @@ BAD_FLAGS += [
 ]
 BAD_FLAGS += [("results", flag) for flag in ["--records=0", "--batch_size=0", "--mode=label", "--mode=token"]]
 BAD_FLAGS += [
-    ("demo", flag) for flag in ["--seeds=0", "--base_iters=0", "--stage1_iters=-1", "--stage2_iters=0", "--jobs=-1"]
+    ("demo", flag)
+    for flag in ["--seeds=-1", "--base_iters=0", "--cap=-1", "--pair_steps=0", "--stop_flat=1", "--jobs=-1"]
 ]
 BAD_FLAGS += [("bench", flag) for flag in ["--repeats=0", "--threads=-1"]]
 BAD_FLAGS += [
     ("prepare", flag) for flag in ["--max_tokens=0", "--records=-1", "--val_records=0", "--seed=1180591620717411303424"]
 ]
-BAD_FLAGS += [("make", "--force=maybe"), ("export", "--force=2")]
+BAD_FLAGS += [("export", "--force=2")]  # make.py's flags: tests/test_assignments.py (not in the student copy)
 
 
 @pytest.mark.parametrize("script, flag", BAD_FLAGS, ids=[f"{s} {f}" for s, f in BAD_FLAGS])
@@ -247,3 +246,28 @@ def test_top_k_beyond_the_experts(tiny_data, tiny_base, tmp_path):
             ]
         )
     assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("script", sorted(CONFIGS))
+def test_help_lists_every_flag_with_its_type_default_and_comment(script):
+    """config.help_text (what --help prints) has one line per field of the script's config dataclass: the flag with
+    its default, its type, and the comment written beside the field (none is left without one)."""
+    from dataclasses import fields
+
+    from config import help_text
+
+    cls = CONFIGS[script]
+    lines = {line.split("=", 1)[0].strip(): line for line in help_text(cls).splitlines() if line.startswith("  --")}
+    assert list(lines) == [f"--{f.name}" for f in fields(cls)]
+    for f in fields(cls):
+        flag, kind, *comment = lines[f"--{f.name}"].split()
+        assert flag == f"--{f.name}={getattr(cls(), f.name)}" and kind == f.type.__name__, lines[f"--{f.name}"]
+        assert comment, f"--{f.name} has no comment in {cls.__name__}"
+
+
+@pytest.mark.parametrize("script", ["train_lora.py", "sample.py", "data/prepare.py", "export.py"])
+def test_every_script_answers_help(script):
+    """`python SCRIPT --help` prints the script's first docstring line and its flags, exits 0, and writes nothing."""
+    result = run_script(script, "--help")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert "Flags (--key=value" in result.stdout and "\n  --" in result.stdout

@@ -22,9 +22,9 @@ import train_lora
 import train_router
 from config import UserError
 from conftest import REPO_ROOT, TINY_BASE_ARGS, assert_one_line_error, randomize_B, run_script, torchrun
-from files import read_safetensors
 from moa import MODES, MoA, add_experts, set_route
 from model import GPT, GPTConfig
+from storage import read_safetensors
 from trainer import micro_seed, pick_device
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

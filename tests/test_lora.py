@@ -5,6 +5,7 @@ Unit tests use a small random GPT; the rest train one real arith expert on the s
 
 import copy
 import json
+import math
 import os
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 import sample
 import train_lora
 from config import UserError, parse_config
-from conftest import randomize_B
+from conftest import ops_of, randomize_B, randomize_biases
 from files import expert_tensors, fingerprint, load_base, load_expert, save_expert
 from moa import LoRALinear, add_experts, count_params, lora_layers, set_route
 from model import GPT, GPTConfig
@@ -22,9 +23,12 @@ LORA_ITERS = 60  # arith's drop is the largest for seeds 1..3 (checked); other t
 
 
 def tiny_gpt(seed=0, **overrides):
+    """A small random GPT whose linear maps have non-zero biases."""
     torch.manual_seed(seed)
     config = dict(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16)
-    return GPT(GPTConfig(**{**config, **overrides})).eval()
+    gpt = GPT(GPTConfig(**{**config, **overrides})).eval()
+    randomize_biases(gpt, seed)
+    return gpt
 
 
 def tokens(seed=0, B=3, T=12, vocab=50):
@@ -75,6 +79,50 @@ def test_expert_adds_its_low_rank_update():
     assert layer.lora_A[1].grad.abs().max() > 0 and layer.lora_B[1].grad.abs().max() > 0
     for k in (0, 2):
         assert layer.lora_A[k].grad is None and layer.lora_B[k].grad is None
+
+
+IN, OUT = 48, 64  # a layer whose (out, in) product is larger than any tensor of a forward over 2 x 3 tokens
+
+
+def weight_sized(ops):
+    """The operations that computed a tensor of in * out elements or more (B_k A_k, A_k^T B_k^T, a merged weight);
+    views aside (the base's W^T is one)."""
+    return [(name, shapes) for name, shapes, view in ops if not view and any(math.prod(s) >= IN * OUT for s in shapes)]
+
+
+def rule_layer(n_experts):
+    """A LoRALinear (48 -> 64, rank 4) with random B and a non-zero bias."""
+    torch.manual_seed(n_experts)
+    layer = LoRALinear(torch.nn.Linear(IN, OUT), n_experts=n_experts, rank=4)
+    for B in layer.lora_B:
+        torch.nn.init.normal_(B)
+    return layer
+
+
+@pytest.mark.assignment1
+def test_one_expert_never_forms_an_out_by_in_product():
+    """The handout's rule: the one-expert forward multiplies (B, T, in) -> (B, T, r) -> (B, T, out); none of its
+    operations makes a tensor of in * out elements (B_k A_k, A_k^T B_k^T, W + delta_weight(k)), which would cost
+    in * out per token instead of r * (in + out)."""
+    layer = rule_layer(2)
+    layer.route = 1
+    x = torch.randn(2, 3, IN)
+    assert weight_sized(ops_of(layer, x)) == []
+
+
+@pytest.mark.assignment2
+def test_gather_has_no_loop_over_samples_or_experts():
+    """The handout's rules: a mixed batch runs the same number of tensor operations for 2 samples of 2 experts as for
+    6 samples of 5 (no Python loop over samples or experts), and none makes a tensor of in * out elements (no
+    per-sample B_k A_k)."""
+    counts = []
+    for n_experts, n_samples in ((2, 2), (5, 6)):
+        layer = rule_layer(n_experts)
+        layer.route = torch.arange(n_samples) % n_experts
+        ops = ops_of(layer, torch.randn(n_samples, 3, IN))
+        assert weight_sized(ops) == []
+        counts.append(len(ops))
+    assert counts[0] == counts[1], counts
 
 
 def dropout_layer(route):
@@ -246,7 +294,7 @@ def test_expert_lowers_its_own_domain_most(arith_run):
     first, last = records[0], records[-1]
     assert first["step"] == 0 and last["step"] == LORA_ITERS
     drops = {k: first[k] - last[k] for k in first if k.startswith("loss/")}
-    assert set(drops) == {"loss/upper", "loss/double", "loss/reverse", "loss/arith"}  # count is held back
+    assert set(drops) == {"loss/upper", "loss/lower", "loss/double", "loss/reverse", "loss/arith"}  # not count
     assert drops["loss/arith"] > 0.1, drops
     assert max(drops, key=drops.get) == "loss/arith", drops
 
@@ -272,6 +320,6 @@ def test_sample_with_adapter_prints_text(arith_run, tiny_base, capsys):
         set_route(model, 0)
     result = sample.main([f"--base={tiny_base}", expert, "--prompt=12+34=", "--max_new_tokens=8", "--num_samples=2"])
     text = capsys.readouterr().out
-    assert result.shape == (2, 6 + 8)
+    assert result.shape == (2, 7 + 8)  # the prompt, the newline sample.py ends it with, 8 new tokens
     assert text.count("--- prompt 1, sample") == 2
     assert text.count("12+34=") == 2

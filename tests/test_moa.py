@@ -15,24 +15,28 @@ import torch.nn.functional as F
 import sample
 import train_lora
 import train_router
+from batches import TaskData
 from config import UserError
-from conftest import assert_one_line_error, randomize_B, run_script
+from conftest import assert_one_line_error, ops_of, randomize_B, randomize_biases, run_script
 from evaluate import evaluate_tasks, left_pad
-from files import fingerprint, load_base, load_bundle, load_expert, read_safetensors, save_bundle, write_safetensors
+from files import fingerprint, load_base, load_bundle, load_expert, save_bundle
 from moa import MODES, LoRALinear, MoA, add_experts, lora_layers, pool, set_route, vote
-from model import GPT, GPTConfig, KVCache
-from trainer import TaskData
+from model import GPT, GPTConfig
+from storage import read_safetensors, write_safetensors
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOMAINS = "arith,reverse"  # two tasks whose prompts differ in kind: a tiny router tells them apart
 # --fast=False: the graded tests run the plain method (the student's code); tests/test_fast.py checks fast.py
 COMMON = ["--batch_size=8", "--eval_iters=1", "--progress=False", "--device=cpu", "--seed=1", "--fast=False"]
-ROUTER_ITERS = 100
+ROUTER_ITERS = 200  # with the shared phrasings a tiny base needs ~200 steps to tell the tasks apart
 
 
 def tiny_gpt(seed=0):
+    """A small random GPT whose linear maps have non-zero biases."""
     torch.manual_seed(seed)
-    return GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16)).eval()
+    gpt = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16)).eval()
+    randomize_biases(gpt, seed)
+    return gpt
 
 
 def padded_batch(vocab=50):
@@ -84,8 +88,11 @@ def trained(tiny_data, tiny_base, tmp_path_factory):
             f"--max_iters={ROUTER_ITERS}",
             f"--eval_interval={ROUTER_ITERS}",
             "--learning_rate=0.1",
+            "--router_lr=0.1",
+            "--router_input=block",  # the block's input, as the paper draws it: what the assignments build
             "--min_lr=0.01",
             "--warmup_iters=5",
+            "--schedule=cosine",
         ]
     )
     return {
@@ -168,11 +175,12 @@ def test_gather_gradients_equal_a_loop_over_samples(monkeypatch):
         torch.testing.assert_close(gathered, looped, rtol=0, atol=1e-5)
 
 
-def tiny_moa(domains=("a", "b", "c"), n_layer=2, seed=0):
-    """A MoA over a small random GPT whose experts and routers all do something."""
+def tiny_moa(domains=("a", "b", "c"), n_layer=2, seed=0, pooling="mean"):
+    """A MoA over a small random GPT (non-zero biases) whose experts and routers all do something."""
     torch.manual_seed(seed)
     gpt = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=n_layer, n_head=2, n_embd=16))
-    moa = MoA(gpt, list(domains), rank=4).eval()
+    randomize_biases(gpt, seed)
+    moa = MoA(gpt, list(domains), rank=4, pooling=pooling).eval()
     randomize_B(moa)
     for router in moa.routers:
         torch.nn.init.normal_(router.weight, std=1.0)
@@ -183,12 +191,14 @@ def tiny_moa(domains=("a", "b", "c"), n_layer=2, seed=0):
 @pytest.mark.assignment3
 def test_pool_is_the_mean_over_real_tokens():
     """pool(x, pad_mask, "mean") is each row's mean over its unpadded tokens, or over all without a mask (1e-6);
-    pool(x, pad_mask, "last") is the last token, and with a prefix mask the prefix's last token."""
+    pool(x, pad_mask, "last") is the last token (with a mask or without), and with a prefix mask the prefix's last
+    token."""
     x = torch.randn(4, 12, 16, generator=torch.Generator().manual_seed(0))
     _, mask = padded_batch()
     expected = torch.stack([x[b, mask[b]].mean(0) for b in range(4)])
     torch.testing.assert_close(pool(x, mask, "mean"), expected, rtol=0, atol=1e-6)
     torch.testing.assert_close(pool(x, None, "mean"), x.mean(1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(pool(x, None, "last"), x[:, -1], rtol=0, atol=0)
     torch.testing.assert_close(pool(x, mask, "last"), x[:, -1], rtol=0, atol=0)
     prefix = torch.arange(12) < torch.tensor([[3], [12], [1], [7]])
     torch.testing.assert_close(pool(x, prefix, "last"), x[torch.arange(4), torch.tensor([2, 11, 0, 6])], rtol=0, atol=0)
@@ -196,10 +206,26 @@ def test_pool_is_the_mean_over_real_tokens():
 
 
 @pytest.mark.assignment3
-def test_routers_reading_a_prefix_see_what_the_prompt_gives():
+def test_pool_and_vote_have_no_loop_over_samples():
+    """The handout's rule: pool (each way, with a mask and without) and vote run the same number of tensor operations
+    for 2 samples as for 6."""
+    counts = []
+    for n in (2, 6):
+        g = torch.Generator().manual_seed(n)
+        x, mask = torch.randn(n, 12, 16, generator=g), torch.arange(12) >= torch.randint(12, (n, 1), generator=g)
+        probs = F.softmax(torch.randn(4, n, 3, generator=g), dim=-1)  # (L, B, K)
+        pools = [(x, m, how) for m in (mask, None) for how in ("mean", "last")]
+        votes = ops_of(vote, probs.argmax(-1), probs)
+        counts.append([len(ops_of(pool, *args)) for args in pools] + [len(votes)])
+    assert counts[0] == counts[1], counts
+
+
+@pytest.mark.assignment3
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_routers_reading_a_prefix_see_what_the_prompt_gives(pooling):
     """With router_mask on each row's first L tokens, every router's logits equal those of the L-token prompt run alone
-    (1e-5): attention is causal, so training on prefixes teaches the routers short prompts for free."""
-    moa = tiny_moa(n_layer=3)
+    (1e-5), with either pooling: attention is causal, so training on prefixes teaches the routers short prompts."""
+    moa = tiny_moa(n_layer=3, pooling=pooling)
     idx = torch.randint(50, (3, 12), generator=torch.Generator().manual_seed(1))
     lengths = [4, 12, 9]
     with torch.no_grad():
@@ -231,13 +257,33 @@ def test_vote_is_the_majority_and_ties_go_to_probability():
     )  # layer 1 (the last)
     # mean over layers: sample 0 (0.55, 0.45) -> 0, though the last layer says 1; sample 1 (0.35, 0.65) -> 1, not id 0
     assert vote(routes, probs).tolist() == [0, 1]
+    # four layers tie 2 to 2 in each sample, each layer voting for its most probable expert; each sample tells the
+    # mean over layers from another rule: A the highest probability in any layer (0.65 for 1) and the higher id;
+    # B the mean over the layers that voted for the expert (0.52 for 1); C the geometric mean (0.001 sinks 0);
+    # D the most probable expert of all (2, which no layer chose) and the lowest id or the first layer (0)
+    probs = torch.tensor(
+        [  # samples A, B, C, D; layers 0..3
+            [[0.6, 0.1, 0.3], [0.5, 0.2, 0.3], [0.9, 0.1, 0.0], [0.4, 0.25, 0.35]],
+            [[0.6, 0.1, 0.3], [0.5, 0.2, 0.3], [0.9, 0.1, 0.0], [0.4, 0.25, 0.35]],
+            [[0.4, 0.45, 0.15], [0.43, 0.52, 0.05], [0.3, 0.7, 0.0], [0.25, 0.4, 0.35]],
+            [[0.3, 0.65, 0.05], [0.43, 0.52, 0.05], [0.001, 0.6, 0.399], [0.2, 0.45, 0.35]],
+        ]
+    )  # (L=4, B=4, K=3)
+    mean = probs.mean(0)  # A (0.475, 0.325), B (0.465, 0.36), C (0.525, 0.375), D (0.3125, 0.3375) for (0, 1)
+    routes = probs.argmax(-1)  # (L, B)
+    assert (F.one_hot(routes, 3).sum(0)[:, :2] == 2).all()  # in every sample 2 layers chose 0 and 2 chose 1
+    assert (mean[:, 0] > mean[:, 1]).tolist() == [True, True, True, False]
+    assert vote(routes, probs).tolist() == [0, 0, 0, 1]
 
 
 @pytest.mark.assignment3
-def test_router_logits_and_cls_loss_by_hand():
-    """Router i's logits are its linear map of block i's input averaged over real tokens (1e-5); in label mode every
-    layer routes by the label; loss - L_LM is eta times the routers' cross-entropy averaged over layers (1e-6)."""
-    moa = tiny_moa()
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_router_logits_and_cls_loss_by_hand(pooling):
+    """Router i's logits are its linear map (with its bias) of block i's input pooled as the MoA's setting says: the
+    mean over real tokens, or the last real token (1e-5); in label mode every layer routes by the label; loss - L_LM
+    is eta times the routers' cross-entropy averaged over layers (1e-6), and routing["cls_loss"] is that
+    cross-entropy, detached, whether targets are given or not (without them the loss is the GPT's: None)."""
+    moa = tiny_moa(pooling=pooling)
     idx, mask = padded_batch()
     targets = torch.where(mask, idx, -1)
     labels = torch.tensor([2, 0, 1, 2])
@@ -256,13 +302,18 @@ def test_router_logits_and_cls_loss_by_hand():
         h.remove()
     by_hand = []
     for i, router in enumerate(moa.routers):
-        pooled = torch.stack([inputs[i][b, mask[b]].mean(0) for b in range(4)])  # (B, C)
+        real = [inputs[i][b, mask[b]] for b in range(4)]  # each row's real tokens (n_b, C)
+        pooled = torch.stack([r.mean(0) if pooling == "mean" else r[-1] for r in real])  # (B, C)
         by_hand.append(pooled @ router.weight.t() + router.bias)  # (B, K)
         torch.testing.assert_close(moa.routing["logits"][i], by_hand[-1], rtol=0, atol=1e-5)
     assert torch.equal(moa.routing["routes"], labels.expand(2, -1))
     cls_loss = sum(F.cross_entropy(logits, labels) for logits in by_hand) / len(by_hand)
     torch.testing.assert_close(loss - lm_loss, 0.7 * cls_loss, rtol=0, atol=1e-6)
     assert (loss - lm_loss).item() > 0.1  # the routers are random: L_cls is far from zero
+    torch.testing.assert_close(moa.routing["cls_loss"], cls_loss, rtol=0, atol=1e-6)
+    _, no_targets = moa(idx, pad_mask=mask, domain=labels, mode="label")  # with gradients: the routers train
+    assert no_targets is None and not moa.routing["cls_loss"].requires_grad
+    torch.testing.assert_close(moa.routing["cls_loss"], cls_loss, rtol=0, atol=1e-6)
 
 
 @pytest.mark.assignment3
@@ -282,25 +333,61 @@ def test_layer_mode_routes_each_layer_by_its_own_router():
     torch.testing.assert_close(logits, by_hand, rtol=0, atol=1e-6)
 
 
-@pytest.mark.assignment4
-@pytest.mark.parametrize("mode, expected", [("layer", [1, 1, 2]), ("last", [2, 2, 2]), ("vote", [1, 1, 1])])
-def test_decoding_uses_the_routes_stored_at_prefill(mode, expected):
-    """Prefill stores in cache.route each layer's own choice (layer) or the one decision in every layer (last,
-    vote); each decoding step (one expert per layer here: the plain path) equals the GPT routed by hand with
-    cache.route (the gather; 1e-6), whatever the routers say now."""
-    moa = tiny_moa(n_layer=3)
+@pytest.mark.assignment3
+@pytest.mark.parametrize("mode", ["layer", "last", "vote"])
+def test_labels_route_only_in_label_mode(mode):
+    """Given domain labels in another mode (train_router.py --mode=layer passes them, for L_cls), each block is still
+    routed by its own router's top-1, in training and in evaluation: the routes and logits (1e-6) are those without
+    labels; and L_cls is recorded and added, loss - L_LM = eta * L_cls (1e-6)."""
+    moa = tiny_moa()
+    idx, mask = padded_batch()
+    targets = torch.where(mask, idx, -1)
     with torch.no_grad():
-        for router, k in zip(moa.routers, [1, 1, 2]):  # constant routers: layers 0 and 1 pick expert 1, the last 2
+        expected, lm_loss = moa(idx, targets, pad_mask=mask, mode=mode)
+        predicted = moa.routing["predicted"]  # (L, B)
+        labels = (predicted[-1] + 1) % 3  # no label is the last router's choice
+        for training in (True, False):
+            logits, loss = moa.train(training)(idx, targets, pad_mask=mask, domain=labels, mode=mode)
+            assert torch.equal(moa.routing["routes"], predicted), training
+            torch.testing.assert_close(logits, expected, rtol=0, atol=1e-6)
+            assert moa.routing["cls_loss"] > 0.1  # random routers, labels none of them chose last
+            torch.testing.assert_close(loss - lm_loss, moa.eta * moa.routing["cls_loss"], rtol=0, atol=1e-6)
+    moa.eval()
+
+
+ROUTERS = [1, 1, 2]  # constant routers: blocks 0 and 1 pick expert 1, the last block expert 2
+LABELS = [0, 2, 1, 0]
+
+
+@pytest.mark.assignment4
+@pytest.mark.parametrize(
+    "mode, expected",
+    [("layer", [[1] * 4, [1] * 4, [2] * 4]), ("last", [[2] * 4] * 3), ("vote", [[1] * 4] * 3), ("label", [LABELS] * 3)],
+)
+def test_decoding_uses_the_routes_stored_at_prefill(mode, expected):
+    """Prefill stores in cache.route (L, B) each layer's own choice (layer), the one decision in every layer (last,
+    vote) or the labels, not what the routers say (label); each decoding step (one expert per layer here: the plain
+    path) equals the GPT routed by hand with cache.route (the gather; 1e-6), whatever the routers say now, and no
+    router runs while decoding."""
+    moa = tiny_moa(n_layer=3)
+    domain = torch.tensor(LABELS) if mode == "label" else None
+    with torch.no_grad():
+        for router, k in zip(moa.routers, ROUTERS):
             router.weight.zero_()
             router.bias.copy_(F.one_hot(torch.tensor(k), 3) * 10.0)
         idx, mask = padded_batch()
-        cache = KVCache(3)
-        moa(idx, pad_mask=mask, cache=cache, mode=mode)
-        assert torch.equal(cache.route, torch.tensor(expected)[:, None].expand(3, 4))
+        cache = moa.new_cache()
+        moa(idx, pad_mask=mask, cache=cache, domain=domain, mode=mode)
+        assert torch.equal(cache.route, torch.tensor(expected))
         for router in moa.routers:  # the routers now disagree with the stored decision: decoding must not ask them
             router.bias.copy_(F.one_hot(torch.tensor(0), 3) * 10.0)
+        asked = []
+        hooks = [router.register_forward_hook(lambda *args: asked.append(1)) for router in moa.routers]
         step, ones = torch.full((4, 1), 7), torch.ones(4, 1, dtype=torch.bool)
-        decoded, _ = moa(step, pad_mask=ones, cache=copy.deepcopy(cache), mode=mode)
+        decoded, _ = moa(step, pad_mask=ones, cache=copy.deepcopy(cache), domain=domain, mode=mode)
+        for h in hooks:
+            h.remove()
+        assert asked == []
         for block, route in zip(moa.gpt.transformer.h, cache.route):
             set_route(block, route)
         by_hand, _ = moa.gpt(step, pad_mask=ones, cache=copy.deepcopy(cache))
@@ -356,7 +443,7 @@ def test_last_and_vote_fix_one_decision_at_prefill(trained, mode):
     with torch.no_grad():
         moa.routers[-1].bias.copy_(torch.tensor([-100.0, 100.0]))  # the last layer disagrees: always expert 1
     idx, mask, _ = prompts(moa)
-    cache = KVCache(moa.config.n_layer)
+    cache = moa.new_cache()
     with torch.no_grad():
         moa(idx, pad_mask=mask, cache=cache, mode=mode)
         assert torch.equal(moa.routing["predicted"], torch.tensor([[0, 1], [1, 1]]))  # the layers disagree on sample 0
@@ -381,7 +468,7 @@ def test_layer_mode_keeps_each_layers_route(trained):
     """With mode layer, prefill stores each layer's own router choice in cache.route."""
     moa = trained["moa"]
     idx, mask, _ = prompts(moa)
-    cache = KVCache(moa.config.n_layer)
+    cache = moa.new_cache()
     with torch.no_grad():
         moa(idx, pad_mask=mask, cache=cache, mode="layer")
     assert torch.equal(cache.route, moa.routing["predicted"])

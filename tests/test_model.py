@@ -6,8 +6,10 @@ import os
 import pytest
 import torch
 
-from files import read_safetensors, write_safetensors
+from config import UserError
+from gpt2 import load_gpt2
 from model import GPT, GPTConfig
+from storage import read_safetensors, write_safetensors
 
 TINY = GPTConfig(block_size=64, vocab_size=50, n_layer=2, n_head=2, n_embd=32)
 
@@ -137,7 +139,7 @@ def test_from_pretrained_safetensors_matches_transformers(tmp_path):
     hf = random_hf_gpt2()
     hf.save_pretrained(tmp_path)
     assert os.path.isfile(tmp_path / "model.safetensors")
-    ours = GPT.from_pretrained(str(tmp_path)).eval()
+    ours = load_gpt2(str(tmp_path)).eval()
     assert ours.config.n_layer == 2 and ours.config.block_size == 64 and ours.config.vocab_size == 300
     assert_same_logits(ours, hf)
 
@@ -146,7 +148,7 @@ def test_from_pretrained_padded_matches_transformers(tmp_path):
     """Left-padded prompts give transformers' logits when it is given the attention mask and real-token positions."""
     hf = random_hf_gpt2()
     hf.save_pretrained(tmp_path)
-    ours = GPT.from_pretrained(str(tmp_path)).eval()
+    ours = load_gpt2(str(tmp_path)).eval()
     idx, mask = left_padded([list(range(10, 30)), list(range(40, 52))])
     positions = (mask.long().cumsum(1) - 1).clamp(min=0)
     with torch.no_grad():
@@ -160,27 +162,27 @@ def test_from_pretrained_pytorch_bin_matches_transformers(tmp_path):
     hf = random_hf_gpt2(seed=1)
     hf.config.save_pretrained(tmp_path)
     torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
-    ours = GPT.from_pretrained(str(tmp_path)).eval()
+    ours = load_gpt2(str(tmp_path)).eval()
     assert_same_logits(ours, hf)
 
 
-def test_from_pretrained_offline_hub_name(monkeypatch):
-    """A hub name while offline fails at once with a ValueError that says what to do."""
+def test_gpt2_offline_hub_name(monkeypatch):
+    """A hub name while offline fails at once with a UserError that says what to do."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     try:
         import huggingface_hub.constants
 
         monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once, at import
     except ImportError:
-        pass  # then download_gpt2 reports the missing package, also as a ValueError
+        pass  # then download_gpt2 reports the missing package, also as a UserError
     try:
-        GPT.from_pretrained("gpt2")
-    except ValueError as e:
+        load_gpt2("gpt2")
+    except UserError as e:
         assert "cannot download gpt2" in str(e) and "pass its path" in str(e)
     else:
         pytest.skip("gpt2 is in the local Hugging Face cache")
-    with pytest.raises(ValueError, match="neither a folder nor"):
-        GPT.from_pretrained("no-such-model")
+    with pytest.raises(UserError, match="neither a folder nor"):
+        load_gpt2("no-such-model")
 
 
 def example_tensors():

@@ -21,13 +21,15 @@ import export
 import train_base
 import train_lora
 import train_router
+from batches import CorpusData
 from config import UserError
 from conftest import REPO_ROOT, TINY_BASE_ARGS, assert_one_line_error, run_script
 from data.prepare import main as prepare
-from files import atomic_write, fingerprint, load_base, save_bundle, save_expert
+from files import fingerprint, load_base, save_bundle, save_expert
 from moa import MoA, add_experts
 from model import GPT, GPTConfig
-from trainer import CorpusData, TrainConfig, train
+from storage import atomic_write
+from trainer import TrainConfig, train
 
 SMALL_DATA = ["--only=arith", "--records=50", "--val_records=5"]
 

@@ -1,0 +1,150 @@
+"""The pictures of results.py, drawn with matplotlib (installed by requirements.txt), into out/results/:
+
+- budget.png    exact match against the training records seen (log axis), one line per variant: MoA at each
+                budget and at its plateau, the shared LoRAs saved along their runs, per task and on average
+- learning.png  each stage-1 expert's validation loss over its run, beside the one shared LoRA's on that task
+- matrix.png    the transfer matrix: how much learning task j beside task i changes i's exact match
+- routing.png   where MoA's routers send each task's validation prompts (its confusion matrix)
+
+Read next: demo.py.
+"""
+
+import json
+import os
+
+VARIANTS = {  # line -> (its budget rows' variant, its plateau row in the main table)
+    "MoA": ("MoA", "MoA (joint)"),
+    "one LoRA (rank r)": ("one LoRA (rank r)", "one LoRA, all tasks (rank r)"),
+    "one LoRA (rank Kr)": ("one LoRA (rank {K}r)", "one LoRA, all tasks (rank {K}r)"),
+    "MoE-LoRA naive": ("MoE-LoRA naive", "MoE-LoRA naive (random experts)"),
+}
+
+
+def draw(cfg, stats, found, domains, run_dir):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no pictures: `pip install matplotlib` for them")
+        return
+    folder = os.path.join(cfg.out, "results")
+    drawn = [
+        budget(plt, stats, domains, folder),
+        learning(plt, run_dir, domains, folder),
+        matrix(plt, stats, domains, folder),
+        routing(plt, stats, domains, folder, cfg.mode),
+    ]
+    print(f"pictures: {', '.join(p for p in drawn if p)}")
+
+
+def points(stats, variant, plateau, metric):
+    """(records, mean, std) of a variant's budget rows and its plateau row, in order of records."""
+    rows = [r for r in stats.get("budget", {}).values() if r.get("variant") == variant]
+    rows += [stats["main"][plateau]] if plateau in stats.get("main", {}) else []
+    found = {int(r["samples"][0]): (r[metric][0], r[metric][1]) for r in rows if metric in r}
+    return [(n, *found[n]) for n in sorted(found)]
+
+
+def budget(plt, stats, domains, folder):
+    K = len(domains)
+    metrics = [("em_mean", "mean")] + [(f"em/{d}", d) for d in domains]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.2), squeeze=False)
+    for ax, (metric, title) in zip(axes[0], metrics):
+        for label, (variant, plateau) in VARIANTS.items():
+            line = points(stats, variant.format(K=K), plateau.format(K=K), metric)
+            if line:
+                x, y, e = zip(*line)
+                ax.errorbar(x, [100 * v for v in y], [100 * v for v in e], marker="o", capsize=2, label=label)
+        ax.set(xscale="log", title=title, xlabel="training records seen", ylabel="exact match (%)", ylim=(-2, 102))
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(folder, "budget.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def read_log(path):
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def learning(plt, run_dir, domains, folder):
+    stage1 = read_log(os.path.join(run_dir, "experts", "stage1", "log.jsonl"))
+    mixed = read_log(os.path.join(run_dir, "mixed", "all", "log.jsonl"))
+    if not stage1:
+        return None
+    fig, axes = plt.subplots(1, len(domains), figsize=(3.2 * len(domains), 3.2), squeeze=False)
+    for ax, d in zip(axes[0], domains):
+        for log, key, label in ((stage1, f"watch/{d}", f"{d} expert"), (mixed, f"loss/{d}", "one LoRA, all tasks")):
+            curve = [(r["step"], r[key]) for r in log if key in r]
+            if curve:
+                ax.plot(*zip(*curve), marker=".", label=label)
+        ax.set(title=d, xlabel="step", ylabel="validation loss (nats/token)", yscale="log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(folder, "learning.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def matrix(plt, stats, domains, folder):
+    cells = stats.get("matrix")
+    if not cells:
+        return None
+    change = [
+        [100 * (cells[f"{a}|{b}"]["em"][0] - cells[f"{a}|{a}"]["em"][0]) if a != b else 0.0 for b in domains]
+        for a in domains
+    ]
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    bound = max(1.0, max(abs(v) for row in change for v in row))
+    image = ax.imshow(change, cmap="RdBu", vmin=-bound, vmax=bound)
+    for i, row in enumerate(change):
+        for j, v in enumerate(row):
+            text = f"{100 * cells[f'{domains[i]}|{domains[i]}']['em'][0]:.0f}%" if i == j else f"{v:+.0f}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8)
+    ax.set(
+        xticks=range(len(domains)),
+        yticks=range(len(domains)),
+        xticklabels=domains,
+        yticklabels=domains,
+        xlabel="trained beside it (j)",
+        ylabel="task measured (i)",
+        title="exact match of i: change when j is learned too (points)",
+    )
+    fig.colorbar(image)
+    fig.tight_layout()
+    path = os.path.join(folder, "matrix.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def routing(plt, stats, domains, folder, mode):
+    moa = stats.get("main", {}).get("MoA (joint)")
+    if not moa or "confusion" not in moa:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.imshow(moa["confusion"], cmap="Blues")
+    for i, counts in enumerate(moa["confusion"]):
+        for j, n in enumerate(counts):
+            ax.text(j, i, n, ha="center", va="center")
+    ax.set(
+        title=f"MoA: where each task's prompts went (mode {mode})",
+        xticks=range(len(domains)),
+        yticks=range(len(domains)),
+        xticklabels=domains,
+        yticklabels=domains,
+        xlabel="expert",
+        ylabel="task",
+    )
+    fig.tight_layout()
+    path = os.path.join(folder, "routing.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
