@@ -59,7 +59,7 @@ class DemoConfig:
     base_iters: int = 1200  # steps of the base's pretraining
     cap: int = 0  # an expert's most steps to its plateau (a shared LoRA's: K times it); 0: 300, or 1000 with --full
     stop_flat: float = 0.02  # the plateau rule (trainer.flat): less than 2% better over the last 20% of steps
-    budgets: str = "100"  # stage-1 steps per expert at each budget point (--full: 50,100,150)
+    budgets: str = ""  # stage-1 steps per expert at each budget point; "": 100, or 50,100,150 with --full
     pair_steps: int = 150  # steps of each LoRA of the transfer matrix (--full)
     add_iters: int = 300  # steps of the new router row when a task is added
     device: str = "auto"  # every step's: auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
@@ -165,7 +165,7 @@ class Progress:
 
 
 def budgets(cfg):
-    text = cfg.budgets if not cfg.full or cfg.budgets != DemoConfig.budgets else "50,100,150"
+    text = cfg.budgets or ("50,100,150" if cfg.full else "100")
     try:
         values = sorted({int(b) for b in text.split(",") if b.strip()})
     except ValueError:
