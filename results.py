@@ -398,8 +398,8 @@ def main_tables(rows, domains, cfg):
     routed = {n: r for n, r in rows.items() if "route_mean" in r}
     return "\n\n".join(
         [
-            "Exact match of the greedy answer, each model at its plateau (records and steps: what it trained on):\n\n"
-            + table(rows, per_task(domains, "em", True) + about),
+            "Exact match of the greedy answer, each model trained to its plateau or its cap (records and steps: "
+            "where it stopped):\n\n" + table(rows, per_task(domains, "em", True) + about),
             "Response loss (nats per token; perplexity is its exp):\n\n"
             + table(rows, per_task(domains, "loss", False)),
             "ROUGE-L of the greedy answer against the reference, over characters:\n\n"
@@ -443,7 +443,7 @@ def controls_table(main, budget, budgets, domains):
         for control in ("equal records", "equal updates"):
             others = [budget.get(f"{n}, budget {b}, {control}") for n in names]
             lines.append(f"| budget {b}, {control} | {em(moa)} | " + " | ".join(em(r) for r in others) + " |")
-    lines.append("| each at its plateau | " + " | ".join(em(main.get(n)) for n in plateau) + " |")
+    lines.append("| each at its plateau or cap | " + " | ".join(em(main.get(n)) for n in plateau) + " |")
     return "\n".join(lines)
 
 
@@ -573,7 +573,7 @@ def write_tables(cfg, stats, domains, budgets, new, run_dirs):
                 [
                     ("loss (mean)", get("loss_mean")),
                     ("EM (mean)", get("em_mean", True)),
-                    ("steps to plateau", count("steps")),
+                    ("steps (plateau or cap)", count("steps")),
                 ],
             )
         )
