@@ -232,6 +232,7 @@ class Plan:
         saves = [f"--save_at={','.join(str(s) for s in steps)}"] + self.shared_plateau
         mixed, K = self.common + ["--domain=all", f"--out_dir={self.X}"], self.K
         naive = self.router + ["--mode=token", "--eta=0", "--expert_init=random", "--name=moe_lora_naive"]
+        naive += [f"--learning_rate={train_lora.LoRAConfig.learning_rate}"]  # random experts learn at stage 1's rate
         return [
             self.step("one LoRA on all tasks", f"{self.X}/all.safetensors", train_lora, mixed + saves),
             self.step(

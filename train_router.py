@@ -66,8 +66,8 @@ class RouterConfig(TaskConfig):
     train_old_rows: bool = False  # when adding a domain: also retrain the routers' old rows (old routing may move)
     batch_size: int = 32
     eval_iters: int = 2
-    learning_rate: float = 3e-3  # the experts' peak learning rate
-    min_lr: float = 3e-4
+    learning_rate: float = 3e-4  # the experts' rate: at stage 1's 3e-3 stage 2 undid a third of them (LOG.md)
+    min_lr: float = 3e-5
     router_lr: float = 0.01  # the routers' learning rate (their schedule is the experts', scaled); 0.1 was noisier
     warmup_iters: int = 20
     weight_decay: float = 0.0
