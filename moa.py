@@ -297,15 +297,17 @@ class MoA(nn.Module):
             raise TypeError("a MoA decodes with its own cache: moa.new_cache(), a RoutedCache")
         if cache is not None and cache.route is not None:  # decoding: the route was decided at prefill
             return self.decode(idx, pad_mask, cache)
-        base_stream = self.router_input == "base" and (cache is None or cache.length == 0)  # mode token decodes here
+        pooled = mode != "token" or domain is not None  # token mode pools only for L_cls, which needs labels
+        base_stream = pooled and self.router_input == "base" and (cache is None or cache.length == 0)
         x, attn_mask = self.gpt.embed(idx, pad_mask, cache)  # (B, T, C)
         mask = pad_mask if router_mask is None else router_mask
         seen = x  # what the routers read: block i's input, or (router_input base) the frozen base's there
         router_logits, routes = [], []  # per block: (B, K), (B,)
         for i in range(len(self.blocks)):
-            logits, route = self.route_block(i, seen, mask, domain, "layer" if mode == "token" else mode)
-            router_logits.append(logits)
-            routes.append(route)
+            if pooled:
+                logits, route = self.route_block(i, seen, mask, domain, "layer" if mode == "token" else mode)
+                router_logits.append(logits)
+                routes.append(route)
             if mode == "token":  # the per-token mixture routes; the pooled logits above only feed L_cls
                 route = self.token_mixture(i, x)  # (B, T, K)
             if base_stream and i + 1 < len(self.blocks):
@@ -313,8 +315,12 @@ class MoA(nn.Module):
             x = self.run_block(i, x, route, attn_mask, cache, noise)
             seen = seen if base_stream else x
         logits, lm_loss = self.gpt.head(x, targets)
+        self.routing = {}  # token mode: no one choice
+        if not pooled:
+            return logits, lm_loss
         router_logits, routes = torch.stack(router_logits), torch.stack(routes)  # (L, B, K), (L, B)
-        self.routing = {} if mode == "token" else self.summary(router_logits, routes, mode)  # token: no one choice
+        if mode != "token":
+            self.routing = self.summary(router_logits, routes, mode)
         if cache is not None and mode != "token":
             # BEGIN ASSIGNMENT 4: cache.route (L, B): last/vote: the decision in every layer; else each layer's own
             fixed = mode in ("last", "vote")

@@ -130,6 +130,31 @@ def test_prefill_routes_each_block_by_its_own_router_and_decoding_keeps_the_deci
         assert bool((routing["decision"] != routing["predicted"]).any())  # the case is not trivial
 
 
+def test_token_mode_calls_each_router_once_per_block_and_token_and_runs_no_frozen_copy():
+    """Mode token at inference: each block's router runs once per forward (its per-token mixture), in prefill and
+    in every decoding step; nothing else runs for it: no pooled router (only L_cls needs it), no frozen base block
+    for routers that read the base. A forward with labels still pools (L_cls)."""
+    moa = moa_model(3).eval()
+    moa.router_input = "base"
+    g = torch.Generator().manual_seed(6)
+    idx, mask = left_pad([torch.randint(40, (n,), generator=g).tolist() for n in (9, 5)], 0)
+    calls, frozen = [], []
+    hooks = [r.register_forward_hook(lambda *a: calls.append(1)) for r in moa.routers]
+    real = moa.base_block
+    moa.base_block = lambda *a: frozen.append(1) or real(*a)
+    cache = moa.new_cache()
+    with torch.no_grad():
+        moa(idx, pad_mask=mask, cache=cache, mode="token")
+        assert len(calls) == L and frozen == []
+        moa(torch.zeros(2, 1, dtype=torch.long), pad_mask=torch.ones(2, 1, dtype=torch.bool), cache=cache, mode="token")
+        assert len(calls) == 2 * L and frozen == []
+        moa(idx, pad_mask=mask, domain=torch.tensor([0, 1]), mode="token")
+    for h in hooks:
+        h.remove()
+    assert len(calls) == 4 * L and "cls_loss" in moa.routing  # with labels: the mixture and the pooled router
+    assert len(frozen) == L - 1  # and the frozen blocks the routers after the first read
+
+
 def test_routers_reading_the_base_see_the_frozen_base_and_train_alone():
     """With router_input base, router i's logits are its linear map of the frozen base's block-i hidden states
     pooled over the prompt (1e-5), whatever the experts do; L_cls then reaches the routers and no expert."""
