@@ -59,11 +59,7 @@ def budget(plt, stats, domains, folder):
                 ax.errorbar(x, [100 * v for v in y], [100 * v for v in e], marker="o", capsize=2, label=label)
         ax.set(xscale="log", title=title, xlabel="training records seen", ylabel="exact match (%)", ylim=(-2, 102))
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    path = os.path.join(folder, "budget.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save(plt, fig, folder, "budget.png")
 
 
 def read_log(path):
@@ -86,11 +82,7 @@ def learning(plt, run_dir, domains, folder):
                 ax.plot(*zip(*curve), marker=".", label=label)
         ax.set(title=d, xlabel="step", ylabel="validation loss (nats/token)", yscale="log")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = os.path.join(folder, "learning.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save(plt, fig, folder, "learning.png")
 
 
 def matrix(plt, stats, domains, folder):
@@ -108,21 +100,10 @@ def matrix(plt, stats, domains, folder):
         for j, v in enumerate(row):
             text = f"{100 * cells[f'{domains[i]}|{domains[i]}']['em'][0]:.0f}%" if i == j else f"{v:+.0f}"
             ax.text(j, i, text, ha="center", va="center", fontsize=8)
-    ax.set(
-        xticks=range(len(domains)),
-        yticks=range(len(domains)),
-        xticklabels=domains,
-        yticklabels=domains,
-        xlabel="trained beside it (j)",
-        ylabel="task measured (i)",
-        title="exact match of i: change when j is learned too (points)",
-    )
+    task_axes(ax, domains, "trained beside it (j)", "task measured (i)")
+    ax.set_title("exact match of i: change when j is learned too (points)")
     fig.colorbar(image)
-    fig.tight_layout()
-    path = os.path.join(folder, "matrix.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save(plt, fig, folder, "matrix.png")
 
 
 def routing(plt, stats, domains, folder, mode):
@@ -134,17 +115,21 @@ def routing(plt, stats, domains, folder, mode):
     for i, counts in enumerate(moa["confusion"]):
         for j, n in enumerate(counts):
             ax.text(j, i, n, ha="center", va="center")
-    ax.set(
-        title=f"MoA: where each task's prompts went (mode {mode})",
-        xticks=range(len(domains)),
-        yticks=range(len(domains)),
-        xticklabels=domains,
-        yticklabels=domains,
-        xlabel="expert",
-        ylabel="task",
-    )
+    task_axes(ax, domains, "expert", "task")
+    ax.set_title(f"MoA: where each task's prompts went (mode {mode})")
+    return save(plt, fig, folder, "routing.png")
+
+
+def task_axes(ax, domains, xlabel, ylabel):
+    """A K x K picture's axes: a task per row and per column."""
+    ticks = range(len(domains))
+    ax.set(xticks=ticks, yticks=ticks, xticklabels=domains, yticklabels=domains, xlabel=xlabel, ylabel=ylabel)
+
+
+def save(plt, fig, folder, name):
+    """Lays the figure out, writes it to folder/name and frees it -> its path."""
     fig.tight_layout()
-    path = os.path.join(folder, "routing.png")
+    path = os.path.join(folder, name)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
