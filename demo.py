@@ -478,7 +478,7 @@ def main(argv=None):
     base_args = [f"--data_dir={cfg.data_dir}", f"--out_dir={out}/base", f"--max_iters={cfg.base_iters}"]
     firsts = [Step("base", f"{out}/base/ckpt.pt", train_base, base_args + [f"--device={cfg.device}"])]
     if cfg.full:  # the imbalanced variant: the same data, one task with a tenth of the training records
-        small = f"{cfg.data_dir}_{tasks[1]}_small"
+        small = small_data_dir(cfg, tasks)
         firsts.append(
             Step(
                 "data, imbalanced",
