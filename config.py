@@ -20,6 +20,7 @@ import math
 import os
 import re
 import sys
+import time
 from dataclasses import fields
 
 
@@ -28,14 +29,30 @@ class UserError(Exception):
 
 
 def cpu_threads():
-    """CPU threads for torch: OMP_NUM_THREADS if set, else one per core that is free now (the cores less the
-    load average, at least one). On a 2-core machine that another job keeps busy, two OpenMP threads that spin
-    while waiting for each other made every step 1.6-2x as slow as one thread, while on a quiet machine two
-    threads take 0.57-0.61x of one's time (`python scripts/threads.py`; the README's "Threads")."""
+    """CPU threads for torch: OMP_NUM_THREADS if set, else one per core that is free now (the cores less those
+    busy, at least one). On a 2-core machine that another job keeps busy, two OpenMP threads that spin while
+    waiting for each other made every step 1.6-2x as slow as one thread, while on a quiet machine two threads
+    take 0.57-0.61x of one's time (`python scripts/threads.py`; the README's "Threads")."""
     given = os.environ.get("OMP_NUM_THREADS", "")
     if given:
         return omp_threads(given)
-    return max(1, (os.cpu_count() or 1) - round(os.getloadavg()[0]))
+    return max(1, (os.cpu_count() or 1) - round(busy_cores()))
+
+
+def busy_cores(seconds=0.1):
+    """The cores other processes keep busy now: the machine's busy share over `seconds` (Linux's /proc/stat),
+    times its cores. Elsewhere the 1-minute load average, which lags: a job that just ended still counts."""
+
+    def ticks():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # all, and idle + waiting for I/O
+
+    try:
+        (all0, idle0), _, (all1, idle1) = ticks(), time.sleep(seconds), ticks()
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / max(all1 - all0, 1))
 
 
 def omp_threads(given):

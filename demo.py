@@ -54,9 +54,10 @@ class DemoConfig:
     full: bool = False  # the whole study: 3 seeds, budget sweep, transfer matrix, imbalanced data, plain base
     quick: bool = False  # a first look in a few minutes, into out/quick (numbers not meaningful)
     seeds: int = 0  # runs after the base, with seeds 1..seeds (0: 1, or 3 with --full)
-    data_dir: str = "data/default"  # where the data set is (prepared first if missing)
+    data_dir: str = "data/default"  # the data set (data/prepare.py); the default one is prepared first if missing
     out: str = "out"  # where everything goes: base/, runs/seed<N>/, results/, logs/
     base_iters: int = 1200  # steps of the base's pretraining
+    block_size: int = 0  # the base's context; 0: 128, or the next multiple of 64 that fits the data's longest record
     cap: int = 0  # an expert's most steps to its plateau (a shared LoRA's: K times it); 0: 300, or 1000 with --full
     stop_flat: float = 0.02  # the plateau rule (trainer.flat): less than 2% better over the last 20% of steps
     budgets: str = ""  # stage-1 steps per expert at each budget point; "": 100, or 50,100,150 with --full
@@ -68,6 +69,7 @@ class DemoConfig:
     CHECKS = {
         "seeds": AT_LEAST_0,
         "base_iters": AT_LEAST_1,
+        "block_size": AT_LEAST_0,
         "cap": AT_LEAST_0,
         "stop_flat": FRACTION,
         "pair_steps": AT_LEAST_1,
@@ -132,14 +134,16 @@ def run_steps(steps, jobs, log_dir):
 
 
 def start(s, jobs, log_dir):
-    """Starts one step's process: alone with the caller's threads and output, or on one thread into its log."""
+    """Starts one step's process: alone with the caller's threads and output, or on one thread into its log. The
+    caller's threads were counted when the demo started: a step's own count would read the load average, which
+    lags, and still counts the step that just ended (one thread where two are free)."""
     alone = jobs == 1
     print(f"\n[{s.title}] {' '.join(s.command())}", flush=True)
     log = None
     if not alone:
         os.makedirs(log_dir, exist_ok=True)
         log = open(os.path.join(log_dir, re.sub(r"[^\w+.-]+", "_", s.title) + ".log"), "w")
-    env = os.environ if alone else {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads() if alone else 1)}
     cmd = [sys.executable, *s.command()[1:]]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT if log else None, env=env)
     proc.log = log
@@ -175,9 +179,10 @@ def budgets(cfg):
     return values
 
 
-def seed_steps(cfg, out, seed, tasks, added):
+def seed_steps(cfg, out, seed, tasks, added, builtin=True):
     """One seed's runs: stage 1, MoA and its budget points, the baselines, the ablations, adding a task; with
-    --full, for seed 1, also the transfer matrix, the imbalanced variant and the base without skills."""
+    --full, for seed 1, also the transfer matrix, and on the built-in tasks the imbalanced variant and the base
+    without skills."""
     plan = Plan(cfg, out, seed, tasks)
     if cfg.quick:
         return plan.stage1() + plan.moa()[:1]
@@ -187,8 +192,20 @@ def seed_steps(cfg, out, seed, tasks, added):
     if added is not None:
         steps += plan.adding(added)
     if cfg.full and seed == 1:  # one seed of each: the controls above carry the spread over seeds
-        steps += plan.matrix() + plan.imbalanced() + plan.regime()
+        steps += plan.matrix() + (plan.imbalanced() + plan.regime() if builtin else [])
     return steps
+
+
+def built_in(meta):
+    """Whether a data set holds the built-in tasks and skills corpus (the imbalanced and regime runs need them)."""
+    generated = [t for t, info in meta["tasks"].items() if info["source"].startswith("generated")]
+    return len(generated) > 1 and "skills" in meta["corpus"]
+
+
+def base_context(meta):
+    """The context a base needs for the data set's records: 128, or the next multiple of 64 that fits the longest."""
+    longest = max(v for info in meta["tasks"].values() for k, v in info.items() if k.endswith("_longest"))
+    return data.prepare.fitting_context(longest)
 
 
 class Plan:
@@ -422,20 +439,26 @@ def examples(cfg, out, tasks, per_task=2):
         add_expert_file(mixed, mixed_path, tokenizer)
         mixed = fast.enable(mixed).eval()
     enc, data = get_tokenizer(tokenizer), TaskData(cfg.data_dir, ",".join(tasks))
-    rows = []  # (task, prompt tokens, answer text, hand-written?)
+    rows = []  # (task, prompt tokens, answer text, off the training phrasings?)
     for name in tasks:
         rows += [
             (name, p, enc.decode(r[:-1]), False) for p, r in (data.record(name, "val", i) for i in range(per_task))
         ]
-        rows += [(name, encode(enc, p + "\n"), a, True) for p, a in HAND_WRITTEN.get(name, [])[:2]]
+        if name in HAND_WRITTEN:
+            rows += [(name, encode(enc, p + "\n"), a, True) for p, a in HAND_WRITTEN[name][:2]]
+        else:  # a task of your own: its records in the phrasings of prepare.py --phrasings, if given
+            unseen = min(per_task, data.count(name, "unseen"))
+            rows += [
+                (name, p, enc.decode(r[:-1]), True) for p, r in (data.record(name, "unseen", i) for i in range(unseen))
+            ]
     prompts = [p for _, p, _, _ in rows]
     longest = max(len(encode(enc, a)) for _, _, a, _ in rows) + 1
     routed = answers(moa, prompts, longest, data.eot, mode="last")
     decision, confidence = moa.routing["decision"].tolist(), moa.routing["confidence"].tolist()
     plain = answers(mixed, prompts, longest, data.eot) if mixed else [None] * len(rows)
     print(
-        "\n[examples] MoA (mode last) against one LoRA on every task: validation prompts, and hand-written "
-        "prompts (marked *)"
+        "\n[examples] MoA (mode last) against one LoRA on every task: validation prompts, and prompts off the "
+        "training phrasings (marked *: hand-written for the built-in tasks, your --phrasings for your own)"
     )
     for (task, prompt, answer, hand), got, other, k, p in zip(rows, routed, plain, decision, confidence):
         mark = lambda text, answer=answer: f"{'+' if text == answer else '-'} {text!r}"  # noqa: E731
@@ -470,14 +493,21 @@ def main(argv=None):
     if cfg.jobs == 0:
         cfg.jobs = (os.cpu_count() or 1) if cfg.device == "cpu" else 1
     t0 = time.time()
-    prepared = [Step("data", f"{cfg.data_dir}/meta.json", data.prepare, [f"--out_dir={cfg.data_dir}"])]
     meta_path = f"{cfg.data_dir}/meta.json"
+    if not os.path.isfile(meta_path) and os.path.normpath(cfg.data_dir) != os.path.normpath(DemoConfig.data_dir):
+        raise UserError(f"--data_dir={cfg.data_dir}: no data set there (no meta.json); make it with data/prepare.py")
+    prepared = [Step("data", meta_path, data.prepare, [f"--out_dir={cfg.data_dir}"])]
     took = run_steps(prepared, 1, None)
     meta = TaskData(cfg.data_dir).meta
     tasks, added = [t for t in meta["tasks"] if t not in meta["held_back"]], (meta["held_back"] or [None])[0]
+    builtin = built_in(meta)
+    if cfg.full and not builtin:
+        print("[full] the imbalanced variant and the base without skills need the built-in tasks: left out here")
+    context = cfg.block_size or base_context(meta)
     base_args = [f"--data_dir={cfg.data_dir}", f"--out_dir={out}/base", f"--max_iters={cfg.base_iters}"]
-    firsts = [Step("base", f"{out}/base/ckpt.pt", train_base, base_args + [f"--device={cfg.device}"])]
-    if cfg.full:  # the imbalanced variant: the same data, one task with a tenth of the training records
+    base_args += [f"--block_size={context}", f"--device={cfg.device}"]
+    firsts = [Step("base", f"{out}/base/ckpt.pt", train_base, base_args)]
+    if cfg.full and builtin:  # the imbalanced variant: the same data, one task with a tenth of the training records
         small = small_data_dir(cfg, tasks)
         firsts.append(
             Step(
@@ -489,7 +519,7 @@ def main(argv=None):
             )
         )
     took.update(run_steps(firsts, 1, None))
-    steps = [s for seed in range(1, cfg.seeds + 1) for s in seed_steps(cfg, out, seed, tasks, added)]
+    steps = [s for seed in range(1, cfg.seeds + 1) for s in seed_steps(cfg, out, seed, tasks, added, builtin)]
     took.update(run_steps(steps, cfg.jobs, f"{out}/logs"))
     print("\n[results] python results.py", flush=True)
     t_results = time.time()

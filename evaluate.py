@@ -133,11 +133,14 @@ def evaluate_tasks(model, data, n=None, batch_size=64, generate=True, split="val
 
     kwargs pick the routing (e.g. mode="last"); mode="label" gives each record its task's label.
     Routing accuracy is the share of prompts whose decision (MoA.routing["decision"], made from the
-    prompt in this mode) is their task's expert. served: see response_loss.
+    prompt in this mode) is their task's expert; where the model reports a confidence in it, also its mean
+    over the right and over the wrong routes ("confidence_right", "confidence_wrong"). served: see
+    response_loss.
     """
     enc = get_tokenizer(data.tokenizer)
     eot, routed = data.eot, hasattr(model, "routing") and kwargs.get("mode") != "label"
     out, confusion, layers, n_routed = {}, [], [], 0
+    confidence = {True: [], False: []}  # the last router's calibrated confidence on right and on wrong routes
     for label, name in enumerate(data.domains):
         totals = {"nll": 0.0, "tokens": 0, "em": 0, "rouge": 0.0, "routed": 0}
         ids = list(range(min(n or data.count(name, split), data.count(name, split))))
@@ -162,6 +165,9 @@ def evaluate_tasks(model, data, n=None, batch_size=64, generate=True, split="val
                 row += torch.bincount(decision, minlength=len(row))
                 layers.append((model.routing["predicted"].cpu() == label).sum(1))  # (L,) right per router
                 n_routed += len(prompts)
+                if "confidence" in model.routing:
+                    for right, p in zip((decision == label).tolist(), model.routing["confidence"].tolist()):
+                        confidence[right].append(p)
             if generate:
                 for got, want in zip(answers(model, prompts, max(map(len, responses)), eot, **kw), responses):
                     got_text, want_text = enc.decode(got), enc.decode(want[:-1])  # want ends with EOT
@@ -177,6 +183,9 @@ def evaluate_tasks(model, data, n=None, batch_size=64, generate=True, split="val
         values = [v for k, v in out.items() if k.startswith(f"{metric}/")]
         if values:
             out[f"{metric}_mean"] = sum(values) / len(values)
+    for right, key in ((True, "confidence_right"), (False, "confidence_wrong")):
+        if confidence[right]:
+            out[key] = sum(confidence[right]) / len(confidence[right])
     if confusion:
         out["confusion"] = confusion  # rows: true task, columns: the expert chosen
         out["route_layers"] = (torch.stack(layers).sum(0) / n_routed).tolist()  # each router's accuracy

@@ -136,7 +136,8 @@ def score(model, kwargs, data, cfg, full=True):
         return row
     if all(data.count(d, "unseen") for d in data.domains):
         unseen = evaluate_tasks(model, data, cfg.records, cfg.batch_size, split="unseen", **kwargs)
-        row.update({f"unseen_{k}": v for k, v in unseen.items() if k in ("em_mean", "route_mean")})
+        kept = ("em_mean", "route_mean", "confidence_right", "confidence_wrong")
+        row.update({f"unseen_{k}": v for k, v in unseen.items() if k in kept})
     row.update(hand_written(model, kwargs, data, cfg))
     return row
 
@@ -166,7 +167,7 @@ def hand_written(model, kwargs, data, cfg):
         out["hand_route"] = right.float().mean().item()
         if "confidence" in routing:  # MoA's last router, at its calibrated temperature
             confidence = routing["confidence"].cpu()
-            for key, which in (("hand_confidence_right", right), ("hand_confidence_wrong", ~right)):
+            for key, which in (("hand_confidence_right", right), ("hand_confidence_wrong", ~right)):  # as evaluate
                 if which.any():
                     out[key] = confidence[which].mean().item()
     return out
@@ -392,7 +393,9 @@ def main_tables(rows, domains, cfg):
         ("validation", get("route_mean", True)),
         ("unseen phrasing", get("unseen_route_mean", True)),
         ("hand-written", get("hand_route", True)),
-        ("confidence right / wrong", confidence),
+        ("confidence right / wrong: validation", confidence("")),
+        ("unseen", confidence("unseen_")),
+        ("hand-written", confidence("hand_")),
     ]
     em_elsewhere = [("EM unseen phrasing", get("unseen_em_mean", True)), ("EM hand-written", get("hand_em", True))]
     routed = {n: r for n, r in rows.items() if "route_mean" in r}
@@ -405,19 +408,18 @@ def main_tables(rows, domains, cfg):
             "ROUGE-L of the greedy answer against the reference, over characters:\n\n"
             + table(rows, per_task(domains, "rouge", True)),
             f"Routing from the prompt (mode {cfg.mode} for MoA): validation prompts, the unseen phrasing family, the "
-            "hand-written prompts (with the last router's mean confidence on right and wrong routes there):\n\n"
-            + table(routed, routing),
+            "hand-written prompts (built-in tasks), and the last router's mean confidence on right and on wrong "
+            "routes of each (calibrated on the data set's calib split):\n\n" + table(routed, routing),
             "Exact match off the training phrasings (validation words; the hand-written prompts):\n\n"
             + table(rows, [("EM validation", get("em_mean", True))] + em_elsewhere),
         ]
     )
 
 
-def confidence(r):
-    keys = ("hand_confidence_right", "hand_confidence_wrong")
-    if not any(k in r for k in keys):
-        return "-"
-    return " / ".join(f"{r[k][0]:.2f}" if k in r else "-" for k in keys)
+def confidence(prefix):
+    """A column's cell maker: the mean confidence MoA reported on right / wrong routes of a prompt set."""
+    keys = (f"{prefix}confidence_right", f"{prefix}confidence_wrong")
+    return lambda r: " / ".join(f"{r[k][0]:.2f}" if k in r else "-" for k in keys) if any(k in r for k in keys) else "-"
 
 
 def controls_table(main, budget, budgets, domains):

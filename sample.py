@@ -5,11 +5,15 @@
     python sample.py --bundle=out/runs/seed1/moa/moa.safetensors --temperature=0 \\
         --prompt="UPPERCASE: river\\n||Reverse the word: river\\n||57+8="
     python sample.py --base=gpt2 --prompt=FILE:prompt.txt --max_new_tokens=100
+    python sample.py --base=out/mine/base --bundle=out/mine/runs/seed1/moa/moa.safetensors --template=alpaca \
+        --temperature=0 --prompt="Convert to CamelCase\nread_text||initials please\nget_line_number"
 
 Prompts are separated by "||" (or read from FILE:path) and "\\n" in a prompt is a newline. All
 prompts and samples run together in one batch (left-padded); with a bundle, each prompt is routed
 on its own at prefill, without a domain label, and the chosen domain and the router's confidence are
-printed above each sample. Decoding uses the KV cache and stops at <|endoftext|>.
+printed above each sample. Decoding uses the KV cache and stops at <|endoftext|>. With --template=alpaca,
+each prompt is an instruction, then after its first newline the input (if any), written in the template
+data/prepare.py gives Alpaca records, as your own tasks were trained.
 
 With --trace=N (and a bundle), the prompts run greedily and the routing is printed step by step: at
 prefill, each block's router's choice and probability per prompt and the routes kept in the KV cache;
@@ -26,6 +30,7 @@ import torch
 
 import fast
 from config import AT_LEAST_0, AT_LEAST_1, PROBABILITY, UserError, check_memory, one_of, parse_config, run
+from data.prepare import alpaca_prompt
 from evaluate import left_pad
 from files import add_expert_file, load_base, load_bundle
 from moa import MODES
@@ -42,7 +47,7 @@ class SampleConfig:
     domain: str = ""  # the domain label for --mode=label
     prompt: str = "\\n"  # prompts separated by ||, or FILE:path; \\n is a newline
     num_samples: int = 1  # samples per prompt
-    max_new_tokens: int = 100  # tokens to generate at most (an EOT ends a sample sooner)
+    max_new_tokens: int = 0  # tokens to generate at most (an EOT ends a sample sooner); 0: 100, or the room left
     temperature: float = 0.8  # 0: greedy decoding
     top_k: int = 40  # 0: no top-k filter
     top_p: float = 1.0  # 1.0: no nucleus filter
@@ -51,11 +56,13 @@ class SampleConfig:
     fast: bool = True  # fast.py's speed paths (False: the plain method of moa.py)
     trace: int = 0  # with a bundle: print each block's route at prefill and in this many greedy decoding steps
     newline: bool = True  # with an expert or bundle, end each prompt with a newline, as every task's prompt ends
+    template: str = "none"  # alpaca: each prompt is "instruction\ninput" written in prepare.py's Alpaca template
 
     CHECKS = {
         "mode": one_of(*MODES),
         "num_samples": AT_LEAST_1,
-        "max_new_tokens": AT_LEAST_1,
+        "max_new_tokens": AT_LEAST_0,
+        "template": one_of("none", "alpaca"),
         "temperature": AT_LEAST_0,
         "top_k": AT_LEAST_0,
         "top_p": PROBABILITY,
@@ -137,7 +144,9 @@ def check_sample_memory(cfg, n_prompts, config):
 def main(argv=None):
     cfg = parse_config(SampleConfig, argv or [])
     prompts = read_prompts(cfg.prompt)
-    if cfg.newline and (cfg.expert or cfg.bundle):  # the answer follows on a line of its own
+    if cfg.template == "alpaca":  # instruction, then the input after the first newline
+        prompts = [alpaca_prompt(*(p.split("\n", 1) + [""])[:2]) for p in prompts]
+    elif cfg.newline and (cfg.expert or cfg.bundle):  # the answer follows on a line of its own
         prompts = [p if p.endswith("\n") else p + "\n" for p in prompts]
     device, _ = pick_device(cfg.device)
     model, tokenizer, kwargs = load_model(cfg)
@@ -146,6 +155,8 @@ def main(argv=None):
     check_sample_memory(cfg, len(prompts), model.config)
     rows = [encode(enc, p) for p in prompts for _ in range(cfg.num_samples)]
     idx, mask = left_pad(rows, enc.eot_token)
+    if not cfg.max_new_tokens:  # 100, or what the context leaves after the longest prompt (at least 1)
+        cfg.max_new_tokens = max(1, min(100, model.config.block_size - idx.size(1)))
     steps = ("--trace", cfg.trace) if cfg.trace else ("--max_new_tokens", cfg.max_new_tokens)  # new tokens, either way
     if idx.size(1) + steps[1] > model.config.block_size:
         raise UserError(

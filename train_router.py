@@ -259,10 +259,15 @@ class Stage2:
     def save(self, m, path, steps):
         """Calibrates the routers' confidence (where the data has a calib split), then writes the bundle."""
         cfg, calibration = self.cfg, {}
-        if cfg.mode != "token" and all(self.data.count(d, "calib") for d in m.domains):  # the built-in tasks' do
+        if cfg.mode != "token" and all(self.data.count(d, "calib") for d in m.domains):  # prepare.py writes them
             m.temperature, accuracy = fit_temperature(m.eval(), self.data)
             calibration = {"calib_route_acc": accuracy}
             print(f"confidence calibrated on held-out prompts: temperature {m.temperature:.3g}, right {accuracy:.1%}")
+        elif cfg.mode != "token":
+            lacking = [d for d in m.domains if not self.data.count(d, "calib")]
+            print(
+                f"confidence not calibrated (temperature {m.temperature:.3g}): no calib split for {', '.join(lacking)}"
+            )
         samples = self.before + steps * cfg.batch_size * micro_batches(cfg)  # training records seen, in all
         settings = {k: getattr(cfg, k) for k in SETTINGS}
         save_bundle(path, m, self.tokenizer, self.base, {**settings, "samples": samples, "steps": steps, **calibration})

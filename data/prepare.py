@@ -27,7 +27,13 @@ Your own task: --task=NAME=FILE.jsonl, one record per line, either {"prompt": ..
 or Alpaca's {"instruction": ..., "input": ..., "output": ...}, written in one fixed template:
     "### Instruction:\\n{instruction}\\n\\n### Input:\\n{input}\\n\\n### Response:\\n" + output
 (the Input section is left out when input is empty). A bad record stops with its file and line.
-Records are split at random into train and val (10%, at least one). Your own corpus text for the
+Records are split at random into train, val (10%, at least one) and, from 20 records on, calib (10%):
+train_router.py fits the routers' confidence on calib. --phrasings=NAME=FILE.txt gives instructions, one
+per line, that none of the task's (Alpaca) records uses: calib's records are then asked in the odd
+lines' phrasings, and an unseen split (val's records in the even lines' phrasings, never trained or
+fitted on) measures routing off the training phrasings. Every task's line gives its records' longest
+and 95th-percentile length, and how many a context of --context tokens cuts, with the context that
+fits them all (train_base.py --block_size; demo.py picks it itself). Your own corpus text for the
 base: --text=NAME=GLOB (text files, or .jsonl with a "text" field).
 
 Layout, in OUT (default data/default): corpus/<name>/{train,val}.bin, the documents' token ids as
@@ -35,7 +41,7 @@ uint16, each document ended by EOT; tasks/<name>/{train,val}.bin, the records' t
 other (prompt, response, EOT), with {train,val}.idx, int64 rows (start, prompt length, length), so
 training reads records without parsing text; for the built-in tasks also calib.{bin,idx}, validation
 words in one more phrasing per task that no split trains on (train_router.py calibrates the routers'
-confidence on it); meta.json. Everything is built in a temporary folder
+confidence on it), and for your own tasks the splits above; meta.json. Everything is built in a temporary folder
 that replaces OUT only when complete: a failure leaves the old data whole.
 
 Read next: train_base.py.
@@ -80,6 +86,7 @@ class PrepareConfig:
     records: int = 20000  # built-in tasks: train records per task
     val_records: int = 500  # built-in tasks: validation records per task
     task: list = field(default_factory=list)  # NAME=FILE.jsonl, once per task of your own
+    phrasings: list = field(default_factory=list)  # NAME=FILE.txt: instructions no record of task NAME uses
     text: list = field(default_factory=list)  # NAME=GLOB, once per corpus source of your own
     held_back: str = "auto"  # tasks left for adding later (comma list); auto: the built-in count, if built
     small_task: str = ""  # a built-in task given a tenth of --records (the imbalanced variant of the suite)
@@ -189,21 +196,22 @@ def check_records_memory(cfg, n_tasks):
     check_memory(need, f"--records={cfg.records} --val_records={cfg.val_records} ({n_tasks} built-in tasks)")
 
 
-def user_records(name, path, seed):
-    """{"train": [(prompt, response)], "val": [...]} of --task=NAME=FILE.jsonl, split by record."""
+def user_records(name, path, seed, phrasings=()):
+    """{"train": [(prompt, response)], "val", and "calib" from 20 records on (10% each); with phrasings (at least
+    two instructions), calib asked in the odd ones and "unseen", val's records in the even ones. Split by record."""
     if not os.path.isfile(path):
         raise UserError(f"--task={name}={path}: no such file")
-    records = []
+    records = []  # (prompt, response, Alpaca's (instruction, input) or None)
     for i, r in jsonl(path):
         if isinstance(r, dict) and isinstance(r.get("prompt"), str) and isinstance(r.get("response"), str):
-            prompt, response = r["prompt"], r["response"]
+            prompt, response, alpaca = r["prompt"], r["response"], None
         elif (
             isinstance(r, dict)
             and all(isinstance(r.get(k), str) for k in ("instruction", "output"))
             and isinstance(r.get("input", ""), str)
         ):
-            given = f"### Input:\n{r['input']}\n\n" if r.get("input") else ""
-            prompt, response = ALPACA.format(instruction=r["instruction"], given=given), r["output"]
+            alpaca = (r["instruction"], r.get("input", ""))
+            prompt, response = alpaca_prompt(*alpaca), r["output"]
         else:
             raise UserError(
                 f'{path}:{i}: a record needs "prompt" and "response", or "instruction" and "output" '
@@ -211,12 +219,53 @@ def user_records(name, path, seed):
             )
         if not prompt.strip() or not response:
             raise UserError(f"{path}:{i}: empty {'prompt' if not prompt.strip() else 'response'}")
-        records.append((prompt, response))
+        records.append((prompt, response, alpaca))
     if len(records) < 2:
         raise UserError(f"{path}: {len(records)} record(s); a train/val split needs at least 2")
+    if phrasings:
+        check_phrasings(name, path, records, phrasings)
     random.Random(f"{seed}:{name}").shuffle(records)
     n_val = min(max(1, len(records) // 10), len(records) - 1)
-    return {"train": records[n_val:], "val": records[:n_val]}
+    n_calib = len(records) // 10 if len(records) >= 20 else 0
+    val, calib, train = records[:n_val], records[n_val : n_val + n_calib], records[n_val + n_calib :]
+    out = {"train": train, "val": val}
+    if calib:
+        out["calib"] = rephrased(calib, phrasings[0::2]) if phrasings else calib
+    if phrasings:
+        out["unseen"] = rephrased(val, phrasings[1::2])
+    return {split: [(p, r) for p, r, *_ in rows] for split, rows in out.items()}
+
+
+def alpaca_prompt(instruction, given):
+    return ALPACA.format(instruction=instruction, given=f"### Input:\n{given}\n\n" if given else "")
+
+
+def read_phrasings(name, path):
+    """The instructions of --phrasings=NAME=FILE.txt, one per non-blank line (at least two)."""
+    lines = [line.strip() for line in read_text(path, user=True).splitlines() if line.strip()]
+    if len(lines) < 2:
+        raise UserError(f"--phrasings={name}={path}: {len(lines)} instruction(s); at least 2, one per line")
+    return lines
+
+
+def check_phrasings(name, path, records, phrasings):
+    """Phrasings replace an Alpaca record's instruction, and must be new to the task."""
+    if any(alpaca is None for _, _, alpaca in records):
+        raise UserError(
+            f'--phrasings={name}=...: {path} holds "prompt" records; phrasings replace the "instruction" of Alpaca '
+            "records"
+        )
+    used = {alpaca[0].strip() for _, _, alpaca in records}
+    seen = sorted(p for p in phrasings if p in used)
+    if seen:
+        raise UserError(f"--phrasings={name}=...: {seen[0]!r} is an instruction of {path}; give phrasings it lacks")
+
+
+def rephrased(records, phrasings):
+    """Alpaca records asked in the given instructions in turn (their input and output kept)."""
+    return [
+        (alpaca_prompt(phrasings[i % len(phrasings)], alpaca[1]), r, None) for i, (_, r, alpaca) in enumerate(records)
+    ]
 
 
 def encode_records(records, enc):
@@ -233,10 +282,15 @@ def encode_records(records, enc):
 # ----------------------------------------------------------------------------------------------
 
 
+def fitting_context(longest):
+    """The context that fits a record of `longest` tokens (EOT included): 128, or the next multiple of 64."""
+    return max(128, -(-(longest - 1) // 64) * 64)
+
+
 def length_warning(name, index, context):
     """A warning about a task's records (index rows: start, prompt length, length) that do not fit a context of
     `context` tokens, where a record of n tokens, its EOT included, fills n - 1: how many, the longest, the 95th
-    percentile, and how many lose their whole response. None when every record fits."""
+    percentile, how many lose their whole response, and the context that fits them all. None when all fit."""
     _, n_prompt, length = index.T
     cut, lost = int((length - 1 > context).sum()), int((n_prompt > context).sum())
     if not cut:
@@ -246,7 +300,8 @@ def length_warning(name, index, context):
         f"will be cut in training (the longest needs {length.max() - 1}, the 95th percentile "
         f"{np.percentile(length - 1, 95):.0f})"
         + (f"; {lost} of them lose their whole response" if lost else "")
-        + "; --context=N checks another context"
+        + f"; a base with train_base.py --block_size={fitting_context(int(length.max()))} fits them all (demo.py "
+        "picks it by itself); --context=N checks another context"
     )
 
 
@@ -300,8 +355,14 @@ def read_sources(cfg):
         n_train = max(1, cfg.records // 10) if n == cfg.small_task else cfg.records
         family = f"{len(tasks.phrasings(n))} phrasings, {len(tasks.phrasings(n, unseen=True))} more unseen"
         built[n] = (tasks.task_splits(n, n_train, cfg.val_records, cfg.seed), f"generated (data/tasks.py): {family}")
+    phrasing_files = dict(read_specs(cfg.phrasings, "phrasings"))
+    phrasings = {name: read_phrasings(name, path) for name, path in phrasing_files.items()}
     for name, path in read_specs(cfg.task, "task"):
-        built[name] = (user_records(name, path, cfg.seed), f"user records {path}")
+        source = f"user records {path}" + (f", phrasings {phrasing_files[name]}" if name in phrasings else "")
+        built[name] = (user_records(name, path, cfg.seed, phrasings.get(name, ())), source)
+    unknown = sorted(set(phrasings) - {name for name, _ in read_specs(cfg.task, "task")})
+    if unknown:
+        raise UserError(f"--phrasings={unknown[0]}=...: no --task={unknown[0]}=FILE.jsonl to rephrase")
     for name, (docs, _) in corpus.items():
         if len(docs) < 2:
             raise UserError(f"corpus source {name!r} has {len(docs)} document(s); a train/val split needs at least 2")
@@ -320,7 +381,7 @@ def check_out_dir(cfg):
             f"--out_dir={out} is not a data set written by prepare.py (no meta.json), and would be "
             f"replaced whole: choose a new folder"
         )
-    inputs = [path for _, path in read_specs(cfg.task, "task")]
+    inputs = [path for _, path in read_specs(cfg.task, "task") + read_specs(cfg.phrasings, "phrasings")]
     inputs += [p for _, pattern in read_specs(cfg.text, "text") for p in glob.glob(pattern, recursive=True)]
     inputs += [cfg.tokenizer] if os.path.isdir(cfg.tokenizer) else []  # a folder with GPT-2's tokenizer files
     check_outputs([out], inputs)
@@ -356,9 +417,11 @@ def write_task(folder, name, records, source, enc, held_back, context):
         info.update(
             {f"{split}_records": len(rows), f"{split}_tokens": len(tokens), f"{split}_longest": int(index[:, 2].max())}
         )
-    longest = max(info["train_longest"], info["val_longest"])
+    lengths = np.concatenate(indexes)[:, 2] - 1  # the positions each record fills
+    splits = "/".join(str(info[f"{split}_records"]) for split in records)
     print(
-        f"task {name:>10}: records {info['train_records']}/{info['val_records']}, longest {longest} tokens"
+        f"task {name:>10}: records {splits} ({'/'.join(records)}), longest {lengths.max()} tokens, 95th "
+        f"percentile {np.percentile(lengths, 95):.0f}, {int((lengths > context).sum())} longer than {context}"
         + (" (held back)" if held_back else "")
     )
     warning = length_warning(name, np.concatenate(indexes), context)

@@ -18,6 +18,7 @@ import train_lora
 import train_router
 from config import UserError, parse_config
 from conftest import TINY_BASE_ARGS, assert_one_line_error, run_script
+from data.identifiers import IdentifiersConfig
 from data.prepare import PrepareConfig
 
 CONFIGS = {
@@ -30,6 +31,7 @@ CONFIGS = {
     "bench": bench.BenchConfig,
     "prepare": PrepareConfig,
     "export": export.ExportConfig,
+    "identifiers": IdentifiersConfig,
 }
 
 TRAINING = [
@@ -100,8 +102,8 @@ BAD_FLAGS += [
     ("sample", flag)
     for flag in [
         "--num_samples=0",
-        "--max_new_tokens=0",
         "--max_new_tokens=-5",
+        "--template=chatml",
         "--temperature=-1",
         "--temperature=nan",
         "--top_k=-1",
@@ -122,7 +124,11 @@ BAD_FLAGS += [("bench", flag) for flag in ["--repeats=0", "--threads=-1"]]
 BAD_FLAGS += [
     ("prepare", flag) for flag in ["--max_tokens=0", "--records=-1", "--val_records=0", "--seed=1180591620717411303424"]
 ]
-BAD_FLAGS += [("export", "--force=2")]  # make.py's flags: tests/test_assignments.py (not in the student copy)
+BAD_FLAGS += [
+    ("export", "--force=2"),
+    ("identifiers", "--records=0"),
+    ("demo", "--block_size=-1"),
+]  # make.py's flags: tests/test_assignments.py (not in the student copy)
 
 
 @pytest.mark.parametrize("script, flag", BAD_FLAGS, ids=[f"{s} {f}" for s, f in BAD_FLAGS])
@@ -265,7 +271,10 @@ def test_help_lists_every_flag_with_its_type_default_and_comment(script):
         assert comment, f"--{f.name} has no comment in {cls.__name__}"
 
 
-@pytest.mark.parametrize("script", ["train_lora.py", "sample.py", "data/prepare.py", "export.py"])
+@pytest.mark.parametrize(
+    "script",
+    ["train_lora.py", "sample.py", "data/prepare.py", "export.py", "data/identifiers.py", "scripts/calibration.py"],
+)
 def test_every_script_answers_help(script):
     """`python SCRIPT --help` prints the script's first docstring line and its flags, exits 0, and writes nothing."""
     result = run_script(script, "--help")
