@@ -1,9 +1,13 @@
 """The whole of nanoMoA in one command: data, base, experts, routers, baselines, the results, examples.
 
-    python demo.py              # the demo: one seed, every main row, on 2 CPU cores in about 27 minutes
+    python demo.py              # the demo: one seed, every main row, on 2 quiet CPU cores in about 15 minutes
     python demo.py --full       # the study behind the README: 3 seeds, the budget sweep, the transfer matrix,
                                 # the imbalanced variant and the base without skills (see --help for its time)
     python demo.py --quick      # a first look in a few minutes, into out/quick/ (numbers not meaningful)
+    python demo.py --data_dir=data/mine --out=out/mine   # the same on your own tasks (data/prepare.py --task=...)
+
+On your own data set the base gets the context its longest record needs (--block_size), results.py's tables
+name your tasks, and --full leaves out the two variants that need the built-in tasks (imbalanced, regime).
 
 Each step runs the script a user would run by hand (the command is shown as it starts), and is skipped
 when its output already exists, so an interrupted run goes on where it stopped. The base is trained

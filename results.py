@@ -3,6 +3,7 @@ comparisons the README draws, each under a control it names.
 
     python results.py                 # reads out/ as demo.py writes it; writes out/results/results.{md,json} + PNGs
     python results.py --records=500   # validation records per task (default 256)
+    python results.py --out=out/mine --data_dir=data/mine   # your own tasks, as demo.py --data_dir=... ran them
 
 demo.py trains the base once (out/base) and everything else once per seed (out/runs/seed<N>/). Each run is
 scored on its own; with several seeds a cell is their mean ± standard deviation over seeds. Each record is
@@ -10,8 +11,9 @@ served as a request would be (evaluate.evaluate_tasks): its prompt first, where 
 response. The tables:
 
 - Main rows, each model at its plateau (the same stopping rule for every one): response loss, exact match
-  and ROUGE-L per task; the routing from the prompt on validation prompts, on the unseen phrasing family and
-  on the hand-written prompts (data/tasks.py), with exact match there too.
+  and ROUGE-L per task; the routing from the prompt on validation prompts, on the unseen phrasing family (your
+  tasks: prepare.py --phrasings) and on the hand-written prompts (data/tasks.py), with exact match there too,
+  and the confidence MoA reports on right and on wrong routes of each.
 - The controls: MoA against the shared LoRAs at equal training records, at equal optimizer updates (for each
   budget of demo.py --budgets) and at each one's plateau.
 - The transfer matrix (demo.py --full): task i from a LoRA trained on i alone against one trained on i and

@@ -180,7 +180,9 @@ def main(argv=None):
     atomic_write(cfg.out_dir, write, folder=True)
     counts = ", ".join(f"{t} {len(rows)}" for t, rows in written.items())
     print(f"wrote {cfg.out_dir}: records {counts} (from {len(snake)} function and {len(camel)} class names)")
-    given = " ".join(f"--task={t}={cfg.out_dir}/{t}.jsonl --phrasings={t}={cfg.out_dir}/{t}.txt" for t in TASKS)
+    where = os.path.relpath(cfg.out_dir)
+    where = cfg.out_dir if where.startswith("..") else where  # a path from here, if it is below
+    given = " ".join(f"--task={t}={where}/{t}.jsonl --phrasings={t}={where}/{t}.txt" for t in TASKS)
     print(f"next: python data/prepare.py --only=python,cpp,prose --out_dir=data/mine --held_back={HELD_BACK} {given}")
 
 
