@@ -273,7 +273,15 @@ def test_help_lists_every_flag_with_its_type_default_and_comment(script):
 
 @pytest.mark.parametrize(
     "script",
-    ["train_lora.py", "sample.py", "data/prepare.py", "export.py", "data/identifiers.py", "scripts/calibration.py"],
+    [
+        "train_lora.py",
+        "sample.py",
+        "data/prepare.py",
+        "export.py",
+        "data/identifiers.py",
+        "scripts/calibration.py",
+        "scripts/probe_routers.py",
+    ],
 )
 def test_every_script_answers_help(script):
     """`python SCRIPT --help` prints the script's first docstring line and its flags, exits 0, and writes nothing."""
