@@ -138,16 +138,14 @@ def run_steps(steps, jobs, log_dir):
 
 
 def start(s, jobs, log_dir):
-    """Starts one step's process: alone with the caller's threads and output, or on one thread into its log. The
-    caller's threads were counted when the demo started: a step's own count would read the load average, which
-    lags, and still counts the step that just ended (one thread where two are free)."""
+    """Starts one step's process: alone with the caller's threads and output, or on one thread into its log."""
     alone = jobs == 1
     print(f"\n[{s.title}] {' '.join(s.command())}", flush=True)
     log = None
     if not alone:
         os.makedirs(log_dir, exist_ok=True)
         log = open(os.path.join(log_dir, re.sub(r"[^\w+.-]+", "_", s.title) + ".log"), "w")
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads() if alone else 1)}
+    env = os.environ if alone else {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, *s.command()[1:]]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT if log else None, env=env)
     proc.log = log

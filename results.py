@@ -169,7 +169,7 @@ def hand_written(model, kwargs, data, cfg):
         out["hand_route"] = right.float().mean().item()
         if "confidence" in routing:  # MoA's last router, at its calibrated temperature
             confidence = routing["confidence"].cpu()
-            for key, which in (("hand_confidence_right", right), ("hand_confidence_wrong", ~right)):  # as evaluate
+            for key, which in (("hand_confidence_right", right), ("hand_confidence_wrong", ~right)):
                 if which.any():
                     out[key] = confidence[which].mean().item()
     return out

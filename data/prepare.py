@@ -417,14 +417,15 @@ def write_task(folder, name, records, source, enc, held_back, context):
         info.update(
             {f"{split}_records": len(rows), f"{split}_tokens": len(tokens), f"{split}_longest": int(index[:, 2].max())}
         )
-    lengths = np.concatenate(indexes)[:, 2] - 1  # the positions each record fills
+    index = np.concatenate(indexes)
+    lengths = index[:, 2] - 1  # the positions each record fills
     splits = "/".join(str(info[f"{split}_records"]) for split in records)
     print(
         f"task {name:>10}: records {splits} ({'/'.join(records)}), longest {lengths.max()} tokens, 95th "
         f"percentile {np.percentile(lengths, 95):.0f}, {int((lengths > context).sum())} longer than {context}"
         + (" (held back)" if held_back else "")
     )
-    warning = length_warning(name, np.concatenate(indexes), context)
+    warning = length_warning(name, index, context)
     if warning:
         print(warning, file=sys.stderr)
     return info
