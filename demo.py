@@ -266,7 +266,8 @@ class Plan:
         ]
 
     def moa(self):
-        """Stage 2 from the stage-1 experts: MoA, its routers alone, and MoE-LoRA (per token, no label loss)."""
+        """Stage 2 from the stage-1 experts: MoA, its routers alone (also as the paper's linear maps), and MoE-LoRA
+        (per token, no label loss)."""
         M, need = self.M, self.stage1_files
         return [
             self.step("MoA (joint)", f"{M}/moa.safetensors", train_router, self.router + self.plateau, need),
@@ -275,6 +276,15 @@ class Plan:
                 f"{M}/moa_routers.safetensors",
                 train_router,
                 self.router + ["--train_experts=False", "--name=moa_routers"] + self.plateau,
+                need,
+                cost=self.S / 3,
+            ),
+            self.step(
+                "MoA, routers only, linear",
+                f"{M}/moa_routers_linear.safetensors",
+                train_router,
+                self.router
+                + ["--train_experts=False", "--router_hidden=0", "--name=moa_routers_linear", *self.plateau],
                 need,
                 cost=self.S / 3,
             ),

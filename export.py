@@ -169,6 +169,21 @@ def export_hf(cfg, folder):
     write_safetensors(os.path.join(folder, "model.safetensors"), state, {"format": "pt"})
 
 
+def router_json(i, features, router):
+    """Router i as routers.json has it: weight (K, n_embd or H), bias (K,), and its per-token features or None."""
+    saved = {"hidden_state": i, "weight": router.weight.tolist(), "bias": router.bias.tolist(), "features": None}
+    if not isinstance(features, nn.Identity):  # moa.router_features: LayerNorm, Linear(C, H), GELU
+        norm, linear = features[0], features[1]
+        saved["features"] = {
+            "norm_weight": norm.weight.tolist(),
+            "norm_bias": norm.bias.tolist(),
+            "eps": norm.eps,
+            "weight": linear.weight.tolist(),  # (H, n_embd)
+            "bias": linear.bias.tolist(),  # (H,)
+        }
+    return saved
+
+
 def export_bundle(cfg, folder):
     """One PEFT folder per domain, and routers.json: router i maps the pooled input of block i to K logits."""
     gpt, tokenizer = load_base(cfg.base)
@@ -178,12 +193,12 @@ def export_bundle(cfg, folder):
     routers = {
         "domains": moa.domains,
         "pooling": moa.pooling,  # domain k's adapter is the folder <domain k>/
-        "reads": "router i: logits = weight @ pool(hidden_states[i]) + bias; hidden_states[i] as in "
-        "transformers' output_hidden_states, the input of block i, pooled over real prompt tokens",
-        "routers": [
-            {"hidden_state": i, "weight": r.weight.tolist(), "bias": r.bias.tolist()} for i, r in enumerate(moa.routers)
-        ],
-    }  # weight (K, n_embd), bias (K,)
+        "reads": "router i: logits = weight @ pool(f(hidden_states[i])) + bias; hidden_states[i] as in "
+        "transformers' output_hidden_states, the input of block i, pooled over real prompt tokens; f, per token: "
+        "the identity where 'features' is null, else gelu(features.weight @ layer_norm(h) + features.bias), "
+        "layer_norm with features.norm_weight, norm_bias and eps, gelu the exact (erf) one",
+        "routers": [router_json(i, f, r) for i, (f, r) in enumerate(zip(moa.router_features, moa.routers))],
+    }
     with open(os.path.join(folder, "routers.json"), "w") as f:
         json.dump(routers, f)
 

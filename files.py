@@ -130,13 +130,14 @@ def save_bundle(path, moa, tokenizer, base, extra=None):
         "domains": moa.domains,
         "pooling": moa.pooling,
         "router_input": moa.router_input,
+        "router_hidden": moa.router_hidden,
         "temperature": moa.temperature,
         **expert_meta(moa, tokenizer, base),
         **(extra or {}),
     }
     if "top_k" in meta:  # experts per token: top_k of fewer experts (one domain, or some removed) is all of them
         meta["top_k"] = min(meta["top_k"], len(moa.domains))
-    tensors = {name: p for name, p in moa.named_parameters() if "lora_" in name or name.startswith("routers.")}
+    tensors = {name: p for name, p in moa.named_parameters() if "lora_" in name or name.startswith("router")}
     write_safetensors(path, tensors, {"nanomoa": json.dumps(meta)})
 
 
@@ -171,11 +172,13 @@ KIND_CHECKS = {
         ),
         "pooling": ("mean or last", lambda v: v in ("mean", "last")),
         "router_input": ("block or base", lambda v: v in ROUTER_INPUTS),
+        "router_hidden": ("an integer >= 0", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
         "temperature": ("a positive number", lambda v: is_number(v) and v > 0),
     },
 }
 
-OPTIONAL = {"temperature": 1.0, "router_input": "block"}  # what older bundles lack: uncalibrated, routers on blocks
+# what older bundles lack: uncalibrated, linear routers on blocks
+OPTIONAL = {"temperature": 1.0, "router_input": "block", "router_hidden": 0}
 
 OPTIONAL_CHECKS = {  # keys some files have (train_router.py's settings, training records seen...)
     "top_k": ("an integer >= 1", is_size),
@@ -245,8 +248,13 @@ def file_shapes(gpt, meta, kind):
                 shapes[f"{layer}.lora_A"], shapes[f"{layer}.lora_B"] = A, B
             for k in range(K if kind == "bundle" else 0):
                 shapes[f"gpt.{layer}.lora_A.{k}"], shapes[f"gpt.{layer}.lora_B.{k}"] = A, B
+    C, H = gpt.config.n_embd, meta.get("router_hidden", 0)
     for i in range(gpt.config.n_layer if kind == "bundle" else 0):
-        shapes[f"routers.{i}.weight"], shapes[f"routers.{i}.bias"] = (K, gpt.config.n_embd), (K,)
+        shapes[f"routers.{i}.weight"], shapes[f"routers.{i}.bias"] = (K, H or C), (K,)
+        if H:  # moa.router_features: LayerNorm (C), then a linear map C -> H
+            features = f"router_features.{i}"
+            shapes[f"{features}.0.weight"], shapes[f"{features}.0.bias"] = (C,), (C,)
+            shapes[f"{features}.1.weight"], shapes[f"{features}.1.bias"] = (H, C), (H,)
     return shapes
 
 
@@ -258,7 +266,8 @@ def check_tensors(path, tensors, meta, kind, gpt):
             f"it was trained on"
         )
     K, L = len(meta["domains"]) if kind == "bundle" else 1, gpt.config.n_layer
-    count = 2 * L * len(meta["targets"]) * K + (2 * L if kind == "bundle" else 0)
+    routers = (2 + (4 if meta.get("router_hidden") else 0)) * L if kind == "bundle" else 0  # see file_shapes
+    count = 2 * L * len(meta["targets"]) * K + routers
     expected = file_shapes(gpt, meta, kind) if len(tensors) == count else {}  # counted first: names cost memory
     if set(tensors) != set(expected):
         what = f"{K} experts and routers" if kind == "bundle" else "an expert"
@@ -317,6 +326,7 @@ def load_bundle(path, gpt, tokenizer, base=None, eta=None):
         top_k=meta.get("top_k", 1),
         router_input=meta["router_input"],
         temperature=meta["temperature"],
+        router_hidden=meta["router_hidden"],
     )
     moa.load_state_dict(tensors, strict=False)
     for p in moa.parameters():

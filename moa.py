@@ -8,8 +8,9 @@ Read top to bottom:
    or (B, T, K) weights (a per-token mixture, for the MoE-LoRA ablation).
 2. `add_experts`: freezes a GPT and puts LoRALinear on the chosen linear maps of every block.
    Stage 1 (train_lora.py) uses it with K = 1.
-3. `MoA`: the GPT with K experts and one linear router per block. The router of block i reads the
-   block's input, pooled over the prompt's tokens, and predicts the domain (its loss is L_cls).
+3. `MoA`: the GPT with K experts and one router per block. The router of block i reads the
+   block's input, pooled over the prompt's tokens, and predicts the domain (its loss is L_cls): a
+   linear map (the paper's), or with `router_hidden` a small per-token layer before the pooling.
    Training routes each sample by its domain label; inference by the routers (the routing modes),
    one expert per sequence, decided at prefill and kept in the KV cache for the whole generation.
 4. `add_domain` / `remove_domain`: one expert and one router row more, or less.
@@ -42,6 +43,11 @@ MODES = ("label", "layer", "last", "vote", "token")
 # training (the label picks the experts) and at inference (the routers do), for one more pass of the frozen blocks
 # over the prompt. With block, the routers of later blocks can learn the label from the earlier experts' output.
 ROUTER_INPUTS = ("block", "base")
+# A router's form (MoA(router_hidden=...)): 0, the paper's, one linear map of the pooled hidden state to K logits;
+# H > 0, each token's hidden state goes first through LayerNorm, a linear map to H units and a GELU, and the linear
+# map reads those features pooled. On the demo's base, routers trained alone on the same experts route 74% of the
+# validation prompts right as linear maps, 96% with 64 units (README, Results). The layer is shared by all of a
+# router's rows: adding a domain adds a row and leaves it as it is.
 
 
 class LoRADropout(nn.Dropout):
@@ -223,6 +229,14 @@ def vote(routes, probs):
     # END ASSIGNMENT 3
 
 
+def router_features(C, hidden, device=None):
+    """What a router reads of each token's hidden state (C,): the state itself (hidden = 0, the paper's linear router),
+    or LayerNorm, a linear map to `hidden` units and a GELU (nanoMoA's default in train_router.py)."""
+    if not hidden:
+        return nn.Identity()
+    return nn.Sequential(nn.LayerNorm(C, device=device), nn.Linear(C, hidden, device=device), nn.GELU())
+
+
 class MoA(nn.Module):
     """A frozen GPT with one LoRA expert per domain beside its linear maps and one router per block.
 
@@ -251,17 +265,23 @@ class MoA(nn.Module):
         top_k=1,
         router_input="block",
         temperature=1.0,
+        router_hidden=0,
     ):
         super().__init__()
         if pooling not in ("mean", "last"):
             raise UserError(f"pooling must be mean or last, got {pooling!r}")
         if router_input not in ROUTER_INPUTS:
             raise UserError(f"router_input must be {' or '.join(ROUTER_INPUTS)}, got {router_input!r}")
+        if not isinstance(router_hidden, int) or isinstance(router_hidden, bool) or router_hidden < 0:
+            raise UserError(f"router_hidden must be an integer >= 0, got {router_hidden!r}")
         self.gpt = add_experts(gpt, len(domains), rank, alpha, dropout, targets)
         self.domains, self.pooling, self.eta, self.top_k = list(domains), pooling, eta, top_k
-        self.router_input = router_input
+        self.router_input, self.router_hidden = router_input, router_hidden
         C, K, device = gpt.config.n_embd, len(domains), gpt.lm_head.weight.device
-        self.routers = nn.ModuleList([nn.Linear(C, K, device=device) for _ in range(gpt.config.n_layer)])
+        # what router i reads of each token before pooling: the hidden state itself, or its features (router_hidden)
+        L, H = gpt.config.n_layer, router_hidden
+        self.router_features = nn.ModuleList([router_features(C, H, device) for _ in range(L)])
+        self.routers = nn.ModuleList([nn.Linear(H or C, K, device=device) for _ in range(L)])
         for r in self.routers:
             nn.init.zeros_(r.weight)  # start undecided: uniform over experts
             nn.init.zeros_(r.bias)
@@ -305,7 +325,8 @@ class MoA(nn.Module):
         router_logits, routes = [], []  # per block: (B, K), (B,)
         for i in range(len(self.blocks)):
             if pooled:
-                logits, route = self.route_block(i, seen, mask, domain, "layer" if mode == "token" else mode)
+                read = self.router_features[i](seen)  # (B, T, C), or (B, T, router_hidden)
+                logits, route = self.route_block(i, read, mask, domain, "layer" if mode == "token" else mode)
                 router_logits.append(logits)
                 routes.append(route)
             if mode == "token":  # the per-token mixture routes; the pooled logits above only feed L_cls
@@ -336,8 +357,9 @@ class MoA(nn.Module):
         return logits, loss
 
     def route_block(self, i, x, mask, domain, mode):
-        """Router i on block i's input x (B, T, C), pooled over mask -> its logits (B, K) and the route
-        (B,): the domain label in label mode, else the router's own top-1."""
+        """Router i on what it reads of block i's input, x (B, T, C) (or its features, (B, T, router_hidden)),
+        pooled over mask -> its logits (B, K) and the route (B,): the domain label in label mode, else the
+        router's own top-1."""
         # BEGIN ASSIGNMENT 3: router i's logits on the pooled block input; the route: the label, or the top-1
         logits = self.routers[i](pool(x, mask, self.pooling))
         return logits, domain if mode == "label" else logits.argmax(-1)
@@ -345,7 +367,7 @@ class MoA(nn.Module):
 
     def token_mixture(self, i, x):
         """MoE-LoRA: each token's top_k experts by router i's softmax, renormalised -> (B, T, K) weights."""
-        probs = F.softmax(self.routers[i](x).float(), dim=-1)  # (B, T, K)
+        probs = F.softmax(self.routers[i](self.router_features[i](x)).float(), dim=-1)  # (B, T, K)
         top, ids = probs.topk(self.top_k, dim=-1)
         return torch.zeros_like(probs).scatter(-1, ids, top / top.sum(-1, keepdim=True))
 
@@ -387,7 +409,7 @@ class MoA(nn.Module):
         }
 
     # ------------------------------------------------------------------------------------------
-    # Changing the set of domains. Old experts and old router rows are never touched.
+    # Changing the set of domains. Old experts, old router rows and the routers' features are never touched.
 
     def add_domain(self, name):
         """One more expert (fresh: B = 0) beside every linear map, and one more output row per router."""

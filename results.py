@@ -77,6 +77,7 @@ def main_rows(cfg, K):
         ("MoE-LoRA (token top-2, no label loss)", "bundle", "moa/moe_lora.safetensors", {"mode": "token"}),
         ("MoE-LoRA naive (random experts)", "bundle", "moa/moe_lora_naive.safetensors", {"mode": "token"}),
         ("MoA, routers only", "bundle", "moa/moa_routers.safetensors", routed),
+        ("MoA, routers only, linear (the paper's)", "bundle", "moa/moa_routers_linear.safetensors", routed),
         ("MoA (joint)", "bundle", "moa/moa.safetensors", routed),
         ("MoA experts alone (label given)", "bundle", "moa/moa.safetensors", {"mode": "label"}),
         ("classifier + stage-1 experts", "classifier", "experts", {}),
@@ -121,7 +122,7 @@ def build(cfg, kind, path, run_dir, domains, base="base"):
         model = gpt
     else:
         model, meta = load_bundle(path, gpt, tokenizer)
-    added = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n or n.startswith("routers."))
+    added = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n or n.startswith("router"))
     return fast.enable(model, cfg.fast), added, meta.get("samples", 0), meta.get("steps", 0)
 
 

@@ -28,6 +28,7 @@ ROUTER = [
     "--learning_rate=0.1",
     "--router_lr=0.1",
     "--router_input=block",
+    "--router_hidden=0",  # the paper's linear routers, as assignment 5 has them (test_router_features.py: the MLP's)
     "--min_lr=0.01",
     "--warmup_iters=5",
     "--max_iters=200",

@@ -299,7 +299,7 @@ def test_bundle_export_writes_every_field(gpt2, tmp_path):
     assert "hidden_states[i]" in routers["reads"] and "input of block i" in routers["reads"]
     assert [r["hidden_state"] for r in routers["routers"]] == [0, 1]
     for saved, router in zip(routers["routers"], moa.routers):
-        assert sorted(saved) == ["bias", "hidden_state", "weight"]
+        assert sorted(saved) == ["bias", "features", "hidden_state", "weight"] and saved["features"] is None
         assert torch.equal(torch.tensor(saved["weight"]), router.weight)  # (K, n_embd)
         assert torch.equal(torch.tensor(saved["bias"]), router.bias)  # (K,)
     for k, domain in enumerate(moa.domains):
@@ -347,6 +347,34 @@ def test_bundle_export(gpt2, tmp_path):
     torch.testing.assert_close(result.logits, ours, atol=ATOL, rtol=0)
     for i, saved in enumerate(routers["routers"]):
         logits = result.hidden_states[i].mean(1) @ torch.tensor(saved["weight"]).t() + torch.tensor(saved["bias"])
+        torch.testing.assert_close(logits, moa.routing["logits"][i], atol=ATOL, rtol=0)
+
+
+def test_bundle_export_describes_the_routers_features(gpt2, tmp_path):
+    """With per-token features (router_hidden), routers.json holds them, and the recipe its "reads" states, applied
+    to transformers' hidden_states of the base, gives nanoMoA's router logits (routers on the frozen base)."""
+    torch.manual_seed(6)
+    gpt, tokenizer = load_base(gpt2)
+    moa = MoA(gpt, ["python", "prose"], rank=4, alpha=8.0, router_input="base", router_hidden=5).eval()
+    with torch.no_grad():
+        for name, p in moa.named_parameters():
+            if name.startswith("router"):
+                p.normal_(std=0.3)
+    bundle, out = str(tmp_path / "moa.safetensors"), str(tmp_path / "moa")
+    save_bundle(bundle, moa, tokenizer, fingerprint(gpt))
+    export.main(["bundle", f"--bundle={bundle}", f"--base={gpt2}", f"--out={out}"])
+    with open(os.path.join(out, "routers.json")) as f:
+        routers = json.load(f)
+    assert "layer_norm" in routers["reads"] and "gelu" in routers["reads"]
+    with torch.no_grad():
+        moa(IDX, mode="layer")
+        hidden = hf_model(gpt2)(IDX, output_hidden_states=True).hidden_states
+    for i, saved in enumerate(routers["routers"]):
+        f, t = saved["features"], torch.tensor
+        assert sorted(f) == ["bias", "eps", "norm_bias", "norm_weight", "weight"] and len(f["weight"]) == 5
+        h = torch.nn.functional.layer_norm(hidden[i], (32,), t(f["norm_weight"]), t(f["norm_bias"]), f["eps"])
+        h = torch.nn.functional.gelu(h @ t(f["weight"]).t() + t(f["bias"]))
+        logits = h.mean(1) @ t(saved["weight"]).t() + t(saved["bias"])
         torch.testing.assert_close(logits, moa.routing["logits"][i], atol=ATOL, rtol=0)
 
 

@@ -96,6 +96,8 @@ BAD_FLAGS += [
         "--lora_dropout=-0.1",
         "--router_lr=0",
         "--router_lr=inf",
+        "--router_hidden=-1",
+        "--router_hidden=2.5",
     ]
 ]
 BAD_FLAGS += [

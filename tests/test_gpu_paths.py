@@ -29,7 +29,7 @@ from trainer import micro_seed, pick_device
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CONFIG = GPTConfig(block_size=16, vocab_size=11, n_layer=2, n_head=2, n_embd=8)
-VARIANTS = ("GPT", "GPT + one expert", "MoA", "MoA + a domain", "MoA + a domain - another")
+VARIANTS = ("GPT", "GPT + one expert", "MoA", "MoA + a domain", "MoA + a domain - another", "MoA, router features")
 
 
 def build(variant, device):
@@ -42,7 +42,7 @@ def build(variant, device):
     if variant == "GPT + one expert":
         set_route(add_experts(gpt, 1, rank=2), 0)
         return gpt
-    moa = MoA(gpt, ["a", "b"], rank=2)
+    moa = MoA(gpt, ["a", "b"], rank=2, router_hidden=4 if variant == "MoA, router features" else 0)
     if variant != "MoA":
         moa.add_domain("c")
     if variant == "MoA + a domain - another":

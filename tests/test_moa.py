@@ -90,6 +90,7 @@ def trained(tiny_data, tiny_base, tmp_path_factory):
             "--learning_rate=0.1",
             "--router_lr=0.1",
             "--router_input=block",  # the block's input, as the paper draws it: what the assignments build
+            "--router_hidden=0",  # the paper's linear routers (tests/test_router_features.py: the per-token layer)
             "--min_lr=0.01",
             "--warmup_iters=5",
             "--schedule=cosine",
