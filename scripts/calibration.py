@@ -40,23 +40,23 @@ def main(argv=None):
     data = TaskData(cfg.data_dir, domains, moa.config.block_size)
     if not all(data.count(d, "unseen") for d in moa.domains):
         raise UserError(f"{cfg.data_dir} has no unseen split for every task: prepare it with --phrasings")
-    temperatures = [("your phrasings (calib)", fit_temperature(moa, data)[0])]
+    temperatures = [("your phrasings (calib)", *fit_temperature(moa, data))]  # (name, T, calib routed right)
     if cfg.plain_dir:
         plain = TaskData(cfg.plain_dir, domains, moa.config.block_size)
-        temperatures.append(("held-out records as phrased", fit_temperature(moa, plain)[0]))
-    temperatures.append(("nothing (T = 1)", 1.0))
+        temperatures.append(("held-out records as phrased", *fit_temperature(moa, plain)))
+    temperatures.append(("nothing (T = 1)", 1.0, None))
     print("| calibrated on | T | routed right: validation / unseen | confidence right / wrong: validation | unseen |")
     print("|---|---|---|---|---|")
-    for name, t in temperatures:
+    for name, t, calib in temperatures:
         moa.temperature = t
         cells = []
         for split in ("val", "unseen"):
             r = evaluate_tasks(moa, data, None, 64, generate=False, split=split, mode="last")
-            cells.append(
-                (r["route_mean"], r.get("confidence_right", float("nan")), r.get("confidence_wrong", float("nan")))
-            )
-        (val, vr, vw), (unseen, ur, uw) = cells
-        print(f"| {name} | {t:.3g} | {val:.1%} / {unseen:.1%} | {vr:.2f} / {vw:.2f} | {ur:.2f} / {uw:.2f} |")
+            mean = [f"{r[k]:.2f}" if k in r else "-" for k in ("confidence_right", "confidence_wrong")]  # "-": none
+            cells.append((r["route_mean"], " / ".join(mean)))
+        (val, v), (unseen, u) = cells
+        edge = " (every calib route right: the grid's least)" if calib == 1 else ""
+        print(f"| {name} | {t:.3g}{edge} | {val:.1%} / {unseen:.1%} | {v} | {u} |")
 
 
 if __name__ == "__main__":
