@@ -1,7 +1,8 @@
 """How well can a router tell the tasks apart from the frozen base's features? Probes, not routers: the base's
 hidden state at each block's input (and after the last block, "L4" with 4 blocks), pooled over the prompt (mean,
-last token, or both side by side), read by a linear map (a router as moa.py has it) or by a one-hidden-layer MLP,
-each fitted on training prompts and scored on validation / unseen-phrasing / hand-written prompts.
+last token, or both side by side), read by a linear map (the paper's router, `--router_hidden=0`) or by a
+one-hidden-layer MLP of the pooled state, each fitted on training prompts and scored on validation / unseen-phrasing /
+hand-written prompts. (train_router.py's default router puts its layer before the pooling, per token: moa.py.)
 
     python scripts/probe_routers.py --out=out --data_dir=data/default     # about a minute on 2 cores
 
