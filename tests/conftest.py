@@ -106,6 +106,32 @@ TINY_BASE_ARGS = [
 ]
 
 
+# the flags of the stage-1 and stage-2 runs the tests make on the tiny base: small batches, the plain method
+TASK_FLAGS = ["--batch_size=8", "--eval_iters=1", "--progress=False", "--device=cpu", "--seed=1", "--fast=False"]
+
+
+def train_tiny_experts(data, base, folder, domains):
+    """Stage-1 experts of `domains` on the tiny base, 20 steps each, written into `folder` (train_lora.py)."""
+    import train_lora
+
+    for domain in domains:
+        args = [f"--data_dir={data}", f"--base={base}", f"--out_dir={folder}", f"--domain={domain}"]
+        train_lora.main(TASK_FLAGS + args + ["--max_iters=20", "--eval_interval=20", "--warmup_iters=2"])
+
+
+def bundle_and_addition(data, base, out, router_flags):
+    """arith, reverse and count experts in out/experts (train_tiny_experts), a bundle over arith and reverse
+    (routers only, out/moa.safetensors) and count added to it (out/moa+count.safetensors), train_router.py with
+    `router_flags` -> (the bundle's MoA, the MoA with count, the flags every run shared)."""
+    import train_router
+
+    flags = TASK_FLAGS + [f"--data_dir={data}", f"--base={base}", f"--experts={out / 'experts'}", f"--out_dir={out}"]
+    train_tiny_experts(data, base, out / "experts", ("arith", "reverse", "count"))
+    moa, _ = train_router.main(flags + router_flags + ["--domains=arith,reverse", "--train_experts=False"])
+    added, _ = train_router.main(flags + router_flags + ["--add_domain=count", f"--bundle={out / 'moa.safetensors'}"])
+    return moa, added, flags
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """A data folder with the built-in corpus (python, cpp, prose: ~20k tokens each) and tasks (upper, double,

@@ -14,7 +14,7 @@ import train_lora
 import train_router
 from batches import TaskData
 from config import UserError
-from conftest import assert_one_line_error, run_script
+from conftest import TASK_FLAGS, assert_one_line_error, bundle_and_addition, run_script
 from evaluate import evaluate_tasks, left_pad
 from files import load_base, load_bundle
 from moa import MoA, lora_layers
@@ -23,7 +23,7 @@ from storage import read_safetensors
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --fast=False: the graded tests run the plain method (the student's code); tests/test_fast.py checks fast.py
-COMMON = ["--batch_size=8", "--eval_iters=1", "--progress=False", "--device=cpu", "--seed=1", "--fast=False"]
+COMMON = TASK_FLAGS
 ROUTER = [
     "--learning_rate=0.1",
     "--router_lr=0.1",
@@ -42,28 +42,8 @@ def adapted(tiny_data, tiny_base, tmp_path_factory):
     """Paths: the bundle over arith, reverse ("bundle"), it + count ("added"), the experts folder, the common flags;
     and what trained in the add ("trainable")."""
     out = tmp_path_factory.mktemp("adapt")
-    flags = COMMON + [
-        f"--data_dir={tiny_data}",
-        f"--base={tiny_base}",
-        f"--experts={out / 'experts'}",
-        f"--out_dir={out}",
-    ]
-    for domain in ("arith", "reverse", "count"):
-        train_lora.main(
-            COMMON
-            + [
-                f"--data_dir={tiny_data}",
-                f"--base={tiny_base}",
-                f"--out_dir={out / 'experts'}",
-                f"--domain={domain}",
-                "--max_iters=20",
-                "--eval_interval=20",
-                "--warmup_iters=2",
-            ]
-        )
-    train_router.main(flags + ROUTER + ["--domains=arith,reverse", "--train_experts=False"])
+    _, moa, flags = bundle_and_addition(tiny_data, tiny_base, out, ROUTER)
     bundle = str(out / "moa.safetensors")
-    moa, _ = train_router.main(flags + ROUTER + ["--add_domain=count", f"--bundle={bundle}"])
     return {
         "trainable": trainable(moa),
         "bundle": bundle,

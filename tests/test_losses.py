@@ -12,15 +12,19 @@ from model import GPT, GPTConfig
 L, K = 3, 3  # blocks, experts
 
 
-def moa_model(seed=0):
-    """A MoA over a small random GPT: random experts (B too) and random routers, so every path carries signal."""
+def moa_model(seed=0, **settings):
+    """A MoA over a small random GPT: random experts (B too) and random routers (their per-token layers too, with
+    router_hidden among `settings`), so every path carries signal."""
     torch.manual_seed(seed)
-    moa = MoA(GPT(GPTConfig(block_size=24, vocab_size=40, n_layer=L, n_head=2, n_embd=16)), ["a", "b", "c"], rank=4)
+    gpt = GPT(GPTConfig(block_size=24, vocab_size=40, n_layer=L, n_head=2, n_embd=16))
+    moa = MoA(gpt, ["a", "b", "c"], rank=4, **settings)
     randomize_B(moa, seed)
     with torch.no_grad():
         for router in moa.routers:
             router.weight.normal_(0, 1.0)
             router.bias.normal_(0, 0.5)
+        for p in moa.router_features.parameters():
+            p.normal_(0, 0.5)
     for layer in lora_layers(moa):
         for p in [*layer.lora_A, *layer.lora_B]:
             p.requires_grad_(True)

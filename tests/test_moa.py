@@ -13,11 +13,18 @@ import torch
 import torch.nn.functional as F
 
 import sample
-import train_lora
 import train_router
 from batches import TaskData
 from config import UserError
-from conftest import assert_one_line_error, ops_of, randomize_B, randomize_biases, run_script
+from conftest import (
+    TASK_FLAGS,
+    assert_one_line_error,
+    ops_of,
+    randomize_B,
+    randomize_biases,
+    run_script,
+    train_tiny_experts,
+)
 from evaluate import evaluate_tasks, left_pad
 from files import fingerprint, load_base, load_bundle, load_expert, save_bundle
 from moa import MODES, LoRALinear, MoA, add_experts, lora_layers, pool, set_route, vote
@@ -27,7 +34,7 @@ from storage import read_safetensors, write_safetensors
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOMAINS = "arith,reverse"  # two tasks whose prompts differ in kind: a tiny router tells them apart
 # --fast=False: the graded tests run the plain method (the student's code); tests/test_fast.py checks fast.py
-COMMON = ["--batch_size=8", "--eval_iters=1", "--progress=False", "--device=cpu", "--seed=1", "--fast=False"]
+COMMON = TASK_FLAGS
 ROUTER_ITERS = 200  # with the shared phrasings a tiny base needs ~200 steps to tell the tasks apart
 
 
@@ -63,19 +70,7 @@ def trained(tiny_data, tiny_base, tmp_path_factory):
     {"moa", "losses", "out", "experts", "bundle"}."""
     out = tmp_path_factory.mktemp("moa")
     experts = str(out / "experts")
-    for domain in DOMAINS.split(","):
-        train_lora.main(
-            COMMON
-            + [
-                f"--data_dir={tiny_data}",
-                f"--base={tiny_base}",
-                f"--out_dir={experts}",
-                f"--domain={domain}",
-                "--max_iters=20",
-                "--eval_interval=20",
-                "--warmup_iters=2",
-            ]
-        )
+    train_tiny_experts(tiny_data, tiny_base, experts, DOMAINS.split(","))
     moa, losses = train_router.main(
         COMMON
         + [

@@ -8,20 +8,19 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from test_losses import moa_model as random_moa
 
-import train_lora
 import train_router
 from batches import TaskData
 from config import UserError
-from conftest import randomize_B
+from conftest import bundle_and_addition
 from evaluate import evaluate_tasks
 from files import fingerprint, load_bundle, save_bundle
-from moa import MoA, lora_layers
+from moa import MoA
 from model import GPT, GPTConfig
 from storage import read_safetensors, write_safetensors
 
 L, K, C, H = 3, 3, 16, 8  # blocks, experts, width, the routers' hidden units
-COMMON = ["--batch_size=8", "--eval_iters=1", "--progress=False", "--device=cpu", "--seed=1", "--fast=False"]
 
 
 def tiny_gpt(seed=0):
@@ -31,15 +30,7 @@ def tiny_gpt(seed=0):
 
 def moa_model(hidden=H, seed=0):
     """A MoA whose routers read the frozen base through per-token features, every weight random (LayerNorm's too)."""
-    moa = MoA(tiny_gpt(seed), ["a", "b", "c"], rank=4, router_input="base", router_hidden=hidden)
-    randomize_B(moa, seed)
-    with torch.no_grad():
-        for p in [*moa.routers.parameters(), *moa.router_features.parameters()]:
-            p.normal_(0, 0.5)
-    for layer in lora_layers(moa):
-        for p in [*layer.lora_A, *layer.lora_B]:
-            p.requires_grad_(True)
-    return moa
+    return random_moa(seed, router_input="base", router_hidden=hidden)
 
 
 def batch(seed=1, B=6, T=10):
@@ -213,22 +204,9 @@ def mlp_bundle(tiny_data, tiny_base, tmp_path_factory):
     """arith and reverse experts (20 steps), then train_router.py's default routers (per-token features) over them,
     experts frozen; then count added (new row only) and added with every row retrained."""
     out = tmp_path_factory.mktemp("features")
-    flags = COMMON + [
-        f"--data_dir={tiny_data}",
-        f"--base={tiny_base}",
-        f"--experts={out / 'experts'}",
-        f"--out_dir={out}",
-    ]
-    for domain in ("arith", "reverse", "count"):
-        train_lora.main(
-            COMMON
-            + [f"--data_dir={tiny_data}", f"--base={tiny_base}", f"--out_dir={out / 'experts'}", f"--domain={domain}"]
-            + ["--max_iters=20", "--eval_interval=20", "--warmup_iters=2"]
-        )
     steps = ["--max_iters=150", "--eval_interval=150", "--warmup_iters=5"]
-    moa, _ = train_router.main(flags + steps + ["--domains=arith,reverse", "--train_experts=False"])
+    moa, added, flags = bundle_and_addition(tiny_data, tiny_base, out, steps)
     bundle = str(out / "moa.safetensors")
-    added, _ = train_router.main(flags + steps + ["--add_domain=count", f"--bundle={bundle}"])
     add_all = ["--add_domain=count", f"--bundle={bundle}", "--train_old_rows=True", "--name=allrows"]
     train_router.main(flags + steps + add_all)
     trainable = {n for n, p in added.named_parameters() if p.requires_grad}
