@@ -25,7 +25,7 @@ import torch
 
 from config import UserError, is_name
 from gpt2 import load_gpt2
-from moa import ROUTER_INPUTS, TARGETS, LoRALinear, MoA, add_experts, lora_layers, set_route
+from moa import ROUTER_INPUTS, TARGETS, LoRALinear, MoA, add_experts, added_by_moa, lora_layers, set_route
 from model import GPT, checked_config
 from storage import check_weights, load_checkpoint, read_safetensors, write_safetensors
 
@@ -137,7 +137,7 @@ def save_bundle(path, moa, tokenizer, base, extra=None):
     }
     if "top_k" in meta:  # experts per token: top_k of fewer experts (one domain, or some removed) is all of them
         meta["top_k"] = min(meta["top_k"], len(moa.domains))
-    tensors = {name: p for name, p in moa.named_parameters() if "lora_" in name or name.startswith("router")}
+    tensors = {name: p for name, p in moa.named_parameters() if added_by_moa(name)}
     write_safetensors(path, tensors, {"nanomoa": json.dumps(meta)})
 
 

@@ -229,6 +229,12 @@ def vote(routes, probs):
     # END ASSIGNMENT 3
 
 
+def added_by_moa(name):
+    """Whether a parameter of a MoA (by its name) is one MoA adds to the base: an expert's A or B, or a router's
+    (its linear map, or its per-token layer). These are what a bundle file holds."""
+    return "lora_" in name or name.startswith(("routers.", "router_features."))
+
+
 def router_features(C, hidden, device=None):
     """What a router reads of each token's hidden state (C,): the state itself (hidden = 0, the paper's linear router),
     or LayerNorm, a linear map to `hidden` units and a GELU (nanoMoA's default in train_router.py)."""

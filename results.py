@@ -40,7 +40,7 @@ from config import AT_LEAST_1, UserError, one_of, parse_config, run
 from data.tasks import HAND_WRITTEN
 from evaluate import answers, evaluate_tasks
 from files import add_expert_file, fingerprint, load_base, load_bundle, load_expert, read_meta
-from moa import MoA
+from moa import MoA, added_by_moa
 from storage import write_text
 from tokenizer import encode, get_tokenizer
 from trainer import pick_device
@@ -122,7 +122,7 @@ def build(cfg, kind, path, run_dir, domains, base="base"):
         model = gpt
     else:
         model, meta = load_bundle(path, gpt, tokenizer)
-    added = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n or n.startswith("router"))
+    added = sum(p.numel() for n, p in model.named_parameters() if added_by_moa(n))
     return fast.enable(model, cfg.fast), added, meta.get("samples", 0), meta.get("steps", 0)
 
 

@@ -573,9 +573,9 @@ MUTANTS = [
     Mutant(
         "router-features-not-saved",
         "save_bundle writes the routers' output maps, not their per-token layers",
-        "files.py",
-        '''if "lora_" in name or name.startswith("router")}''',
-        '''if "lora_" in name or name.startswith("routers.")}''',
+        "moa.py",
+        '''name.startswith(("routers.", "router_features."))''',
+        '''name.startswith("routers.")''',
         ("tests/test_router_features.py",),
     ),
     Mutant(
