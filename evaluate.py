@@ -70,13 +70,25 @@ def right_pad(rows, pad_id):
 
 
 @torch.no_grad()
-def response_loss(model, prompts, responses, pad_id, served=True, **kwargs):
+def prefill(model, prompts, pad_id, **kwargs):
+    """The prompts (token lists), left-padded, through a fresh KV cache, as a request is served (a MoA decides its
+    routes here) -> (idx, pad_mask, cache, logits (B, P, V))."""
+    device = next(model.parameters()).device
+    idx, mask = (t.to(device) for t in left_pad(prompts, pad_id))
+    cache = model.new_cache()
+    logits, _ = model(idx, pad_mask=mask, cache=cache, **kwargs)
+    return idx, mask, cache, logits
+
+
+@torch.no_grad()
+def response_loss(model, prompts, responses, pad_id, served=True, prefilled=None, **kwargs):
     """Each record's summed loss over its response tokens, and their count -> (B,), (B,).
 
     served: scored as a request is served: the prompt runs first through a KV cache (a MoA decides
     its routes there, in any mode), then the response. Otherwise in one pass over prompt + response,
     as in training, a MoA's routers reading the prompt only: the same numbers in modes label, layer
-    and token, where no decision is kept for later tokens (tests/test_evaluate.py checks it)."""
+    and token, where no decision is kept for later tokens (tests/test_evaluate.py checks it).
+    prefilled: prefill()'s result for these prompts, to continue (a copy of its cache) instead of a new prefill."""
     device = next(model.parameters()).device
     if not served:
         x, real = right_pad([p + r for p, r in zip(prompts, responses)], pad_id)  # (B, T)
@@ -86,9 +98,10 @@ def response_loss(model, prompts, responses, pad_id, served=True, **kwargs):
         scored = (real & ~prompt)[:, 1:].to(device)  # targets that are response tokens
         nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), x[:, 1:].to(device), reduction="none")
         return (nll * scored).sum(1), scored.sum(1)
-    idx, mask = left_pad(prompts, pad_id)
-    cache = model.new_cache()
-    first, _ = model(idx.to(device), pad_mask=mask.to(device), cache=cache, **kwargs)  # (B, P, V)
+    if prefilled is None:
+        _, _, cache, first = prefill(model, prompts, pad_id, **kwargs)  # first: (B, P, V)
+    else:
+        cache, first = prefilled[2].copy(), prefilled[3]  # the caller decodes from the original
     response, real = (t.to(device) for t in right_pad(responses, pad_id))  # (B, R)
     rest, _ = model(response, pad_mask=real, cache=cache, **kwargs)  # (B, R, V)
     logits = torch.cat([first[:, -1:], rest[:, :-1]], dim=1)  # position j predicts response token j
@@ -113,14 +126,20 @@ def rouge_l(candidate, reference):
 
 
 @torch.no_grad()
-def answers(model, prompts, max_new_tokens, eot, **kwargs):
+def answers(model, prompts, max_new_tokens, eot, prefilled=None, **kwargs):
     """Greedy answers to prompts (token lists), each cut at its first EOT -> [token list]. A prompt too long for
-    the context with the answer is cut to its last tokens, as it would be served."""
+    the context with the answer is cut to its last tokens, as it would be served. prefilled: prefill()'s result
+    for prompts that fit (its cache is used up)."""
     device = next(model.parameters()).device
-    room = model.config.block_size - max_new_tokens
-    idx, mask = left_pad([p[-room:] for p in prompts], eot)
+    if prefilled is None:
+        room = model.config.block_size - max_new_tokens
+        idx, mask = left_pad([p[-room:] for p in prompts], eot)
+        idx, mask = idx.to(device), mask.to(device)
+    else:
+        idx, mask, cache, logits = prefilled
+        prefilled = (cache, logits[:, -1])
     out = model.generate(
-        idx.to(device), max_new_tokens, temperature=0, pad_mask=mask.to(device), stop_token=eot, **kwargs
+        idx, max_new_tokens, temperature=0, pad_mask=mask, stop_token=eot, prefilled=prefilled, **kwargs
     )[:, idx.size(1) :].tolist()
     return [tokens[: tokens.index(eot)] if eot in tokens else tokens for tokens in out]
 
@@ -156,7 +175,9 @@ def evaluate_tasks(model, data, n=None, batch_size=64, generate=True, split="val
             )
             if routed:
                 model.routing = {}
-            nll, count = response_loss(model, prompts, responses, eot, served, **kw)
+            # served: one prefill for both the reference response's loss and the greedy answer (fit() left room)
+            state = prefill(model, prompts, eot, **kw) if served and generate else None
+            nll, count = response_loss(model, prompts, responses, eot, served, state, **kw)
             totals["nll"] += nll.sum().item()
             totals["tokens"] += count.sum().item()
             if routed and "decision" in model.routing:
@@ -169,7 +190,8 @@ def evaluate_tasks(model, data, n=None, batch_size=64, generate=True, split="val
                     for right, p in zip((decision == label).tolist(), model.routing["confidence"].tolist()):
                         confidence[right].append(p)
             if generate:
-                for got, want in zip(answers(model, prompts, max(map(len, responses)), eot, **kw), responses):
+                got_all = answers(model, prompts, max(map(len, responses)), eot, prefilled=state, **kw)
+                for got, want in zip(got_all, responses):
                     got_text, want_text = enc.decode(got), enc.decode(want[:-1])  # want ends with EOT
                     totals["em"] += got_text == want_text
                     totals["rouge"] += rouge_l(got_text, want_text)

@@ -16,6 +16,7 @@ recomputing the whole context gives.
 Read next: moa.py (the method: LoRA experts and routers).
 """
 
+import copy
 import math
 import re
 from dataclasses import dataclass, fields
@@ -53,6 +54,15 @@ class KVCache:
     @property
     def length(self):
         return self.seen[0]
+
+    def copy(self):
+        """Another cache holding the same tokens in buffers of its own (a subclass's routes shared, as they are
+        only ever replaced): two continuations of one prefill, e.g. a reference response and a greedy answer."""
+        other = copy.copy(self)
+        other.k = [None if t is None else t.clone() for t in self.k]
+        other.v = [None if t is None else t.clone() for t in self.v]
+        other.seen = list(self.seen)
+        return other
 
     def append(self, layer, k, v):
         """Stores one layer's new keys and values (B, n_head, T, head_dim); returns all so far (views)."""
@@ -208,6 +218,7 @@ class GPT(nn.Module):
         use_cache=True,
         stop_token=None,
         generator=None,
+        prefilled=None,
         **forward_kwargs,
     ):
         """Continues idx (B, T) by max_new_tokens tokens; temperature 0 is greedy decoding.
@@ -217,20 +228,27 @@ class GPT(nn.Module):
         Works for any module whose forward takes (idx, pad_mask=, cache=): moa.py reuses it as is.
         stop_token ends a sample early: once emitted, that sample only repeats it. The result is an
         inference tensor: read it as it is, or `.clone()` it to modify it or train on it.
+        prefilled: (cache, logits (B, V)) when the caller has already run idx through a fresh cache (the same
+        pad_mask and kwargs): decoding starts from there, the prompt not run again (evaluate.py scores a
+        response and a greedy answer from one prefill).
         """
         config = self.config
         if use_cache:
             assert idx.size(1) + max_new_tokens <= config.block_size, "prompt + new tokens exceed block_size"
         B = idx.size(0)
         cache = self.new_cache() if use_cache else None
+        if prefilled is not None:
+            assert use_cache, "a prefilled cache decodes with the cache"
+            cache, last = prefilled
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         step_in, step_mask = idx, pad_mask
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             if not use_cache:  # recompute everything, cropping the context to block_size
                 step_in = idx[:, -config.block_size :]
                 step_mask = None if pad_mask is None else pad_mask[:, -config.block_size :]
-            logits, _ = self(step_in, pad_mask=step_mask, cache=cache, **forward_kwargs)
-            next_id = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)  # (B, 1)
+            if step > 0 or prefilled is None:
+                last = self(step_in, pad_mask=step_mask, cache=cache, **forward_kwargs)[0][:, -1, :]  # (B, V)
+            next_id = sample_next(last.float(), temperature, top_k, top_p, generator)  # (B, 1)
             if stop_token is not None:
                 next_id = torch.where(done[:, None], torch.full_like(next_id, stop_token), next_id)
                 done |= next_id[:, 0] == stop_token

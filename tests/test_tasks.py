@@ -9,13 +9,14 @@ import pytest
 import torch
 from test_data import write_gpt2_folder
 
+import fast
 import train_lora
 import train_router
 from baselines import Arrow, ClassifierRouted, PromptClassifier, prototype
 from batches import TaskData
 from conftest import randomize_B
 from data.prepare import main as prepare
-from evaluate import answers, evaluate_tasks, response_loss, rouge_l
+from evaluate import answers, evaluate_tasks, prefill, response_loss, rouge_l
 from files import load_base
 from moa import MoA
 from model import GPT, GPTConfig
@@ -93,6 +94,27 @@ def test_served_loss_equals_one_pass_loss(mode):
     assert served[1].tolist() == one_pass[1].tolist() == [5, 3, 5]
 
 
+@pytest.mark.parametrize("speed", [False, True])
+@pytest.mark.parametrize("mode", ["label", "last", "token"])
+def test_one_prefill_serves_the_loss_and_the_answer(mode, speed):
+    """evaluate_tasks runs each batch of prompts once (prefill) for both the reference response's loss and the
+    greedy answer: both equal, exactly, what each gets from a prefill of its own, in each mode with the speed paths
+    on and off; the loss continues a copy of the cache, so the reference's tokens never reach the answer."""
+    moa = fast.enable(tiny_moa(), speed)
+    prompts = [list(b"Uppercase: spam\n"), list(b"57+8="), list(b"Reverse the word: eggs\n")]
+    responses = [list(b"SPAM") + [256], list(b"65") + [256], list(b"sgge") + [256]]
+    kwargs = {"mode": mode, "domain": torch.tensor([0, 2, 1])} if mode == "label" else {"mode": mode}
+    state = prefill(moa, prompts, 256, **kwargs)
+    length = state[2].length
+    shared = response_loss(moa, prompts, responses, 256, True, state, **kwargs)
+    assert state[2].length == length == len(prompts[2])
+    got = answers(moa, prompts, 8, 256, prefilled=state, **kwargs)
+    alone = response_loss(moa, prompts, responses, 256, True, **kwargs)
+    torch.testing.assert_close(shared[0], alone[0], rtol=0, atol=0)
+    assert got == answers(moa, prompts, 8, 256, **kwargs)
+    assert any(got), "the tiny random model should answer something"
+
+
 def test_evaluate_tasks_scores_a_perfect_and_a_useless_answer(tiny_data, monkeypatch):
     """evaluate_tasks counts exact match and ROUGE-L on the greedy answer: an answerer that returns the reference
     scores 100% on both, one that returns nothing 0%; its loss is the mean over response tokens (nats)."""
@@ -151,6 +173,9 @@ def test_prompt_classifier_routes_by_the_prompt(tiny_data):
         theirs, _ = moa(torch.tensor([prompts[40]]), domain=classifier([prompts[40]]), mode="label")
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     assert routed.routing["decision"].tolist() == classifier([prompts[40]]).tolist()
+    torch.manual_seed(123)  # the same classifier whatever the process drew before (results.py fits it between rows)
+    again = PromptClassifier(3, bins=1024).fit(data, n_per_task=1000, steps=300)
+    torch.testing.assert_close(again.linear.weight, classifier.linear.weight, rtol=0, atol=0)
 
 
 def test_arrow_prototypes_and_routes():
