@@ -1,6 +1,6 @@
 """The whole of nanoMoA in one command: data, base, experts, routers, baselines, the results, examples.
 
-    python demo.py              # the demo: one seed, every main row, on 2 quiet CPU cores in about 19 minutes
+    python demo.py              # the demo: one seed, every main row, on 2 quiet CPU cores in about 20 minutes
     python demo.py --full       # the study behind the README: 3 seeds, the budget sweep, the transfer matrix,
                                 # the imbalanced variant and the base without skills (see --help for its time)
     python demo.py --quick      # a first look in a few minutes, into out/quick/ (numbers not meaningful)
