@@ -87,7 +87,7 @@ def response_loss(model, prompts, responses, pad_id, served=True, prefilled=None
     served: scored as a request is served: the prompt runs first through a KV cache (a MoA decides
     its routes there, in any mode), then the response. Otherwise in one pass over prompt + response,
     as in training, a MoA's routers reading the prompt only: the same numbers in modes label, layer
-    and token, where no decision is kept for later tokens (tests/test_evaluate.py checks it).
+    and token, where no decision is kept for later tokens (tests/test_tasks.py checks it).
     prefilled: prefill()'s result for these prompts, to continue (a copy of its cache) instead of a new prefill."""
     device = next(model.parameters()).device
     if not served:
