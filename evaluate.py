@@ -133,14 +133,13 @@ def answers(model, prompts, max_new_tokens, eot, prefilled=None, **kwargs):
     device = next(model.parameters()).device
     if prefilled is None:
         room = model.config.block_size - max_new_tokens
-        idx, mask = left_pad([p[-room:] for p in prompts], eot)
-        idx, mask = idx.to(device), mask.to(device)
+        idx, mask = (t.to(device) for t in left_pad([p[-room:] for p in prompts], eot))
+        start = None
     else:
         idx, mask, cache, logits = prefilled
-        prefilled = (cache, logits[:, -1])
-    out = model.generate(
-        idx, max_new_tokens, temperature=0, pad_mask=mask, stop_token=eot, prefilled=prefilled, **kwargs
-    )[:, idx.size(1) :].tolist()
+        start = (cache, logits[:, -1])  # generate's form: the cache and the last position's logits
+    out = model.generate(idx, max_new_tokens, temperature=0, pad_mask=mask, stop_token=eot, prefilled=start, **kwargs)
+    out = out[:, idx.size(1) :].tolist()
     return [tokens[: tokens.index(eot)] if eot in tokens else tokens for tokens in out]
 
 

@@ -236,10 +236,8 @@ class GPT(nn.Module):
         if use_cache:
             assert idx.size(1) + max_new_tokens <= config.block_size, "prompt + new tokens exceed block_size"
         B = idx.size(0)
-        cache = self.new_cache() if use_cache else None
-        if prefilled is not None:
-            assert use_cache, "a prefilled cache decodes with the cache"
-            cache, last = prefilled
+        assert use_cache or prefilled is None, "a prefilled cache decodes with the cache"
+        cache, last = prefilled if prefilled is not None else (self.new_cache() if use_cache else None, None)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         step_in, step_mask = idx, pad_mask
         for step in range(max_new_tokens):
