@@ -89,28 +89,45 @@ class Step:
     script: object  # the module whose file runs, with args
     args: list
     needs: list = field(default_factory=list)  # files that must exist before it starts (other steps' outputs)
-    cost: float = 1.0  # training records it will see, about: what the progress bar and its estimate count
+    cost: float = 1.0  # its time, about, in stage-1 training records (Plan.weigh): what the progress bar counts
 
     def command(self):
         return ["python", os.path.relpath(self.script.__file__), *self.args]
 
 
+def chains(steps):
+    """{title: the step's cost plus that of the costliest chain of steps waiting for it (each needing the one
+    before)}. run_steps starts the ready step with the longest chain first: the demo's steps so ordered end
+    0.8 min sooner than in the plan's order (LOG.md, 2026-12-03, fourth session)."""
+    waiting = {s.title: [t for t in steps if s.output in t.needs] for s in steps}
+    found = {}
+
+    def chain(s):
+        if s.title not in found:
+            found[s.title] = s.cost + max((chain(t) for t in waiting[s.title]), default=0.0)
+        return found[s.title]
+
+    return {s.title: chain(s) for s in steps}
+
+
 def run_steps(steps, jobs, log_dir):
     """Runs the steps whose output does not exist yet, each as `python script args` in a process of its own,
-    up to `jobs` at once and each once the files it needs exist. With more than one at a time each runs on
-    one thread with its output in log_dir/<title>.log; alone, it prints as it goes. A failed step stops the
-    others and ends the run with a one-line error naming its log. Returns {title: seconds} of the steps run."""
+    up to `jobs` at once and each once the files it needs exist, the longest chain of work first (chains).
+    With more than one at a time each runs on one thread with its output in log_dir/<title>.log; alone, it
+    prints as it goes. A failed step stops the others and ends the run with a one-line error naming its log.
+    Returns {title: seconds} of the steps run."""
     todo = []
     for s in steps:
         if os.path.exists(s.output):
             print(f"[skip] {s.title}: {s.output} exists")
         else:
             todo.append(s)
-    progress = Progress(sum(s.cost for s in todo))
+    progress, first = Progress(sum(s.cost for s in todo)), chains(todo)
     running, took = {}, {}  # process -> (step, start time, log file or None); title -> seconds
     try:
         while todo or running:
             ready = [s for s in todo if all(os.path.exists(n) for n in s.needs)]
+            ready.sort(key=lambda s: -first[s.title])  # stable: equal chains keep the plan's order
             if not ready and not running:
                 missing = sorted({n for s in todo for n in s.needs if not os.path.exists(n)})
                 raise UserError(f"no step can start: missing {', '.join(missing)}")
@@ -211,8 +228,13 @@ def base_context(meta):
 
 
 class Plan:
-    """The steps of one seed, each the command a user would type, with the files it needs and its cost (about
-    the training records it sees: what the progress bar counts). Paths: out/runs/seed<N>/{experts,mixed,moa}."""
+    """The steps of one seed, each the command a user would type, with the files it needs and its cost (weigh).
+    Paths: out/runs/seed<N>/{experts,mixed,moa}."""
+
+    # A training record's time in each kind of run, against one of stage 1's (5.6 ms on one thread; measured on
+    # the demo's steps, LOG.md 2026-12-03): a LoRA alone evaluates every task, a wider LoRA costs more, stage 2
+    # runs the routers and their evaluation too. MoE-LoRA's (per token) is a guess: not measured.
+    WEIGHT = {"stage1": 1.0, "lora": 1.2, "wide": 1.4, "moa": 2.3, "routers": 1.4, "token": 3.0}
 
     def __init__(self, cfg, out, seed, tasks):
         self.cfg, self.out, self.seed, self.tasks, self.K = cfg, out, seed, tasks, len(tasks)
@@ -225,10 +247,15 @@ class Plan:
         self.router = self.common + [f"--experts={self.E}", f"--out_dir={self.M}"]
         self.stage1_files = [f"{self.E}/{t}.safetensors" for t in tasks]
         self.per_step = train_lora.LoRAConfig.batch_size
-        self.S = cfg.cap // 2 * self.per_step  # what a run to its plateau costs, about
 
-    def step(self, what, output, script, args, needs=(), cost=None):
-        return Step(f"seed {self.seed}: {what}", output, script, args, list(needs), self.S if cost is None else cost)
+    def weigh(self, kind, steps=None, tasks=1):
+        """A step's cost: the records it sees at its cap (steps of `tasks` batches; steps: --cap), weighted by
+        its kind's time per record (WEIGHT). Most of the demo's runs reach their caps; the study's stop sooner,
+        and the progress bar's estimate follows the pace measured so far."""
+        return (self.cfg.cap if steps is None else steps) * tasks * self.per_step * self.WEIGHT[kind]
+
+    def step(self, what, output, script, args, needs=(), cost=0.0):
+        return Step(f"seed {self.seed}: {what}", output, script, args, list(needs), cost)
 
     def stage1(self):
         """The K experts in one run (each exactly as its own run), saved on the way at the budgets' steps."""
@@ -240,28 +267,58 @@ class Plan:
                 self.stage1_files[-1],
                 train_lora,
                 args + self.plateau,
-                cost=self.K * self.S,
+                cost=self.weigh("stage1", tasks=self.K),
             )
         ]
 
     def baselines(self):
-        """One LoRA on all tasks at rank r and K r, and MoE-LoRA naive: saved at the steps of equal records
-        ((K + 1) b) and equal updates (2 b) of each budget b."""
+        """One LoRA on all tasks at rank r and K r, saved at the steps of equal records ((K + 1) b) and equal
+        updates (2 b) of each budget b, and each then annealed as MoA's experts are in stage 2 (stage 2's rate,
+        to its plateau); and MoE-LoRA naive."""
         steps = sorted({(self.K + 1) * b for b in budgets(self.cfg)} | {2 * b for b in budgets(self.cfg)})
         saves = [f"--save_at={','.join(str(s) for s in steps)}"] + self.shared_plateau
-        mixed, K = self.common + ["--domain=all", f"--out_dir={self.X}"], self.K
+        mixed, K, X = self.common + ["--domain=all", f"--out_dir={self.X}"], self.K, self.X
         naive = self.router + ["--mode=token", "--eta=0", "--expert_init=random", "--name=moe_lora_naive"]
         naive += [f"--learning_rate={train_lora.LoRAConfig.learning_rate}"]  # random experts learn at stage 1's rate
+        anneal = mixed + [f"--learning_rate={train_router.RouterConfig.learning_rate}"] + self.plateau
         return [
-            self.step("one LoRA on all tasks", f"{self.X}/all.safetensors", train_lora, mixed + saves),
             self.step(
-                f"one LoRA, rank {8 * K}",
-                f"{self.X}/all_r{K}.safetensors",
+                "one LoRA on all tasks",
+                f"{X}/all.safetensors",
                 train_lora,
-                mixed + [f"--rank={8 * K}", f"--name=all_r{K}"] + saves,
+                mixed + saves,
+                (),
+                self.weigh("lora", tasks=K),
             ),
             self.step(
-                "MoE-LoRA naive", f"{self.M}/moe_lora_naive.safetensors", train_router, naive + saves, cost=2 * self.S
+                f"one LoRA, rank {8 * K}",
+                f"{X}/all_r{K}.safetensors",
+                train_lora,
+                mixed + [f"--rank={8 * K}", f"--name=all_r{K}"] + saves,
+                cost=self.weigh("wide", tasks=K),
+            ),
+            self.step(
+                "one LoRA on all tasks, annealed",
+                f"{X}/all_annealed.safetensors",
+                train_lora,
+                anneal + [f"--init_expert={X}/all.safetensors", "--name=all_annealed"],
+                [f"{X}/all.safetensors"],
+                self.weigh("lora"),
+            ),
+            self.step(
+                f"one LoRA, rank {8 * K}, annealed",
+                f"{X}/all_r{K}_annealed.safetensors",
+                train_lora,
+                anneal + [f"--init_expert={X}/all_r{K}.safetensors", f"--name=all_r{K}_annealed"],
+                [f"{X}/all_r{K}.safetensors"],
+                self.weigh("wide"),
+            ),
+            self.step(
+                "MoE-LoRA naive",
+                f"{self.M}/moe_lora_naive.safetensors",
+                train_router,
+                naive + saves,
+                cost=self.weigh("token", tasks=K),
             ),
         ]
 
@@ -270,14 +327,16 @@ class Plan:
         (per token, no label loss)."""
         M, need = self.M, self.stage1_files
         return [
-            self.step("MoA (joint)", f"{M}/moa.safetensors", train_router, self.router + self.plateau, need),
+            self.step(
+                "MoA (joint)", f"{M}/moa.safetensors", train_router, self.router + self.plateau, need, self.weigh("moa")
+            ),
             self.step(
                 "MoA, routers only",
                 f"{M}/moa_routers.safetensors",
                 train_router,
                 self.router + ["--train_experts=False", "--name=moa_routers"] + self.plateau,
                 need,
-                cost=self.S / 3,
+                cost=self.weigh("routers"),
             ),
             self.step(
                 "MoA, routers only, linear",
@@ -286,7 +345,7 @@ class Plan:
                 self.router
                 + ["--train_experts=False", "--router_hidden=0", "--name=moa_routers_linear", *self.plateau],
                 need,
-                cost=self.S / 3,
+                cost=self.weigh("routers"),
             ),
             self.step(
                 "MoE-LoRA",
@@ -294,7 +353,7 @@ class Plan:
                 train_router,
                 self.router + ["--mode=token", "--eta=0", "--name=moe_lora"] + self.plateau,
                 need,
-                cost=2 * self.S,
+                cost=self.weigh("token"),
             ),
         ]
 
@@ -307,7 +366,7 @@ class Plan:
                 train_router,
                 self.router + [f"--expert_step={b}", f"--max_iters={b}", f"--name=moa_b{b}"],
                 self.stage1_files,
-                cost=b * self.per_step,
+                cost=self.weigh("moa", b),
             )
             for b in budgets(self.cfg)
         ]
@@ -319,7 +378,7 @@ class Plan:
         add = self.router + [f"--add_domain={added}", f"--bundle={moa}", f"--max_iters={cfg.add_iters}"]
         further = [f"--domain={added}", f"--init_expert={mixed}", f"--name=all+{added}", f"--out_dir={X}"]
         every = [f"--domains={','.join(self.tasks + [added])}", "--name=moa_all"]
-        cost = cfg.add_iters * self.per_step
+        row, further_cost = self.weigh("routers", cfg.add_iters), self.weigh("lora", cfg.add_iters)
         return [
             self.step(
                 f"the {added} expert",
@@ -327,15 +386,16 @@ class Plan:
                 train_lora,
                 self.common + [f"--domain={added}", f"--out_dir={E}"] + self.plateau,
                 self.stage1_files[-1:],
+                self.weigh("lora"),
             ),
-            self.step(f"MoA + {added}", f"{M}/moa+{added}.safetensors", train_router, add, [moa, new], cost),
+            self.step(f"MoA + {added}", f"{M}/moa+{added}.safetensors", train_router, add, [moa, new], row),
             self.step(
                 f"MoA + {added}, every router row",
                 f"{M}/moa+{added}_allrows.safetensors",
                 train_router,
                 add + ["--train_old_rows=True", f"--name=moa+{added}_allrows"],
                 [moa, new],
-                cost,
+                row,
             ),
             self.step(
                 f"the mixed LoRA trained on {added}",
@@ -343,7 +403,7 @@ class Plan:
                 train_lora,
                 self.common + further + [f"--max_iters={cfg.add_iters}"],
                 [mixed],
-                cost,
+                further_cost,
             ),
             self.step(
                 f"MoA retrained on {self.K + 1} tasks",
@@ -351,6 +411,7 @@ class Plan:
                 train_router,
                 self.router + every + self.plateau,
                 self.stage1_files + [new],
+                self.weigh("moa"),
             ),
         ]
 
@@ -365,7 +426,7 @@ class Plan:
                 f"{self.run}/pairs/{pairs[-1]}.safetensors",
                 train_lora,
                 self.common + args + [f"--max_iters={steps}", f"--eval_interval={steps}"],
-                cost=steps * self.per_step * self.K * self.K,
+                cost=self.weigh("stage1", steps, self.K * self.K),
             )
         ]
 
@@ -381,6 +442,7 @@ class Plan:
                 train_lora,
                 on_small + [f"--domain={small}", f"--out_dir={imb}/experts"] + self.plateau,
                 [f"{data}/meta.json"],
+                self.weigh("lora"),
             ),
             self.step(
                 "imbalanced, MoA",
@@ -388,6 +450,7 @@ class Plan:
                 train_router,
                 on_small + [f"--experts={imb}/experts,{self.E}", f"--out_dir={imb}"] + self.plateau,
                 [f"{imb}/experts/{small}.safetensors"] + experts,
+                self.weigh("moa"),
             ),
             self.step(
                 "imbalanced, one LoRA on all tasks",
@@ -395,6 +458,7 @@ class Plan:
                 train_lora,
                 on_small + ["--domain=all", f"--out_dir={imb}"] + self.plateau,
                 [f"{data}/meta.json"],
+                self.weigh("lora"),
             ),
         ]
 
@@ -409,7 +473,7 @@ class Plan:
                 f"{plain_base}/ckpt.pt",
                 train_base,
                 base_args + ["--corpus=python,cpp,prose", self.common[-1]],
-                cost=cfg.base_iters * 16 * 3,
+                cost=cfg.base_iters * 16 * 3,  # a base's step on one thread, about 48 stage-1 records' time
             ),
             self.step(
                 "plain base, stage 1",
@@ -419,7 +483,7 @@ class Plan:
                 + [f"--domain={','.join(self.tasks)}", f"--out_dir={plain_dir}/experts", "--name=stage1"]
                 + self.plateau,
                 [f"{plain_base}/ckpt.pt"],
-                cost=self.K * self.S,
+                cost=self.weigh("stage1", tasks=self.K),
             ),
             self.step(
                 "plain base, one LoRA on all tasks",
@@ -427,6 +491,7 @@ class Plan:
                 train_lora,
                 plain + ["--domain=all", f"--out_dir={plain_dir}"] + self.plateau,
                 [f"{plain_base}/ckpt.pt"],
+                self.weigh("lora"),
             ),
         ]
 

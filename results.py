@@ -74,6 +74,8 @@ def main_rows(cfg, K):
         ("stage-1 experts (label given)", "experts", "experts", {"mode": "label"}),
         ("one LoRA, all tasks (rank r)", "expert", "mixed/all.safetensors", {}),
         (f"one LoRA, all tasks (rank {K}r)", "expert", f"mixed/all_r{K}.safetensors", {}),
+        ("one LoRA, all tasks (rank r), annealed", "expert", "mixed/all_annealed.safetensors", {}),
+        (f"one LoRA, all tasks (rank {K}r), annealed", "expert", f"mixed/all_r{K}_annealed.safetensors", {}),
         ("MoE-LoRA (token top-2, no label loss)", "bundle", "moa/moe_lora.safetensors", {"mode": "token"}),
         ("MoE-LoRA naive (random experts)", "bundle", "moa/moe_lora_naive.safetensors", {"mode": "token"}),
         ("MoA, routers only", "bundle", "moa/moa_routers.safetensors", routed),
@@ -449,6 +451,12 @@ def controls_table(main, budget, budgets, domains):
             others = [budget.get(f"{n}, budget {b}, {control}") for n in names]
             lines.append(f"| budget {b}, {control} | {em(moa)} | " + " | ".join(em(r) for r in others) + " |")
     lines.append("| each at its plateau or cap | " + " | ".join(em(main.get(n)) for n in plateau) + " |")
+    annealed = [plateau[0], f"{plateau[1]}, annealed", f"{plateau[2]}, annealed"]  # MoA's stage 2 anneals its experts
+    lines.append(
+        "| each at its plateau, then annealed at stage 2's rate | "
+        + " | ".join(em(main.get(n)) for n in annealed)
+        + " | - |"
+    )
     return "\n".join(lines)
 
 

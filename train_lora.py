@@ -128,8 +128,8 @@ def main(argv=None):
             f"{parts[0][0].tokenizer!r}; prepare the data with --tokenizer={tokenizer}"
         )
     base = fingerprint(model)
-    cfg = add_loras(cfg, model, specs, tokenizer)
-    experts = Experts(cfg, model, specs, block_size, tokenizer, base)
+    cfg, before = add_loras(cfg, model, specs, tokenizer)
+    experts = Experts(cfg, model, specs, block_size, tokenizer, base, before)
     meta = {"kind": "expert", "domain": cfg.domain, "base": base["sha256"]}
     losses = train(
         replace(cfg, out_dir=run_dir),
@@ -146,11 +146,13 @@ def main(argv=None):
 
 
 def add_loras(cfg, model, specs, tokenizer):
-    """The LoRAs beside the frozen base, each started as its own run would start it -> cfg (--init_expert: with
-    that expert's rank, alpha and targets)."""
+    """The LoRAs beside the frozen base, each started as its own run would start it -> (cfg, the training records
+    the LoRA has seen before this run): --init_expert goes on from that expert, with its rank, alpha and targets."""
+    before = 0
     if cfg.init_expert:  # go on training an existing expert, with its rank, alpha and targets
         meta = add_expert_file(model, cfg.init_expert, tokenizer, cfg.lora_dropout)
         cfg = replace(cfg, rank=meta["rank"], alpha=meta["alpha"], targets=",".join(meta["targets"]))
+        before = meta.get("samples", 0)
     else:
         check_expert_memory(cfg, model, len(specs))
         add_experts(model, 0, cfg.rank, cfg.alpha, cfg.lora_dropout, cfg.targets.split(","))
@@ -166,14 +168,14 @@ def add_loras(cfg, model, specs, tokenizer):
         f"{len(specs)} LoRA(s) on the frozen base: {', '.join(n for n, _, _ in specs)}; {trainable:,} trainable "
         f"parameters, {100 * trainable / len(specs) / (total - trainable):.2f}% of the base each"
     )
-    return cfg
+    return cfg, before
 
 
 class Experts:
     """The LoRAs of one run and what the loop asks of them: the loss of a batch, the evaluation, the files."""
 
-    def __init__(self, cfg, model, specs, block_size, tokenizer, base):
-        self.cfg, self.specs, self.tokenizer, self.base = cfg, specs, tokenizer, base
+    def __init__(self, cfg, model, specs, block_size, tokenizer, base, before=0):
+        self.cfg, self.specs, self.tokenizer, self.base, self.before = cfg, specs, tokenizer, base, before
         self.layers = lora_layers(model)
         # Alone, a LoRA is measured on every task (what it learns and what it costs the others); side by side,
         # each on its own tasks only (every LoRA on every task would cost as much as the training).
@@ -215,10 +217,11 @@ class Experts:
         return out
 
     def save(self, m, k, path, steps):
-        """LoRA k after `steps` steps as an expert file, with the training records it saw."""
+        """LoRA k after `steps` steps of this run as an expert file, with the training records it saw in all (with
+        --init_expert, also those of the runs before)."""
         _, tasks, sampling = self.specs[k]
         per_step = self.cfg.batch_size * micro_batches(self.cfg) * (1 if sampling == "pooled" else len(tasks))
-        extra = {"trained_on": tasks, "samples": steps * per_step, "steps": steps}
+        extra = {"trained_on": tasks, "samples": self.before + steps * per_step, "steps": steps}
         domain = tasks[0] if len(tasks) == 1 else "all" if sampling == "pooled" else "mixed"
         save_expert(path, m, k, domain, self.tokenizer, self.base, extra)
         print(f"saved {path} ({os.path.getsize(path) / 1e3:.0f} kB, {steps} steps)")

@@ -9,7 +9,7 @@ import pytest
 
 import train_lora
 from config import UserError
-from demo import Step, run_steps
+from demo import Step, chains, run_steps
 
 # A stand-in script: writes its output (argv[1]) after sleeping argv[2] seconds, with its start and end times and
 # its OMP_NUM_THREADS; exits 3 without writing when argv[3] is "fail".
@@ -90,6 +90,44 @@ def test_a_failed_step_stops_the_others_with_a_one_line_error(script, tmp_path):
     assert "something broke" in open(tmp_path / "logs" / "bad.log").read()
 
 
+def test_the_ready_step_with_the_longest_chain_of_work_starts_first(script, tmp_path):
+    """One job, three steps in the plan's order a, b, c, where c needs b: b (cost 1, but c's 5 wait for it) starts
+    first, then c (5), then a (2); chains() adds a step's cost to the costliest chain waiting for it."""
+    a, b, c = (str(tmp_path / n) for n in "abc")
+    steps = [Step("a", a, script, [a, "0"], [], 2.0), Step("b", b, script, [b, "0"], [], 1.0)]
+    steps.append(Step("c", c, script, [c, "0"], [b], 5.0))
+    assert chains(steps) == {"a": 2.0, "b": 6.0, "c": 5.0}
+    run_steps(steps, 1, None)
+    assert times(b)[1] <= times(c)[0] and times(c)[1] <= times(a)[0]
+
+
+def test_every_step_of_the_study_has_a_cost_and_the_shared_loras_are_annealed_as_moas_experts(tmp_path):
+    """Each step of --full's plan has a positive cost (the progress bar and the order count them). The annealed
+    shared LoRAs go on from the shared LoRAs' files at stage 2's learning rate, to their plateau with MoA's rule
+    and cap."""
+    import demo
+    import train_router
+
+    cfg = demo.DemoConfig(full=True, cap=40, budgets="10,20")
+    tasks = ["upper", "lower", "double", "reverse", "arith"]
+    steps = demo.seed_steps(cfg, str(tmp_path), 1, tasks, "count")
+    assert all(s.cost > 0 for s in steps), [s.title for s in steps if not s.cost > 0]
+    by_title = {s.title.split(": ", 1)[1]: s for s in steps}
+    moa = by_title["MoA (joint)"]
+    for shared, annealed in (
+        ("one LoRA on all tasks", "one LoRA on all tasks, annealed"),
+        ("one LoRA, rank 40", "one LoRA, rank 40, annealed"),
+    ):
+        step = by_title[annealed]
+        assert f"--init_expert={by_title[shared].output}" in step.args and step.needs == [by_title[shared].output]
+        assert f"--learning_rate={train_router.RouterConfig.learning_rate}" in step.args
+        assert (
+            [a for a in step.args if a.startswith(("--max_iters", "--stop_flat"))]
+            == [a for a in moa.args if a.startswith(("--max_iters", "--stop_flat"))]
+            == ["--stop_flat=0.02", "--max_iters=40"]
+        )
+
+
 def test_a_need_that_nothing_makes_is_an_error(script, tmp_path):
     """A step needing a file that no step writes: a UserError naming the file, once nothing else can run."""
     a, missing = str(tmp_path / "a"), str(tmp_path / "missing")
@@ -127,6 +165,10 @@ def test_demo_steps_then_results_make_every_table(tiny_data, tiny_base, tmp_path
     )
     assert wide["params"] == K * mixed["params"] == experts["params"]
     assert experts["steps"] == 6 and mixed["steps"] == K * 6 and experts["samples"] == mixed["samples"]
+    for name, before in (("rank r", mixed), (f"rank {K}r", wide)):  # went on from there, and counts both runs' records
+        annealed = rows[f"one LoRA, all tasks ({name}), annealed"]
+        assert 1 <= annealed["steps"] <= 6 and annealed["params"] == before["params"], name
+        assert annealed["samples"] == before["samples"] + annealed["steps"] * per_step, name
     budget = written["budget"][0]
     moa = budget["MoA, budget 1"]
     assert moa["samples"] == (K * 1 + 1) * per_step
