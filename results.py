@@ -68,7 +68,7 @@ class ResultsConfig:
 
 def main_rows(cfg, K):
     """(row name, kind, file in the run folder, forward kwargs) of every main row, in the paper's order."""
-    routed = {"mode": cfg.mode}
+    routed, other = {"mode": cfg.mode}, "last" if cfg.mode == "vote" else "vote"
     return [
         ("base", "base", None, {}),
         ("stage-1 experts (label given)", "experts", "experts", {"mode": "label"}),
@@ -81,6 +81,7 @@ def main_rows(cfg, K):
         ("MoA, routers only", "bundle", "moa/moa_routers.safetensors", routed),
         ("MoA, routers only, linear (the paper's)", "bundle", "moa/moa_routers_linear.safetensors", routed),
         ("MoA (joint)", "bundle", "moa/moa.safetensors", routed),
+        (f"MoA (joint), mode {other}", "bundle", "moa/moa.safetensors", {"mode": other}),  # the paper's other rule
         ("MoA experts alone (label given)", "bundle", "moa/moa.safetensors", {"mode": "label"}),
         ("classifier + stage-1 experts", "classifier", "experts", {}),
         ("Arrow + stage-1 experts (no labels)", "arrow", "experts", {}),
