@@ -15,16 +15,17 @@ once (out/base); each seed's experts and bundles go to out/runs/seed<N>/. One pr
 training records still to go, with an estimate of the time left; the end prints where the time went.
 
 Every model is trained to its plateau (--stop_flat, the same rule for all, with --cap steps at most),
-and also saved on the way at the steps the budget comparisons need (--save_at): for each budget b of
---budgets, MoA's experts after b steps each plus b steps of stage 2, against the baselines after as
-many training records ((K + 1) b steps) and after as many optimizer updates (2 b steps). Every task
-stage runs at a constant learning rate after warmup, so a model saved at step s is exactly the model
-a run of s steps gives.
+and each shared LoRA then goes on at stage 2's learning rate to its plateau again, as stage 2 anneals
+MoA's experts (the "annealed" rows). Each is also saved on the way at the steps the budget comparisons
+need (--save_at): for each budget b of --budgets, MoA's experts after b steps each plus b steps of stage
+2, against the baselines after as many training records ((K + 1) b steps) and after as many optimizer
+updates (2 b steps). Every task stage runs at a constant learning rate after warmup, so a model saved
+at step s is exactly the model a run of s steps gives.
 
-On a CPU, steps that do not wait for each other run side by side, one process per core on one thread
-each (--jobs), their output in out/logs/: at nanoMoA's sizes two one-thread processes do twice one
-thread's work where one two-thread process does 1.6-1.75 times it (scripts/threads.py), and they do
-not collapse when another job shares the cores.
+On a CPU, steps that do not wait for each other run side by side, one process per core on one thread each
+(--jobs), the one with the longest chain of work waiting on it first, their output in out/logs/: at
+nanoMoA's sizes two one-thread processes do twice one thread's work where one two-thread process does
+1.6-1.75 times it (scripts/threads.py), and they do not collapse when another job shares the cores.
 
 Read next: bench.py.
 """
@@ -122,7 +123,7 @@ def run_steps(steps, jobs, log_dir):
             print(f"[skip] {s.title}: {s.output} exists")
         else:
             todo.append(s)
-    progress, first = Progress(sum(s.cost for s in todo)), chains(todo)
+    progress, first = Progress(sum(s.cost for s in todo), jobs), chains(todo)
     running, took = {}, {}  # process -> (step, start time, log file or None); title -> seconds
     try:
         while todo or running:
@@ -144,7 +145,7 @@ def run_steps(steps, jobs, log_dir):
                     where = f"; its output: {proc.log.name}" if proc.log else ""
                     raise UserError(f"step '{s.title}' failed (exit status {proc.returncode}){where}")
                 took[s.title] = time.time() - t0
-                progress.done(s, took[s.title])
+                progress.done(s, took[s.title], running.values())
     finally:
         for proc in running:  # on a failure or Ctrl-C: stop the others too
             proc.kill()
@@ -170,21 +171,31 @@ def start(s, jobs, log_dir):
 
 
 class Progress:
-    """The share of the work done (by the steps' costs) and the time left at the pace so far."""
+    """The share of the work done (by the steps' costs) and the time left: the work not done, at the seconds per
+    unit of cost the finished steps took, shared by the jobs (a running step counts what it has left of its
+    expected time)."""
 
-    def __init__(self, total):
-        self.total, self.finished, self.t0 = total, 0.0, time.time()
+    def __init__(self, total, jobs=1):
+        self.total, self.jobs, self.finished, self.spent, self.t0 = total, jobs, 0.0, 0.0, time.time()
 
-    def done(self, step, seconds):
+    def done(self, step, seconds, running=()):
+        """After `step` ended in `seconds`; running: (step, start time) of the steps still running."""
         self.finished += step.cost
-        share = self.finished / max(self.total, 1e-9)
-        elapsed = time.time() - self.t0
-        left = elapsed * (1 - share) / max(share, 1e-9)
+        self.spent += seconds
+        now = time.time()
         print(
-            f"[{step.title}] done in {seconds:.0f}s | {100 * share:.0f}% of the work, "
-            f"{elapsed / 60:.1f} min so far, about {left / 60:.0f} min left",
+            f"[{step.title}] done in {seconds:.0f}s | {100 * self.finished / max(self.total, 1e-9):.0f}% of the "
+            f"work, {(now - self.t0) / 60:.1f} min so far, about {self.left(running, now) / 60:.0f} min left",
             flush=True,
         )
+
+    def left(self, running, now):
+        """Seconds left, about: the steps not started at the pace so far, plus what the running ones have left of
+        their expected time, over the jobs."""
+        pace = self.spent / max(self.finished, 1e-9)  # seconds per unit of cost
+        waiting = self.total - self.finished - sum(s.cost for s, _ in running)
+        work = waiting * pace + sum(max(s.cost * pace - (now - t), 0) for s, t in running)
+        return max(work, 0.0) / self.jobs
 
 
 def budgets(cfg):

@@ -1,7 +1,8 @@
 """The pictures of results.py, drawn with matplotlib (installed by requirements.txt), into out/results/:
 
 - budget.png    exact match against the training records seen (log axis), one line per variant: MoA at each
-                budget and at its plateau, the shared LoRAs saved along their runs, per task and on average
+                budget and at its plateau, the shared LoRAs saved along their runs and after their
+                annealing, per task and on average
 - learning.png  each stage-1 expert's validation loss over its run, beside the one shared LoRA's on that task
 - matrix.png    the transfer matrix: how much learning task j beside task i changes i's exact match
 - routing.png   where MoA's routers send each task's validation prompts (its confusion matrix)
@@ -12,11 +13,17 @@ Read next: demo.py.
 import json
 import os
 
-VARIANTS = {  # line -> (its budget rows' variant, its plateau row in the main table)
-    "MoA": ("MoA", "MoA (joint)"),
-    "one LoRA (rank r)": ("one LoRA (rank r)", "one LoRA, all tasks (rank r)"),
-    "one LoRA (rank Kr)": ("one LoRA (rank {K}r)", "one LoRA, all tasks (rank {K}r)"),
-    "MoE-LoRA naive": ("MoE-LoRA naive", "MoE-LoRA naive (random experts)"),
+VARIANTS = {  # line -> (its budget rows' variant, its rows in the main table: at its plateau, then annealed)
+    "MoA": ("MoA", ["MoA (joint)"]),
+    "one LoRA (rank r)": (
+        "one LoRA (rank r)",
+        ["one LoRA, all tasks (rank r)", "one LoRA, all tasks (rank r), annealed"],
+    ),
+    "one LoRA (rank Kr)": (
+        "one LoRA (rank {K}r)",
+        ["one LoRA, all tasks (rank {K}r)", "one LoRA, all tasks (rank {K}r), annealed"],
+    ),
+    "MoE-LoRA naive": ("MoE-LoRA naive", ["MoE-LoRA naive (random experts)"]),
 }
 
 
@@ -39,10 +46,10 @@ def draw(cfg, stats, found, domains, run_dir):
     print(f"pictures: {', '.join(p for p in drawn if p)}")
 
 
-def points(stats, variant, plateau, metric):
-    """(records, mean, std) of a variant's budget rows and its plateau row, in order of records."""
+def points(stats, variant, main_rows, metric):
+    """(records, mean, std) of a variant's budget rows and its main-table rows, in order of records."""
     rows = [r for r in stats.get("budget", {}).values() if r.get("variant") == variant]
-    rows += [stats["main"][plateau]] if plateau in stats.get("main", {}) else []
+    rows += [stats["main"][name] for name in main_rows if name in stats.get("main", {})]
     found = {int(r["samples"][0]): (r[metric][0], r[metric][1]) for r in rows if metric in r}
     return [(n, *found[n]) for n in sorted(found)]
 
@@ -52,8 +59,8 @@ def budget(plt, stats, domains, folder):
     metrics = [("em_mean", "mean")] + [(f"em/{d}", d) for d in domains]
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.2), squeeze=False)
     for ax, (metric, title) in zip(axes[0], metrics):
-        for label, (variant, plateau) in VARIANTS.items():
-            line = points(stats, variant.format(K=K), plateau.format(K=K), metric)
+        for label, (variant, main_rows) in VARIANTS.items():
+            line = points(stats, variant.format(K=K), [n.format(K=K) for n in main_rows], metric)
             if line:
                 x, y, e = zip(*line)
                 ax.errorbar(x, [100 * v for v in y], [100 * v for v in e], marker="o", capsize=2, label=label)

@@ -22,6 +22,7 @@ FAULTS = ("tests/test_faults.py",)
 OUTPUTS = ("tests/test_outputs.py",)
 MEMORY = ("tests/test_faults.py", "-k", "without_allocating")
 # tests/test_faults2.py (issue 26), one selection per kind of bad input, and the blind spots' direct tests
+DEMO = ("tests/test_demo.py",)
 FAULTS2 = "tests/test_faults2.py"
 NAMES2 = (FAULTS2, "-k", "path or newline or names_nanomoa")
 NONFINITE2 = (FAULTS2, "-k", "nonfinite or diverges")
@@ -1842,5 +1843,37 @@ MUTANTS = [
         'out[f"loss/{name}"] = totals["nll"] / totals["tokens"]',
         'out[f"loss/{name}"] = totals["nll"] / len(ids)',
         BLIND,
+    ),
+    Mutant(
+        "steps-in-plan-order",
+        "run_steps starts ready steps in the plan's order, not the longest chain of work first",
+        "demo.py",
+        "            ready.sort(key=lambda s: -first[s.title])",
+        "            ready.sort(key=lambda s: 0)",
+        DEMO,
+    ),
+    Mutant(
+        "chain-counts-own-cost-only",
+        "a step's chain is its own cost, without the steps waiting for it",
+        "demo.py",
+        "            found[s.title] = s.cost + max((chain(t) for t in waiting[s.title]), default=0.0)",
+        "            found[s.title] = s.cost",
+        DEMO,
+    ),
+    Mutant(
+        "anneal-at-stage-1-rate",
+        "the shared LoRAs are annealed at stage 1's learning rate, not stage 2's",
+        "demo.py",
+        'anneal = mixed + [f"--learning_rate={train_router.RouterConfig.learning_rate}"] + self.plateau',
+        'anneal = mixed + [f"--learning_rate={train_lora.LoRAConfig.learning_rate}"] + self.plateau',
+        DEMO,
+    ),
+    Mutant(
+        "continued-lora-forgets-records-before",
+        "a LoRA continued with --init_expert counts only this run's training records",
+        "train_lora.py",
+        '"samples": self.before + steps * per_step',
+        '"samples": steps * per_step',
+        DEMO,
     ),
 ]

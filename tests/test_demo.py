@@ -179,3 +179,49 @@ def test_demo_steps_then_results_make_every_table(tiny_data, tiny_base, tmp_path
     assert "MoA + count (new router row only)" in added and "mixed LoRA, trained on count" in added
     text = (out / "results" / "results.md").read_text()
     assert "Adding the task count" in text and "under each control" in text
+
+
+def test_the_budget_picture_draws_each_shared_lora_on_to_its_annealed_row(tmp_path):
+    """pictures.points: a shared LoRA's line holds its budget rows, its plateau row and then its annealed row, in
+    order of records; MoA's line its budget rows and its plateau. budget() draws them into budget.png."""
+    import pictures
+
+    def row(records, em, **more):
+        return {"samples": (records, 0.0, 3), "em_mean": (em, 0.01, 3), **more}
+
+    stats = {
+        "budget": {
+            "MoA, budget 100": row(19_200, 0.004, variant="MoA"),
+            "one LoRA (rank r), budget 100, equal records": row(19_200, 0.034, variant="one LoRA (rank r)"),
+            "one LoRA (rank r), budget 100, equal updates": row(6_400, 0.004, variant="one LoRA (rank r)"),
+        },
+        "main": {
+            "MoA (joint)": row(166_933, 0.501),
+            "one LoRA, all tasks (rank r)": row(120_533, 0.312),
+            "one LoRA, all tasks (rank r), annealed": row(135_466, 0.570),
+        },
+    }
+    shared, main_rows = pictures.VARIANTS["one LoRA (rank r)"]
+    assert [p[:2] for p in pictures.points(stats, shared, main_rows, "em_mean")] == [
+        (6_400, 0.004),
+        (19_200, 0.034),
+        (120_533, 0.312),
+        (135_466, 0.570),
+    ]
+    assert [p[0] for p in pictures.points(stats, "MoA", pictures.VARIANTS["MoA"][1], "em_mean")] == [19_200, 166_933]
+    plt = pytest.importorskip("matplotlib.pyplot")
+    assert pictures.budget(plt, stats, ["upper"], str(tmp_path)).endswith("budget.png")
+    assert (tmp_path / "budget.png").stat().st_size > 1000
+
+
+def test_the_time_left_counts_the_steps_not_started_and_what_the_running_ones_have_left():
+    """At 2 s per unit of cost (a finished step of cost 20 took 40 s), with 40 units not started and a step of cost
+    40 running for 30 s (expected 80 s: 50 left), 2 jobs have (40 * 2 + 50) / 2 = 65 s left; a running step past
+    its expected time counts nothing."""
+    from demo import Progress
+
+    progress = Progress(total=100, jobs=2)
+    first, running = Step("a", "a", None, [], [], 20.0), Step("b", "b", None, [], [], 40.0)
+    progress.done(first, 40.0, [(running, time.time() - 30)])
+    assert progress.left([(running, 1000.0 - 30)], now=1000.0) == pytest.approx(65.0)
+    assert progress.left([(running, 1000.0 - 500)], now=1000.0) == pytest.approx(40.0)
