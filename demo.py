@@ -11,8 +11,9 @@ name your tasks, and --full leaves out the two variants that need the built-in t
 
 Each step runs the script a user would run by hand (the command is shown as it starts), and is skipped
 when its output already exists, so an interrupted run goes on where it stopped. The base is trained
-once (out/base); each seed's experts and bundles go to out/runs/seed<N>/. One progress bar counts the
-training records still to go, with an estimate of the time left; the end prints where the time went.
+once (out/base); each seed's experts and bundles go to out/runs/seed<N>/. One progress line counts the
+work still to go (each step's training records, weighted by its kind's time per record), with an estimate
+of the time left; the end prints where the time went.
 
 Every model is trained to its plateau (--stop_flat, the same rule for all, with --cap steps at most),
 and each shared LoRA then goes on at stage 2's learning rate to its plateau again, as stage 2 anneals
@@ -98,8 +99,9 @@ class Step:
 
 def chains(steps):
     """{title: the step's cost plus that of the costliest chain of steps waiting for it (each needing the one
-    before)}. run_steps starts the ready step with the longest chain first: the demo's steps so ordered end
-    0.8 min sooner than in the plan's order (LOG.md, 2026-12-03, fourth session)."""
+    before)}. run_steps starts the ready step with the longest chain first: on the demo's measured step times
+    its training ends 0.8 min sooner so than in the plan's order (simulated; LOG.md, 2026-12-03, fourth
+    session)."""
     waiting = {s.title: [t for t in steps if s.output in t.needs] for s in steps}
     found = {}
 
