@@ -1,6 +1,8 @@
 """The whole of nanoMoA in one command: data, base, experts, routers, baselines, the results, examples.
 
-    python demo.py              # the demo: one seed, every main row, on 2 quiet CPU cores in about 20 minutes
+    python demo.py              # the demo: one seed, MoA against one LoRA with its parameters, adding a task,
+                                # on 2 quiet CPU cores in about 15 minutes
+    python demo.py --cap=1000 --seeds=3 --ablations   # the README's tables: every row, 3 seeds, to the plateaus
     python demo.py --full       # the study behind the README: 3 seeds, the budget sweep, the transfer matrix,
                                 # the imbalanced variant and the base without skills (see --help for its time)
     python demo.py --quick      # a first look in a few minutes, into out/quick/ (numbers not meaningful)
@@ -58,6 +60,7 @@ from trainer import pick_device
 @dataclass
 class DemoConfig:
     full: bool = False  # the whole study: 3 seeds, budget sweep, transfer matrix, imbalanced data, plain base
+    ablations: bool = False  # also the rank-r shared LoRA, the routers alone, the other ways to add a task (--full: on)
     quick: bool = False  # a first look in a few minutes, into out/quick (numbers not meaningful)
     seeds: int = 0  # runs after the base, with seeds 1..seeds (0: 1, or 3 with --full)
     data_dir: str = "data/default"  # the data set (data/prepare.py); the default one is prepared first if missing
@@ -92,6 +95,7 @@ class Step:
     args: list
     needs: list = field(default_factory=list)  # files that must exist before it starts (other steps' outputs)
     cost: float = 1.0  # its time, about, in stage-1 training records (Plan.weigh): what the progress bar counts
+    ablation: bool = False  # run with --ablations or --full only: not one of the demo's rows
 
     def command(self):
         return ["python", os.path.relpath(self.script.__file__), *self.args]
@@ -219,10 +223,12 @@ def seed_steps(cfg, out, seed, tasks, added, builtin=True):
     if cfg.quick:
         return plan.stage1() + plan.moa()[:1]
     steps = plan.stage1() + plan.baselines() + plan.moa() + plan.budgets()
-    if not cfg.full:  # the demo: the main rows, without the ablations trained per token (the slowest runs)
+    if not cfg.full:  # the ablations trained per token (the slowest runs) are --full's
         steps = [s for s in steps if "MoE-LoRA" not in s.title]
     if added is not None:
         steps += plan.adding(added)
+    if not (cfg.full or cfg.ablations):  # the demo: MoA against one LoRA with its parameters, and adding a task
+        steps = [s for s in steps if not s.ablation]
     if cfg.full and seed == 1:  # one seed of each: the controls above carry the spread over seeds
         steps += plan.matrix() + (plan.imbalanced() + plan.regime() if builtin else [])
     return steps
@@ -267,8 +273,8 @@ class Plan:
         and the progress bar's estimate follows the pace measured so far."""
         return (self.cfg.cap if steps is None else steps) * tasks * self.per_step * self.WEIGHT[kind]
 
-    def step(self, what, output, script, args, needs=(), cost=0.0):
-        return Step(f"seed {self.seed}: {what}", output, script, args, list(needs), cost)
+    def step(self, what, output, script, args, needs=(), cost=0.0, ablation=False):
+        return Step(f"seed {self.seed}: {what}", output, script, args, list(needs), cost, ablation)
 
     def stage1(self):
         """The K experts in one run (each exactly as its own run), saved on the way at the budgets' steps."""
@@ -302,6 +308,7 @@ class Plan:
                 mixed + saves,
                 (),
                 self.weigh("lora", tasks=K),
+                ablation=True,
             ),
             self.step(
                 f"one LoRA, rank {8 * K}",
@@ -317,6 +324,7 @@ class Plan:
                 anneal + [f"--init_expert={X}/all.safetensors", "--name=all_annealed"],
                 [f"{X}/all.safetensors"],
                 self.weigh("lora"),
+                ablation=True,
             ),
             self.step(
                 f"one LoRA, rank {8 * K}, annealed",
@@ -350,6 +358,7 @@ class Plan:
                 self.router + ["--train_experts=False", "--name=moa_routers"] + self.plateau,
                 need,
                 cost=self.weigh("routers"),
+                ablation=True,
             ),
             self.step(
                 "MoA, routers only, linear",
@@ -359,6 +368,7 @@ class Plan:
                 + ["--train_experts=False", "--router_hidden=0", "--name=moa_routers_linear", *self.plateau],
                 need,
                 cost=self.weigh("routers"),
+                ablation=True,
             ),
             self.step(
                 "MoE-LoRA",
@@ -385,13 +395,15 @@ class Plan:
         ]
 
     def adding(self, added):
-        """A held-back task added later: its expert, the new router row (or every row), and the alternatives."""
-        E, M, X, cfg = self.E, self.M, self.X, self.cfg
-        new, moa, mixed = f"{E}/{added}.safetensors", f"{M}/moa.safetensors", f"{X}/all.safetensors"
+        """A held-back task added later: its expert, the new router row (or every row), and the alternatives: the
+        shared LoRA with MoA's parameters (rank K r, annealed) trained on, and MoA retrained on every task."""
+        E, M, X, cfg, K = self.E, self.M, self.X, self.cfg, self.K
+        new, moa, shared = f"{E}/{added}.safetensors", f"{M}/moa.safetensors", f"{X}/all_r{K}_annealed.safetensors"
         add = self.router + [f"--add_domain={added}", f"--bundle={moa}", f"--max_iters={cfg.add_iters}"]
-        further = [f"--domain={added}", f"--init_expert={mixed}", f"--name=all+{added}", f"--out_dir={X}"]
+        name = f"all_r{K}_annealed+{added}"
+        further = [f"--domain={added}", f"--init_expert={shared}", f"--name={name}", f"--out_dir={X}"]
         every = [f"--domains={','.join(self.tasks + [added])}", "--name=moa_all"]
-        row, further_cost = self.weigh("routers", cfg.add_iters), self.weigh("lora", cfg.add_iters)
+        row, further_cost = self.weigh("routers", cfg.add_iters), self.weigh("wide", cfg.add_iters)
         return [
             self.step(
                 f"the {added} expert",
@@ -409,13 +421,14 @@ class Plan:
                 add + ["--train_old_rows=True", f"--name=moa+{added}_allrows"],
                 [moa, new],
                 row,
+                ablation=True,
             ),
             self.step(
-                f"the mixed LoRA trained on {added}",
-                f"{X}/all+{added}.safetensors",
+                f"one LoRA, rank {8 * K}, annealed, trained on {added}",
+                f"{X}/{name}.safetensors",
                 train_lora,
                 self.common + further + [f"--max_iters={cfg.add_iters}"],
-                [mixed],
+                [shared],
                 further_cost,
             ),
             self.step(
@@ -425,6 +438,7 @@ class Plan:
                 self.router + every + self.plateau,
                 self.stage1_files + [new],
                 self.weigh("moa"),
+                ablation=True,
             ),
         ]
 
@@ -517,16 +531,16 @@ def small_data_dir(cfg, tasks):
 @torch.no_grad()
 def examples(cfg, out, tasks, per_task=2):
     """The last step: prompts of every task in one batch, routed by MoA (with the last router's calibrated
-    confidence) and answered, beside the same prompts through the mixed LoRA; exact answers marked right (+)
-    or wrong (-)."""
+    confidence) and answered, beside the same prompts through one LoRA on every task with MoA's parameters (rank
+    K r, annealed); exact answers marked right (+) or wrong (-)."""
     run_dir = f"{out}/runs/seed1"
     gpt, tokenizer = load_base(f"{out}/base")
     moa = fast.enable(load_bundle(f"{run_dir}/moa/moa.safetensors", gpt.to(cfg.device), tokenizer)[0]).eval()
-    mixed_path = f"{run_dir}/mixed/all.safetensors"
-    mixed = None
+    mixed_path = f"{run_dir}/mixed/all_r{len(tasks)}_annealed.safetensors"
+    mixed, rank = None, "?"
     if os.path.isfile(mixed_path):
         mixed = load_base(f"{out}/base")[0].to(cfg.device)
-        add_expert_file(mixed, mixed_path, tokenizer)
+        rank = add_expert_file(mixed, mixed_path, tokenizer)["rank"]
         mixed = fast.enable(mixed).eval()
     enc, data = get_tokenizer(tokenizer), TaskData(cfg.data_dir, ",".join(tasks))
     rows = []  # (task, prompt tokens, answer text, off the training phrasings?)
@@ -547,15 +561,16 @@ def examples(cfg, out, tasks, per_task=2):
     decision, confidence = moa.routing["decision"].tolist(), moa.routing["confidence"].tolist()
     plain = answers(mixed, prompts, longest, data.eot) if mixed else [None] * len(rows)
     print(
-        "\n[examples] MoA (mode last) against one LoRA on every task: validation prompts, and prompts off the "
-        "training phrasings (marked *: hand-written for the built-in tasks, your --phrasings for your own)"
+        f"\n[examples] MoA (mode last) against one LoRA on every task (rank {rank}, annealed): validation "
+        "prompts, and prompts off the training phrasings (marked *: hand-written for the built-in tasks, your "
+        "--phrasings for your own)"
     )
     for (task, prompt, answer, hand), got, other, k, p in zip(rows, routed, plain, decision, confidence):
         mark = lambda text, answer=answer: f"{'+' if text == answer else '-'} {text!r}"  # noqa: E731
         print(f"{'*' if hand else ' '} {task:>8} | {enc.decode(prompt)!r}")
         print(
             f"           -> expert {moa.domains[k]} ({p:.2f}): {mark(enc.decode(got))}"
-            + (f"   mixed LoRA: {mark(enc.decode(other))}" if other is not None else "")
+            + (f"   one LoRA: {mark(enc.decode(other))}" if other is not None else "")
             + f"   (answer {answer!r}, ROUGE-L {rouge_l(enc.decode(got), answer):.2f})"
         )
 

@@ -3,7 +3,7 @@
 - budget.png    exact match against the training records seen (log axis), one line per variant: MoA at each
                 budget and at its plateau, the shared LoRAs saved along their runs and after their
                 annealing, per task and on average
-- learning.png  each stage-1 expert's validation loss over its run, beside the one shared LoRA's on that task
+- learning.png  each stage-1 expert's validation loss over its run, beside the shared LoRA's (rank K r) on that task
 - matrix.png    the transfer matrix: how much learning task j beside task i changes i's exact match
 - routing.png   where MoA's routers send each task's validation prompts (its confusion matrix)
 
@@ -78,12 +78,13 @@ def read_log(path):
 
 def learning(plt, run_dir, domains, folder):
     stage1 = read_log(os.path.join(run_dir, "experts", "stage1", "log.jsonl"))
-    mixed = read_log(os.path.join(run_dir, "mixed", "all", "log.jsonl"))
+    K = len(domains)
+    mixed = read_log(os.path.join(run_dir, "mixed", f"all_r{K}", "log.jsonl"))  # the LoRA with MoA's parameters
     if not stage1:
         return None
     fig, axes = plt.subplots(1, len(domains), figsize=(3.2 * len(domains), 3.2), squeeze=False)
     for ax, d in zip(axes[0], domains):
-        for log, key, label in ((stage1, f"watch/{d}", f"{d} expert"), (mixed, f"loss/{d}", "one LoRA, all tasks")):
+        for log, key, label in ((stage1, f"watch/{d}", f"{d} expert"), (mixed, f"loss/{d}", f"one LoRA, rank {K}r")):
             curve = [(r["step"], r[key]) for r in log if key in r]
             if curve:
                 ax.plot(*zip(*curve), marker=".", label=label)

@@ -268,23 +268,28 @@ def matrix_experiment(cfg, run_dir, data):
 
 
 def adaptation(cfg, run_dir, old, new):
-    """Adding a task: the old tasks before and after, against the obvious alternatives -> rows, or None."""
+    """Adding a task: the old tasks before and after, against the obvious alternatives (the shared LoRA with MoA's
+    parameters, annealed, trained on the new task) -> rows (those whose files exist), or None without the
+    first two."""
     rows = {}
     data = TaskData(cfg.data_dir, ",".join(old + [new]))
-    before, mixed = "MoA before", "mixed LoRA before"
+    shared = f"mixed/all_r{len(old)}_annealed"
+    before, mixed = "MoA before", f"one LoRA (rank {len(old)}r, annealed) before"
     for name, path, kwargs, reference in [
         (before, "moa/moa.safetensors", {"mode": cfg.mode}, None),
         (f"MoA + {new} (new router row only)", f"moa/moa+{new}.safetensors", {"mode": cfg.mode}, before),
         (f"MoA + {new} (every router row retrained)", f"moa/moa+{new}_allrows.safetensors", {"mode": cfg.mode}, before),
         (f"{new} expert alone", f"experts/{new}.safetensors", {}, None),
-        (mixed, "mixed/all.safetensors", {}, None),
-        (f"mixed LoRA, trained on {new}", f"mixed/all+{new}.safetensors", {}, mixed),
+        (mixed, f"{shared}.safetensors", {}, None),
+        (f"the same LoRA, trained on {new}", f"{shared}+{new}.safetensors", {}, mixed),
         ("MoA retrained on K+1 tasks", "moa/moa_all.safetensors", {"mode": cfg.mode}, before),
     ]:
         kind = "bundle" if path.startswith("moa/") else "expert"
         built = build(cfg, kind, path, run_dir, data.domains)
-        if built is None:
+        if built is None and len(rows) < 2:
             return None
+        if built is None or (reference and reference not in rows):  # a row --ablations makes, or its reference
+            continue
         model = built[0]
         if isinstance(model, MoA) and new not in model.domains:  # a K-task bundle scores the K old tasks
             row = evaluate_tasks(
@@ -429,35 +434,30 @@ def confidence(prefix):
 
 
 def controls_table(main, budget, budgets, domains):
-    """MoA against the shared LoRAs under each control: mean exact match (± over seeds) and the records seen."""
+    """MoA against the shared LoRAs under each control: mean exact match (± over seeds) and the records seen. A
+    baseline with no row anywhere (the demo runs neither the rank-r LoRA nor MoE-LoRA) has no column."""
     K = len(domains)
-    lines = [
-        f"| control | MoA | one LoRA (rank r) | one LoRA (rank {K}r) | MoE-LoRA naive |",
-        "|---|---|---|---|---|",
+    columns = [  # (its budget rows' name, its main row at the plateau, whether it has an annealed row)
+        ("one LoRA (rank r)", "one LoRA, all tasks (rank r)", True),
+        (f"one LoRA (rank {K}r)", f"one LoRA, all tasks (rank {K}r)", True),
+        ("MoE-LoRA naive", "MoE-LoRA naive (random experts)", False),
     ]
-    names = ["one LoRA (rank r)", f"one LoRA (rank {K}r)", "MoE-LoRA naive"]
-    plateau = [
-        "MoA (joint)",
-        "one LoRA, all tasks (rank r)",
-        f"one LoRA, all tasks (rank {K}r)",
-        "MoE-LoRA naive (random experts)",
-    ]
+    columns = [c for c in columns if c[1] in main or any(n.startswith(f"{c[0]}, budget") for n in budget)]
+    lines = ["| control | MoA | " + " | ".join(c[0] for c in columns) + " |", "|---|---|" + "---|" * len(columns)]
 
     def em(r):
         return f"{cell(r['em_mean'], True)} ({int(r['samples'][0]):,})" if r else "-"
 
+    def line(control, moa, others):
+        return f"| {control} | {em(moa)} | " + " | ".join(em(r) for r in others) + " |"
+
     for b in budgets:
-        moa = budget.get(f"MoA, budget {b}")
         for control in ("equal records", "equal updates"):
-            others = [budget.get(f"{n}, budget {b}, {control}") for n in names]
-            lines.append(f"| budget {b}, {control} | {em(moa)} | " + " | ".join(em(r) for r in others) + " |")
-    lines.append("| each at its plateau or cap | " + " | ".join(em(main.get(n)) for n in plateau) + " |")
-    annealed = [plateau[0], f"{plateau[1]}, annealed", f"{plateau[2]}, annealed"]  # MoA's stage 2 anneals its experts
-    lines.append(
-        "| each at its plateau, then annealed at stage 2's rate | "
-        + " | ".join(em(main.get(n)) for n in annealed)
-        + " | - |"
-    )
+            others = [budget.get(f"{c[0]}, budget {b}, {control}") for c in columns]
+            lines.append(line(f"budget {b}, {control}", budget.get(f"MoA, budget {b}"), others))
+    lines.append(line("each at its plateau or cap", main.get("MoA (joint)"), [main.get(c[1]) for c in columns]))
+    annealed = [main.get(f"{c[1]}, annealed") if c[2] else None for c in columns]  # as MoA's stage 2 anneals
+    lines.append(line("each at its plateau, then annealed at stage 2's rate", main.get("MoA (joint)"), annealed))
     return "\n".join(lines)
 
 

@@ -104,7 +104,7 @@ def test_the_ready_step_with_the_longest_chain_of_work_starts_first(script, tmp_
 def test_every_step_of_the_study_has_a_cost_and_the_shared_loras_are_annealed_as_moas_experts(tmp_path):
     """Each step of --full's plan has a positive cost (the progress bar and the order count them). The annealed
     shared LoRAs go on from the shared LoRAs' files at stage 2's learning rate, to their plateau with MoA's rule
-    and cap."""
+    and cap; the LoRA trained on the added task goes on from the annealed one with MoA's parameters."""
     import demo
     import train_router
 
@@ -126,6 +126,8 @@ def test_every_step_of_the_study_has_a_cost_and_the_shared_loras_are_annealed_as
             == [a for a in moa.args if a.startswith(("--max_iters", "--stop_flat"))]
             == ["--stop_flat=0.02", "--max_iters=40"]
         )
+    further, wide = by_title["one LoRA, rank 40, annealed, trained on count"], by_title["one LoRA, rank 40, annealed"]
+    assert f"--init_expert={wide.output}" in further.args and further.needs == [wide.output]  # MoA's parameters
 
 
 def test_a_need_that_nothing_makes_is_an_error(script, tmp_path):
@@ -136,11 +138,11 @@ def test_a_need_that_nothing_makes_is_an_error(script, tmp_path):
 
 
 def test_demo_steps_then_results_make_every_table(tiny_data, tiny_base, tmp_path):
-    """One seed of demo.py's steps (an expert 6 steps at most, a shared LoRA 30, 2 jobs) on a tiny base, then
-    results.py: every main row the demo trains, the controls and the adding-a-task table are there, and the
-    controls hold what they name: at budget b, MoA's experts trained b steps each and stage 2 b steps, and the
-    shared LoRA saw as many records ((K + 1) b steps) or made as many updates (2 b steps); rank K r has the K
-    experts' parameters."""
+    """One seed of demo.py's steps with --ablations (an expert 6 steps at most, a shared LoRA 30, 2 jobs) on a tiny
+    base, then results.py: every main row, the controls and the adding-a-task table are there, and the controls
+    hold what they name: at budget b, MoA's experts trained b steps each and stage 2 b steps, and the shared LoRA
+    saw as many records ((K + 1) b steps) or made as many updates (2 b steps); rank K r has the K experts'
+    parameters. Without the ablations' files (the plain demo's runs), results.py writes the demo's rows."""
     import shutil
 
     import demo
@@ -149,10 +151,11 @@ def test_demo_steps_then_results_make_every_table(tiny_data, tiny_base, tmp_path
     out = tmp_path / "out"
     (out / "base").mkdir(parents=True)
     shutil.copy(tiny_base, out / "base" / "ckpt.pt")
-    cfg = demo.DemoConfig(data_dir=tiny_data, cap=6, budgets="1", add_iters=2, device="cpu")
+    cfg = demo.DemoConfig(data_dir=tiny_data, cap=6, budgets="1", add_iters=2, device="cpu", ablations=True)
     tasks = ["upper", "lower", "double", "reverse", "arith"]
     K, per_step = len(tasks), train_lora.LoRAConfig.batch_size
-    run_steps(demo.seed_steps(cfg, str(out), 1, tasks, "count"), 2, str(out / "logs"))
+    steps = demo.seed_steps(cfg, str(out), 1, tasks, "count")
+    run_steps(steps, 2, str(out / "logs"))
     results.main([f"--out={out}", f"--data_dir={tiny_data}", "--records=8", "--plots=False", "--device=cpu"])
     written = json.loads((out / "results" / "results.json").read_text())
     rows = written["main"][0]
@@ -176,9 +179,38 @@ def test_demo_steps_then_results_make_every_table(tiny_data, tiny_base, tmp_path
         assert budget[f"{name}, budget 1, equal records"]["samples"] == moa["samples"], name
         assert budget[f"{name}, budget 1, equal updates"]["steps"] == 1 + 1, name
     added = written["adaptation"][0]
-    assert "MoA + count (new router row only)" in added and "mixed LoRA, trained on count" in added
+    shared = added[f"one LoRA (rank {K}r, annealed) before"]
+    annealed_wide = rows[f"one LoRA, all tasks (rank {K}r), annealed"]
+    assert all(shared[f"loss/{t}"] == pytest.approx(annealed_wide[f"loss/{t}"], rel=1e-5) for t in tasks)
+    assert "MoA + count (new router row only)" in added and "the same LoRA, trained on count" in added
+    assert len(added) == 7
     text = (out / "results" / "results.md").read_text()
     assert "Adding the task count" in text and "under each control" in text
+
+    # the plain demo: the same steps but the ablations; results.py writes the rows whose files it finds
+    cfg.ablations = False
+    plain = demo.seed_steps(cfg, str(out), 1, tasks, "count")
+    assert [s.title for s in plain] == [s.title for s in steps if not s.ablation]
+    assert {s.title.split(": ")[1] for s in steps if s.ablation} == {
+        "one LoRA on all tasks",
+        "one LoRA on all tasks, annealed",
+        "MoA, routers only",
+        "MoA, routers only, linear",
+        "MoA + count, every router row",
+        "MoA retrained on 6 tasks",
+    }
+    for s in steps:
+        if s.ablation:
+            os.remove(s.output)
+    rcfg = results.ResultsConfig(out=str(out), data_dir=tiny_data, records=2, device="cpu")
+    adapted = results.adaptation(rcfg, str(out / "runs" / "seed1"), tasks, "count")
+    assert set(adapted) == set(added) - {"MoA + count (every router row retrained)", "MoA retrained on K+1 tasks"}
+    kept = {n: r for n, r in rows.items() if "rank r" not in n and "routers only" not in n}  # the demo's main rows
+    budget = {n: r for n, r in budget.items() if "rank r" not in n}
+    stats = {k: results.aggregate([v]) for k, v in (("main", kept), ("budget", budget), ("adaptation", adapted))}
+    text = results.write_tables(rcfg, stats, tasks, [1], "count", [str(out / "runs" / "seed1")])
+    assert "routers only" not in text and "the same LoRA, trained on count" in text
+    assert "| control | MoA | one LoRA (rank 5r) |\n" in text  # no column for the runs the demo leaves out
 
 
 def test_the_budget_picture_draws_each_shared_lora_on_to_its_annealed_row(tmp_path):
