@@ -222,7 +222,7 @@ def seed_steps(cfg, out, seed, tasks, added, builtin=True):
     plan = Plan(cfg, out, seed, tasks)
     if cfg.quick:
         return plan.stage1() + plan.moa()[:1]
-    steps = plan.stage1() + plan.baselines() + plan.moa() + plan.budgets()
+    steps = plan.stage1() + plan.stage1_annealed() + plan.baselines() + plan.moa() + plan.budgets()
     if not cfg.full:  # the ablations trained per token (the slowest runs) are --full's
         steps = [s for s in steps if "MoE-LoRA" not in s.title]
     if added is not None:
@@ -288,6 +288,24 @@ class Plan:
                 args + self.plateau,
                 cost=self.weigh("stage1", tasks=self.K),
             )
+        ]
+
+    def stage1_annealed(self):
+        """Each stage-1 expert gone on alone at stage 2's learning rate to its plateau (an ablation): the annealing
+        stage 2 gives MoA's experts, without the routers or the other tasks' records."""
+        anneal = self.common + [f"--learning_rate={train_router.RouterConfig.learning_rate}"] + self.plateau
+        return [
+            self.step(
+                f"the {t} expert, annealed",
+                f"{self.run}/experts_annealed/{t}.safetensors",
+                train_lora,
+                anneal
+                + [f"--domain={t}", f"--init_expert={e}", f"--name={t}", f"--out_dir={self.run}/experts_annealed"],
+                self.stage1_files[-1:],  # the stage-1 run's last file: every expert is written
+                self.weigh("stage1"),
+                ablation=True,
+            )
+            for t, e in zip(self.tasks, self.stage1_files)
         ]
 
     def baselines(self):

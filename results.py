@@ -72,6 +72,7 @@ def main_rows(cfg, K):
     return [
         ("base", "base", None, {}),
         ("stage-1 experts (label given)", "experts", "experts", {"mode": "label"}),
+        ("stage-1 experts, annealed (label given)", "experts", "experts_annealed", {"mode": "label"}),
         ("one LoRA, all tasks (rank r)", "expert", "mixed/all.safetensors", {}),
         (f"one LoRA, all tasks (rank {K}r)", "expert", f"mixed/all_r{K}.safetensors", {}),
         ("one LoRA, all tasks (rank r), annealed", "expert", "mixed/all_annealed.safetensors", {}),

@@ -126,6 +126,11 @@ def test_every_step_of_the_study_has_a_cost_and_the_shared_loras_are_annealed_as
             == [a for a in moa.args if a.startswith(("--max_iters", "--stop_flat"))]
             == ["--stop_flat=0.02", "--max_iters=40"]
         )
+    for t in tasks:  # the ablation: each stage-1 expert on alone at stage 2's rate, with MoA's rule and cap
+        step = by_title[f"the {t} expert, annealed"]
+        assert f"--init_expert={tmp_path}/runs/seed1/experts/{t}.safetensors" in step.args
+        assert {f"--domain={t}", f"--learning_rate={train_router.RouterConfig.learning_rate}"} <= set(step.args)
+        assert {"--stop_flat=0.02", "--max_iters=40"} <= set(step.args)
     further, wide = by_title["one LoRA, rank 40, annealed, trained on count"], by_title["one LoRA, rank 40, annealed"]
     assert f"--init_expert={wide.output}" in further.args and further.needs == [wide.output]  # MoA's parameters
 
@@ -168,6 +173,9 @@ def test_demo_steps_then_results_make_every_table(tiny_data, tiny_base, tmp_path
     )
     assert wide["params"] == K * mixed["params"] == experts["params"]
     assert experts["steps"] == 6 and mixed["steps"] == K * 6 and experts["samples"] == mixed["samples"]
+    annealed = rows["stage-1 experts, annealed (label given)"]  # each expert on from its stage-1 file, alone
+    assert annealed["params"] == experts["params"] and 1 <= annealed["steps"] <= 6
+    assert experts["samples"] + K * per_step <= annealed["samples"] <= experts["samples"] + K * 6 * per_step
     for name, before in (("rank r", mixed), (f"rank {K}r", wide)):  # went on from there, and counts both runs' records
         annealed = rows[f"one LoRA, all tasks ({name}), annealed"]
         assert 1 <= annealed["steps"] <= 6 and annealed["params"] == before["params"], name
@@ -192,6 +200,7 @@ def test_demo_steps_then_results_make_every_table(tiny_data, tiny_base, tmp_path
     plain = demo.seed_steps(cfg, str(out), 1, tasks, "count")
     assert [s.title for s in plain] == [s.title for s in steps if not s.ablation]
     assert {s.title.split(": ")[1] for s in steps if s.ablation} == {
+        *(f"the {t} expert, annealed" for t in tasks),
         "one LoRA on all tasks",
         "one LoRA on all tasks, annealed",
         "MoA, routers only",
@@ -205,7 +214,7 @@ def test_demo_steps_then_results_make_every_table(tiny_data, tiny_base, tmp_path
     rcfg = results.ResultsConfig(out=str(out), data_dir=tiny_data, records=2, device="cpu")
     adapted = results.adaptation(rcfg, str(out / "runs" / "seed1"), tasks, "count")
     assert set(adapted) == set(added) - {"MoA + count (every router row retrained)", "MoA retrained on K+1 tasks"}
-    kept = {n: r for n, r in rows.items() if "rank r" not in n and "routers only" not in n}  # the demo's main rows
+    kept = {n: r for n, r in rows.items() if "rank r" not in n and "routers only" not in n and "annealed (" not in n}
     budget = {n: r for n, r in budget.items() if "rank r" not in n}
     stats = {k: results.aggregate([v]) for k, v in (("main", kept), ("budget", budget), ("adaptation", adapted))}
     text = results.write_tables(rcfg, stats, tasks, [1], "count", [str(out / "runs" / "seed1")])
