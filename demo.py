@@ -60,7 +60,7 @@ from trainer import pick_device
 @dataclass
 class DemoConfig:
     full: bool = False  # the whole study: 3 seeds, budget sweep, transfer matrix, imbalanced data, plain base
-    ablations: bool = False  # also the rank-r shared LoRA, the routers alone, the other ways to add a task (--full: on)
+    ablations: bool = False  # also rank-r LoRA, routers alone, experts annealed alone, other ways to add (--full: on)
     quick: bool = False  # a first look in a few minutes, into out/quick (numbers not meaningful)
     seeds: int = 0  # runs after the base, with seeds 1..seeds (0: 1, or 3 with --full)
     data_dir: str = "data/default"  # the data set (data/prepare.py); the default one is prepared first if missing
