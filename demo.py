@@ -554,12 +554,13 @@ def examples(cfg, out, tasks, per_task=2):
     run_dir = f"{out}/runs/seed1"
     gpt, tokenizer = load_base(f"{out}/base")
     moa = fast.enable(load_bundle(f"{run_dir}/moa/moa.safetensors", gpt.to(cfg.device), tokenizer)[0]).eval()
-    mixed_path = f"{run_dir}/mixed/all_r{len(tasks)}_annealed.safetensors"
-    mixed, rank = None, "?"
-    if os.path.isfile(mixed_path):
-        mixed = load_base(f"{out}/base")[0].to(cfg.device)
-        rank = add_expert_file(mixed, mixed_path, tokenizer)["rank"]
-        mixed = fast.enable(mixed).eval()
+    shared_path = f"{run_dir}/mixed/all_r{len(tasks)}_annealed.safetensors"
+    shared, against = None, ""
+    if os.path.isfile(shared_path):  # not in --quick
+        shared = load_base(f"{out}/base")[0].to(cfg.device)
+        rank = add_expert_file(shared, shared_path, tokenizer)["rank"]
+        against = f" against one LoRA on every task (rank {rank}, annealed)"
+        shared = fast.enable(shared).eval()
     enc, data = get_tokenizer(tokenizer), TaskData(cfg.data_dir, ",".join(tasks))
     rows = []  # (task, prompt tokens, answer text, off the training phrasings?)
     for name in tasks:
@@ -577,11 +578,10 @@ def examples(cfg, out, tasks, per_task=2):
     longest = max(len(encode(enc, a)) for _, _, a, _ in rows) + 1
     routed = answers(moa, prompts, longest, data.eot, mode="last")
     decision, confidence = moa.routing["decision"].tolist(), moa.routing["confidence"].tolist()
-    plain = answers(mixed, prompts, longest, data.eot) if mixed else [None] * len(rows)
+    plain = answers(shared, prompts, longest, data.eot) if shared else [None] * len(rows)
     print(
-        f"\n[examples] MoA (mode last) against one LoRA on every task (rank {rank}, annealed): validation "
-        "prompts, and prompts off the training phrasings (marked *: hand-written for the built-in tasks, your "
-        "--phrasings for your own)"
+        f"\n[examples] MoA (mode last){against}: validation prompts, and prompts off the training phrasings "
+        "(marked *: hand-written for the built-in tasks, your --phrasings for your own)"
     )
     for (task, prompt, answer, hand), got, other, k, p in zip(rows, routed, plain, decision, confidence):
         mark = lambda text, answer=answer: f"{'+' if text == answer else '-'} {text!r}"  # noqa: E731

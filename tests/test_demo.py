@@ -142,12 +142,13 @@ def test_a_need_that_nothing_makes_is_an_error(script, tmp_path):
         run_steps([Step("a", a, script, [a, "0"], [missing])], 2, str(tmp_path))
 
 
-def test_demo_steps_then_results_make_every_table(tiny_data, tiny_base, tmp_path):
+def test_demo_steps_then_results_make_every_table(tiny_data, tiny_base, tmp_path, capsys):
     """One seed of demo.py's steps with --ablations (an expert 6 steps at most, a shared LoRA 30, 2 jobs) on a tiny
     base, then results.py: every main row, the controls and the adding-a-task table are there, and the controls
     hold what they name: at budget b, MoA's experts trained b steps each and stage 2 b steps, and the shared LoRA
     saw as many records ((K + 1) b steps) or made as many updates (2 b steps); rank K r has the K experts'
-    parameters. Without the ablations' files (the plain demo's runs), results.py writes the demo's rows."""
+    parameters. Without the ablations' files (the plain demo's runs), results.py writes the demo's rows. The
+    examples answer each task's prompts through MoA and through the shared LoRA with MoA's parameters."""
     import shutil
 
     import demo
@@ -194,6 +195,11 @@ def test_demo_steps_then_results_make_every_table(tiny_data, tiny_base, tmp_path
     assert len(added) == 7
     text = (out / "results" / "results.md").read_text()
     assert "Adding the task count" in text and "under each control" in text
+    capsys.readouterr()
+    demo.examples(cfg, str(out), tasks)
+    printed = capsys.readouterr().out
+    assert f"MoA (mode last) against one LoRA on every task (rank {8 * K}, annealed)" in printed
+    assert printed.count("one LoRA: ") == printed.count("-> expert ") == 4 * K  # 2 validation, 2 hand-written
 
     # the plain demo: the same steps but the ablations; results.py writes the rows whose files it finds
     cfg.ablations = False
