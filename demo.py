@@ -4,7 +4,7 @@
                                 # on 2 quiet CPU cores in about 15 minutes
     python demo.py --cap=1000 --seeds=3 --ablations   # the README's tables: every row, 3 seeds, to the plateaus
     python demo.py --full       # the study behind the README: 3 seeds, the budget sweep, the transfer matrix,
-                                # the imbalanced variant and the base without skills (see --help for its time)
+                                # the imbalanced variant and the base without skills (5-6.5 hours on 2 cores)
     python demo.py --quick      # a first look in a few minutes, into out/quick/ (numbers not meaningful)
     python demo.py --data_dir=data/mine --out=out/mine   # the same on your own tasks (data/prepare.py --task=...)
 
@@ -59,7 +59,7 @@ from trainer import pick_device
 
 @dataclass
 class DemoConfig:
-    full: bool = False  # the whole study: 3 seeds, budget sweep, transfer matrix, imbalanced data, plain base
+    full: bool = False  # the whole study, 5-6.5 h on 2 cores: 3 seeds, 3 budgets, matrix, imbalanced, plain base
     ablations: bool = False  # also rank-r LoRA, routers alone, experts annealed alone, other ways to add (--full: on)
     quick: bool = False  # a first look in a few minutes, into out/quick (numbers not meaningful)
     seeds: int = 0  # runs after the base, with seeds 1..seeds (0: 1, or 3 with --full)
@@ -70,7 +70,7 @@ class DemoConfig:
     cap: int = 0  # an expert's most steps to its plateau (a shared LoRA's: K times it); 0: 300, or 1000 with --full
     stop_flat: float = 0.02  # the plateau rule (trainer.flat): less than 2% better over the last 20% of steps
     budgets: str = ""  # stage-1 steps per expert at each budget point; "": 100, or 50,100,150 with --full
-    pair_steps: int = 150  # steps of each LoRA of the transfer matrix (--full)
+    pair_steps: int = 300  # steps of each LoRA of the transfer matrix (--full): the same records of task i in each
     add_iters: int = 300  # steps of the new router row when a task is added
     device: str = "auto"  # every step's: auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     jobs: int = 0  # steps at once, each a process on one thread; 0: one per CPU core on a CPU, 1 on a GPU
@@ -252,8 +252,9 @@ class Plan:
 
     # A training record's time in each kind of run, against one of stage 1's (5.6 ms on one thread; measured on
     # the demo's steps, LOG.md 2026-12-03): a LoRA alone evaluates every task, a wider LoRA costs more, stage 2
-    # runs the routers and their evaluation too. MoE-LoRA's (per token) is a guess: not measured.
-    WEIGHT = {"stage1": 1.0, "lora": 1.2, "wide": 1.4, "moa": 2.3, "routers": 1.4, "token": 3.0}
+    # runs the routers and their evaluation too; per token (MoE-LoRA), 1.1 s per step of 32 records beside another
+    # lane (LOG.md, 2026-12-03, sixth session).
+    WEIGHT = {"stage1": 1.0, "lora": 1.2, "wide": 1.4, "moa": 2.3, "routers": 1.4, "token": 6.3}
 
     def __init__(self, cfg, out, seed, tasks):
         self.cfg, self.out, self.seed, self.tasks, self.K = cfg, out, seed, tasks, len(tasks)
@@ -476,10 +477,13 @@ class Plan:
         ]
 
     def imbalanced(self):
-        """--full: tasks[1] with a tenth of the records: its expert (the others are the run's), MoA, the mixed LoRA."""
-        small, data, imb = self.tasks[1], small_data_dir(self.cfg, self.tasks), f"{self.run}/imbalanced"
+        """--full: tasks[1] with a tenth of the records: its expert (the others are the run's), MoA, and one LoRA on
+        the pooled records with MoA's parameters (rank K r), then annealed: the main comparison's flags."""
+        small, data, imb, K = self.tasks[1], small_data_dir(self.cfg, self.tasks), f"{self.run}/imbalanced", self.K
         on_small = [f"--data_dir={data}", *self.common[1:]]  # common[0] is --data_dir
         experts = [f"{self.E}/{t}.safetensors" for t in self.tasks]
+        wide = f"{imb}/all_r{K}.safetensors"
+        anneal = [f"--learning_rate={train_router.RouterConfig.learning_rate}", f"--init_expert={wide}"]
         return [
             self.step(
                 f"imbalanced, the {small} expert",
@@ -498,12 +502,22 @@ class Plan:
                 self.weigh("moa"),
             ),
             self.step(
-                "imbalanced, one LoRA on all tasks",
-                f"{imb}/all.safetensors",
+                f"imbalanced, one LoRA, rank {8 * K}",
+                wide,
                 train_lora,
-                on_small + ["--domain=all", f"--out_dir={imb}"] + self.plateau,
+                on_small
+                + ["--domain=all", f"--rank={8 * K}", f"--name=all_r{K}", f"--out_dir={imb}"]
+                + self.shared_plateau,
                 [f"{data}/meta.json"],
-                self.weigh("lora"),
+                self.weigh("wide", tasks=K),
+            ),
+            self.step(
+                f"imbalanced, one LoRA, rank {8 * K}, annealed",
+                f"{imb}/all_r{K}_annealed.safetensors",
+                train_lora,
+                on_small + ["--domain=all", f"--name=all_r{K}_annealed", f"--out_dir={imb}"] + anneal + self.plateau,
+                [wide],
+                self.weigh("wide"),
             ),
         ]
 
@@ -534,9 +548,9 @@ class Plan:
                 "plain base, one LoRA on all tasks",
                 f"{plain_dir}/all.safetensors",
                 train_lora,
-                plain + ["--domain=all", f"--out_dir={plain_dir}"] + self.plateau,
+                plain + ["--domain=all", f"--out_dir={plain_dir}"] + self.shared_plateau,
                 [f"{plain_base}/ckpt.pt"],
-                self.weigh("lora"),
+                self.weigh("lora", tasks=self.K),
             ),
         ]
 

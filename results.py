@@ -312,15 +312,22 @@ def adaptation(cfg, run_dir, old, new):
 
 
 def imbalanced_experiment(cfg, run_dir, small_data):
-    """The imbalanced variant: its small task's expert beside the others, MoA, and one LoRA on the pooled data."""
+    """The imbalanced variant: its small task's expert beside the others, MoA, and one LoRA on the pooled data with
+    MoA's parameters (rank K r), at its plateau and annealed."""
     folder = os.path.join(run_dir, "imbalanced")
     if not os.path.isdir(folder):
         return None
     data = TaskData(small_data)
-    rows = {}
+    K, rows = len(data.domains), {}
     for name, kind, path, kwargs in [
         ("stage-1 experts (label given)", "experts", "imbalanced/experts,experts", {"mode": "label"}),
-        ("one LoRA, all tasks, pooled (rank r)", "expert", "imbalanced/all.safetensors", {}),
+        (f"one LoRA, all tasks, pooled (rank {K}r)", "expert", f"imbalanced/all_r{K}.safetensors", {}),
+        (
+            f"one LoRA, all tasks, pooled (rank {K}r), annealed",
+            "expert",
+            f"imbalanced/all_r{K}_annealed.safetensors",
+            {},
+        ),
         ("MoA (joint)", "bundle", "imbalanced/moa.safetensors", {"mode": cfg.mode}),
     ]:
         row = scored(cfg, run_dir, data, kind, path, kwargs)

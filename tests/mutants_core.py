@@ -1885,6 +1885,22 @@ MUTANTS = [
         DEMO,
     ),
     Mutant(
+        "imbalanced-shared-lora-at-rank-r",
+        "the imbalanced variant's shared LoRA has one expert's rank, not MoA's parameters",
+        "demo.py",
+        '+ ["--domain=all", f"--rank={8 * K}", f"--name=all_r{K}", f"--out_dir={imb}"]',
+        '+ ["--domain=all", f"--name=all_r{K}", f"--out_dir={imb}"]',
+        DEMO,
+    ),
+    Mutant(
+        "regime-shared-lora-at-an-experts-cap",
+        "the regime's shared LoRA on the base without skills stops at an expert's cap, not the main row's K times it",
+        "demo.py",
+        'plain + ["--domain=all", f"--out_dir={plain_dir}"] + self.shared_plateau',
+        'plain + ["--domain=all", f"--out_dir={plain_dir}"] + self.plateau',
+        DEMO,
+    ),
+    Mutant(
         "adding-table-reads-rank-r",
         "the adding table's shared LoRA before is the rank-r LoRA's file",
         "results.py",

@@ -133,6 +133,16 @@ def test_every_step_of_the_study_has_a_cost_and_the_shared_loras_are_annealed_as
         assert {"--stop_flat=0.02", "--max_iters=40"} <= set(step.args)
     further, wide = by_title["one LoRA, rank 40, annealed, trained on count"], by_title["one LoRA, rank 40, annealed"]
     assert f"--init_expert={wide.output}" in further.args and further.needs == [wide.output]  # MoA's parameters
+    # --full's own runs compare with the main rows' flags: a shared LoRA's cap is K times an expert's, the
+    # imbalanced variant's shared LoRA has MoA's parameters and is annealed as the main one is
+    caps = {t: [a for a in s.args if a.startswith("--max_iters")] for t, s in by_title.items()}
+    for shared in ("one LoRA on all tasks", "plain base, one LoRA on all tasks", "imbalanced, one LoRA, rank 40"):
+        assert caps[shared] == ["--max_iters=200"], shared
+    imbalanced, main_wide = by_title["imbalanced, one LoRA, rank 40"], by_title["one LoRA, rank 40"]
+    assert {"--rank=40", "--domain=all"} <= set(imbalanced.args) and "--rank=40" in main_wide.args
+    annealed = by_title["imbalanced, one LoRA, rank 40, annealed"]
+    assert f"--init_expert={imbalanced.output}" in annealed.args and annealed.needs == [imbalanced.output]
+    assert {f"--learning_rate={train_router.RouterConfig.learning_rate}", "--max_iters=40"} <= set(annealed.args)
 
 
 def test_a_need_that_nothing_makes_is_an_error(script, tmp_path):
@@ -226,6 +236,73 @@ def test_demo_steps_then_results_make_every_table(tiny_data, tiny_base, tmp_path
     text = results.write_tables(rcfg, stats, tasks, [1], "count", [str(out / "runs" / "seed1")])
     assert "routers only" not in text and "the same LoRA, trained on count" in text
     assert "| control | MoA | one LoRA (rank 5r) |\n" in text  # no column for the runs the demo leaves out
+
+
+def test_the_full_studys_matrix_imbalanced_variant_and_regime_run_and_make_their_tables(tiny_data, tiny_base, tmp_path):
+    """--full's runs of seed 1 on a tiny data set (an expert 2 steps at most, the matrix 1 step per LoRA, the base
+    without skills 2 steps), then results.py: the K x K matrix from LoRAs that saw the same records of task i
+    (a pair's LoRA twice as many in all), the imbalanced variant on data with a tenth of tasks[1]'s records (its
+    shared LoRA with MoA's parameters, then annealed), and the regime's six rows from the two bases."""
+    import shutil
+
+    import data.prepare
+    import demo
+    import results
+    from files import read_meta
+
+    data_dir, out = tmp_path / "data", tmp_path / "out"
+    shutil.copytree(tiny_data, data_dir)
+    (out / "base").mkdir(parents=True)
+    shutil.copy(tiny_base, out / "base" / "ckpt.pt")
+    cfg = demo.DemoConfig(data_dir=str(data_dir), full=True, cap=2, budgets="1", pair_steps=1, base_iters=2)
+    cfg.device = "cpu"
+    tasks = ["upper", "lower", "double", "reverse", "arith"]
+    small = demo.small_data_dir(cfg, tasks)
+    data.prepare.main(
+        [f"--out_dir={small}", "--max_tokens=20000", "--records=2000", "--val_records=64", "--small_task=lower"]
+    )
+    plan = demo.Plan(cfg, str(out), 1, tasks)
+    # what the imbalanced and regime rows need beside them: the stage-1 experts and the rank-r LoRA
+    steps = plan.stage1() + [s for s in plan.baselines() if s.title.endswith("one LoRA on all tasks")]
+    steps += plan.matrix() + plan.imbalanced() + plan.regime()
+    run_steps(steps, 2, str(out / "logs"))
+    results.main([f"--out={out}", f"--data_dir={data_dir}", "--records=4", "--plots=False", "--device=cpu"])
+    written = json.loads((out / "results" / "results.json").read_text())
+    run = out / "runs" / "seed1"
+
+    cells = written["matrix"][0]
+    assert set(cells) == {f"{a}|{b}" for a in tasks for b in tasks}
+    per_step = train_lora.LoRAConfig.batch_size
+    alone = read_meta(str(run / "pairs" / "upper.safetensors"), "expert")[1]
+    pair = read_meta(str(run / "pairs" / "upper+arith.safetensors"), "expert")[1]
+    assert alone["samples"] == per_step and pair["samples"] == 2 * alone["samples"]  # i's records equal
+
+    from batches import TaskData
+
+    counts = {t: TaskData(small, t).count(t, "train") for t in tasks}
+    assert counts["lower"] == counts["upper"] // 10 and counts["double"] == counts["upper"]
+    rows = written["imbalanced"][0]
+    K = len(tasks)
+    wide, annealed = (
+        rows[f"one LoRA, all tasks, pooled (rank {K}r)"],
+        rows[f"one LoRA, all tasks, pooled (rank {K}r), annealed"],
+    )
+    assert wide["params"] == annealed["params"] == rows["stage-1 experts (label given)"]["params"]
+    assert 1 <= annealed["steps"] <= 2 and annealed["samples"] == wide["samples"] + annealed["steps"] * per_step
+    assert "MoA (joint)" in rows
+
+    regime, main = written["regime"][0], written["main"][0]
+    assert len(regime) == 6
+    for mine, theirs in (
+        ("stage-1 experts", "stage-1 experts (label given)"),
+        ("one LoRA (rank r)", "one LoRA, all tasks (rank r)"),
+    ):
+        assert regime[f"with skills: {mine}"]["loss_mean"] == pytest.approx(main[theirs]["loss_mean"])  # their files
+    plain = regime["without skills: one LoRA (rank r)"]  # on the other base (the default size, the tiny one's corpus)
+    assert 1 <= plain["steps"] <= K * 2 and 1 <= regime["without skills: stage-1 experts"]["steps"] <= 2
+    assert plain["loss_mean"] != pytest.approx(main["one LoRA, all tasks (rank r)"]["loss_mean"])
+    text = (out / "results" / "results.md").read_text()
+    assert "Transfer and interference" in text and "The imbalanced variant: lower" in text and "The regime" in text
 
 
 def test_the_budget_picture_draws_each_shared_lora_on_to_its_annealed_row(tmp_path):
