@@ -1901,6 +1901,14 @@ MUTANTS = [
         DEMO,
     ),
     Mutant(
+        "phrasing-pattern-first-match",
+        "scripts/phrasings.py counts a prompt under the first pattern it holds, not the one with the most text",
+        "scripts/phrasings.py",
+        "return patterns[max(held, key=lambda k: sum(map(len, k)))] if held else NONE",
+        "return patterns[held[0]] if held else NONE",
+        ("tests/test_phrasings.py",),
+    ),
+    Mutant(
         "adding-table-reads-rank-r",
         "the adding table's shared LoRA before is the rank-r LoRA's file",
         "results.py",

@@ -283,6 +283,7 @@ def test_help_lists_every_flag_with_its_type_default_and_comment(script):
         "data/identifiers.py",
         "scripts/calibration.py",
         "scripts/probe_routers.py",
+        "scripts/phrasings.py",
     ],
 )
 def test_every_script_answers_help(script):

@@ -1,0 +1,57 @@
+"""scripts/phrasings.py: each prompt counted under the pattern that made it, and the counts are the routing that
+evaluate.py reports."""
+
+import os
+import shutil
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT, bundle_and_addition
+
+sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
+import phrasings  # noqa: E402
+
+
+@pytest.mark.parametrize("task", ["upper", "lower", "double", "reverse", "count", "arith"])
+def test_a_prompt_is_counted_under_the_pattern_that_made_it(task):
+    """Every pattern of a task, written as a person might (capitals, a quoted word, an opener, a question mark),
+    is found as itself: all its pieces in order ("spell {x} backwards", not "give me {x} backwards"), the most
+    fixed text winning where a shorter pattern's is inside it ("reverse {x}" in "reverse the order of {x}")."""
+    from data.tasks import PATTERNS, UNSEEN_PATTERNS
+
+    patterns = phrasings.patterns_of(task)
+    for pattern, name in [(p, p) for p in PATTERNS[task]] + [(p, f"{p} (unseen)") for p in UNSEEN_PATTERNS[task]]:
+        if sum(map(len, phrasings.pieces(pattern))) <= 2:  # arith's bare "{e}": no text of its own
+            continue
+        text = "Please " + pattern.format(x="'TIGER'", e="45 plus 7", v="add 45 and 7").upper() + "?\n"
+        assert phrasings.pattern_of(text, patterns) == name, (text, phrasings.pattern_of(text, patterns))
+    assert phrasings.pattern_of("45 + 7\n", phrasings.patterns_of("arith")) == phrasings.NONE
+
+
+def test_the_counts_are_the_routing_evaluate_reports(tiny_data, tiny_base, tmp_path):
+    """On a bundle over arith and reverse, in demo.py's folders: per task, the patterns' prompts add up to the
+    split's records (at most --records) and the right ones to evaluate_tasks' routing accuracy on that split."""
+    import torch
+
+    from batches import TaskData
+    from evaluate import evaluate_tasks
+    from files import load_base, load_bundle
+
+    moa, _, _ = bundle_and_addition(tiny_data, tiny_base, tmp_path / "made", ["--max_iters=20", "--eval_interval=20"])
+    run = tmp_path / "out" / "runs" / "seed1" / "moa"
+    run.mkdir(parents=True)
+    shutil.copy(tmp_path / "made" / "moa.safetensors", run / "moa.safetensors")
+    (tmp_path / "out" / "base").mkdir()
+    shutil.copy(tiny_base, tmp_path / "out" / "base" / "ckpt.pt")
+    counts = phrasings.main([f"--out={tmp_path / 'out'}", f"--data_dir={tiny_data}", "--records=20", "--device=cpu"])
+    gpt, tokenizer = load_base(str(tmp_path / "out" / "base"))
+    loaded = load_bundle(str(run / "moa.safetensors"), gpt, tokenizer)[0].eval()
+    data = TaskData(tiny_data, "arith,reverse", loaded.config.block_size)
+    with torch.no_grad():
+        scores = evaluate_tasks(loaded, data, 20, generate=False, split="unseen", mode="last")
+    assert list(counts) == ["arith", "reverse"]
+    for task in counts:
+        right = sum(r[0] for r, _ in counts[task].values())
+        assert sum(t[0] for _, t in counts[task].values()) == 20
+        assert right == round(scores[f"route/{task}"] * 20), task
