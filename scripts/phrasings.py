@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fast  # noqa: E402  (needs the root on the path)
+import results  # noqa: E402
 from batches import TaskData  # noqa: E402
 from config import AT_LEAST_1, UserError, one_of, parse_config, run  # noqa: E402
 from data.tasks import PATTERNS, UNSEEN_PATTERNS  # noqa: E402
@@ -76,16 +77,17 @@ def routed_right(moa, data, task, label, cfg):
 def main(argv=None):
     cfg = parse_config(PhrasingsConfig, argv or [])
     device = pick_device(cfg.device)[0]
-    folder = os.path.join(cfg.out, "runs")
-    runs = [r for r in (os.listdir(folder) if os.path.isdir(folder) else []) if re.fullmatch(r"seed\d+", r)]
-    runs = sorted((r for r in runs if os.path.isfile(os.path.join(folder, r, cfg.bundle))), key=lambda r: int(r[4:]))
+    runs = [r for r in results.runs(cfg.out) if os.path.isfile(os.path.join(r, cfg.bundle))]
     if not runs:
-        raise UserError(f"no {cfg.bundle} under {folder}/seed<N>/: run `python demo.py` first")
+        raise UserError(f"no {cfg.bundle} under {cfg.out}/runs/seed<N>/: run `python demo.py` first")
     counts = {}  # task -> {pattern: ([right per run], [prompts per run])}
-    for k, run_name in enumerate(runs):
+    for k, run_dir in enumerate(runs):
         gpt, tokenizer = load_base(os.path.join(cfg.out, "base"))
-        moa = fast.enable(load_bundle(os.path.join(folder, run_name, cfg.bundle), gpt.to(device), tokenizer)[0])
+        moa = fast.enable(load_bundle(os.path.join(run_dir, cfg.bundle), gpt.to(device), tokenizer)[0])
         data = TaskData(cfg.data_dir, ",".join(moa.domains), moa.config.block_size)
+        empty = [t for t in moa.domains if not data.count(t, cfg.split)]
+        if empty:
+            raise UserError(f"{cfg.data_dir} has no {cfg.split} prompts of {', '.join(empty)}")
         for label, task in enumerate(moa.domains):
             patterns = patterns_of(task)
             for text, right in routed_right(moa.eval(), data, task, label, cfg):
@@ -93,7 +95,8 @@ def main(argv=None):
                 right_n, total = counts.setdefault(task, {}).setdefault(name, ([0] * len(runs), [0] * len(runs)))
                 right_n[k] += right
                 total[k] += 1
-    print(f"routed right / prompts of the {cfg.split} split, mode {cfg.mode}, per run ({', '.join(runs)}):")
+    names = ", ".join(os.path.basename(r) for r in runs)
+    print(f"routed right / prompts of the {cfg.split} split, mode {cfg.mode}, per run ({names}):")
     for task, found in counts.items():
         for name, (right_n, total) in sorted(found.items(), key=lambda kv: sum(kv[1][0]) / sum(kv[1][1])):
             print(f"  {task:>8}  {'  '.join(f'{r:>3}/{t:<3}' for r, t in zip(right_n, total))}  {name}")
