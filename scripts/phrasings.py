@@ -51,7 +51,8 @@ def pieces(pattern):
 def patterns_of(task):
     """{fixed pieces: the pattern's name} of a task's training and unseen patterns (those with fixed text)."""
     named = [(p, p) for p in PATTERNS.get(task, [])] + [(p, f"{p} (unseen)") for p in UNSEEN_PATTERNS.get(task, [])]
-    return {pieces(p): name for p, name in named if sum(map(len, pieces(p))) > 2}
+    found = {pieces(p): name for p, name in named}
+    return {key: name for key, name in found.items() if sum(map(len, key)) > 2}
 
 
 def pattern_of(text, patterns):
@@ -83,14 +84,14 @@ def main(argv=None):
     counts = {}  # task -> {pattern: ([right per run], [prompts per run])}
     for k, run_dir in enumerate(runs):
         gpt, tokenizer = load_base(os.path.join(cfg.out, "base"))
-        moa = fast.enable(load_bundle(os.path.join(run_dir, cfg.bundle), gpt.to(device), tokenizer)[0])
+        moa = fast.enable(load_bundle(os.path.join(run_dir, cfg.bundle), gpt.to(device), tokenizer)[0]).eval()
         data = TaskData(cfg.data_dir, ",".join(moa.domains), moa.config.block_size)
         empty = [t for t in moa.domains if not data.count(t, cfg.split)]
         if empty:
             raise UserError(f"{cfg.data_dir} has no {cfg.split} prompts of {', '.join(empty)}")
         for label, task in enumerate(moa.domains):
             patterns = patterns_of(task)
-            for text, right in routed_right(moa.eval(), data, task, label, cfg):
+            for text, right in routed_right(moa, data, task, label, cfg):
                 name = pattern_of(text, patterns)
                 right_n, total = counts.setdefault(task, {}).setdefault(name, ([0] * len(runs), [0] * len(runs)))
                 right_n[k] += right

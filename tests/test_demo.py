@@ -248,6 +248,7 @@ def test_the_full_studys_matrix_imbalanced_variant_and_regime_run_and_make_their
     import data.prepare
     import demo
     import results
+    from batches import TaskData
     from files import read_meta
 
     data_dir, out = tmp_path / "data", tmp_path / "out"
@@ -276,8 +277,6 @@ def test_the_full_studys_matrix_imbalanced_variant_and_regime_run_and_make_their
     alone = read_meta(str(run / "pairs" / "upper.safetensors"), "expert")[1]
     pair = read_meta(str(run / "pairs" / "upper+arith.safetensors"), "expert")[1]
     assert alone["samples"] == per_step and pair["samples"] == 2 * alone["samples"]  # i's records equal
-
-    from batches import TaskData
 
     counts = {t: TaskData(small, t).count(t, "train") for t in tasks}
     assert counts["lower"] == counts["upper"] // 10 and counts["double"] == counts["upper"]

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT, bundle_and_addition
+from conftest import REPO_ROOT, TASK_FLAGS, train_tiny_experts
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
 import phrasings  # noqa: E402
@@ -34,14 +34,20 @@ def test_the_counts_are_the_routing_evaluate_reports(tiny_data, tiny_base, tmp_p
     split's records (at most --records) and the right ones to evaluate_tasks' routing accuracy on that split."""
     import torch
 
+    import train_router
     from batches import TaskData
     from evaluate import evaluate_tasks
     from files import load_base, load_bundle
 
-    moa, _, _ = bundle_and_addition(tiny_data, tiny_base, tmp_path / "made", ["--max_iters=20", "--eval_interval=20"])
     run = tmp_path / "out" / "runs" / "seed1" / "moa"
-    run.mkdir(parents=True)
-    shutil.copy(tmp_path / "made" / "moa.safetensors", run / "moa.safetensors")
+    train_tiny_experts(tiny_data, tiny_base, tmp_path / "experts", ("arith", "reverse"))
+    folders = [
+        f"--data_dir={tiny_data}",
+        f"--base={tiny_base}",
+        f"--experts={tmp_path / 'experts'}",
+        f"--out_dir={run}",
+    ]
+    train_router.main(TASK_FLAGS + folders + ["--domains=arith,reverse", "--train_experts=False", "--max_iters=20"])
     (tmp_path / "out" / "base").mkdir()
     shutil.copy(tiny_base, tmp_path / "out" / "base" / "ckpt.pt")
     counts = phrasings.main([f"--out={tmp_path / 'out'}", f"--data_dir={tiny_data}", "--records=20", "--device=cpu"])
