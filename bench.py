@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import fast
+import train_router
 from config import AT_LEAST_0, AT_LEAST_1, UserError, parse_config, run
 from files import expert_tensors
 from moa import LoRALinear, MoA, add_experts, lora_layers, set_route
@@ -155,6 +156,18 @@ class LoopLoRALinear(LoRALinear):
             rows = self.route == k
             y[rows] += (x[rows] @ self.lora_A[k].t() @ self.lora_B[k].t()) * self.scale
         return y
+
+
+class EinsumLoRALinear(LoRALinear):
+    """The per-token mixture written as einsums over (B, T, K, r) and the stacked experts, to compare with moa.py's
+    two matmuls of the experts side by side."""
+
+    def forward(self, x):
+        if not (torch.is_tensor(self.route) and self.route.dim() == 3):
+            return super().forward(x)
+        A, B = torch.stack(list(self.lora_A)), torch.stack(list(self.lora_B))  # (K, r, in), (K, out, r)
+        z = torch.einsum("bti,kri->btkr", x, A)  # (B, T, K, r)
+        return self.base(x) + torch.einsum("btkr,kor,btk->bto", z, B, self.route.to(z.dtype)) * self.scale
 
 
 def lora(shape, device, speed=True):
@@ -322,6 +335,28 @@ def bench_moa(cfg, rows):
     row(rows, "  the same without sorted runs (the gather) / base", t_gather / t_base, "x", plain=t_plain / t_base)
     row(rows, "loop over experts in each layer / MoA mixed batch", t_loop / t_fast, "x", ">", 1.0, t_loop / t_plain)
     row(rows, "one sample at a time / MoA mixed batch", t_single_fast / t_fast, "x", ">", 1.0, t_single_plain / t_plain)
+
+
+def bench_token(cfg, rows):
+    """A training step of MoE-LoRA (train_router.py --mode=token: 5 experts, each token mixing its top 2, the routers
+    and experts training) against MoA's (--mode=label, each sample its expert), and against the mixture as einsums."""
+    moa, x, y, labels = mixed_moa(cfg.device, n_experts=5)
+    moa.top_k = train_router.RouterConfig.top_k
+    einsum = copy.deepcopy(moa)
+    for layer in lora_layers(einsum):
+        layer.__class__ = EinsumLoRALinear
+    with exact_float32():
+        torch.testing.assert_close(einsum(x, y, mode="token")[1], moa(x, y, mode="token")[1], rtol=1e-5, atol=1e-5)
+
+    def step(model, domain, mode):  # MoE-LoRA naive has no L_cls (--eta=0): no labels
+        model = fast.enable(copy.deepcopy(model))
+        return train_step(model, x, y, forward=lambda m, x, y: m(x, y, domain=domain, mode=mode)[1])
+
+    labelled, token, einsums = timeit(
+        [step(moa, labels, "label"), step(moa, None, "token"), step(einsum, None, "token")], cfg.repeats, cfg.device
+    )
+    row(rows, "MoE-LoRA training step (per token) / MoA's (labels)", token / labelled, "x")
+    row(rows, "  the mixture as einsums / as moa.py's two matmuls", einsums / token, "x", ">", 1.0)
 
 
 @torch.no_grad()
@@ -513,6 +548,7 @@ def main(argv=None):
     bench_lora(cfg, rows, DEFAULT, BATCH, 1.0)
     bench_lora(cfg, rows, MID, 4 if cfg.quick else BATCH, 0.85)
     bench_moa(cfg, rows)
+    bench_token(cfg, rows)
     bench_generate(cfg, rows, new_tokens=64 if cfg.quick else 256)
     bench_stage1(cfg, rows, steps=5 if cfg.quick else 30)
     bench_memory(cfg, rows)

@@ -4,7 +4,7 @@
                                 # on 2 quiet CPU cores in about 15 minutes
     python demo.py --cap=1000 --seeds=3 --ablations   # the README's tables: every row, 3 seeds, to the plateaus
     python demo.py --full       # the study behind the README: 3 seeds, the budget sweep, the transfer matrix,
-                                # the imbalanced variant and the base without skills (5-6.5 hours on 2 cores)
+                                # the imbalanced variant and the base without skills (4-5 hours on 2 cores)
     python demo.py --quick      # a first look in a few minutes, into out/quick/ (numbers not meaningful)
     python demo.py --data_dir=data/mine --out=out/mine   # the same on your own tasks (data/prepare.py --task=...)
 
@@ -59,7 +59,7 @@ from trainer import pick_device
 
 @dataclass
 class DemoConfig:
-    full: bool = False  # the whole study, 5-6.5 h on 2 cores: 3 seeds, 3 budgets, matrix, imbalanced, plain base
+    full: bool = False  # the whole study, 4-5 h on 2 cores: 3 seeds, 3 budgets, matrix, imbalanced, plain base
     ablations: bool = False  # also rank-r LoRA, routers alone, experts annealed alone, other ways to add (--full: on)
     quick: bool = False  # a first look in a few minutes, into out/quick (numbers not meaningful)
     seeds: int = 0  # runs after the base, with seeds 1..seeds (0: 1, or 3 with --full)
@@ -252,9 +252,9 @@ class Plan:
 
     # A training record's time in each kind of run, against one of stage 1's (5.6 ms on one thread; measured on
     # the demo's steps, LOG.md 2026-12-03): a LoRA alone evaluates every task, a wider LoRA costs more, stage 2
-    # runs the routers and their evaluation too; per token (MoE-LoRA), 1.1 s per step of 32 records beside another
-    # lane (LOG.md, 2026-12-03, sixth session).
-    WEIGHT = {"stage1": 1.0, "lora": 1.2, "wide": 1.4, "moa": 2.3, "routers": 1.4, "token": 6.3}
+    # runs the routers and their evaluation too; per token (MoE-LoRA), 12.0 ms a record against stage 1's 4.1 ms,
+    # side by side in one study (LOG.md, 2026-12-03, seventh session).
+    WEIGHT = {"stage1": 1.0, "lora": 1.2, "wide": 1.4, "moa": 2.3, "routers": 1.4, "token": 2.9}
 
     def __init__(self, cfg, out, seed, tasks):
         self.cfg, self.out, self.seed, self.tasks, self.K = cfg, out, seed, tasks, len(tasks)

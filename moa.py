@@ -122,15 +122,19 @@ class LoRALinear(nn.Module):
             # BEGIN ASSIGNMENT 1: return y + (h @ A_k^T @ B_k^T) * alpha / r for k = route, shape (B, T, out)
             return y + (h @ self.lora_A[route].t() @ self.lora_B[route].t()) * self.scale
             # END ASSIGNMENT 1
-        A, B = torch.stack(list(self.lora_A)), torch.stack(list(self.lora_B))  # (K, r, in), (K, out, r)
         if route.dim() == 1:  # (B,) expert ids: gather each sample's A and B, batched matmuls (Punica's BGMV)
+            A, B = torch.stack(list(self.lora_A)), torch.stack(list(self.lora_B))  # (K, r, in), (K, out, r)
             # BEGIN ASSIGNMENT 2: sample b uses expert route[b]: gather A[route], B[route] and apply them with torch.bmm
             z = torch.bmm(h, A[route].transpose(1, 2))  # (B, T, in) @ (B, in, r) -> (B, T, r)
             return y + torch.bmm(z, B[route].transpose(1, 2)) * self.scale  # (B, T, r) @ (B, r, out)
             # END ASSIGNMENT 2
-        # (B, T, K) per-token weights: every expert on every token, mixed by the weights
-        z = torch.einsum("bti,kri->btkr", h, A)  # (B, T, K, r)
-        return y + torch.einsum("btkr,kor,btk->bto", z, B, route.to(z.dtype)) * self.scale
+        # (B, T, K) per-token weights w: y + s sum_k w_k (h A_k^T) B_k^T. The K experts side by side are one LoRA of
+        # rank K r, [A_1; ...; A_K] and [B_1 ... B_K], whose z has each expert's r columns scaled by the token's w_k:
+        # two matmuls, what one rank-K r LoRA costs.
+        K, (n, T, _) = len(self.lora_A), h.shape
+        z = (h @ torch.cat(list(self.lora_A)).t()).view(n, T, K, self.rank)  # (B, T, K, r)
+        z = (z * route.to(z.dtype)[..., None]).view(n, T, K * self.rank)
+        return y + (z @ torch.cat(list(self.lora_B), dim=1).t()) * self.scale  # (B, T, K r) @ (K r, out)
 
 
 def add_experts(model: GPT, n_experts=1, rank=8, alpha=16.0, dropout=0.0, targets=TARGETS):

@@ -546,6 +546,22 @@ MUTANTS = [
         ("tests/test_gpu_paths.py", "-k", "auto"),
     ),
     Mutant(
+        "token-mixture-r-major",
+        "the per-token mixture reads the experts' side-by-side z as (r, K): each weight scales a slice of every expert",
+        "moa.py",
+        "z = (h @ torch.cat(list(self.lora_A)).t()).view(n, T, K, self.rank)",
+        "z = (h @ torch.cat(list(self.lora_A)).t()).view(n, T, self.rank, K).transpose(2, 3)",
+        ("tests/test_moa.py", "-k", "token_mixture"),
+    ),
+    Mutant(
+        "token-mixture-weights-detached",
+        "the per-token mixture's weights are detached: L_LM never reaches the routers of MoE-LoRA",
+        "moa.py",
+        "z = (z * route.to(z.dtype)[..., None])",
+        "z = (z * route.detach().to(z.dtype)[..., None])",
+        ("tests/test_moa.py", "-k", "token_mixture"),
+    ),
+    Mutant(
         "routers-on-cpu",
         "MoA makes its routers on the CPU, whatever device the GPT is on",
         "moa.py",

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 import train_lora
+import train_router
 from config import UserError
 from demo import Step, chains, run_steps
 
@@ -238,11 +239,12 @@ def test_demo_steps_then_results_make_every_table(tiny_data, tiny_base, tmp_path
     assert "| control | MoA | one LoRA (rank 5r) |\n" in text  # no column for the runs the demo leaves out
 
 
-def test_the_full_studys_matrix_imbalanced_variant_and_regime_run_and_make_their_tables(tiny_data, tiny_base, tmp_path):
+def test_the_full_studys_own_runs_run_and_make_their_tables(tiny_data, tiny_base, tmp_path):
     """--full's runs of seed 1 on a tiny data set (an expert 2 steps at most, the matrix 1 step per LoRA, the base
     without skills 2 steps), then results.py: the K x K matrix from LoRAs that saw the same records of task i
     (a pair's LoRA twice as many in all), the imbalanced variant on data with a tenth of tasks[1]'s records (its
-    shared LoRA with MoA's parameters, then annealed), and the regime's six rows from the two bases."""
+    shared LoRA with MoA's parameters, then annealed), the regime's six rows from the two bases, and both MoE-LoRA
+    runs with MoA's parameters, MoE-LoRA naive also at the budget's records and updates."""
     import shutil
 
     import data.prepare
@@ -266,8 +268,11 @@ def test_the_full_studys_matrix_imbalanced_variant_and_regime_run_and_make_their
     # what the imbalanced and regime rows need beside them: the stage-1 experts and the rank-r LoRA
     steps = plan.stage1() + [s for s in plan.baselines() if s.title.endswith("one LoRA on all tasks")]
     steps += plan.matrix() + plan.imbalanced() + plan.regime()
+    steps += [s for s in plan.baselines() + plan.moa() if "MoE-LoRA" in s.title]
     run_steps(steps, 2, str(out / "logs"))
-    results.main([f"--out={out}", f"--data_dir={data_dir}", "--records=4", "--plots=False", "--device=cpu"])
+    results.main(
+        [f"--out={out}", f"--data_dir={data_dir}", "--records=4", "--plots=False", "--device=cpu", "--budgets=1"]
+    )
     written = json.loads((out / "results" / "results.json").read_text())
     run = out / "runs" / "seed1"
 
@@ -302,6 +307,16 @@ def test_the_full_studys_matrix_imbalanced_variant_and_regime_run_and_make_their
     assert plain["loss_mean"] != pytest.approx(main["one LoRA, all tasks (rank r)"]["loss_mean"])
     text = (out / "results" / "results.md").read_text()
     assert "Transfer and interference" in text and "The imbalanced variant: lower" in text and "The regime" in text
+
+    naive, mixing = main["MoE-LoRA naive (random experts)"], main["MoE-LoRA (token top-2, no label loss)"]
+    assert naive["params"] == mixing["params"] > main["stage-1 experts (label given)"]["params"]  # + the routers
+    batch = train_router.RouterConfig.batch_size
+    assert 1 <= naive["steps"] <= K * 2 and naive["samples"] == naive["steps"] * batch  # random experts: no stage 1
+    assert 1 <= mixing["steps"] <= 2 and naive["routing"] == mixing["routing"] == "token"
+    budget = written["budget"][0]
+    for control, steps in (("equal records", K + 1), ("equal updates", 2)):
+        row = budget[f"MoE-LoRA naive, budget 1, {control}"]
+        assert row["samples"] == min(steps, naive["steps"]) * batch
 
 
 def test_the_budget_picture_draws_each_shared_lora_on_to_its_annealed_row(tmp_path):

@@ -152,6 +152,27 @@ def test_one_hot_token_mixture_equals_per_sample_route():
     torch.testing.assert_close(per_token, per_sample, rtol=0, atol=1e-5)
 
 
+def test_token_mixture_is_the_weighted_sum_of_the_experts():
+    """With per-token weights w (B, T, K), LoRALinear gives x W^T + b + s sum_k w[..., k] (x A_k^T B_k^T), and the
+    gradients of x, w and every A_k and B_k are those of that sum (1e-5): MoE-LoRA's layer, by its definition."""
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(16, 24), n_experts=3, rank=4, alpha=6.0)
+    for B in layer.lora_B:
+        torch.nn.init.normal_(B)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    w = F.softmax(torch.randn(2, 5, 3), dim=-1).requires_grad_()
+    layer.route = w
+    ours = layer(x)
+    terms = [w[..., k, None] * (x @ layer.lora_A[k].t() @ layer.lora_B[k].t()) for k in range(3)]
+    expected = layer.base(x) + sum(terms) * (6.0 / 4)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
+    leaves = [x, w, *layer.lora_A, *layer.lora_B]
+    grad_out = torch.randn_like(ours)
+    for g, e in zip(torch.autograd.grad(ours, leaves, grad_out), torch.autograd.grad(expected, leaves, grad_out)):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-5)
+    assert (ours - layer.base(x)).abs().max() > 0.1  # the experts count
+
+
 @pytest.mark.assignment2
 def test_gather_gradients_equal_a_loop_over_samples(monkeypatch):
     """A mixed batch's gradients for every expert's A and B through the gather equal a loop over samples' (1e-5)."""
