@@ -69,7 +69,7 @@ class DemoConfig:
     block_size: int = 0  # the base's context; 0: 128, or the next multiple of 64 that fits the data's longest record
     cap: int = 0  # an expert's most steps to its plateau (a shared LoRA's: K times it); 0: 300, or 1000 with --full
     stop_flat: float = 0.02  # the plateau rule (trainer.flat): less than 2% better over the last 20% of steps
-    budgets: str = ""  # stage-1 steps per expert at each budget point; "": 100, or 50,100,150 with --full
+    budgets: str = ""  # stage-1 steps per expert at each budget point; "": 100, or 100,300,600 with --full
     pair_steps: int = 300  # steps of each LoRA of the transfer matrix (--full): the same records of task i in each
     add_iters: int = 300  # steps of the new router row when a task is added
     device: str = "auto"  # every step's: auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
@@ -205,7 +205,7 @@ class Progress:
 
 
 def budgets(cfg):
-    text = cfg.budgets or ("50,100,150" if cfg.full else "100")
+    text = cfg.budgets or ("100,300,600" if cfg.full else "100")  # 50 and 150: every variant under 21% (LOG.md)
     try:
         values = sorted({int(b) for b in text.split(",") if b.strip()})
     except ValueError:
