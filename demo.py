@@ -310,15 +310,21 @@ class Plan:
         ]
 
     def baselines(self):
-        """One LoRA on all tasks at rank r and K r, saved at the steps of equal records ((K + 1) b) and equal
-        updates (2 b) of each budget b, and each then annealed as MoA's experts are in stage 2 (stage 2's rate,
-        to its plateau); and MoE-LoRA naive."""
+        """One LoRA on all tasks at rank r and K r, and MoE-LoRA naive, saved at the steps of equal records
+        ((K + 1) b) and equal updates (2 b) of each budget b, and each then annealed as MoA's experts are in stage 2
+        (stage 2's rate, to its plateau; MoE-LoRA naive's routers at a tenth of their rate, as its experts)."""
         steps = sorted({(self.K + 1) * b for b in budgets(self.cfg)} | {2 * b for b in budgets(self.cfg)})
         saves = [f"--save_at={','.join(str(s) for s in steps)}"] + self.shared_plateau
         mixed, K, X = self.common + ["--domain=all", f"--out_dir={self.X}"], self.K, self.X
         naive = self.router + ["--mode=token", "--eta=0", "--expert_init=random", "--name=moe_lora_naive"]
         naive += [f"--learning_rate={train_lora.LoRAConfig.learning_rate}"]  # random experts learn at stage 1's rate
         anneal = mixed + [f"--learning_rate={train_router.RouterConfig.learning_rate}"] + self.plateau
+        tenth = train_router.RouterConfig.learning_rate / train_lora.LoRAConfig.learning_rate
+        naive_annealed = self.router + ["--mode=token", "--eta=0", f"--init_bundle={self.M}/moe_lora_naive.safetensors"]
+        naive_annealed += [
+            f"--router_lr={train_router.RouterConfig.router_lr * tenth:g}",
+            "--name=moe_lora_naive_annealed",
+        ]
         return [
             self.step(
                 "one LoRA on all tasks",
@@ -359,6 +365,14 @@ class Plan:
                 train_router,
                 naive + saves,
                 cost=self.weigh("token", tasks=K),
+            ),
+            self.step(
+                "MoE-LoRA naive, annealed",
+                f"{self.M}/moe_lora_naive_annealed.safetensors",
+                train_router,
+                naive_annealed + self.plateau,
+                [f"{self.M}/moe_lora_naive.safetensors"],
+                self.weigh("token"),
             ),
         ]
 
@@ -526,6 +540,7 @@ class Plan:
         plain_dir, plain_base, cfg = f"{self.run}/plain", f"{self.out}/base_plain", self.cfg
         plain = [self.common[0], f"--base={plain_base}", *self.common[2:]]
         base_args = [self.common[0], f"--out_dir={plain_base}", f"--max_iters={cfg.base_iters}"]
+        base_args += [f"--block_size={cfg.block_size}"] if cfg.block_size else []  # the main base's context
         return [
             Step(
                 "seed 1: the base without skills",
@@ -640,9 +655,9 @@ def main(argv=None):
     builtin = built_in(meta)
     if cfg.full and not builtin:
         print("[full] the imbalanced variant and the base without skills need the built-in tasks: left out here")
-    context = cfg.block_size or base_context(meta)
+    cfg.block_size = cfg.block_size or base_context(meta)  # the base's context (and the base without skills')
     base_args = [f"--data_dir={cfg.data_dir}", f"--out_dir={out}/base", f"--max_iters={cfg.base_iters}"]
-    base_args += [f"--block_size={context}", f"--device={cfg.device}"]
+    base_args += [f"--block_size={cfg.block_size}", f"--device={cfg.device}"]
     firsts = [Step("base", f"{out}/base/ckpt.pt", train_base, base_args)]
     if cfg.full and builtin:  # the imbalanced variant: the same data, one task with a tenth of the training records
         small = small_data_dir(cfg, tasks)

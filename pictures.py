@@ -23,7 +23,10 @@ VARIANTS = {  # line -> (its budget rows' variant, its rows in the main table: a
         "one LoRA (rank {K}r)",
         ["one LoRA, all tasks (rank {K}r)", "one LoRA, all tasks (rank {K}r), annealed"],
     ),
-    "MoE-LoRA naive": ("MoE-LoRA naive", ["MoE-LoRA naive (random experts)"]),
+    "MoE-LoRA naive": (
+        "MoE-LoRA naive",
+        ["MoE-LoRA naive (random experts)", "MoE-LoRA naive (random experts), annealed"],
+    ),
 }
 
 

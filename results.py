@@ -79,6 +79,12 @@ def main_rows(cfg, K):
         (f"one LoRA, all tasks (rank {K}r), annealed", "expert", f"mixed/all_r{K}_annealed.safetensors", {}),
         ("MoE-LoRA (token top-2, no label loss)", "bundle", "moa/moe_lora.safetensors", {"mode": "token"}),
         ("MoE-LoRA naive (random experts)", "bundle", "moa/moe_lora_naive.safetensors", {"mode": "token"}),
+        (
+            "MoE-LoRA naive (random experts), annealed",
+            "bundle",
+            "moa/moe_lora_naive_annealed.safetensors",
+            {"mode": "token"},
+        ),
         ("MoA, routers only", "bundle", "moa/moa_routers.safetensors", routed),
         ("MoA, routers only, linear (the paper's)", "bundle", "moa/moa_routers_linear.safetensors", routed),
         ("MoA (joint)", "bundle", "moa/moa.safetensors", routed),
@@ -445,10 +451,10 @@ def controls_table(main, budget, budgets, domains):
     """MoA against the shared LoRAs under each control: mean exact match (± over seeds) and the records seen. A
     baseline with no row anywhere (the demo runs neither the rank-r LoRA nor MoE-LoRA) has no column."""
     K = len(domains)
-    columns = [  # (its budget rows' name, its main row at the plateau, whether it has an annealed row)
-        ("one LoRA (rank r)", "one LoRA, all tasks (rank r)", True),
-        (f"one LoRA (rank {K}r)", f"one LoRA, all tasks (rank {K}r)", True),
-        ("MoE-LoRA naive", "MoE-LoRA naive (random experts)", False),
+    columns = [  # (its budget rows' name, its main row at the plateau; its annealed row adds ", annealed")
+        ("one LoRA (rank r)", "one LoRA, all tasks (rank r)"),
+        (f"one LoRA (rank {K}r)", f"one LoRA, all tasks (rank {K}r)"),
+        ("MoE-LoRA naive", "MoE-LoRA naive (random experts)"),
     ]
     columns = [c for c in columns if c[1] in main or any(n.startswith(f"{c[0]}, budget") for n in budget)]
     lines = ["| control | MoA | " + " | ".join(c[0] for c in columns) + " |", "|---|---|" + "---|" * len(columns)]
@@ -464,7 +470,7 @@ def controls_table(main, budget, budgets, domains):
             others = [budget.get(f"{c[0]}, budget {b}, {control}") for c in columns]
             lines.append(line(f"budget {b}, {control}", budget.get(f"MoA, budget {b}"), others))
     lines.append(line("each at its plateau or cap", main.get("MoA (joint)"), [main.get(c[1]) for c in columns]))
-    annealed = [main.get(f"{c[1]}, annealed") if c[2] else None for c in columns]  # as MoA's stage 2 anneals
+    annealed = [main.get(f"{c[1]}, annealed") for c in columns]  # as MoA's stage 2 anneals
     lines.append(line("each at its plateau, then annealed at stage 2's rate", main.get("MoA (joint)"), annealed))
     return "\n".join(lines)
 

@@ -7,6 +7,8 @@ on evenly sampled records of all tasks with L = L_LM + eta * L_cls. Also adds an
     python train_router.py --mode=token --eta=0 --expert_init=random --name=moe_lora_naive
     python train_router.py --add_domain=upper --bundle=out/moa/moa.safetensors   # K -> K+1 domains
     python train_router.py --remove_domain=upper --bundle=out/moa/moa+upper.safetensors
+    python train_router.py --mode=token --eta=0 --init_bundle=out/moa/moe_lora_naive.safetensors \
+        --learning_rate=3e-4 --router_lr=3e-3 --name=moe_lora_naive_annealed   # go on at a tenth of the rates
 
 Which loss trains what: in mode label (MoA), each record goes through its task's expert, so L_LM trains
 the experts only (it never reaches a router: the label, not the router, picked the expert), and L_cls
@@ -63,6 +65,7 @@ class RouterConfig(TaskConfig):
     alpha: float = 16.0  # (random experts: see rank)
     lora_dropout: float = 0.0  # dropout on the experts' input while they train
     bundle: str = ""  # an existing bundle to add a domain to or remove one from
+    init_bundle: str = ""  # go on training this bundle (its experts, routers, top_k), e.g. annealed at lower rates
     add_domain: str = ""  # a domain to add to --bundle: its stage-1 expert from --experts, one more router row
     remove_domain: str = ""  # a domain to drop from --bundle, with its router row
     train_new_expert: bool = False  # when adding a domain: also fine-tune the new expert
@@ -105,6 +108,8 @@ def check_choices(cfg):
         raise UserError("--weight_decay would shrink the frozen old router rows; use 0, or --train_old_rows")
     if (cfg.add_domain or cfg.remove_domain) and not cfg.bundle:
         raise UserError("--add_domain / --remove_domain need --bundle=PATH of the bundle to change")
+    if cfg.init_bundle and cfg.bundle:
+        raise UserError("--init_bundle trains a bundle on as it is; --bundle adds or removes a domain: give one")
     if cfg.add_domain and cfg.remove_domain:  # else only the removal would happen, saved under the added name
         raise UserError("give --add_domain or --remove_domain, not both: one run changes a bundle by one domain")
 
@@ -150,6 +155,14 @@ def build(cfg, gpt, tokenizer, base, data_domains):
                 p.register_hook(lambda g: torch.cat([torch.zeros_like(g[:K]), g[K:]]))
         return moa
         # END ASSIGNMENT 5
+    if cfg.init_bundle:  # go on from a bundle: its experts and routers, trained as a fresh MoA's would be
+        moa, _ = load_bundle(cfg.init_bundle, gpt, tokenizer, base, eta=cfg.eta)  # everything frozen
+        for p in [*moa.routers.parameters(), *moa.router_features.parameters()]:
+            p.requires_grad_(True)
+        for layer in lora_layers(moa):
+            for p in [*layer.lora_A, *layer.lora_B]:
+                p.requires_grad_(cfg.train_experts)
+        return moa
     rank, alpha = cfg.rank, cfg.alpha
     if cfg.expert_init == "stage1":  # the experts' files say their rank and alpha
         meta = read_meta(expert_path(cfg, data_domains[0]), "expert", gpt)[1]  # tensors checked: meta sizes the MoA
@@ -184,7 +197,9 @@ def build(cfg, gpt, tokenizer, base, data_domains):
 
 
 def samples_before(cfg, domains):
-    """Training records the starting point saw: the stage-1 experts' (or the bundle's and the new expert's)."""
+    """Training records the starting point saw: the stage-1 experts' (or the bundle's, and the new expert's)."""
+    if cfg.init_bundle:
+        return read_meta(cfg.init_bundle, "bundle")[1].get("samples", 0)
     if cfg.add_domain:
         return read_meta(cfg.bundle, "bundle")[1].get("samples", 0) + read_meta(
             expert_path(cfg, cfg.add_domain), "expert"
@@ -194,19 +209,40 @@ def samples_before(cfg, domains):
     return sum(read_meta(expert_path(cfg, d), "expert")[1].get("samples", 0) for d in domains)
 
 
+def continued(cfg):
+    """With --init_bundle, the settings the bundle keeps (how its experts began, top_k) as it was trained, after
+    checking that this run routes the same way (per token, or by label): the new bundle then says what it is."""
+    if not cfg.init_bundle:
+        return cfg
+    meta = read_meta(cfg.init_bundle, "bundle")[1]
+    if (meta.get("mode", "label") == "token") != (cfg.mode == "token"):
+        raise UserError(f"{cfg.init_bundle} was trained with --mode={meta.get('mode', 'label')}: go on with that mode")
+    return replace(cfg, **{k: meta[k] for k in ("expert_init", "top_k") if k in meta})
+
+
+def bundle_name(cfg):
+    """--name, or by what the run does: <bundle>+<domain>, <bundle>-<domain>, <init_bundle>_continued, or moa."""
+    stem = os.path.splitext(os.path.basename(cfg.bundle or cfg.init_bundle))[0]
+    if cfg.name:
+        return cfg.name
+    if cfg.add_domain:
+        return f"{stem}+{cfg.add_domain}"
+    if cfg.remove_domain:
+        return f"{stem}-{cfg.remove_domain}"
+    return f"{stem}_continued" if cfg.init_bundle else "moa"
+
+
 def main(argv=None):
     cfg = parse_config(RouterConfig, argv or [])
     check_choices(cfg)
     pick_device(cfg.device, cfg.dtype)  # a device that is not here: said before anything is read
-    stem = os.path.splitext(os.path.basename(cfg.bundle))[0]
-    name = cfg.name or (
-        f"{stem}+{cfg.add_domain}" if cfg.add_domain else f"{stem}-{cfg.remove_domain}" if cfg.remove_domain else "moa"
-    )
+    cfg = continued(cfg)
+    name = bundle_name(cfg)
     path, run_dir = os.path.join(cfg.out_dir, f"{name}.safetensors"), os.path.join(cfg.out_dir, name)
     check_outputs(
         [path, os.path.join(run_dir, "ckpt.pt"), os.path.join(run_dir, "log.jsonl")],  # --name picks them
         base_files(cfg.base)
-        + ([cfg.bundle] if cfg.bundle else [])
+        + [p for p in (cfg.bundle, cfg.init_bundle) if p]
         + [p for folder in cfg.experts.split(",") for p in glob.glob(os.path.join(folder, "*.safetensors"))],
     )
     gpt, tokenizer = load_base(cfg.base)
@@ -223,6 +259,8 @@ def main(argv=None):
     domains = TaskData(cfg.data_dir, cfg.domains, block_size).domains
     if cfg.add_domain:
         domains = read_meta(cfg.bundle, "bundle")[1]["domains"] + [cfg.add_domain]
+    if cfg.init_bundle:
+        domains = read_meta(cfg.init_bundle, "bundle")[1]["domains"]
     if cfg.mode == "token" and cfg.top_k > len(domains):
         raise UserError(f"--top_k={cfg.top_k}: more than the {len(domains)} experts to choose from")
     torch.manual_seed(cfg.seed)  # new experts and routers start the same for the same seed

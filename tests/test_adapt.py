@@ -1,4 +1,5 @@
-"""Adding and removing domains of a trained bundle (train_router.py --add_domain / --remove_domain).
+"""Adding and removing domains of a trained bundle (train_router.py --add_domain / --remove_domain), and training
+one on (--init_bundle).
 
 One module fixture trains stage-1 arith, reverse and count experts and a bundle over arith and reverse
 (the two domains a tiny router tells apart, see test_moa.py), then adds the held-back count domain.
@@ -16,7 +17,7 @@ from batches import TaskData
 from config import UserError
 from conftest import TASK_FLAGS, assert_one_line_error, bundle_and_addition, run_script
 from evaluate import evaluate_tasks, left_pad
-from files import load_base, load_bundle
+from files import load_base, load_bundle, read_meta
 from moa import MoA, lora_layers
 from model import GPT, GPTConfig
 from storage import read_safetensors
@@ -347,3 +348,62 @@ def test_add_domain_without_bundle_cli_error(tiny_data, tiny_base, tmp_path):
         f"--out_dir={tmp_path}",
     )
     assert_one_line_error(proc, "--bundle")
+
+
+@pytest.fixture(scope="module")
+def naive(tiny_data, tiny_base, tmp_path_factory):
+    """MoE-LoRA naive over arith and reverse (random experts mixed per token, top 2, no label loss), 4 steps ->
+    (its path, the flags to train it on with)."""
+    out = tmp_path_factory.mktemp("naive")
+    flags = COMMON + [f"--data_dir={tiny_data}", f"--base={tiny_base}", f"--experts={out}", f"--out_dir={out}"]
+    flags += ["--domains=arith,reverse", "--mode=token", "--eta=0", "--max_iters=4", "--eval_interval=4"]
+    train_router.main(flags + ["--expert_init=random", "--name=naive"])
+    return str(out / "naive.safetensors"), flags
+
+
+def moved(before, after):
+    """The tensors of a bundle file that changed from another's, split into (experts, routers)."""
+    a, b = read_safetensors(before)[0], read_safetensors(after)[0]
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    return {k for k in changed if "lora_" in k}, {k for k in changed if "lora_" not in k}
+
+
+def test_init_bundle_goes_on_from_the_bundles_weights_and_settings(naive):
+    """--init_bundle starts from the bundle: at a learning rate of 1e-9 its weights come out as they went in; the
+    new bundle keeps the old one's settings (random experts, top 2, though this run says top 1) and counts its
+    records on from the old one's."""
+    path, flags = naive
+    train_router.main(flags + [f"--init_bundle={path}", "--learning_rate=1e-9", "--router_lr=1e-9", "--top_k=1"])
+    after = path.replace("naive.safetensors", "naive_continued.safetensors")  # the default name
+    a, b = read_safetensors(path)[0], read_safetensors(after)[0]
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    old, new = read_meta(path, "bundle")[1], read_meta(after, "bundle")[1]
+    assert (new["expert_init"], new["top_k"], new["mode"], new["steps"]) == ("random", 2, "token", 4)
+    assert new["samples"] == old["samples"] + 4 * 8 > 4 * 8
+
+
+@pytest.mark.parametrize("train_experts, trains_experts", [("True", True), ("False", False)])
+def test_init_bundle_trains_its_experts_and_routers_on(naive, train_experts, trains_experts):
+    """Trained on at a real rate, every router tensor moves, and every expert tensor unless --train_experts=False
+    (then none does)."""
+    path, flags = naive
+    name = f"on_{train_experts}"
+    train_router.main(
+        flags + [f"--init_bundle={path}", "--learning_rate=0.01", f"--train_experts={train_experts}", f"--name={name}"]
+    )
+    experts, routers = moved(path, path.replace("naive.safetensors", f"{name}.safetensors"))
+    tensors = read_safetensors(path)[0]
+    assert routers == {k for k in tensors if "lora_" not in k} and routers
+    assert experts == ({k for k in tensors if "lora_" in k} if trains_experts else set())
+
+
+def test_init_bundle_errors(naive):
+    """Going on in the other kind of routing, beside --bundle, or from a missing file is a UserError."""
+    path, flags = naive
+    label = [f for f in flags if f != "--mode=token"]
+    with pytest.raises(UserError, match="--mode=token"):
+        train_router.main(label + [f"--init_bundle={path}", "--name=x"])
+    with pytest.raises(UserError, match="give one"):
+        train_router.main(flags + [f"--init_bundle={path}", f"--bundle={path}", "--name=x"])
+    with pytest.raises(UserError, match="not found"):
+        train_router.main(flags + [f"--init_bundle={path}.missing", "--name=x"])

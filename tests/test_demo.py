@@ -103,13 +103,15 @@ def test_the_ready_step_with_the_longest_chain_of_work_starts_first(script, tmp_
 
 
 def test_every_step_of_the_study_has_a_cost_and_the_shared_loras_are_annealed_as_moas_experts(tmp_path):
-    """Each step of --full's plan has a positive cost (the progress bar and the order count them). The annealed
-    shared LoRAs go on from the shared LoRAs' files at stage 2's learning rate, to their plateau with MoA's rule
-    and cap; the LoRA trained on the added task goes on from the annealed one with MoA's parameters."""
+    """Each step of --full's plan has a positive cost (the progress bar and the order count them); the base without
+    skills has the main base's context. The annealed shared LoRAs go on from the shared LoRAs' files at stage 2's
+    learning rate, to their plateau with MoA's rule and cap, MoE-LoRA naive from its bundle with experts and
+    routers at a tenth of their rates; the LoRA trained on the added task goes on from the annealed one with MoA's
+    parameters."""
     import demo
     import train_router
 
-    cfg = demo.DemoConfig(full=True, cap=40, budgets="10,20")
+    cfg = demo.DemoConfig(full=True, cap=40, budgets="10,20", block_size=192)
     tasks = ["upper", "lower", "double", "reverse", "arith"]
     steps = demo.seed_steps(cfg, str(tmp_path), 1, tasks, "count")
     assert all(s.cost > 0 for s in steps), [s.title for s in steps if not s.cost > 0]
@@ -127,6 +129,14 @@ def test_every_step_of_the_study_has_a_cost_and_the_shared_loras_are_annealed_as
             == [a for a in moa.args if a.startswith(("--max_iters", "--stop_flat"))]
             == ["--stop_flat=0.02", "--max_iters=40"]
         )
+    assert "--block_size=192" in by_title["the base without skills"].args  # the main base's context
+    naive, step = by_title["MoE-LoRA naive"], by_title["MoE-LoRA naive, annealed"]  # experts and routers at a tenth
+    assert f"--init_bundle={naive.output}" in step.args and step.needs == [naive.output]
+    assert f"--learning_rate={train_lora.LoRAConfig.learning_rate}" in naive.args
+    assert not any(a.startswith("--learning_rate") for a in step.args)  # stage 2's: a tenth of stage 1's
+    assert train_router.RouterConfig.learning_rate == pytest.approx(train_lora.LoRAConfig.learning_rate / 10)
+    assert f"--router_lr={train_router.RouterConfig.router_lr / 10:g}" in step.args
+    assert {"--mode=token", "--eta=0", "--stop_flat=0.02", "--max_iters=40"} <= set(step.args)
     for t in tasks:  # the ablation: each stage-1 expert on alone at stage 2's rate, with MoA's rule and cap
         step = by_title[f"the {t} expert, annealed"]
         assert f"--init_expert={tmp_path}/runs/seed1/experts/{t}.safetensors" in step.args
@@ -244,7 +254,7 @@ def test_the_full_studys_own_runs_run_and_make_their_tables(tiny_data, tiny_base
     without skills 2 steps), then results.py: the K x K matrix from LoRAs that saw the same records of task i
     (a pair's LoRA twice as many in all), the imbalanced variant on data with a tenth of tasks[1]'s records (its
     shared LoRA with MoA's parameters, then annealed), the regime's six rows from the two bases, and both MoE-LoRA
-    runs with MoA's parameters, MoE-LoRA naive also at the budget's records and updates."""
+    runs with MoA's parameters, MoE-LoRA naive also at the budget's records and updates, and annealed."""
     import shutil
 
     import data.prepare
@@ -313,6 +323,9 @@ def test_the_full_studys_own_runs_run_and_make_their_tables(tiny_data, tiny_base
     batch = train_router.RouterConfig.batch_size
     assert 1 <= naive["steps"] <= K * 2 and naive["samples"] == naive["steps"] * batch  # random experts: no stage 1
     assert 1 <= mixing["steps"] <= 2 and naive["routing"] == mixing["routing"] == "token"
+    on = main["MoE-LoRA naive (random experts), annealed"]  # its records count on from MoE-LoRA naive's
+    assert on["params"] == naive["params"] and on["routing"] == "token"
+    assert 1 <= on["steps"] <= 2 and on["samples"] == naive["samples"] + on["steps"] * batch
     budget = written["budget"][0]
     for control, steps in (("equal records", K + 1), ("equal updates", 2)):
         row = budget[f"MoE-LoRA naive, budget 1, {control}"]
