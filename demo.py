@@ -377,12 +377,21 @@ class Plan:
         ]
 
     def moa(self):
-        """Stage 2 from the stage-1 experts: MoA, its routers alone (also as the paper's linear maps), and MoE-LoRA
-        (per token, no label loss)."""
+        """Stage 2 from the stage-1 experts: MoA (also with routers that read single tokens), its routers alone (also as
+        the paper's linear maps), and MoE-LoRA (per token, no label loss)."""
         M, need = self.M, self.stage1_files
         return [
             self.step(
                 "MoA (joint)", f"{M}/moa.safetensors", train_router, self.router + self.plateau, need, self.weigh("moa")
+            ),
+            self.step(
+                "MoA, routers over single tokens",
+                f"{M}/moa_window1.safetensors",
+                train_router,
+                self.router + ["--router_window=1", "--name=moa_window1"] + self.plateau,
+                need,
+                self.weigh("moa"),
+                ablation=True,
             ),
             self.step(
                 "MoA, routers only",

@@ -169,7 +169,7 @@ def export_hf(cfg, folder):
     write_safetensors(os.path.join(folder, "model.safetensors"), state, {"format": "pt"})
 
 
-def router_json(i, features, router):
+def router_json(i, features, router, window=1):
     """Router i as routers.json has it: weight (K, n_embd or H), bias (K,), and its per-token features or None."""
     saved = {"hidden_state": i, "weight": router.weight.tolist(), "bias": router.bias.tolist(), "features": None}
     if not isinstance(features, nn.Identity):  # moa.router_features: LayerNorm, Linear(C, H), GELU
@@ -178,8 +178,9 @@ def router_json(i, features, router):
             "norm_weight": norm.weight.tolist(),
             "norm_bias": norm.bias.tolist(),
             "eps": norm.eps,
-            "weight": linear.weight.tolist(),  # (H, n_embd)
+            "weight": linear.weight.tolist(),  # (H, window n_embd)
             "bias": linear.bias.tolist(),  # (H,)
+            "window": window,
         }
     return saved
 
@@ -195,9 +196,13 @@ def export_bundle(cfg, folder):
         "pooling": moa.pooling,  # domain k's adapter is the folder <domain k>/
         "reads": "router i: logits = weight @ pool(f(hidden_states[i])) + bias; hidden_states[i] as in "
         "transformers' output_hidden_states, the input of block i, pooled over real prompt tokens; f, per token: "
-        "the identity where 'features' is null, else gelu(features.weight @ layer_norm(h) + features.bias), "
-        "layer_norm with features.norm_weight, norm_bias and eps, gelu the exact (erf) one",
-        "routers": [router_json(i, f, r) for i, (f, r) in enumerate(zip(moa.router_features, moa.routers))],
+        "the identity where 'features' is null, else gelu(features.weight @ v + features.bias), v the "
+        "concatenation of layer_norm(h) at this token and at each of the features.window - 1 tokens before it "
+        "(this token's first; zeros for padding and before the prompt's first token), layer_norm with "
+        "features.norm_weight, norm_bias and eps, gelu the exact (erf) one",
+        "routers": [
+            router_json(i, f, r, moa.router_window) for i, (f, r) in enumerate(zip(moa.router_features, moa.routers))
+        ],
     }
     with open(os.path.join(folder, "routers.json"), "w") as f:
         json.dump(routers, f)

@@ -131,6 +131,7 @@ def save_bundle(path, moa, tokenizer, base, extra=None):
         "pooling": moa.pooling,
         "router_input": moa.router_input,
         "router_hidden": moa.router_hidden,
+        "router_window": moa.router_window,
         "temperature": moa.temperature,
         **expert_meta(moa, tokenizer, base),
         **(extra or {}),
@@ -173,12 +174,13 @@ KIND_CHECKS = {
         "pooling": ("mean or last", lambda v: v in ("mean", "last")),
         "router_input": ("block or base", lambda v: v in ROUTER_INPUTS),
         "router_hidden": ("an integer >= 0", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+        "router_window": ("an integer >= 1", is_size),
         "temperature": ("a positive number", lambda v: is_number(v) and v > 0),
     },
 }
 
 # what older bundles lack: uncalibrated, linear routers on blocks
-OPTIONAL = {"temperature": 1.0, "router_input": "block", "router_hidden": 0}
+OPTIONAL = {"temperature": 1.0, "router_input": "block", "router_hidden": 0, "router_window": 1}
 
 OPTIONAL_CHECKS = {  # keys some files have (train_router.py's settings, training records seen...)
     "top_k": ("an integer >= 1", is_size),
@@ -248,13 +250,13 @@ def file_shapes(gpt, meta, kind):
                 shapes[f"{layer}.lora_A"], shapes[f"{layer}.lora_B"] = A, B
             for k in range(K if kind == "bundle" else 0):
                 shapes[f"gpt.{layer}.lora_A.{k}"], shapes[f"gpt.{layer}.lora_B.{k}"] = A, B
-    C, H = gpt.config.n_embd, meta.get("router_hidden", 0)
+    C, H, W = gpt.config.n_embd, meta.get("router_hidden", 0), meta.get("router_window", 1)
     for i in range(gpt.config.n_layer if kind == "bundle" else 0):
         shapes[f"routers.{i}.weight"], shapes[f"routers.{i}.bias"] = (K, H or C), (K,)
-        if H:  # moa.router_features: LayerNorm (C), then a linear map C -> H
+        if H:  # moa.router_features: LayerNorm (C), then a linear map W C -> H (W tokens side by side)
             features = f"router_features.{i}"
             shapes[f"{features}.0.weight"], shapes[f"{features}.0.bias"] = (C,), (C,)
-            shapes[f"{features}.1.weight"], shapes[f"{features}.1.bias"] = (H, C), (H,)
+            shapes[f"{features}.1.weight"], shapes[f"{features}.1.bias"] = (H, W * C), (H,)
     return shapes
 
 
@@ -327,6 +329,7 @@ def load_bundle(path, gpt, tokenizer, base=None, eta=None):
         router_input=meta["router_input"],
         temperature=meta["temperature"],
         router_hidden=meta["router_hidden"],
+        router_window=meta["router_window"],
     )
     moa.load_state_dict(tensors, strict=False)
     for p in moa.parameters():

@@ -10,7 +10,8 @@ Read top to bottom:
    Stage 1 (train_lora.py) uses it with K = 1.
 3. `MoA`: the GPT with K experts and one router per block. The router of block i reads the
    block's input, pooled over the prompt's tokens, and predicts the domain (its loss is L_cls): a
-   linear map (the paper's), or with `router_hidden` a small per-token layer before the pooling.
+   linear map (the paper's), or with `router_hidden` a small per-token layer before the pooling
+   (with `router_window`, each token's layer also reads the tokens just before it).
    Training routes each sample by its domain label; inference by the routers (the routing modes),
    one expert per sequence, decided at prefill and kept in the KV cache for the whole generation.
 4. `add_domain` / `remove_domain`: one expert and one router row more, or less.
@@ -48,6 +49,9 @@ ROUTER_INPUTS = ("block", "base")
 # map reads those features pooled. On the demo's base, routers trained alone on the same experts route 74% of the
 # validation prompts right as linear maps, 96% with 64 units (README, Results). The layer is shared by all of a
 # router's rows: adding a domain adds a row and leaves it as it is.
+# With router_window W > 1 the linear map to H reads each token's LayerNorm-ed state and the W - 1 before it (zeros
+# before the prompt's first token): a token's features see the word pieces just before it ("de" of "decapitalize"),
+# never a later token, so prefill and training read the same. The LayerNorm and the map are router_features[i][0, 1].
 
 
 class LoRADropout(nn.Dropout):
@@ -239,12 +243,22 @@ def added_by_moa(name):
     return "lora_" in name or name.startswith(("routers.", "router_features."))
 
 
-def router_features(C, hidden, device=None):
+def router_features(C, hidden, device=None, window=1):
     """What a router reads of each token's hidden state (C,): the state itself (hidden = 0, the paper's linear router),
-    or LayerNorm, a linear map to `hidden` units and a GELU (nanoMoA's default in train_router.py)."""
+    or LayerNorm, a linear map to `hidden` units and a GELU (nanoMoA's default in train_router.py); with window W the
+    map reads W tokens' LayerNorm-ed states side by side (W C inputs, see `windowed`)."""
     if not hidden:
         return nn.Identity()
-    return nn.Sequential(nn.LayerNorm(C, device=device), nn.Linear(C, hidden, device=device), nn.GELU())
+    return nn.Sequential(nn.LayerNorm(C, device=device), nn.Linear(C * window, hidden, device=device), nn.GELU())
+
+
+def windowed(h, mask, window):
+    """h (B, T, C) -> (B, T, W C): each token's state, then the states of the W - 1 tokens before it, side by side;
+    zeros where mask (B, T) is False (padding, or tokens the router does not read) and before the first token."""
+    if mask is not None:
+        h = h * mask.unsqueeze(-1).to(h.dtype)
+    T = h.size(1)
+    return torch.cat([F.pad(h, (0, 0, j, 0))[:, :T] for j in range(window)], dim=-1)
 
 
 class MoA(nn.Module):
@@ -276,6 +290,7 @@ class MoA(nn.Module):
         router_input="block",
         temperature=1.0,
         router_hidden=0,
+        router_window=1,
     ):
         super().__init__()
         if pooling not in ("mean", "last"):
@@ -284,13 +299,17 @@ class MoA(nn.Module):
             raise UserError(f"router_input must be {' or '.join(ROUTER_INPUTS)}, got {router_input!r}")
         if not isinstance(router_hidden, int) or isinstance(router_hidden, bool) or router_hidden < 0:
             raise UserError(f"router_hidden must be an integer >= 0, got {router_hidden!r}")
+        if not isinstance(router_window, int) or isinstance(router_window, bool) or router_window < 1:
+            raise UserError(f"router_window must be an integer >= 1, got {router_window!r}")
+        if router_window > 1 and not router_hidden:
+            raise UserError("router_window > 1 needs per-token features (router_hidden > 0) for the window to feed")
         self.gpt = add_experts(gpt, len(domains), rank, alpha, dropout, targets)
         self.domains, self.pooling, self.eta, self.top_k = list(domains), pooling, eta, top_k
-        self.router_input, self.router_hidden = router_input, router_hidden
+        self.router_input, self.router_hidden, self.router_window = router_input, router_hidden, router_window
         C, K, device = gpt.config.n_embd, len(domains), gpt.lm_head.weight.device
         # what router i reads of each token before pooling: the hidden state itself, or its features (router_hidden)
         L, H = gpt.config.n_layer, router_hidden
-        self.router_features = nn.ModuleList([router_features(C, H, device) for _ in range(L)])
+        self.router_features = nn.ModuleList([router_features(C, H, device, router_window) for _ in range(L)])
         self.routers = nn.ModuleList([nn.Linear(H or C, K, device=device) for _ in range(L)])
         for r in self.routers:
             nn.init.zeros_(r.weight)  # start undecided: uniform over experts
@@ -323,6 +342,8 @@ class MoA(nn.Module):
             raise UserError(f"unknown routing mode {mode!r}; choose from {', '.join(MODES)}")
         if mode == "label" and domain is None:
             raise UserError("routing mode label needs the domain labels")
+        if mode == "token" and self.router_window > 1:
+            raise UserError("routing per token (mode token) reads one token at a time: use router_window 1")
         if cache is not None and not isinstance(cache, RoutedCache):
             raise TypeError("a MoA decodes with its own cache: moa.new_cache(), a RoutedCache")
         if cache is not None and cache.route is not None:  # decoding: the route was decided at prefill
@@ -335,7 +356,7 @@ class MoA(nn.Module):
         router_logits, routes = [], []  # per block: (B, K), (B,)
         for i in range(len(self.blocks)):
             if pooled:
-                read = self.router_features[i](seen)  # (B, T, C), or (B, T, router_hidden)
+                read = self.features(i, seen, mask)  # (B, T, C), or (B, T, router_hidden)
                 logits, route = self.route_block(i, read, mask, domain, "layer" if mode == "token" else mode)
                 router_logits.append(logits)
                 routes.append(route)
@@ -365,6 +386,13 @@ class MoA(nn.Module):
         loss = lm_loss + self.eta * cls_loss if targets is not None else lm_loss
         # END ASSIGNMENT 3
         return logits, loss
+
+    def features(self, i, x, mask):
+        """What router i reads of each token of x (B, T, C): router_features[i], over a window of tokens if set."""
+        f = self.router_features[i]
+        if self.router_window == 1:
+            return f(x)
+        return f[2](f[1](windowed(f[0](x), mask, self.router_window)))
 
     def route_block(self, i, x, mask, domain, mode):
         """Router i on what it reads of block i's input, x (B, T, C) (or its features, (B, T, router_hidden)),

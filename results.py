@@ -89,6 +89,7 @@ def main_rows(cfg, K):
         ("MoA, routers only, linear (the paper's)", "bundle", "moa/moa_routers_linear.safetensors", routed),
         ("MoA (joint)", "bundle", "moa/moa.safetensors", routed),
         (f"MoA (joint), mode {other}", "bundle", "moa/moa.safetensors", {"mode": other}),  # the paper's other rule
+        ("MoA (joint), routers over single tokens", "bundle", "moa/moa_window1.safetensors", routed),
         ("MoA experts alone (label given)", "bundle", "moa/moa.safetensors", {"mode": "label"}),
         ("classifier + stage-1 experts", "classifier", "experts", {}),
         ("Arrow + stage-1 experts (no labels)", "arrow", "experts", {}),

@@ -60,6 +60,8 @@ class RouterConfig(TaskConfig):
     # (the block's input, with the earlier experts' output in it: later routers then learn the label from it, LOG.md)
     router_hidden: int = 64  # each token's features before a router pools: LayerNorm, C -> H, GELU; 0: the paper's
     # linear router (on the demo's base it routes 74% of validation prompts right, with 64 units 96%: README)
+    router_window: int = 3  # a token's features read it and the window - 1 tokens before it: 3 routes the demo's
+    # prompts better than 1 (README, Results); pooled routers with features only (1 with --router_hidden=0, mode token)
     expert_init: str = "stage1"  # stage1 experts, or random ones ("MoE-LoRA naive")
     rank: int = 8  # rank and alpha of random experts (stage-1 experts bring their own)
     alpha: float = 16.0  # (random experts: see rank)
@@ -86,6 +88,7 @@ class RouterConfig(TaskConfig):
         "pooling": one_of("mean", "last"),
         "router_input": one_of(*ROUTER_INPUTS),
         "router_hidden": AT_LEAST_0,
+        "router_window": AT_LEAST_1,
         "expert_init": one_of("stage1", "random"),
         "expert_step": AT_LEAST_0,
         "rank": AT_LEAST_1,
@@ -169,8 +172,15 @@ def build(cfg, gpt, tokenizer, base, data_domains):
         rank, alpha, targets = meta["rank"], meta["alpha"], meta["targets"]
     else:
         targets = TARGETS
+    W = window(cfg)
     # the sizes of the experts and routers to train, before they are made (file_shapes allocates nothing)
-    sizes = {"rank": rank, "targets": targets, "domains": data_domains, "router_hidden": cfg.router_hidden}
+    sizes = {
+        "rank": rank,
+        "targets": targets,
+        "domains": data_domains,
+        "router_hidden": cfg.router_hidden,
+        "router_window": W,
+    }
     shapes = file_shapes(gpt, sizes, "bundle")
     flags = ("batch_size", "rank") if cfg.expert_init == "random" else ("batch_size",)
     check_training_memory(cfg, gpt.config, sum(math.prod(s) for s in shapes.values()), flags)
@@ -186,6 +196,7 @@ def build(cfg, gpt, tokenizer, base, data_domains):
         cfg.top_k,
         cfg.router_input,
         router_hidden=cfg.router_hidden,
+        router_window=W,
     )
     if cfg.expert_init == "stage1":
         for k, domain in enumerate(data_domains):
@@ -194,6 +205,15 @@ def build(cfg, gpt, tokenizer, base, data_domains):
         for p in [*layer.lora_A, *layer.lora_B]:
             p.requires_grad_(cfg.train_experts)
     return moa
+
+
+def window(cfg):
+    """The routers' window: --router_window where there is a per-token layer to read it and the routers pool (mode
+    label or layer); else 1 (the paper's linear router reads the pooled state; mode token reads one token at a time)."""
+    if cfg.router_window > 1 and (not cfg.router_hidden or cfg.mode == "token"):
+        print(f"router window 1, not {cfg.router_window}: a window needs --router_hidden > 0 and a pooled --mode")
+        return 1
+    return cfg.router_window
 
 
 def samples_before(cfg, domains):

@@ -232,6 +232,7 @@ def test_demo_steps_then_results_make_every_table(tiny_data, tiny_base, tmp_path
         "one LoRA on all tasks, annealed",
         "MoA, routers only",
         "MoA, routers only, linear",
+        "MoA, routers over single tokens",
         "MoA + count, every router row",
         "MoA retrained on 6 tasks",
     }
@@ -241,11 +242,11 @@ def test_demo_steps_then_results_make_every_table(tiny_data, tiny_base, tmp_path
     rcfg = results.ResultsConfig(out=str(out), data_dir=tiny_data, records=2, device="cpu")
     adapted = results.adaptation(rcfg, str(out / "runs" / "seed1"), tasks, "count")
     assert set(adapted) == set(added) - {"MoA + count (every router row retrained)", "MoA retrained on K+1 tasks"}
-    kept = {n: r for n, r in rows.items() if "rank r" not in n and "routers only" not in n and "annealed (" not in n}
+    kept = {n: r for n, r in rows.items() if "rank r" not in n and "routers " not in n and "annealed (" not in n}
     budget = {n: r for n, r in budget.items() if "rank r" not in n}
     stats = {k: results.aggregate([v]) for k, v in (("main", kept), ("budget", budget), ("adaptation", adapted))}
     text = results.write_tables(rcfg, stats, tasks, [1], "count", [str(out / "runs" / "seed1")])
-    assert "routers only" not in text and "the same LoRA, trained on count" in text
+    assert "routers only" not in text and "single tokens" not in text and "the same LoRA, trained on count" in text
     assert "| control | MoA | one LoRA (rank 5r) |\n" in text  # no column for the runs the demo leaves out
 
 

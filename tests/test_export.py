@@ -350,12 +350,15 @@ def test_bundle_export(gpt2, tmp_path):
         torch.testing.assert_close(logits, moa.routing["logits"][i], atol=ATOL, rtol=0)
 
 
-def test_bundle_export_describes_the_routers_features(gpt2, tmp_path):
-    """With per-token features (router_hidden), routers.json holds them, and the recipe its "reads" states, applied
-    to transformers' hidden_states of the base, gives nanoMoA's router logits (routers on the frozen base)."""
+@pytest.mark.parametrize("window", [1, 3])
+def test_bundle_export_describes_the_routers_features(gpt2, tmp_path, window):
+    """With per-token features (router_hidden, over a window of tokens or not), routers.json holds them, and the
+    recipe its "reads" states, applied to transformers' hidden_states of the base, gives nanoMoA's router logits
+    (routers on the frozen base)."""
     torch.manual_seed(6)
     gpt, tokenizer = load_base(gpt2)
-    moa = MoA(gpt, ["python", "prose"], rank=4, alpha=8.0, router_input="base", router_hidden=5).eval()
+    moa = MoA(gpt, ["python", "prose"], rank=4, alpha=8.0, router_input="base", router_hidden=5, router_window=window)
+    moa.eval()
     with torch.no_grad():
         for name, p in moa.named_parameters():
             if name.startswith("router"):
@@ -365,15 +368,17 @@ def test_bundle_export_describes_the_routers_features(gpt2, tmp_path):
     export.main(["bundle", f"--bundle={bundle}", f"--base={gpt2}", f"--out={out}"])
     with open(os.path.join(out, "routers.json")) as f:
         routers = json.load(f)
-    assert "layer_norm" in routers["reads"] and "gelu" in routers["reads"]
+    assert "layer_norm" in routers["reads"] and "gelu" in routers["reads"] and "window" in routers["reads"]
     with torch.no_grad():
         moa(IDX, mode="layer")
         hidden = hf_model(gpt2)(IDX, output_hidden_states=True).hidden_states
     for i, saved in enumerate(routers["routers"]):
         f, t = saved["features"], torch.tensor
-        assert sorted(f) == ["bias", "eps", "norm_bias", "norm_weight", "weight"] and len(f["weight"]) == 5
+        assert sorted(f) == ["bias", "eps", "norm_bias", "norm_weight", "weight", "window"] and len(f["weight"]) == 5
+        assert f["window"] == window and len(f["weight"][0]) == 32 * window
         h = torch.nn.functional.layer_norm(hidden[i], (32,), t(f["norm_weight"]), t(f["norm_bias"]), f["eps"])
-        h = torch.nn.functional.gelu(h @ t(f["weight"]).t() + t(f["bias"]))
+        v = torch.cat([torch.cat([torch.zeros_like(h[:, :j]), h[:, : h.size(1) - j]], 1) for j in range(window)], -1)
+        h = torch.nn.functional.gelu(v @ t(f["weight"]).t() + t(f["bias"]))
         logits = h.mean(1) @ t(saved["weight"]).t() + t(saved["bias"])
         torch.testing.assert_close(logits, moa.routing["logits"][i], atol=ATOL, rtol=0)
 
