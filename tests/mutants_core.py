@@ -573,19 +573,54 @@ MUTANTS = [
         "router-features-on-cpu",
         "MoA makes its routers' per-token layer on the CPU, whatever device the GPT is on",
         "moa.py",
-        "nn.Linear(C, hidden, device=device)",
-        "nn.Linear(C, hidden)",
+        "nn.Linear(C * window, hidden, device=device)",
+        "nn.Linear(C * window, hidden)",
         ("tests/test_gpu_paths.py", "-k", "device"),
     ),
     Mutant(
         "router-features-after-pooling",
         "a router pools the hidden states first and reads the features of the pooled state",
         "moa.py",
-        """                read = self.router_features[i](seen)  # (B, T, C), or (B, T, router_hidden)
+        """                read = self.features(i, seen, mask)  # (B, T, C), or (B, T, router_hidden)
                 logits, route = self.route_block(i, read, mask, domain, "layer" if mode == "token" else mode)""",
         """                logits, route = self.route_block(i, seen, mask, domain, "layer" if mode == "token" else mode)
                 logits = self.routers[i](self.router_features[i](pool(seen, mask, self.pooling)))""",
         ("tests/test_router_features.py", "-k", "reads"),
+    ),
+    Mutant(
+        "router-window-reads-ahead",
+        "a router's window reads the tokens after each token, not before it",
+        "moa.py",
+        "    return torch.cat([F.pad(h, (0, 0, j, 0))[:, :T] for j in range(window)], dim=-1)",
+        "    return torch.cat([F.pad(h, (0, 0, 0, j))[:, j:] for j in range(window)], dim=-1)",
+        ("tests/test_router_window.py", "-k", "reads_each or later_token"),
+    ),
+    Mutant(
+        "router-window-reads-padding",
+        "a router's window reads the padding before a prompt (and the tokens it does not pool) as they are",
+        "moa.py",
+        """    if mask is not None:
+        h = h * mask.unsqueeze(-1).to(h.dtype)
+    T = h.size(1)""",
+        """    T = h.size(1)""",
+        ("tests/test_router_window.py", "-k", "reads_each or later_token"),
+    ),
+    Mutant(
+        "router-window-not-saved",
+        "save_bundle leaves out the routers' window: the bundle says it reads single tokens",
+        "files.py",
+        """        "router_window": moa.router_window,
+""",
+        "",
+        ("tests/test_router_window.py", "-k", "keeps_the_window"),
+    ),
+    Mutant(
+        "router-window-in-token-mode",
+        "train_router.py gives MoE-LoRA's per-token routers the window, which they cannot read one token at a time",
+        "train_router.py",
+        """    if cfg.router_window > 1 and (not cfg.router_hidden or cfg.mode == "token"):""",
+        """    if cfg.router_window > 1 and not cfg.router_hidden:""",
+        ("tests/test_router_window.py", "-k", "needs"),
     ),
     Mutant(
         "router-features-not-saved",
@@ -607,8 +642,8 @@ MUTANTS = [
         "router-hidden-unchecked-in-file",
         "file_shapes ignores router_hidden: a bundle's routers are checked as linear maps",
         "files.py",
-        '''    C, H = gpt.config.n_embd, meta.get("router_hidden", 0)''',
-        '''    C, H = gpt.config.n_embd, 0''',
+        '''    C, H, W = gpt.config.n_embd, meta.get("router_hidden", 0), meta.get("router_window", 1)''',
+        '''    C, H, W = gpt.config.n_embd, 0, meta.get("router_window", 1)''',
         ("tests/test_router_features.py",),
     ),
     Mutant(
