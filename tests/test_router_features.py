@@ -129,6 +129,11 @@ def test_a_bundle_keeps_the_features(tmp_path):
     assert tensors["router_features.0.1.weight"].shape == (H, C)
     loaded = load_bundle(path, tiny_gpt(), "bytes")[0].eval()
     assert loaded.router_hidden == H
+    assert_routes_alike(loaded, moa)
+
+
+def assert_routes_alike(loaded, moa):
+    """A bundle's MoA and the one it was saved from give the same outputs and routing logits in mode last (1e-6)."""
     x = batch()[0]
     with torch.no_grad():
         out = moa(x, mode="last")[0], moa.routing["logits"]
