@@ -28,9 +28,10 @@ def tiny_gpt(seed=0):
     return GPT(GPTConfig(block_size=24, vocab_size=40, n_layer=L, n_head=2, n_embd=C))
 
 
-def moa_model(hidden=H, seed=0):
-    """A MoA whose routers read the frozen base through per-token features, every weight random (LayerNorm's too)."""
-    return random_moa(seed, router_input="base", router_hidden=hidden)
+def moa_model(hidden=H, seed=0, window=1):
+    """A MoA whose routers read the frozen base through per-token features (over `window` tokens), every weight random
+    (LayerNorm's too)."""
+    return random_moa(seed, router_input="base", router_hidden=hidden, router_window=window)
 
 
 def batch(seed=1, B=6, T=10):

@@ -22,10 +22,8 @@ W = 3
 
 
 def window_moa(seed=0):
-    """A MoA like test_router_features.moa_model, every weight random, its routers' features over W tokens."""
-    from test_losses import moa_model as random_moa
-
-    return random_moa(seed, router_input="base", router_hidden=H, router_window=W)
+    """test_router_features.moa_model, every weight random, its routers' features over W tokens."""
+    return moa_model(seed=seed, window=W)
 
 
 def test_a_router_reads_each_token_and_the_ones_before_it():
