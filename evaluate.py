@@ -146,7 +146,8 @@ def answers(model, prompts, max_new_tokens, eot, prefilled=None, **kwargs):
 @torch.no_grad()
 def evaluate_tasks(model, data, n=None, batch_size=64, generate=True, split="val", served=True, **kwargs):
     """Scores up to n records of each task of `data` (a TaskData) -> {"loss/<task>", and with generate
-    "em/<task>", "rouge/<task>"; for a routed model "route/<task>", "confusion", "route_layers"; "<metric>_mean"}.
+    "em/<task>", "rouge/<task>"; for a routed model "route/<task>", "cls/<task>" (the routers' L_cls on its prompts),
+    "confusion", "route_layers"; "<metric>_mean"}.
     (Perplexity is exp(loss).)
 
     kwargs pick the routing (e.g. mode="last"); mode="label" gives each record its task's label.
@@ -160,7 +161,7 @@ def evaluate_tasks(model, data, n=None, batch_size=64, generate=True, split="val
     out, confusion, layers, n_routed = {}, [], [], 0
     confidence = {True: [], False: []}  # the last router's calibrated confidence on right and on wrong routes
     for label, name in enumerate(data.domains):
-        totals = {"nll": 0.0, "tokens": 0, "em": 0, "rouge": 0.0, "routed": 0}
+        totals = {"nll": 0.0, "tokens": 0, "em": 0, "rouge": 0.0, "routed": 0, "cls": None}
         ids = list(range(min(n or data.count(name, split), data.count(name, split))))
         row = torch.zeros(len(getattr(model, "domains", [])), dtype=torch.long)
         for start in range(0, len(ids), batch_size):
@@ -182,6 +183,11 @@ def evaluate_tasks(model, data, n=None, batch_size=64, generate=True, split="val
             if routed and "decision" in model.routing:
                 decision = model.routing["decision"].cpu()
                 totals["routed"] += (decision == label).sum().item()
+                if "logits" in model.routing:  # MoA's routers (a classifier or Arrow route without them)
+                    logits = model.routing["logits"].float()  # (L, B, K): L_cls of these prompts, summed over them
+                    truth = torch.full((logits.size(0) * logits.size(1),), label, device=logits.device)
+                    cls = F.cross_entropy(logits.flatten(0, 1), truth, reduction="sum").item() / logits.size(0)
+                    totals["cls"] = totals["cls"] + cls if totals["cls"] is not None else cls
                 row += torch.bincount(decision, minlength=len(row))
                 layers.append((model.routing["predicted"].cpu() == label).sum(1))  # (L,) right per router
                 n_routed += len(prompts)
@@ -199,8 +205,10 @@ def evaluate_tasks(model, data, n=None, batch_size=64, generate=True, split="val
             out[f"em/{name}"], out[f"rouge/{name}"] = totals["em"] / len(ids), totals["rouge"] / len(ids)
         if routed and layers:
             out[f"route/{name}"] = totals["routed"] / len(ids)
+            if totals["cls"] is not None:
+                out[f"cls/{name}"] = totals["cls"] / len(ids)
             confusion.append(row.tolist())
-    for metric in ("loss", "em", "rouge", "route"):
+    for metric in ("loss", "em", "rouge", "route", "cls"):
         values = [v for k, v in out.items() if k.startswith(f"{metric}/")]
         if values:
             out[f"{metric}_mean"] = sum(values) / len(values)

@@ -182,12 +182,18 @@ KIND_CHECKS = {
 # what older bundles lack: uncalibrated, linear routers on blocks
 OPTIONAL = {"temperature": 1.0, "router_input": "block", "router_hidden": 0, "router_window": 1}
 
+
+def is_count(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 OPTIONAL_CHECKS = {  # keys some files have (train_router.py's settings, training records seen...)
     "top_k": ("an integer >= 1", is_size),
     "eta": ("a number >= 0", lambda v: is_number(v) and v >= 0),
     "mode": ("label, token or layer", lambda v: v in ("label", "token", "layer")),  # the routing it trained with
-    "samples": ("an integer >= 0", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
-    "steps": ("an integer >= 0", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+    "samples": ("an integer >= 0", is_count),
+    "steps": ("an integer >= 0", is_count),
+    "unit_steps": ("an object of integers >= 0", lambda v: isinstance(v, dict) and all(map(is_count, v.values()))),
 }
 
 

@@ -12,7 +12,8 @@ on evenly sampled records of all tasks with L = L_LM + eta * L_cls. Also adds an
 
 Which loss trains what: in mode label (MoA), each record goes through its task's expert, so L_LM trains
 the experts only (it never reaches a router: the label, not the router, picked the expert), and L_cls
-trains the routers only. The routers read each record's prompt alone (`Batch.prompt`), which is all
+trains the routers only; each group stops at the plateau of its own validation loss (Stage2.units). The
+routers read each record's prompt alone (`Batch.prompt`), which is all
 that exists when a request arrives; with causal attention the prompt's block inputs are the same
 whether or not the response follows. Every run writes one bundle, out/moa/<name>.safetensors
 (experts, routers, domain names, the base's fingerprint), and its checkpoint and log in out/moa/<name>/.
@@ -302,8 +303,8 @@ def main(argv=None):
         stage.loss,
         meta,
         lr_scales={"router": cfg.router_lr / cfg.learning_rate},  # routers.* and router_features.*
-        finish=lambda m, steps: stage.save(m, path, steps["bundle"]),
-        units=[Unit("bundle", stage.groups())],
+        finish=stage.finish(path),
+        units=stage.units(),
         snapshot=lambda m, step, active: stage.save(m, os.path.join(cfg.out_dir, f"{name}@{step}.safetensors"), step),
     )
     return moa, losses
@@ -321,18 +322,43 @@ class Stage2:
         experts = [p for p in self.moa.parameters() if p.requires_grad and all(p is not r for r in routers)]
         return {k: g for k, g in (("experts", experts), ("routers", routers)) if g}
 
+    def units(self):
+        """What stops on its own plateau: the experts when the loss that trains them (L_LM, routed as in training)
+        stops falling on validation records, the routers when theirs (L_cls) does; the run ends when both have.
+        In mode token one loss trains both through the per-token mixture: they stop together, on it."""
+        groups = self.groups()
+        if self.cfg.mode == "token":
+            return [Unit("bundle", groups)]
+        return [Unit(name, {name: params}) for name, params in groups.items()]
+
+    def finish(self, path):
+        """What the loop runs at the end: the bundle saved, with the step each unit stopped at."""
+        return lambda m, steps: self.save(m, path, max(steps.values()), steps)
+
     def loss(self, m, batch):
         """L_LM + eta L_cls of a training batch; the routers read each record's prompt only."""
         noise = noise_generators(batch)
         return m(batch.x, batch.y, domain=batch.domain, mode=self.cfg.mode, router_mask=batch.prompt, noise=noise)[1]
 
     def evaluate(self, m):
-        """No labels: each block's router decides from the prompt (results.py also scores last and vote)."""
-        n, mode = self.cfg.eval_iters * self.cfg.batch_size, "token" if self.cfg.mode == "token" else "layer"
-        scores = evaluate_tasks(m, self.data, n, self.cfg.batch_size, generate=False, served=False, mode=mode)
-        return {**scores, "watch/bundle": scores["loss_mean"]}
+        """No labels: each block's router decides from the prompt (results.py also scores last and vote); its
+        loss_mean is what a user gets. Each unit's plateau watches its own loss: the routers' L_cls (cls_mean), the
+        experts' L_LM as they train (mode label: each record through its own expert, label_loss_mean)."""
+        cfg = self.cfg
+        n, mode = cfg.eval_iters * cfg.batch_size, "token" if cfg.mode == "token" else "layer"
+        scores = evaluate_tasks(m, self.data, n, cfg.batch_size, generate=False, served=False, mode=mode)
+        if cfg.mode == "token":
+            return {**scores, "watch/bundle": scores["loss_mean"]}
+        watch = {"watch/routers": scores["cls_mean"]} if "routers" in self.groups() else {}
+        if "experts" in self.groups() and cfg.mode == "label":
+            given = evaluate_tasks(m, self.data, n, cfg.batch_size, generate=False, served=False, mode="label")
+            scores["label_loss_mean"] = given["loss_mean"]
+            watch["watch/experts"] = given["loss_mean"]
+        elif "experts" in self.groups():
+            watch["watch/experts"] = scores["loss_mean"]
+        return {**scores, **watch}
 
-    def save(self, m, path, steps):
+    def save(self, m, path, steps, stopped=None):
         """Calibrates the routers' confidence (where the data has a calib split), then writes the bundle."""
         cfg, calibration = self.cfg, {}
         if cfg.mode != "token" and all(self.data.count(d, "calib") for d in m.domains):  # prepare.py writes them
@@ -346,9 +372,12 @@ class Stage2:
             )
         samples = self.before + steps * cfg.batch_size * micro_batches(cfg)  # training records seen, in all
         settings = {k: getattr(cfg, k) for k in SETTINGS}
-        save_bundle(path, m, self.tokenizer, self.base, {**settings, "samples": samples, "steps": steps, **calibration})
+        units = {"unit_steps": stopped} if stopped else {}
+        meta = {**settings, "samples": samples, "steps": steps, **units, **calibration}
+        save_bundle(path, m, self.tokenizer, self.base, meta)
         m.train()
-        print(f"saved {path} ({steps} steps)")
+        each = f"; {', '.join(f'{k} {v}' for k, v in stopped.items())}" if stopped and len(stopped) > 1 else ""
+        print(f"saved {path} ({steps} steps{each})")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from batches import JointData
 from config import (
     AT_LEAST_0,
     AT_LEAST_1,
@@ -395,8 +396,10 @@ def trim_log(path, step):
 
 
 class Unit(NamedTuple):
-    """What one run trains. Most runs train one unit; train_lora.py trains several experts side by side, each
-    a unit with its own clipping and its own plateau, exactly as its own run would train it."""
+    """What stops on its own plateau. Most runs train one unit; train_lora.py trains several experts side by side,
+    each a unit with its own clipping and its own plateau, exactly as its own run would train it (each draws its own
+    records, JointData); stage 2 stops its experts and its routers apart, on the losses that train each. A stopped
+    unit's parameters stay as they are while the others train on."""
 
     name: str  # evaluate() reports its validation loss as f"watch/{name}" (for the plateau rule)
     groups: dict  # name -> parameters: each group clipped to --grad_clip on its own (routers apart from experts)
@@ -552,7 +555,7 @@ def one_step(run, data, loss_fn, ctx, device, rank, world):
         # The global generator, reseeded, draws the dropout masks of the base (not the experts': see batches.py).
         seed = micro_seed(cfg.seed, run.step, micro)
         torch.manual_seed(seed)
-        joint = {"active": active} if len(active) > 1 else {}  # JointData: which runs still draw records
+        joint = {"active": active} if isinstance(data, JointData) else {}  # which runs still draw records
         batch = data.batch(cfg.batch_size, seed, **joint).to(device)
         sync = micro + world >= n_micro  # DDP: all-reduce gradients on the last micro-batch only
         with nullcontext() if sync or world == 1 else model.no_sync(), ctx:

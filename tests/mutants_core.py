@@ -2015,4 +2015,28 @@ MUTANTS = [
         "        base_args += []",
         ("tests/test_demo.py", "-k", "every_step_of_the_study"),
     ),
+    Mutant(
+        "stage2-one-plateau",
+        "stage 2 stops its experts and its routers together, on one plateau of the routed loss",
+        "train_router.py",
+        """        return [Unit(name, {name: params}) for name, params in groups.items()]""",
+        """        return [Unit("bundle", groups)]""",
+        ("tests/test_stage2_stops.py",),
+    ),
+    Mutant(
+        "stage2-experts-watch-routed-loss",
+        "stage 2's experts stop on the routed loss a user gets, not on the loss that trains them",
+        "train_router.py",
+        """            watch["watch/experts"] = given["loss_mean"]""",
+        """            watch["watch/experts"] = scores["loss_mean"]""",
+        ("tests/test_stage2_stops.py",),
+    ),
+    Mutant(
+        "cls-last-router-only",
+        "evaluate_tasks' L_cls is the last router's cross-entropy alone, not the mean over routers",
+        "evaluate.py",
+        """model.routing["logits"].float()  # (L, B, K)""",
+        """model.routing["logits"].float()[-1:]  # (L, B, K)""",
+        ("tests/test_stage2_stops.py", "-k", "cls"),
+    ),
 ]
