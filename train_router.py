@@ -349,12 +349,13 @@ class Stage2:
         scores = evaluate_tasks(m, self.data, n, cfg.batch_size, generate=False, served=False, mode=mode)
         if cfg.mode == "token":
             return {**scores, "watch/bundle": scores["loss_mean"]}
-        watch = {"watch/routers": scores["cls_mean"]} if "routers" in self.groups() else {}
-        if "experts" in self.groups() and cfg.mode == "label":
+        groups = self.groups()
+        watch = {"watch/routers": scores["cls_mean"]} if "routers" in groups else {}
+        if "experts" in groups and cfg.mode == "label":
             given = evaluate_tasks(m, self.data, n, cfg.batch_size, generate=False, served=False, mode="label")
             scores["label_loss_mean"] = given["loss_mean"]
             watch["watch/experts"] = given["loss_mean"]
-        elif "experts" in self.groups():
+        elif "experts" in groups:
             watch["watch/experts"] = scores["loss_mean"]
         return {**scores, **watch}
 
