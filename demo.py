@@ -53,6 +53,7 @@ from config import AT_LEAST_0, AT_LEAST_1, FRACTION, UserError, parse_config, ru
 from data.tasks import HAND_WRITTEN
 from evaluate import answers, rouge_l
 from files import add_expert_file, load_base, load_bundle
+from moa import SERVE_MODE
 from tokenizer import encode, get_tokenizer
 from trainer import pick_device
 
@@ -614,11 +615,11 @@ def examples(cfg, out, tasks, per_task=2):
             ]
     prompts = [p for _, p, _, _ in rows]
     longest = max(len(encode(enc, a)) for _, _, a, _ in rows) + 1
-    routed = answers(moa, prompts, longest, data.eot, mode="last")
+    routed = answers(moa, prompts, longest, data.eot, mode=SERVE_MODE)
     decision, confidence = moa.routing["decision"].tolist(), moa.routing["confidence"].tolist()
     plain = answers(shared, prompts, longest, data.eot) if shared else [None] * len(rows)
     print(
-        f"\n[examples] MoA (mode last){against}: validation prompts, and prompts off the training phrasings "
+        f"\n[examples] MoA (mode {SERVE_MODE}){against}: validation prompts, and prompts off the training phrasings "
         "(marked *: hand-written for the built-in tasks, your --phrasings for your own)"
     )
     for (task, prompt, answer, hand), got, other, k, p in zip(rows, routed, plain, decision, confidence):

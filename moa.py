@@ -39,6 +39,7 @@ TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # every line
 # the label given), layer (each block's router picks), last / vote (the last router, or a vote of all,
 # decides once from the prompt), token (the MoE-LoRA ablation: a per-token mixture). See MoA.forward.
 MODES = ("label", "layer", "last", "vote", "token")
+SERVE_MODE = "vote"  # what sample.py, results.py and demo.py route by: it beat last in every seed (README)
 # What a router reads, pooled over the prompt (MoA(router_input=...)): block, the block's input, with the earlier
 # blocks' experts in it (as the paper draws it); base, the frozen base's hidden state at that block, the same in
 # training (the label picks the experts) and at inference (the routers do), for one more pass of the frozen blocks

@@ -40,7 +40,7 @@ from config import AT_LEAST_1, UserError, one_of, parse_config, run
 from data.tasks import HAND_WRITTEN
 from evaluate import answers, evaluate_tasks
 from files import add_expert_file, fingerprint, load_base, load_bundle, load_expert, read_meta
-from moa import MoA, added_by_moa
+from moa import SERVE_MODE, MoA, added_by_moa
 from storage import write_text
 from tokenizer import encode, get_tokenizer
 from trainer import pick_device
@@ -52,7 +52,7 @@ class ResultsConfig:
     data_dir: str = "data/default"  # the data set the runs were trained on
     records: int = 256  # validation records per task
     batch_size: int = 64  # records scored at once
-    mode: str = "last"  # how the routed MoA rows route: last | vote | layer (decided from the prompt)
+    mode: str = SERVE_MODE  # how the routed MoA rows route: last | vote | layer (decided from the prompt)
     budgets: str = ""  # demo.py's --budgets ("": found from the files)
     added: str = ""  # the task added later, for the adding-a-task table; "": the data set's held-back task
     plots: bool = True  # PNG pictures (needs matplotlib)

@@ -33,7 +33,7 @@ from config import AT_LEAST_0, AT_LEAST_1, PROBABILITY, UserError, check_memory,
 from data.prepare import alpaca_prompt
 from evaluate import left_pad
 from files import add_expert_file, load_base, load_bundle
-from moa import MODES
+from moa import MODES, SERVE_MODE
 from tokenizer import encode, get_tokenizer
 from trainer import pick_device
 
@@ -43,7 +43,7 @@ class SampleConfig:
     base: str = "out/base"  # the base: a train_base.py folder or ckpt.pt, or GPT-2 (gpt2, or a folder)
     expert: str = ""  # one expert (.safetensors from train_lora.py)
     bundle: str = ""  # a MoA bundle (.safetensors from train_router.py)
-    mode: str = "last"  # routing mode with a bundle: layer | last | vote | token | label (needs --domain)
+    mode: str = SERVE_MODE  # routing mode with a bundle: layer | last | vote | token | label (needs --domain)
     domain: str = ""  # the domain label for --mode=label
     prompt: str = "\\n"  # prompts separated by ||, or FILE:path; \\n is a newline
     num_samples: int = 1  # samples per prompt

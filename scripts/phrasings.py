@@ -24,6 +24,7 @@ from config import AT_LEAST_1, UserError, one_of, parse_config, run  # noqa: E40
 from data.tasks import PATTERNS, UNSEEN_PATTERNS  # noqa: E402
 from evaluate import prefill  # noqa: E402
 from files import load_base, load_bundle  # noqa: E402
+from moa import SERVE_MODE  # noqa: E402
 from tokenizer import get_tokenizer  # noqa: E402
 from trainer import pick_device  # noqa: E402
 
@@ -36,7 +37,7 @@ class PhrasingsConfig:
     bundle: str = "moa/moa.safetensors"  # each run's bundle, under its run folder
     data_dir: str = "data/default"  # the data set the runs trained on (built-in tasks)
     split: str = "unseen"  # unseen | val | calib
-    mode: str = "last"  # the routing rule: last | vote
+    mode: str = SERVE_MODE  # the routing rule: last | vote
     records: int = 256  # prompts per task at most
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
 

@@ -2039,4 +2039,12 @@ MUTANTS = [
         """model.routing["logits"].float()[-1:]  # (L, B, K)""",
         ("tests/test_stage2_stops.py", "-k", "cls"),
     ),
+    Mutant(
+        "serve-mode-last",
+        "sample.py, results.py and demo.py route by the last router, not the vote the README names the default",
+        "moa.py",
+        '''SERVE_MODE = "vote"''',
+        '''SERVE_MODE = "last"''',
+        ("tests/test_moa.py", "-k", "vote_unless"),
+    ),
 ]

@@ -219,7 +219,7 @@ def test_demo_steps_then_results_make_every_table(tiny_data, tiny_base, tmp_path
     capsys.readouterr()
     demo.examples(cfg, str(out), tasks)
     printed = capsys.readouterr().out
-    assert f"MoA (mode last) against one LoRA on every task (rank {8 * K}, annealed)" in printed
+    assert f"MoA (mode vote) against one LoRA on every task (rank {8 * K}, annealed)" in printed
     assert printed.count("one LoRA: ") == printed.count("-> expert ") == 4 * K  # 2 validation, 2 hand-written
 
     # the plain demo: the same steps but the ablations; results.py writes the rows whose files it finds

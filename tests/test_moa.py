@@ -627,3 +627,24 @@ def test_sample_with_bundle_names_each_prompts_domain(trained, tiny_base, capsys
     assert len(heads) == 2
     assert "prompt 1, sample 1 -> expert 'arith'" in heads[0]
     assert "prompt 2, sample 1 -> expert 'reverse'" in heads[1]
+
+
+def test_sample_routes_by_vote_unless_told(trained, tiny_base, tmp_path, capsys):
+    """sample.py with no --mode decides by the routers' vote (README: the default), --mode=last by the last router:
+    the last router made to say 'reverse' on every prompt, barely (probability 0.52), ties the two routers, and
+    the tie goes to the higher mean probability: router 0's 'arith'."""
+    gpt, tokenizer = load_base(tiny_base)
+    moa = load_bundle(trained["bundle"], gpt, tokenizer)[0]
+    assert moa.domains == ["arith", "reverse"]
+    with torch.no_grad():
+        moa.routers[-1].weight.zero_()
+        moa.routers[-1].bias.copy_(torch.tensor([0.0, 0.1]))
+    skewed = str(tmp_path / "skewed.safetensors")
+    save_bundle(skewed, moa, tokenizer, fingerprint(gpt))
+    chosen = {}
+    for mode in ("", "last", "vote"):
+        flags = [f"--base={tiny_base}", f"--bundle={skewed}", "--max_new_tokens=2", "--prompt=What is 31 plus 8?\\n"]
+        sample.main(flags + ([f"--mode={mode}"] if mode else []))
+        heads = [line for line in capsys.readouterr().out.splitlines() if line.startswith("--- prompt")]
+        chosen[mode] = heads[0].split("-> expert ")[1].split()[0]
+    assert chosen == {"": "'arith'", "last": "'reverse'", "vote": "'arith'"}

@@ -50,14 +50,19 @@ def test_the_counts_are_the_routing_evaluate_reports(tiny_data, tiny_base, tmp_p
     train_router.main(TASK_FLAGS + folders + ["--domains=arith,reverse", "--train_experts=False", "--max_iters=20"])
     (tmp_path / "out" / "base").mkdir()
     shutil.copy(tiny_base, tmp_path / "out" / "base" / "ckpt.pt")
-    counts = phrasings.main([f"--out={tmp_path / 'out'}", f"--data_dir={tiny_data}", "--records=20", "--device=cpu"])
     gpt, tokenizer = load_base(str(tmp_path / "out" / "base"))
     loaded = load_bundle(str(run / "moa.safetensors"), gpt, tokenizer)[0].eval()
     data = TaskData(tiny_data, "arith,reverse", loaded.config.block_size)
-    with torch.no_grad():
-        scores = evaluate_tasks(loaded, data, 20, generate=False, split="unseen", mode="last")
-    assert list(counts) == ["arith", "reverse"]
-    for task in counts:
-        right = sum(r[0] for r, _ in counts[task].values())
-        assert sum(t[0] for _, t in counts[task].values()) == 20
-        assert right == round(scores[f"route/{task}"] * 20), task
+    found = set()
+    for mode in ("", "last", "vote"):  # "": the default, vote
+        flags = [f"--out={tmp_path / 'out'}", f"--data_dir={tiny_data}", "--records=20", "--device=cpu"]
+        counts = phrasings.main(flags + ([f"--mode={mode}"] if mode else []))
+        with torch.no_grad():
+            scores = evaluate_tasks(loaded, data, 20, generate=False, split="unseen", mode=mode or "vote")
+        assert list(counts) == ["arith", "reverse"]
+        for task in counts:
+            right = sum(r[0] for r, _ in counts[task].values())
+            assert sum(t[0] for _, t in counts[task].values()) == 20
+            assert right == round(scores[f"route/{task}"] * 20), (mode, task)
+        found.add(tuple(scores[f"route/{task}"] for task in counts))
+    assert len(found) == 2, "the two modes route these prompts alike: the test cannot tell them apart"
